@@ -1,0 +1,118 @@
+"""The grouped expert LoRA op: one op, interchangeable implementations.
+
+``grouped_lora(x, A, B, expert_ids, weights, scaling)`` computes, for every token n routed to k of E experts,
+``sum_j weights[n, j] * scaling * B[e_nj] @ A[e_nj] @ x[n]``.
+
+Implementations (all exact, all with autograd for x, A, B and the weights):
+
+* ``loop``     reference, one expert at a time (never chosen by ``auto``)
+* ``dense``    dense-masked: two GEMMs over the packed pool, zero weight for unrouted experts
+* ``grouped``  sort by expert, ``torch.nn.functional.grouped_mm``, weighted ``index_add_`` combine
+* ``scatter``  ``grouped`` with the combine done by torch-scatter (only when it is installed)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor
+
+from . import scatter as _scatter
+from .dense import lora_dense
+from .grouped import lora_grouped
+from .loop import lora_loop
+from .plan import ExpertPlan
+
+Impl = Callable[[Tensor, Tensor, Tensor, "ExpertPlan | None", Tensor], Tensor]
+
+IMPLS: dict[str, Impl] = {"loop": lora_loop, "dense": lora_dense, "grouped": lora_grouped}
+if _scatter.AVAILABLE:
+    IMPLS["scatter"] = _scatter.lora_scatter
+
+# Crossover between ``dense`` and ``grouped``, measured with ``bench/kernels.py --sweep`` on the 2-core CPU this
+# project is developed on (fp32, forward+backward, d_in = d_out = 768, k = 2). Dense-masked costs ~E*r/(k*r) times
+# the sparse FLOPs but needs no sort, gather or scatter; it wins while E*r stays small or the batch is tiny.
+DENSE_MAX_EXPERT_ROWS = 64  # E * r at or below which dense wins at every N we measured
+DENSE_MAX_PAIRS = 64  # N * k at or below which sorting costs more than the wasted FLOPs
+
+
+def choose_impl(n_tokens: int, n_experts: int, rank: int, top_k: int | None) -> str:
+    """The implementation ``auto`` uses for this shape (``top_k=None``: dense soft routing)."""
+    if top_k is None or top_k >= n_experts:
+        return "dense"
+    if n_experts * rank <= DENSE_MAX_EXPERT_ROWS or n_tokens * top_k <= DENSE_MAX_PAIRS:
+        return "dense"
+    return "grouped"
+
+
+def available_impls() -> list[str]:
+    return ["auto", *IMPLS]
+
+
+def grouped_lora(
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    expert_ids: "Tensor | ExpertPlan | None",
+    weights: Tensor,
+    scaling: float = 1.0,
+    impl: str = "auto",
+) -> Tensor:
+    """Routed LoRA experts for a batch of tokens.
+
+    Args:
+        x: ``[..., d_in]`` token activations (any number of leading dims).
+        A: ``[E, r, d_in]`` expert down-projections (``LoRAPool.A`` is a view of the packed weight).
+        B: ``[E, d_out, r]`` expert up-projections (``LoRAPool.B``).
+        expert_ids: ``[..., k]`` integer expert of each routing slot, an :class:`ExpertPlan` over the flattened
+            tokens (metadata shared across layers), or ``None`` for dense soft routing.
+        weights: ``[..., k]`` routing weight of each slot, or ``[..., E]`` when ``expert_ids`` is ``None``.
+        scaling: LoRA scale (``alpha / r``), folded into the weights.
+        impl: ``"auto"`` or one of :data:`IMPLS`.
+
+    Returns:
+        ``[..., d_out]``, the routed LoRA update (without the base layer).
+    """
+    if A.dim() != 3 or B.dim() != 3:
+        raise ValueError(f"A must be [E, r, d_in] and B [E, d_out, r]; got {tuple(A.shape)} and {tuple(B.shape)}")
+    E, r, d_in = A.shape
+    if B.shape[0] != E or B.shape[2] != r:
+        raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} disagree on experts or rank (want B [{E}, d_out, {r}])")
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x has {x.shape[-1]} features but the experts expect d_in={d_in}")
+    lead = x.shape[:-1]
+    if weights.shape[:-1] != lead:
+        raise ValueError(f"weights {tuple(weights.shape)} must have the leading shape of x {tuple(lead)}")
+    x2 = x.reshape(-1, d_in)
+    n = x2.shape[0]
+    w2 = weights.reshape(n, weights.shape[-1]) * scaling
+
+    if expert_ids is None:
+        if weights.shape[-1] != E:
+            raise ValueError(f"dense routing weights must have {E} columns (one per expert), got {weights.shape[-1]}")
+        plan, top_k = None, None
+    elif isinstance(expert_ids, ExpertPlan):
+        plan = expert_ids
+        if plan.n_experts != E or plan.n_tokens != n or plan.top_k != weights.shape[-1]:
+            raise ValueError(
+                f"plan covers {plan.n_tokens} tokens x {plan.top_k} slots over {plan.n_experts} experts; "
+                f"the call has {n} tokens x {weights.shape[-1]} weights over {E} experts"
+            )
+        top_k = plan.top_k
+    else:
+        if expert_ids.shape != weights.shape:
+            raise ValueError(f"expert_ids {tuple(expert_ids.shape)} and weights {tuple(weights.shape)} must match")
+        plan = ExpertPlan(expert_ids.reshape(n, -1), E)
+        top_k = plan.top_k
+
+    if impl == "auto":
+        impl = choose_impl(n, E, r, top_k)
+    fn = IMPLS.get(impl)
+    if fn is None:
+        hint = " (torch-scatter is not installed)" if impl == "scatter" else ""
+        raise ValueError(f"unknown grouped_lora impl {impl!r}{hint}; choose from {available_impls()}")
+    out = fn(x2, A, B, plan, w2)
+    return out.reshape(*lead, B.shape[1])
+
+
+__all__ = ["ExpertPlan", "IMPLS", "available_impls", "choose_impl", "grouped_lora"]

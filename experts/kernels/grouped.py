@@ -1,0 +1,144 @@
+"""``grouped``: sort (token, expert) pairs by expert, grouped GEMMs, weighted combine.
+
+Forward, with ``P = N * k`` pairs sorted by expert (``plan.order``) and ``tok`` the token of each pair::
+
+    xs = x[tok]                       # [P, d_in]   gather
+    h  = grouped_mm(xs, A^T, offs)    # [P, r]      shrink, one GEMM per expert group
+    o  = grouped_mm(h * w, B^T, offs) # [P, d_out]  expand
+    y  = combine(o, tok)              # [N, d_out]  index_add_ (or torch-scatter)
+
+The backward is written out (a ``torch.autograd.Function``) so every gradient is itself a grouped GEMM:
+``dA`` and ``dB`` are 2D x 2D grouped GEMMs with a ragged contraction, ``dx`` reuses the gather/combine.
+Layouts: on the CPU, when routing is balanced enough, pairs are padded to ``[E, capacity]`` and every grouped GEMM
+is one ``bmm`` (faster there than ``grouped_mm``'s per-group loop); otherwise the ragged sorted layout uses
+``torch.nn.functional.grouped_mm`` where it applies (fp32/bf16/fp16, 16-byte aligned strides) and else a loop over
+the sorted segments (one host sync per plan, not one per expert).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .plan import ExpertPlan
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _aligned(t: Tensor) -> bool:
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(s == 1 or (s * size) % 16 == 0 for s in t.stride())
+
+
+def _use_grouped_mm(a: Tensor, b: Tensor) -> bool:
+    return (
+        _GROUPED_MM is not None
+        and a.dtype in _GROUPED_MM_DTYPES
+        and a.dtype == b.dtype
+        and _aligned(a)
+        and _aligned(b)
+    )
+
+
+def gmm(a: Tensor, b: Tensor, plan: ExpertPlan) -> Tensor:
+    """Rows of ``a`` (in the plan's layout) times ``b[E, K, M]`` of their expert: ``[rows, M]``."""
+    if plan.padded:
+        return torch.bmm(a.view(plan.n_experts, plan.capacity, -1), b).view(a.shape[0], -1)
+    if _use_grouped_mm(a, b):
+        return _GROUPED_MM(a, b, offs=plan.offsets)
+    out = a.new_empty(a.shape[0], b.shape[2])
+    start = 0
+    for e, n in enumerate(plan.counts_list):
+        if n:
+            torch.mm(a[start : start + n], b[e], out=out[start : start + n])
+            start += n
+    return out
+
+
+def gmm_reduce(a: Tensor, b: Tensor, plan: ExpertPlan) -> Tensor:
+    """Ragged contraction: ``a[K, rows]`` and ``b[rows, M]`` summed within each expert's rows: ``[E, K, M]``."""
+    if plan.padded:
+        E, C = plan.n_experts, plan.capacity
+        return torch.bmm(a.reshape(a.shape[0], E, C).transpose(0, 1), b.view(E, C, -1))
+    if _use_grouped_mm(a, b):
+        out = _GROUPED_MM(a, b, offs=plan.offsets)
+        empty = plan.counts == 0
+        if empty.any():  # do not trust what the op leaves in empty groups
+            out = out.masked_fill(empty.view(-1, 1, 1), 0)
+        return out
+    out = a.new_zeros(plan.n_experts, a.shape[0], b.shape[1])
+    start = 0
+    for e, n in enumerate(plan.counts_list):
+        if n:
+            torch.mm(a[:, start : start + n], b[start : start + n], out=out[e])
+            start += n
+    return out
+
+
+def combine_index_add(values: Tensor, token: Tensor, n_tokens: int) -> Tensor:
+    """Sum the per-row values into their tokens (deterministic on CPU)."""
+    return values.new_zeros(n_tokens, values.shape[1]).index_add_(0, token, values)
+
+
+Combine = Callable[[Tensor, Tensor, int], Tensor]
+
+
+def _row_weights(weights: Tensor, plan: ExpertPlan) -> Tensor:
+    w = weights.reshape(-1).index_select(0, plan.row_pair)
+    return w if plan.row_valid is None else w * plan.row_valid.to(w.dtype)
+
+
+class _GroupedLoRA(torch.autograd.Function):
+    # Rows are (token, expert) pairs sorted by expert, ragged or padded to [E, capacity] (see ExpertPlan.padded).
+    # Padding rows read token 0 and carry weight 0, so they add exact zeros.
+    @staticmethod
+    def forward(ctx, x, A, B, weights, plan: ExpertPlan, combine: Combine):
+        tok = plan.row_token
+        w_rows = _row_weights(weights, plan)
+        xs = x.index_select(0, tok)
+        h = gmm(xs, A.transpose(1, 2), plan)
+        hw = h * w_rows.unsqueeze(1)
+        out = combine(gmm(hw, B.transpose(1, 2), plan), tok, x.shape[0])
+        ctx.save_for_backward(xs, A, B, h, w_rows)
+        ctx.plan, ctx.combine, ctx.n_tokens = plan, combine, x.shape[0]
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        xs, A, B, h, w_rows = ctx.saved_tensors
+        plan, combine = ctx.plan, ctx.combine
+        need_x, need_a, need_b, need_w = ctx.needs_input_grad[:4]
+        tok = plan.row_token
+        gs = grad_out.contiguous().index_select(0, tok)  # [rows, d_out]
+        d_hw = gmm(gs, B, plan)  # [rows, r]
+        grad_x = grad_a = grad_b = grad_w = None
+        if need_b:
+            grad_b = gmm_reduce(gs.t(), h * w_rows.unsqueeze(1), plan)  # [E, d_out, r]
+        if need_w:
+            grad_w_rows = (d_hw * h).sum(1)
+            if plan.row_valid is not None:
+                grad_w_rows = grad_w_rows * plan.row_valid.to(grad_w_rows.dtype)
+            grad_w = grad_w_rows.new_zeros(plan.n_pairs).index_add_(0, plan.row_pair, grad_w_rows)
+            grad_w = grad_w.view(plan.n_tokens, plan.top_k)
+        if need_a or need_x:
+            dh = d_hw * w_rows.unsqueeze(1)
+            if need_a:
+                grad_a = gmm_reduce(dh.t(), xs, plan)  # [E, r, d_in]
+            if need_x:
+                grad_x = combine(gmm(dh, A, plan), tok, ctx.n_tokens)
+        return grad_x, grad_a, grad_b, grad_w, None, None
+
+
+def lora_grouped(
+    x: Tensor, A: Tensor, B: Tensor, plan: ExpertPlan | None, weights: Tensor, combine: Combine = combine_index_add
+) -> Tensor:
+    """x: [N, d_in], A: [E, r, d_in], B: [E, d_out, r]; weights [N, k] with a plan, or dense [N, E]."""
+    if plan is None:
+        plan = ExpertPlan.all_experts(x.shape[0], A.shape[0], device=x.device)
+    return _GroupedLoRA.apply(x, A, B, weights, plan, combine)

@@ -1,0 +1,80 @@
+"""LoRA expert pool: E LoRA experts for one linear layer, stored packed.
+
+``lora_A`` is one ``[E*r, d_in]`` weight (row block e = expert e's A) and ``lora_B`` one ``[d_out, E*r]`` weight
+(column block e = expert e's B), so the dense-masked formulation uses them as they are and the grouped one uses
+the zero-copy views :attr:`LoRAPool.A` ``[E, r, d_in]`` and :attr:`LoRAPool.B` ``[E, d_out, r]``.
+Expert e alone is the PEFT LoRA ``lora_A.weight = A[e]``, ``lora_B.weight = B[e]`` with scaling ``alpha / r``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .kernels import ExpertPlan, grouped_lora
+
+
+class LoRAPool(nn.Module):
+    """A bank of ``n_experts`` rank-``r`` LoRA experts for a ``d_in -> d_out`` linear map."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        n_experts: int,
+        r: int,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        impl: str = "auto",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if n_experts < 1 or r < 1:
+            raise ValueError(f"a LoRA pool needs n_experts >= 1 and r >= 1, got n_experts={n_experts}, r={r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.n_experts, self.r = n_experts, r
+        self.alpha = float(r if alpha is None else alpha)
+        self.scaling = self.alpha / r
+        self.impl = impl
+        self.lora_A = nn.Parameter(torch.empty(n_experts * r, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(out_features, n_experts * r, dtype=dtype, device=device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """PEFT's LoRA init for every expert: A kaiming-uniform (a=sqrt(5)) per expert, B zero."""
+        with torch.no_grad():
+            for a in self.A:  # per-expert fan-in, exactly as an [r, d_in] PEFT lora_A
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    @property
+    def A(self) -> Tensor:
+        """``[E, r, d_in]`` view of the packed down-projections."""
+        return self.lora_A.view(self.n_experts, self.r, self.in_features)
+
+    @property
+    def B(self) -> Tensor:
+        """``[E, d_out, r]`` view of the packed up-projections."""
+        return self.lora_B.view(self.out_features, self.n_experts, self.r).permute(1, 0, 2)
+
+    def forward(self, x: Tensor, expert_ids: "Tensor | ExpertPlan | None", weights: Tensor) -> Tensor:
+        """Routed update ``sum_j w_j * scaling * B_e A_e x`` (see :func:`moa.experts.kernels.grouped_lora`)."""
+        return grouped_lora(self.dropout(x), self.A, self.B, expert_ids, weights, self.scaling, impl=self.impl)
+
+    def delta_weight(self, mixture: Tensor) -> Tensor:
+        """``[d_out, d_in]`` weight update of a fixed mixture over experts (``mixture[E]``): ``sum_e m_e s B_e A_e``."""
+        mixture = torch.as_tensor(mixture, dtype=self.lora_A.dtype, device=self.lora_A.device)
+        if mixture.shape != (self.n_experts,):
+            raise ValueError(f"a fixed route needs one weight per expert ({self.n_experts}), got {tuple(mixture.shape)}")
+        scaled_b = self.B * (mixture * self.scaling).view(-1, 1, 1)
+        return torch.einsum("eor,eri->oi", scaled_b, self.A)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, n_experts={self.n_experts}, "
+            f"r={self.r}, alpha={self.alpha:g}, impl={self.impl!r}"
+        )

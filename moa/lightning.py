@@ -1,0 +1,152 @@
+"""``MoAModule``: a LightningModule hosting a model with MoA layers.
+
+The module says what (loss, auxiliary router losses, optimizer groups); the Trainer says how (devices,
+precision, strategy, checkpointing). Batches are dicts of the model's keyword arguments, routing context
+included (``task_ids``, ``domain_ids``, ``expert_ids``), plus ``labels``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .model import MoAModel
+
+
+class ClassificationHead(nn.Module):
+    """Pool the last hidden states (first token or masked mean) and classify."""
+
+    def __init__(self, hidden_size: int, n_classes: int, pooling: str = "first"):
+        super().__init__()
+        if pooling not in ("first", "mean"):
+            raise ValueError(f"pooling must be 'first' or 'mean', got {pooling!r}")
+        self.pooling = pooling
+        self.classifier = nn.Linear(hidden_size, n_classes)
+
+    def forward(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        if self.pooling == "first":
+            pooled = hidden[:, 0]
+        else:
+            mask = torch.ones(hidden.shape[:2], device=hidden.device) if attention_mask is None else attention_mask
+            mask = mask.to(hidden.dtype).unsqueeze(-1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+        return self.classifier(pooled)
+
+
+class MoAModule(L.LightningModule):
+    """Train a :class:`MoAModel`.
+
+    Args:
+        model: the model with MoA layers.
+        head: optional trainable head on the last hidden states (e.g. :class:`ClassificationHead`); then the loss
+            is ``loss_fn(head(hidden), batch["labels"])``. Without a head the model's own ``outputs.loss`` is used
+            (transformers computes it when ``labels`` are in the batch).
+        loss_fn: loss on the head's output (default cross-entropy).
+        lr: learning rate of the experts (and the head).
+        router_lr: learning rate of the routers (``None``: same as ``lr``); routers train in their own group.
+        group_lrs: learning rates of any further groups routers declare (e.g. ``{"routing_logits": 0.1}``).
+        weight_decay: AdamW weight decay of the experts.
+        aux_loss_weight: multiplier on the routers' auxiliary losses (which carry their own coefficients).
+    """
+
+    def __init__(
+        self,
+        model: MoAModel,
+        head: nn.Module | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        lr: float = 1e-3,
+        router_lr: float | None = None,
+        group_lrs: dict[str, float] | None = None,
+        weight_decay: float = 0.0,
+        aux_loss_weight: float = 1.0,
+    ):
+        super().__init__()
+        if not isinstance(model, MoAModel):
+            raise TypeError(f"MoAModule hosts a MoAModel (see moa.attach), got {type(model).__name__}")
+        self.model = model
+        self.head = head
+        self.loss_fn = loss_fn or F.cross_entropy
+        self.lr, self.router_lr, self.group_lrs = lr, router_lr, dict(group_lrs or {})
+        self.weight_decay, self.aux_loss_weight = weight_decay, aux_loss_weight
+        self.save_hyperparameters(ignore=["model", "head", "loss_fn"])
+
+    def forward(self, batch: dict) -> Tensor:
+        """Model output (no head) or the head's logits."""
+        inputs = dict(batch)
+        labels = inputs.pop("labels", None) if self.head is not None else None
+        del labels
+        outputs = self.model(**inputs)
+        if self.head is None:
+            return outputs
+        return self.head(_last_hidden(outputs), inputs.get("attention_mask"))
+
+    def _loss(self, batch: dict) -> tuple[Tensor, Tensor | None]:
+        out = self(batch)
+        if self.head is None:
+            if getattr(out, "loss", None) is None:
+                raise ValueError("the model returned no loss: put 'labels' in the batch or give MoAModule a head")
+            return out.loss, None
+        if "labels" not in batch:
+            raise ValueError("the batch has no 'labels' for the head's loss")
+        return self.loss_fn(out, batch["labels"]), out
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss, _ = self._loss(batch)
+        batch_size = _batch_size(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        total = loss
+        for name, value in self.model.aux_losses().items():
+            self.log(f"train/aux/{name}", value, batch_size=batch_size)
+            total = total + self.aux_loss_weight * value
+        stats = self.model.routing_stats()
+        if stats:
+            entropy = torch.stack([-(u * u.clamp_min(1e-12).log()).sum() for u in stats.values()]).mean()
+            self.log("train/routing_entropy", entropy, batch_size=batch_size)
+        return total
+
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: dict, stage: str) -> Tensor:
+        loss, logits = self._loss(batch)
+        batch_size = _batch_size(batch)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size)
+        if logits is not None and logits.dim() == 2:
+            self.log(f"{stage}/accuracy", (logits.argmax(-1) == batch["labels"]).float().mean(), batch_size=batch_size)
+        return loss
+
+    def configure_optimizers(self):
+        groups = self.model.param_groups()
+        if self.head is not None:
+            groups.setdefault("experts", []).extend(p for p in self.head.parameters() if p.requires_grad)
+        lrs = {"experts": self.lr, "router": self.router_lr if self.router_lr is not None else self.lr, **self.group_lrs}
+        param_groups = []
+        for name, params in groups.items():
+            if name not in lrs:
+                raise ValueError(f"routers declared a parameter group {name!r}; give its lr in group_lrs")
+            decay = self.weight_decay if name == "experts" else 0.0
+            param_groups.append({"params": params, "lr": lrs[name], "weight_decay": decay, "name": name})
+        return torch.optim.AdamW(param_groups)
+
+
+def _last_hidden(outputs) -> Tensor:
+    hidden = getattr(outputs, "last_hidden_state", None)
+    if hidden is None and getattr(outputs, "hidden_states", None) is not None:
+        hidden = outputs.hidden_states[-1]
+    if hidden is None:
+        raise ValueError("the model output has no last_hidden_state; call it with output_hidden_states=True")
+    return hidden
+
+
+def _batch_size(batch: dict) -> int:
+    for value in batch.values():
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return 1

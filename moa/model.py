@@ -1,0 +1,299 @@
+"""Attach MoA layers to any transformers model; save, load and merge them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from moa.experts import LoRAPool
+from moa.routers import CONTEXT_KEYS, RoutingContext, build_router
+
+from .config import CONFIG_NAME, MoAConfig
+from .layer import ContextSlot, MoALinear, linear_shape
+
+WEIGHTS_NAME = "moa_model.safetensors"
+FORMAT_VERSION = 1
+
+# Defaults for target_modules when the config gives none; PEFT's table where available, so both libraries
+# adapt the same layers of a model by default.
+_FALLBACK_TARGETS = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"], "gpt2": ["c_attn"]}
+try:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as _PEFT_TARGETS
+except ImportError:  # pragma: no cover - peft is a dependency, the table is an internal detail
+    _PEFT_TARGETS = {}
+
+
+class MoAModel(nn.Module):
+    """A transformers model whose target linear layers carry MoA pools; the base weights are frozen.
+
+    ``forward`` (and ``generate``) accept the routing context as keyword arguments next to the model's own:
+    ``task_ids``, ``domain_ids``, ``expert_ids`` (one id per sample ``[B]`` or per token ``[B, T]``) and
+    ``expert_weights`` (a fixed mixture per sample ``[B, E]``).
+    """
+
+    def __init__(self, model: nn.Module, config: MoAConfig, slot: ContextSlot):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self._slot = slot
+
+    # -- calling -------------------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        self._set_context(kwargs)
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        self._set_context(kwargs)
+        return self.model.generate(*args, **kwargs)
+
+    def _set_context(self, kwargs: dict[str, Any]) -> None:
+        device = next(iter(self.moa_layers().values())).pool.lora_A.device
+        values = {}
+        for key in CONTEXT_KEYS:
+            value = kwargs.pop(key, None)
+            if value is not None:
+                value = torch.as_tensor(value, device=device)
+            values[key] = value
+        mask = kwargs.get("attention_mask")
+        token_mask = mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        self._slot.current = RoutingContext(**values, token_mask=token_mask)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
+
+    # -- inspection ----------------------------------------------------------------------------------------
+    def moa_layers(self) -> dict[str, MoALinear]:
+        return {name: m for name, m in self.model.named_modules() if isinstance(m, MoALinear)}
+
+    def aux_losses(self) -> dict[str, Tensor]:
+        """Auxiliary losses of the last forward call, summed over layers, by name."""
+        total: dict[str, Tensor] = {}
+        for layer in self.moa_layers().values():
+            for name, value in layer.aux_losses.items():
+                total[name] = total[name] + value if name in total else value
+        return total
+
+    def aux_loss(self) -> Tensor | None:
+        losses = self.aux_losses()
+        return sum(losses.values()) if losses else None
+
+    def routing_stats(self) -> dict[str, Tensor]:
+        """Per layer: the fraction of routing slots each expert received in the last forward call."""
+        return {name: layer.last_usage for name, layer in self.moa_layers().items() if layer.last_usage is not None}
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by optimizer group: ``"experts"`` and whatever groups the routers declare."""
+        groups: dict[str, list[nn.Parameter]] = {"experts": []}
+        for layer in self.moa_layers().values():
+            groups["experts"].extend(p for p in layer.pool.parameters() if p.requires_grad)
+            for name, params in layer.router.param_groups().items():
+                groups.setdefault(name, []).extend(params)
+        return {name: params for name, params in groups.items() if params}
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Run the base model alone inside the block."""
+        layers = list(self.moa_layers().values())
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.disabled = False
+
+    def moa_state_dict(self) -> dict[str, Tensor]:
+        """Everything MoA adds (pools, routers), keyed by module path; nothing of the base model."""
+        state = {}
+        for name, layer in self.moa_layers().items():
+            for key, value in layer.state_dict().items():
+                if not key.startswith("base_layer."):
+                    state[f"{name}.{key}"] = value
+        return state
+
+    # -- persistence ---------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``moa_config.json`` and ``moa_model.safetensors`` (no pickle). Each file is replaced atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": "moa",
+            "format_version": FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "layers": sorted(self.moa_layers()),
+            "base_model_type": getattr(getattr(self.model, "config", None), "model_type", None),
+        }
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.moa_state_dict().items()}
+        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2)))
+        return directory
+
+    # -- merging -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, route: int | Sequence[float] | Tensor) -> nn.Module:
+        """Fold a fixed route into the base weights, remove the MoA layers and return the plain model.
+
+        ``route`` is one expert index, or one weight per expert (a fixed mixture). Like PEFT's
+        ``merge_and_unload``, this modifies the wrapped model in place; this MoAModel is unusable afterwards.
+        """
+        layers = self.moa_layers()
+        mixture = route_to_mixture(route, self.config.n_experts)
+        for name, layer in layers.items():
+            base = layer.base_layer
+            merged = layer.merged_weight(mixture)
+            base.weight.copy_(merged.t() if isinstance(base, Conv1D) else merged)
+            _set_submodule(self.model, name, base)
+        return self.model
+
+
+def route_to_mixture(route: int | Sequence[float] | Tensor, n_experts: int) -> Tensor:
+    """An expert index or a per-expert weight vector, as a ``[E]`` mixture."""
+    if isinstance(route, int) and not isinstance(route, bool):
+        if not 0 <= route < n_experts:
+            raise ValueError(f"expert index {route} out of range for a pool of {n_experts} experts")
+        return torch.nn.functional.one_hot(torch.tensor(route), n_experts).float()
+    mixture = torch.as_tensor(route, dtype=torch.float32).flatten()
+    if mixture.numel() != n_experts:
+        raise ValueError(f"a fixed route needs one weight per expert ({n_experts}), got {mixture.numel()}")
+    return mixture
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    targets = _PEFT_TARGETS.get(model_type) or _FALLBACK_TARGETS.get(model_type)
+    if not targets:
+        raise ValueError(
+            f"no default target_modules for model type {model_type!r}; pass MoAConfig(target_modules=[...])"
+        )
+    return list(targets)
+
+
+def _matches(name: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_targets(model: nn.Module, targets: list[str] | str | None) -> list[str]:
+    """Names of the linear layers of ``model`` that ``targets`` selects (errors name the problem)."""
+    if targets is None:
+        targets = default_targets(model)
+    found = []
+    for name, module in model.named_modules():
+        if not name or not _matches(name, targets):
+            continue
+        if isinstance(module, MoALinear):
+            raise ValueError(f"module {name!r} already carries MoA layers; attach once per model")
+        if not _is_linear(module):
+            if isinstance(targets, str) or any(name == t for t in targets):
+                raise ValueError(f"target module {name!r} is a {type(module).__name__}; MoA adapts linear layers only")
+            continue
+        found.append(name)
+    if not found:
+        linears = [n for n, m in model.named_modules() if _is_linear(m)]
+        raise ValueError(
+            f"no linear layer matches target_modules={targets!r}; linear layers of this model include "
+            f"{sorted({n.rsplit('.', 1)[-1] for n in linears})[:20]} (e.g. {linears[:3]})"
+        )
+    return found
+
+
+def attach(model: nn.Module, config: MoAConfig, *, layers: list[str] | None = None) -> MoAModel:
+    """Freeze ``model`` and replace each target linear layer by a :class:`MoALinear`; returns the wrapper.
+
+    The model is modified in place (like ``peft.get_peft_model``).
+    """
+    if isinstance(model, MoAModel) or any(isinstance(m, MoALinear) for m in model.modules()):
+        raise ValueError("this model already carries MoA layers; attach once per model")
+    names = find_targets(model, config.target_modules) if layers is None else layers
+    for param in model.parameters():
+        param.requires_grad_(False)
+    slot = ContextSlot()
+    for name in names:
+        base = model.get_submodule(name)
+        d_in, d_out = linear_shape(base)
+        weight = base.weight
+        pool = LoRAPool(
+            d_in, d_out, config.n_experts, config.r, config.alpha, config.dropout, config.impl,
+            dtype=weight.dtype, device=weight.device,
+        )
+        router = build_router(config.router, d_in, config.n_experts, config.top_k, **config.router_options)
+        router.to(device=weight.device)
+        _set_submodule(model, name, MoALinear(base, pool, router, slot))
+    return MoAModel(model, config, slot)
+
+
+def load(directory: str | os.PathLike, base_model: nn.Module) -> MoAModel:
+    """Re-attach the MoA layers saved in ``directory`` to a fresh copy of their base model."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {directory} is not a saved MoA model")
+    meta = json.loads(config_path.read_text())
+    if meta.get("format") != "moa" or meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{config_path} is not a MoA config this version can read (format {meta.get('format_version')})")
+    config = MoAConfig.from_dict(meta["config"])
+    missing = [name for name in meta["layers"] if not _has_submodule(base_model, name)]
+    if missing:
+        raise ValueError(f"the base model has no modules {missing[:5]}: it is not the model these MoA layers were saved from")
+    moa_model = attach(base_model, config, layers=meta["layers"])
+    load_moa_state(moa_model, load_file(str(weights_path)), source=str(weights_path))
+    return moa_model
+
+
+def load_moa_state(moa_model: MoAModel, state: dict[str, Tensor], source: str = "state dict") -> None:
+    expected = moa_model.moa_state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}")
+    with torch.no_grad():
+        for name, layer in moa_model.moa_layers().items():
+            prefix = f"{name}."
+            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            layer.load_state_dict(own, strict=False)
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False

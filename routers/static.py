@@ -1,0 +1,65 @@
+"""``static``: explicit routing from the forward call, one expert (or a fixed mixture) per request.
+
+Many adapters in one batch, each request its own (S-LoRA / PEFT ``adapter_names`` serving). The ids come from
+the routing context: ``expert_ids`` by default, or ``domain_ids`` / ``task_ids`` when the pool holds one expert
+per domain or task (``router_options={"key": "domain_ids"}``). An id of ``-1`` means "no expert" (base model
+only, PEFT's ``"__base__"``). ``expert_weights=[B, E]`` gives each request a fixed mixture instead. The
+sort-by-expert plan is built once per forward call and shared by every layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moa.experts import ExpertPlan
+
+from .base import Router, Routing, RoutingContext, register_router
+
+KEYS = ("expert_ids", "domain_ids", "task_ids")
+
+
+@register_router
+class StaticRouter(Router):
+    name = "static"
+
+    def __init__(self, in_features: int, n_experts: int, top_k: int = 1, key: str = "expert_ids"):
+        super().__init__(in_features, n_experts, top_k)
+        if key not in KEYS:
+            raise ValueError(f"static router key must be one of {KEYS}, got {key!r}")
+        self.key = key
+
+    def forward(self, x: Tensor, ctx: RoutingContext) -> Routing:
+        lead = x.shape[:-1]
+        if ctx.expert_weights is not None:
+            weights = ctx.cached(("static-weights", lead), lambda: self._mixture(ctx, lead))
+            return Routing(None, weights.to(x.dtype))
+        if getattr(ctx, self.key) is None:
+            raise ValueError(
+                f"router 'static' needs {self.key}=... (one expert id per sample or per token) in the forward call"
+            )
+        plan, weights = ctx.cached(("static", self.key, lead), lambda: self._plan(ctx, lead))
+        return Routing(plan, weights.to(x.dtype))
+
+    def _mixture(self, ctx: RoutingContext, lead) -> Tensor:
+        weights = ctx.per_token("expert_weights", lead, trailing=1)
+        if weights.shape[-1] != self.n_experts:
+            raise ValueError(f"expert_weights must give {self.n_experts} weights per sample, got {weights.shape[-1]}")
+        return weights
+
+    def _plan(self, ctx: RoutingContext, lead) -> tuple[ExpertPlan, Tensor]:
+        ids = getattr(ctx, self.key)
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise TypeError(f"{self.key} must be integer ids, got dtype {ids.dtype}")
+        ids = ctx.per_token(self.key, lead).reshape(-1, 1)
+        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.n_experts):
+            raise ValueError(
+                f"{self.key} must lie in [-1, {self.n_experts - 1}] for a pool of {self.n_experts} experts "
+                f"(-1 = no expert); got values in [{int(ids.min())}, {int(ids.max())}]"
+            )
+        active = ids >= 0
+        weights = active.float()
+        return ExpertPlan(ids.clamp_min(0), self.n_experts, validate=False), weights
+
+    def extra_repr(self) -> str:
+        return f"n_experts={self.n_experts}, key={self.key!r}"

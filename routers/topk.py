@@ -1,0 +1,67 @@
+"""``topk``: a learned softmax gate with top-k selection (the MixLoRA / Mixtral-style baseline)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Router, Routing, RoutingContext, register_router
+
+
+@register_router
+class TopKRouter(Router):
+    """``p = softmax(W_g x)``; each token goes to its top-k experts with weights ``p_topk / sum(p_topk)``.
+
+    Load balancing (Switch Transformer, Fedus et al. 2021, eq. 4, with top-k assignments counted):
+    ``aux = coef * E * sum_e f_e * P_e`` where ``f_e`` is the fraction of (token, slot) assignments that went to
+    expert e and ``P_e`` the mean router probability of e, both over real (non-padding) tokens. It is 1 * coef
+    for perfectly uniform routing. ``coef`` defaults to 0.01 as in Switch and MixLoRA.
+    """
+
+    name = "topk"
+
+    def __init__(
+        self,
+        in_features: int,
+        n_experts: int,
+        top_k: int,
+        aux_loss_coef: float = 0.01,
+        jitter_noise: float = 0.0,
+        renormalize: bool = True,
+    ):
+        super().__init__(in_features, n_experts, top_k)
+        self.aux_loss_coef, self.jitter_noise, self.renormalize = aux_loss_coef, jitter_noise, renormalize
+        self.gate = nn.Linear(in_features, n_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=0.02)
+
+    def forward(self, x: Tensor, ctx: RoutingContext) -> Routing:
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.training and self.jitter_noise > 0:
+            x2 = x2 * torch.empty_like(x2).uniform_(1 - self.jitter_noise, 1 + self.jitter_noise)
+        probs = F.softmax(self.gate(x2).float(), dim=-1)
+        if self.top_k == self.n_experts:
+            weights, ids = probs, None  # soft routing over all experts: the dense path
+        else:
+            weights, ids = probs.topk(self.top_k, dim=-1)
+            if self.renormalize:
+                weights = weights / weights.sum(-1, keepdim=True)
+        aux = {}
+        if self.training and self.aux_loss_coef > 0:
+            aux["load_balance"] = self.aux_loss_coef * self.load_balance_loss(probs, ids, ctx, x.shape[:-1])
+        return Routing(ids, weights.to(x.dtype), aux)
+
+    def load_balance_loss(self, probs: Tensor, ids: Tensor | None, ctx: RoutingContext, lead) -> Tensor:
+        mask = ctx.per_token("token_mask", lead) if ctx.token_mask is not None else None
+        mask = probs.new_ones(probs.shape[0]) if mask is None else mask.to(probs.dtype)
+        n_real = mask.sum().clamp_min(1)
+        mean_prob = (probs * mask[:, None]).sum(0) / n_real
+        if ids is None:
+            frac = mean_prob.detach()
+        else:
+            counts = torch.zeros_like(mean_prob).index_add_(0, ids.reshape(-1), mask.repeat_interleave(ids.shape[1]))
+            frac = counts / (n_real * ids.shape[1])
+        return self.n_experts * (frac * mean_prob).sum()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, aux_loss_coef={self.aux_loss_coef}"
