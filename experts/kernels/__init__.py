@@ -32,8 +32,8 @@ if _scatter.AVAILABLE:
 # Crossover between ``dense`` and ``grouped``, measured with ``bench/kernels.py --sweep`` on the 2-core CPU this
 # project is developed on (fp32, forward+backward, d_in = d_out = 768, k = 2). Dense-masked costs ~E*r/(k*r) times
 # the sparse FLOPs but needs no sort, gather or scatter; it wins while E*r stays small or the batch is tiny.
-DENSE_MAX_EXPERT_ROWS = 64  # E * r at or below which dense wins at every N we measured
-DENSE_MAX_PAIRS = 64  # N * k at or below which sorting costs more than the wasted FLOPs
+DENSE_MAX_EXPERT_ROWS = 128  # E * r at or below which dense won at every N we measured
+DENSE_MAX_PAIRS = 128  # N * k at or below which sorting costs more than the wasted FLOPs
 
 
 def choose_impl(n_tokens: int, n_experts: int, rank: int, top_k: int | None) -> str:
@@ -111,6 +111,8 @@ def grouped_lora(
     if fn is None:
         hint = " (torch-scatter is not installed)" if impl == "scatter" else ""
         raise ValueError(f"unknown grouped_lora impl {impl!r}{hint}; choose from {available_impls()}")
+    if plan is None and impl != "dense":  # only dense consumes a dense gate as it is
+        plan = ExpertPlan.all_experts(n, E, device=x.device)
     out = fn(x2, A, B, plan, w2)
     return out.reshape(*lead, B.shape[1])
 

@@ -136,9 +136,7 @@ class _GroupedLoRA(torch.autograd.Function):
 
 
 def lora_grouped(
-    x: Tensor, A: Tensor, B: Tensor, plan: ExpertPlan | None, weights: Tensor, combine: Combine = combine_index_add
+    x: Tensor, A: Tensor, B: Tensor, plan: ExpertPlan, weights: Tensor, combine: Combine = combine_index_add
 ) -> Tensor:
-    """x: [N, d_in], A: [E, r, d_in], B: [E, d_out, r]; weights [N, k] with a plan, or dense [N, E]."""
-    if plan is None:
-        plan = ExpertPlan.all_experts(x.shape[0], A.shape[0], device=x.device)
+    """x: [N, d_in], A: [E, r, d_in], B: [E, d_out, r], weights: [N, k] (scaling folded in)."""
     return _GroupedLoRA.apply(x, A, B, weights, plan, combine)

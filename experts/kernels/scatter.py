@@ -22,7 +22,7 @@ def combine_torch_scatter(values: Tensor, token: Tensor, n_tokens: int) -> Tenso
     return torch_scatter.scatter(values, token, dim=0, dim_size=n_tokens, reduce="sum")
 
 
-def lora_scatter(x: Tensor, A: Tensor, B: Tensor, plan: ExpertPlan | None, weights: Tensor) -> Tensor:
+def lora_scatter(x: Tensor, A: Tensor, B: Tensor, plan: ExpertPlan, weights: Tensor) -> Tensor:
     if not AVAILABLE:
         raise RuntimeError("impl='scatter' needs torch-scatter: pip install 'moa[scatter]'")
     return lora_grouped(x, A, B, plan, weights, combine=combine_torch_scatter)

@@ -1,0 +1,186 @@
+"""The grouped expert LoRA op: every implementation against an fp64 reference, gradients, edge cases."""
+
+import pytest
+import torch
+
+from moa.experts import IMPLS, ExpertPlan, LoRAPool, choose_impl, grouped_lora
+from moa.experts.kernels import grouped as grouped_mod
+
+IMPL_NAMES = sorted(IMPLS)
+
+
+def reference(x, A, B, ids, w, scaling):
+    """fp64 einsum over gathered experts: sum_j w_j * s * B_e A_e x."""
+    x, A, B, w = (t.double() for t in (x, A, B, w))
+    lead = x.shape[:-1]
+    x2, ids2, w2 = x.reshape(-1, x.shape[-1]), ids.reshape(-1, ids.shape[-1]), w.reshape(-1, w.shape[-1])
+    out = torch.einsum("nk,nkor,nkri,ni->no", w2 * scaling, B[ids2], A[ids2], x2)
+    return out.reshape(*lead, B.shape[1])
+
+
+def make(N, d_in, d_out, E, r, k, dtype=torch.float32, seed=0, skew=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, d_in, generator=g, dtype=dtype)
+    A = torch.randn(E, r, d_in, generator=g, dtype=dtype)
+    B = torch.randn(E, d_out, r, generator=g, dtype=dtype)
+    logits = torch.randn(N, E, generator=g)
+    if skew is not None:
+        logits[:, skew] += 100.0
+    w, ids = logits.softmax(-1).topk(k)
+    return x, A, B, ids, w.to(dtype)
+
+
+SHAPES = [
+    # N, d_in, d_out, E, r, k
+    (37, 24, 20, 5, 4, 2),
+    (64, 32, 32, 8, 8, 1),  # k = 1
+    (3, 16, 12, 6, 4, 2),  # N*k smaller than any block
+    (50, 32, 16, 4, 8, 4),  # k = E: every expert
+    (40, 20, 28, 7, 3, 3),  # odd sizes: not 16-byte aligned, grouped falls back to segment loops
+]
+
+
+@pytest.mark.parametrize("impl", IMPL_NAMES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_fp64_reference(impl, shape):
+    x, A, B, ids, w = make(*shape)
+    out = grouped_lora(x, A, B, ids, w, scaling=0.5, impl=impl)
+    torch.testing.assert_close(out.double(), reference(x, A, B, ids, w, 0.5), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", IMPL_NAMES)
+def test_gradcheck_fp64(impl):
+    x, A, B, ids, w = make(11, 8, 6, 4, 3, 2, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (x, A, B, w)]
+    assert torch.autograd.gradcheck(lambda x, A, B, w: grouped_lora(x, A, B, ids, w, 0.7, impl=impl), inputs)
+
+
+@pytest.mark.parametrize("impl", IMPL_NAMES)
+def test_gradcheck_dense_soft_routing(impl):
+    g = torch.Generator().manual_seed(1)
+    x, A, B = torch.randn(9, 8, generator=g), torch.randn(3, 2, 8, generator=g), torch.randn(3, 5, 2, generator=g)
+    gate = torch.randn(9, 3, generator=g).softmax(-1)
+    inputs = [t.double().requires_grad_() for t in (x, A, B, gate)]
+    assert torch.autograd.gradcheck(lambda x, A, B, g: grouped_lora(x, A, B, None, g, 1.3, impl=impl), inputs)
+
+
+@pytest.mark.parametrize("layout", ["padded", "ragged"])
+def test_fp32_grouped_mm_path_gradients_match_loop(layout, monkeypatch):
+    """The fast paths (bmm over the padded layout, torch grouped_mm over the ragged one) against the loop."""
+    x, A, B, ids, w = make(96, 32, 48, 8, 8, 2)
+    if layout == "ragged":
+        monkeypatch.setattr(ExpertPlan, "padded", property(lambda self: False))
+    grads = {}
+    for impl in ("loop", "grouped"):
+        leaves = [t.clone().requires_grad_() for t in (x, A, B, w)]
+        out = grouped_lora(*leaves[:3], ids, leaves[3], 2.0, impl=impl)
+        out.backward(torch.ones_like(out))
+        grads[impl] = [out] + [t.grad for t in leaves]
+    for got, want in zip(grads["grouped"], grads["loop"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", IMPL_NAMES)
+def test_expert_without_tokens_and_all_tokens_on_one_expert(impl):
+    # skew: every token's top-1 is expert 2; with k=1 experts 0,1,3,4 get nothing
+    x, A, B, ids, w = make(30, 16, 16, 5, 4, 1, skew=2)
+    assert (ids == 2).all()
+    leaves = [t.clone().requires_grad_() for t in (A, B)]
+    out = grouped_lora(x, *leaves, ids, w, 1.0, impl=impl)
+    torch.testing.assert_close(out.double(), reference(x, A, B, ids, w, 1.0), rtol=1e-5, atol=1e-4)
+    out.sum().backward()
+    for grad in leaves:
+        assert torch.count_nonzero(grad.grad[[0, 1, 3, 4]]) == 0
+        assert torch.count_nonzero(grad.grad[2]) > 0
+
+
+@pytest.mark.parametrize("impl", IMPL_NAMES)
+def test_three_d_inputs(impl):
+    x, A, B, ids, w = make(2 * 7, 16, 12, 4, 4, 2)
+    x3, ids3, w3 = x.view(2, 7, 16), ids.view(2, 7, 2), w.view(2, 7, 2)
+    out = grouped_lora(x3, A, B, ids3, w3, 1.0, impl=impl)
+    assert out.shape == (2, 7, 12)
+    torch.testing.assert_close(out.reshape(14, 12), grouped_lora(x, A, B, ids, w, 1.0, impl="loop"))
+
+
+@pytest.mark.parametrize("impl", IMPL_NAMES)
+def test_dense_soft_routing_equals_sum_over_all_experts(impl):
+    x, A, B, _, _ = make(20, 16, 8, 4, 4, 2)
+    gate = torch.randn(20, 4).softmax(-1)
+    ids = torch.arange(4).expand(20, 4)
+    out = grouped_lora(x, A, B, None, gate, 0.5, impl=impl)
+    torch.testing.assert_close(out.double(), reference(x, A, B, ids, gate, 0.5), rtol=1e-5, atol=1e-4)
+
+
+def test_half_precision_grouped_matches_dense():
+    x, A, B, ids, w = make(64, 32, 32, 8, 8, 2)
+    args = [t.to(torch.bfloat16) for t in (x, A, B)]
+    out = grouped_lora(*args, ids, w.to(torch.bfloat16), 1.0, impl="grouped")
+    torch.testing.assert_close(out.double(), reference(x, A, B, ids, w, 1.0), rtol=5e-2, atol=5e-1)
+
+
+def test_plan_is_reusable_and_validated():
+    x, A, B, ids, w = make(40, 16, 16, 4, 4, 2)
+    plan = ExpertPlan(ids, 4)
+    assert plan.counts.sum() == 80 and int(plan.offsets[-1]) == 80
+    out1 = grouped_lora(x, A, B, plan, w, 1.0, impl="grouped")
+    out2 = grouped_lora(x * 2, A, B, plan, w, 1.0, impl="grouped")
+    torch.testing.assert_close(out2, 2 * out1)
+    with pytest.raises(ValueError, match=r"expert_ids must lie in \[0, 3\]"):
+        ExpertPlan(ids + 3, 4)
+    with pytest.raises(TypeError, match="integer"):
+        ExpertPlan(w, 4)
+
+
+def test_padding_layout_only_when_routing_is_balanced():
+    balanced = ExpertPlan(torch.arange(64).remainder(8).view(32, 2), 8)
+    skewed = ExpertPlan(torch.zeros(32, 2, dtype=torch.long), 8)
+    assert balanced.padded and not skewed.padded
+    assert balanced.row_valid.sum() == 64 and balanced.row_pair.numel() == 8 * balanced.capacity
+
+
+def test_shape_errors_name_the_problem():
+    x, A, B, ids, w = make(10, 16, 8, 4, 4, 2)
+    with pytest.raises(ValueError, match="features"):
+        grouped_lora(x[:, :8], A, B, ids, w)
+    with pytest.raises(ValueError, match="disagree"):
+        grouped_lora(x, A, B[:, :, :2], ids, w)
+    with pytest.raises(ValueError, match="must match"):
+        grouped_lora(x, A, B, ids[:, :1], w)
+    with pytest.raises(ValueError, match="one per expert"):
+        grouped_lora(x, A, B, None, w)
+    with pytest.raises(ValueError, match="unknown grouped_lora impl 'fast'"):
+        grouped_lora(x, A, B, ids, w, impl="fast")
+
+
+def test_auto_choice_follows_documented_crossover():
+    assert choose_impl(2048, 8, 16, 2) == "dense"  # E*r = 128
+    assert choose_impl(2048, 64, 16, 2) == "grouped"  # E*r = 1024
+    assert choose_impl(4, 64, 16, 2) == "dense"  # a handful of tokens: no sort
+    assert choose_impl(2048, 64, 16, None) == "dense"  # soft routing
+
+
+def test_segment_loop_fallback_when_grouped_mm_is_unavailable(monkeypatch):
+    monkeypatch.setattr(grouped_mod, "_GROUPED_MM", None)
+    monkeypatch.setattr(ExpertPlan, "padded", property(lambda self: False))
+    x, A, B, ids, w = make(33, 16, 16, 4, 4, 2)
+    torch.testing.assert_close(
+        grouped_lora(x, A, B, ids, w, impl="grouped").double(), reference(x, A, B, ids, w, 1.0), rtol=1e-5, atol=1e-4
+    )
+
+
+def test_pool_is_packed_and_views_share_storage():
+    pool = LoRAPool(16, 12, n_experts=3, r=4, alpha=8)
+    assert pool.lora_A.shape == (12, 16) and pool.lora_B.shape == (12, 12)
+    assert pool.A.data_ptr() == pool.lora_A.data_ptr() and pool.B.data_ptr() == pool.lora_B.data_ptr()
+    assert pool.scaling == 2.0
+    assert torch.count_nonzero(pool.lora_B) == 0  # PEFT init: B = 0 ...
+    bound = 1 / 16**0.5  # ... and A kaiming-uniform(a=sqrt(5)) per expert: U(-1/sqrt(d_in), 1/sqrt(d_in))
+    assert pool.lora_A.abs().max() <= bound and pool.lora_A.std() > bound / 3
+    with torch.no_grad():
+        pool.lora_B.normal_()
+    x = torch.randn(5, 16)
+    ids = torch.full((5, 1), 1)
+    expected = 2.0 * x @ pool.A[1].t() @ pool.B[1].t()
+    torch.testing.assert_close(pool(x, ids, torch.ones(5, 1)), expected)
+    torch.testing.assert_close(pool.delta_weight(torch.tensor([0.0, 1.0, 0.0])), 2.0 * pool.B[1] @ pool.A[1])
