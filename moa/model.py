@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 import json
 import os
 import re
@@ -41,11 +42,12 @@ class MoAModel(nn.Module):
     ``expert_weights`` (a fixed mixture per sample ``[B, E]``).
     """
 
-    def __init__(self, model: nn.Module, config: MoAConfig, slot: ContextSlot):
+    def __init__(self, model: nn.Module, config: MoAConfig, slot: ContextSlot, requires_grad: dict[str, bool]):
         super().__init__()
         self.model = model
         self.config = config
         self._slot = slot
+        self._base_requires_grad = requires_grad  # the base parameters' flags before attach froze them
 
     # -- calling -------------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -53,16 +55,25 @@ class MoAModel(nn.Module):
         return self.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        self._set_context(kwargs)
+        """``generate`` with per-sample routing context (``[B]`` ids or ``[B, E]`` weights).
+
+        Beam search and several return sequences grow the batch to ``B * n``; the context follows.
+        """
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+        sequences = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1
+        self._set_context(kwargs, repeat=beams * sequences)
         return self.model.generate(*args, **kwargs)
 
-    def _set_context(self, kwargs: dict[str, Any]) -> None:
+    def _set_context(self, kwargs: dict[str, Any], repeat: int = 1) -> None:
         device = next(iter(self.moa_layers().values())).pool.lora_A.device
         values = {}
         for key in CONTEXT_KEYS:
             value = kwargs.pop(key, None)
             if value is not None:
                 value = torch.as_tensor(value, device=device)
+                if repeat > 1:
+                    value = value.repeat_interleave(repeat, dim=0)
             values[key] = value
         mask = kwargs.get("attention_mask")
         token_mask = mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
@@ -141,7 +152,15 @@ class MoAModel(nn.Module):
         _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2)))
         return directory
 
-    # -- merging -------------------------------------------------------------------------------------------
+    # -- merging and unloading -----------------------------------------------------------------------------
+    def unload(self) -> nn.Module:
+        """Remove the MoA layers without merging: the base model as it was before :func:`attach`."""
+        for name, layer in self.moa_layers().items():
+            _set_submodule(self.model, name, layer.base_layer)
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(self._base_requires_grad.get(name, param.requires_grad))
+        return self.model
+
     @torch.no_grad()
     def merge(self, route: int | Sequence[float] | Tensor) -> nn.Module:
         """Fold a fixed route into the base weights, remove the MoA layers and return the plain model.
@@ -155,13 +174,15 @@ class MoAModel(nn.Module):
             base = layer.base_layer
             merged = layer.merged_weight(mixture)
             base.weight.copy_(merged.t() if isinstance(base, Conv1D) else merged)
-            _set_submodule(self.model, name, base)
-        return self.model
+        return self.unload()
 
 
 def route_to_mixture(route: int | Sequence[float] | Tensor, n_experts: int) -> Tensor:
     """An expert index or a per-expert weight vector, as a ``[E]`` mixture."""
-    if isinstance(route, int) and not isinstance(route, bool):
+    if isinstance(route, Tensor) and route.dim() == 0 and not route.is_floating_point():
+        route = int(route)
+    if isinstance(route, numbers.Integral) and not isinstance(route, bool):
+        route = int(route)
         if not 0 <= route < n_experts:
             raise ValueError(f"expert index {route} out of range for a pool of {n_experts} experts")
         return torch.nn.functional.one_hot(torch.tensor(route), n_experts).float()
@@ -240,6 +261,11 @@ def attach(model: nn.Module, config: MoAConfig, *, layers: list[str] | None = No
     if isinstance(model, MoAModel) or any(isinstance(m, MoALinear) for m in model.modules()):
         raise ValueError("this model already carries MoA layers; attach once per model")
     names = find_targets(model, config.target_modules) if layers is None else layers
+    for name in names:  # every target exists and is a linear layer, before anything changes
+        if not _has_submodule(model, name):
+            raise ValueError(f"the model has no module {name!r}")
+        linear_shape(model.get_submodule(name))
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     for param in model.parameters():
         param.requires_grad_(False)
     slot = ContextSlot()
@@ -254,7 +280,7 @@ def attach(model: nn.Module, config: MoAConfig, *, layers: list[str] | None = No
         router = build_router(config.router, d_in, config.n_experts, config.top_k, **config.router_options)
         router.to(device=weight.device)
         _set_submodule(model, name, MoALinear(base, pool, router, slot))
-    return MoAModel(model, config, slot)
+    return MoAModel(model, config, slot, requires_grad)
 
 
 def load(directory: str | os.PathLike, base_model: nn.Module) -> MoAModel:
@@ -271,8 +297,13 @@ def load(directory: str | os.PathLike, base_model: nn.Module) -> MoAModel:
     missing = [name for name in meta["layers"] if not _has_submodule(base_model, name)]
     if missing:
         raise ValueError(f"the base model has no modules {missing[:5]}: it is not the model these MoA layers were saved from")
+    state = load_file(str(weights_path))
     moa_model = attach(base_model, config, layers=meta["layers"])
-    load_moa_state(moa_model, load_file(str(weights_path)), source=str(weights_path))
+    try:
+        load_moa_state(moa_model, state, source=str(weights_path))
+    except BaseException:
+        moa_model.unload()  # leave the caller's model as it was
+        raise
     return moa_model
 
 

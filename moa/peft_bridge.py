@@ -87,11 +87,21 @@ def from_peft(
     read = {name: _read_adapter(Path(path)) for name, path in adapters.items()}
     modules = sorted({m for _, factors in read.values() for m in factors})
     rank = max(a.shape[0] for _, factors in read.values() for a, _ in factors.values())
+    config_kwargs.setdefault("top_k", min(2, len(read)))
     config = MoAConfig(
         n_experts=len(read), r=rank, alpha=rank, router=router, target_modules=modules,
         expert_names=list(read), **config_kwargs,
     )
     moa_model = attach(base_model, config, layers=modules)
+    try:
+        _copy_experts(moa_model, read)
+    except BaseException:
+        moa_model.unload()  # leave the caller's model as it was
+        raise
+    return moa_model
+
+
+def _copy_experts(moa_model: MoAModel, read: dict[str, tuple[LoraConfig, dict[str, tuple[Tensor, Tensor]]]]) -> None:
     layers = moa_model.moa_layers()
     with torch.no_grad():
         for name, layer in layers.items():
@@ -110,7 +120,6 @@ def from_peft(
                 r_e = a.shape[0]
                 pool.A[e, :r_e].copy_(a)
                 pool.B[e, :, :r_e].copy_(b)
-    return moa_model
 
 
 def to_peft(

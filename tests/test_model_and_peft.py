@@ -22,15 +22,13 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
 )
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
 import moa
 from moa import MoAConfig, MoALinear
 from moa.config import CONFIG_NAME
 from moa.model import WEIGHTS_NAME, load_moa_state
-
-peft = pytest.importorskip("peft")
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 VOCAB = 100
 
@@ -221,6 +219,7 @@ def test_attach_default_targets(arch):
     pristine = fresh(base)
     config = MoAConfig(n_experts=4, r=4, top_k=2)
     moa_model = moa.attach(base, config)
+    assert moa_model.model is base  # in place, like peft.get_peft_model
     layers = moa_model.moa_layers()
 
     # the default targets (PEFT's table): every match, and nothing else, is a MoA layer
@@ -510,7 +509,7 @@ def test_from_peft_errors(llama, peft_adapters, tmp_path):
     with pytest.raises(ValueError, match="at least one adapter"):
         moa.from_peft(fresh(llama), {})
     # an adapter saved from a model of another width does not fit
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"adapter 'a' module .* is 32x32, the model's layer is 48x48"):
         moa.from_peft(tiny_llama(hidden=48), {"a": peft_adapters["a"]})
 
 
@@ -641,3 +640,51 @@ def test_merge_bad_route(llama):
         moa_model.merge([0.5, 0.5])
     # a failed merge changed nothing
     assert len(moa_model.moa_layers()) == 6
+
+
+# -- 7. failures leave the caller's model as it was; routes and generation -------------------------------------
+
+
+def test_failed_load_and_from_peft_leave_the_base_model_untouched(llama, tmp_path, peft_adapters):
+    moa.attach(fresh(llama), MoAConfig(n_experts=2, r=2)).save_pretrained(tmp_path / "saved")
+    wrong = tiny_llama(hidden=48)
+    flags = {n: p.requires_grad for n, p in wrong.named_parameters()}
+    with pytest.raises(ValueError, match="the model expects"):
+        moa.load(tmp_path / "saved", wrong)
+    assert not any(isinstance(m, moa.MoALinear) for m in wrong.modules())
+    assert {n: p.requires_grad for n, p in wrong.named_parameters()} == flags
+    with pytest.raises(ValueError, match="the model's layer is"):
+        moa.from_peft(wrong, [peft_adapters["a"]])
+    assert not any(isinstance(m, moa.MoALinear) for m in wrong.modules())
+    moa.attach(wrong, MoAConfig(n_experts=2, r=2))  # still attachable
+
+
+def test_unload_restores_the_base_model(llama):
+    model = fresh(llama)
+    moa_model = moa.attach(model, MoAConfig(n_experts=2, r=2))
+    randomize_experts(moa_model)
+    plain = moa_model.unload()
+    assert plain is model and not any(isinstance(m, moa.MoALinear) for m in plain.modules())
+    ids = token_ids()
+    assert torch.equal(run(plain, input_ids=ids), run(llama, input_ids=ids))
+    assert all(p.requires_grad for p in plain.parameters())
+
+
+def test_single_adapter_with_topk_router_and_integer_like_routes(llama, peft_adapters):
+    moa_model = moa.from_peft(fresh(llama), [peft_adapters["a"]], router="topk")
+    assert moa_model.config.top_k == 1
+    moa_model = static_llama(llama)
+    randomize_experts(moa_model)
+    ids = token_ids()
+    expected = run(moa_model, input_ids=ids, expert_ids=[1, 1])
+    merged = moa_model.merge(torch.tensor(1))
+    assert max_diff(run(merged, input_ids=ids), expected) < 1e-5
+
+
+def test_generate_with_beams_repeats_the_routing_context(llama):
+    moa_model = static_llama(llama).eval()
+    ids = token_ids(batch=2, length=4)
+    beams = moa_model.generate(input_ids=ids, expert_ids=[0, 2], num_beams=2, max_new_tokens=3, do_sample=False)
+    for i, expert in enumerate((0, 2)):
+        alone = moa_model.generate(input_ids=ids[i : i + 1], expert_ids=[expert], num_beams=2, max_new_tokens=3, do_sample=False)
+        assert torch.equal(beams[i : i + 1], alone)
