@@ -19,7 +19,7 @@ import time
 import torch
 from torch import nn
 
-from moa.experts import IMPLS, LoRAPool, grouped_lora
+from moa.experts import LoRAPool, grouped_lora, runnable_impls
 from moa.layer import ContextSlot, MoALinear
 from moa.routers import build_router
 
@@ -63,7 +63,7 @@ def target_case(E: int, r: int, n_tokens: int, d: int, k: int, reps: int, layer_
     base = nn.Linear(d, d).requires_grad_(False)
     x = torch.randn(n_tokens, d, requires_grad=True)
     layers: dict[str, nn.Module] = {"base": base, "peft": peft_layer(base, r)}
-    for impl in ["loop", *sorted(set(IMPLS) - {"loop"}), "auto"]:
+    for impl in ["loop", *sorted(set(runnable_impls("cpu")) - {"loop"}), "auto"]:
         layers[f"moa[{impl}]"] = moa_layer(base, E, r, k, impl)
     print(f"\n## E={E}, r={r}, k={k}, N={n_tokens}, d_in=d_out={d}, fp32, {torch.get_num_threads()} threads, median of {reps}")
     for backward in (False, True):
@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, impls {sorted(IMPLS)}")
+    print(f"torch {torch.__version__}, impls {runnable_impls("cpu")}")
     if args.sweep:
         sweep(args.dim, 2, args.reps)
         return

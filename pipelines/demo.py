@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import moa
-from moa.experts import IMPLS, grouped_lora
+from moa.experts import grouped_lora, runnable_impls
 from moa.lightning import MoAModule
 
 VOCAB = 64
@@ -149,7 +149,7 @@ def kernels() -> None:
     B = (torch.randn(E, d, r, generator=g) * 0.05).requires_grad_()
     w, ids = torch.randn(N, E, generator=g).softmax(-1).topk(k)
     reference = None
-    for impl in ["loop", *sorted(set(IMPLS) - {"loop"}), "auto"]:
+    for impl in ["loop", *sorted(set(runnable_impls("cpu")) - {"loop"}), "auto"]:
         times = []
         for _ in range(5):
             t0 = time.perf_counter()

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from moa.experts import IMPLS, ExpertPlan, LoRAPool, choose_impl, grouped_lora
+from moa.experts import ExpertPlan, LoRAPool, choose_impl, grouped_lora, runnable_impls
 from moa.experts.kernels import grouped as grouped_mod
 
-IMPL_NAMES = sorted(IMPLS)
+IMPL_NAMES = sorted(runnable_impls("cpu"))
 
 
 def reference(x, A, B, ids, w, scaling):

@@ -9,15 +9,19 @@ Implementations (all exact, all with autograd for x, A, B and the weights):
 * ``dense``    dense-masked: two GEMMs over the packed pool, zero weight for unrouted experts
 * ``grouped``  sort by expert, ``torch.nn.functional.grouped_mm``, weighted ``index_add_`` combine
 * ``scatter``  ``grouped`` with the combine done by torch-scatter (only when it is installed)
+* ``triton``   one fused Triton kernel (gather, shrink, scale, expand) over the expert-sorted pairs, grouped-GEMM
+  backward (only when triton is installed and can run here: a CUDA device, or ``TRITON_INTERPRET=1`` for CPU tensors)
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from . import scatter as _scatter
+from . import triton_lora as _triton
 from .dense import lora_dense
 from .grouped import lora_grouped
 from .loop import lora_loop
@@ -28,6 +32,8 @@ Impl = Callable[[Tensor, Tensor, Tensor, "ExpertPlan | None", Tensor], Tensor]
 IMPLS: dict[str, Impl] = {"loop": lora_loop, "dense": lora_dense, "grouped": lora_grouped}
 if _scatter.AVAILABLE:
     IMPLS["scatter"] = _scatter.lora_scatter
+if _triton.AVAILABLE and (_triton.INTERPRETED or torch.cuda.is_available()):
+    IMPLS["triton"] = _triton.lora_triton
 
 # Crossover between ``dense`` and ``grouped``, measured with ``bench/kernels.py --sweep`` on the 2-core CPU this
 # project is developed on (fp32, forward+backward, d_in = d_out = 768, k = 2). Dense-masked costs ~E*r/(k*r) times
@@ -36,17 +42,30 @@ DENSE_MAX_EXPERT_ROWS = 128  # E * r at or below which dense won at every N we m
 DENSE_MAX_PAIRS = 128  # N * k at or below which sorting costs more than the wasted FLOPs
 
 
-def choose_impl(n_tokens: int, n_experts: int, rank: int, top_k: int | None) -> str:
-    """The implementation ``auto`` uses for this shape (``top_k=None``: dense soft routing)."""
+def choose_impl(n_tokens: int, n_experts: int, rank: int, top_k: int | None, device_type: str = "cpu") -> str:
+    """The implementation ``auto`` uses for this shape (``top_k=None``: dense soft routing) on this device type.
+
+    On CUDA, sparse routing with ``E * r`` above the dense crossover goes to the fused ``triton`` kernel when it is
+    registered (the thresholds were measured on the CPU; the GPU crossover is not measured yet).
+    """
     if top_k is None or top_k >= n_experts:
         return "dense"
-    if n_experts * rank <= DENSE_MAX_EXPERT_ROWS or n_tokens * top_k <= DENSE_MAX_PAIRS:
+    if n_experts * rank <= DENSE_MAX_EXPERT_ROWS:
+        return "dense"
+    if device_type == "cuda" and "triton" in IMPLS:
+        return "triton"
+    if n_tokens * top_k <= DENSE_MAX_PAIRS:
         return "dense"
     return "grouped"
 
 
 def available_impls() -> list[str]:
     return ["auto", *IMPLS]
+
+
+def runnable_impls(device: "torch.device | str" = "cpu") -> list[str]:
+    """Registered implementations that can run on tensors of ``device`` (triton needs CUDA or the interpreter)."""
+    return [name for name in IMPLS if name != "triton" or _triton.can_run(device)]
 
 
 def grouped_lora(
@@ -106,10 +125,13 @@ def grouped_lora(
         top_k = plan.top_k
 
     if impl == "auto":
-        impl = choose_impl(n, E, r, top_k)
+        impl = choose_impl(n, E, r, top_k, x.device.type)
     fn = IMPLS.get(impl)
     if fn is None:
-        hint = " (torch-scatter is not installed)" if impl == "scatter" else ""
+        hint = {
+            "scatter": " (torch-scatter is not installed)",
+            "triton": " (it needs triton and a CUDA device, or TRITON_INTERPRET=1 set before importing triton)",
+        }.get(impl, "")
         raise ValueError(f"unknown grouped_lora impl {impl!r}{hint}; choose from {available_impls()}")
     if plan is None and impl != "dense":  # only dense consumes a dense gate as it is
         plan = ExpertPlan.all_experts(n, E, device=x.device)
@@ -117,4 +139,4 @@ def grouped_lora(
     return out.reshape(*lead, B.shape[1])
 
 
-__all__ = ["ExpertPlan", "IMPLS", "available_impls", "choose_impl", "grouped_lora"]
+__all__ = ["ExpertPlan", "IMPLS", "available_impls", "choose_impl", "grouped_lora", "runnable_impls"]
