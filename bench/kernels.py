@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, impls {runnable_impls("cpu")}")
+    print(f"torch {torch.__version__}, impls {runnable_impls('cpu')}")
     if args.sweep:
         sweep(args.dim, 2, args.reps)
         return
