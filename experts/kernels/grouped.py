@@ -88,7 +88,7 @@ def combine_index_add(values: Tensor, token: Tensor, n_tokens: int) -> Tensor:
 Combine = Callable[[Tensor, Tensor, int], Tensor]
 
 
-def _row_weights(weights: Tensor, plan: ExpertPlan) -> Tensor:
+def row_weights(weights: Tensor, plan: ExpertPlan) -> Tensor:
     w = weights.reshape(-1).index_select(0, plan.row_pair)
     return w if plan.row_valid is None else w * plan.row_valid.to(w.dtype)
 
@@ -99,7 +99,7 @@ class _GroupedLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, weights, plan: ExpertPlan, combine: Combine):
         tok = plan.row_token
-        w_rows = _row_weights(weights, plan)
+        w_rows = row_weights(weights, plan)
         xs = x.index_select(0, tok)
         h = gmm(xs, A.transpose(1, 2), plan)
         hw = h * w_rows.unsqueeze(1)
@@ -112,27 +112,48 @@ class _GroupedLoRA(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         xs, A, B, h, w_rows = ctx.saved_tensors
-        plan, combine = ctx.plan, ctx.combine
-        need_x, need_a, need_b, need_w = ctx.needs_input_grad[:4]
-        tok = plan.row_token
-        gs = grad_out.contiguous().index_select(0, tok)  # [rows, d_out]
-        d_hw = gmm(gs, B, plan)  # [rows, r]
-        grad_x = grad_a = grad_b = grad_w = None
-        if need_b:
-            grad_b = gmm_reduce(gs.t(), h * w_rows.unsqueeze(1), plan)  # [E, d_out, r]
-        if need_w:
-            grad_w_rows = (d_hw * h).sum(1)
-            if plan.row_valid is not None:
-                grad_w_rows = grad_w_rows * plan.row_valid.to(grad_w_rows.dtype)
-            grad_w = grad_w_rows.new_zeros(plan.n_pairs).index_add_(0, plan.row_pair, grad_w_rows)
-            grad_w = grad_w.view(plan.n_tokens, plan.top_k)
-        if need_a or need_x:
-            dh = d_hw * w_rows.unsqueeze(1)
-            if need_a:
-                grad_a = gmm_reduce(dh.t(), xs, plan)  # [E, r, d_in]
-            if need_x:
-                grad_x = combine(gmm(dh, A, plan), tok, ctx.n_tokens)
-        return grad_x, grad_a, grad_b, grad_w, None, None
+        needs = ctx.needs_input_grad[:4]
+        grads = grouped_backward(grad_out, xs, A, B, h, w_rows, ctx.plan, ctx.combine, ctx.n_tokens, needs)
+        return (*grads, None, None)
+
+
+def grouped_backward(
+    grad_out: Tensor,
+    x_rows: Tensor,
+    A: Tensor,
+    B: Tensor,
+    h: Tensor,
+    w_rows: Tensor,
+    plan: ExpertPlan,
+    combine: Combine,
+    n_tokens: int,
+    needs: tuple[bool, bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients for (x, A, B, weights) of the routed LoRA, as grouped GEMMs over the plan's row layout.
+
+    ``x_rows`` is ``x`` gathered to the rows, ``h`` the unscaled ``x_rows @ A_e^T`` and ``w_rows`` the routing
+    weight of each row (0 on padding rows). Shared by every implementation whose backward is not its own kernel.
+    """
+    need_x, need_a, need_b, need_w = needs
+    tok = plan.row_token
+    gs = grad_out.contiguous().index_select(0, tok)  # [rows, d_out]
+    d_hw = gmm(gs, B, plan)  # [rows, r]
+    grad_x = grad_a = grad_b = grad_w = None
+    if need_b:
+        grad_b = gmm_reduce(gs.t(), h * w_rows.unsqueeze(1), plan)  # [E, d_out, r]
+    if need_w:
+        grad_w_rows = (d_hw * h).sum(1)
+        if plan.row_valid is not None:
+            grad_w_rows = grad_w_rows * plan.row_valid.to(grad_w_rows.dtype)
+        grad_w = grad_w_rows.new_zeros(plan.n_pairs).index_add_(0, plan.row_pair, grad_w_rows)
+        grad_w = grad_w.view(plan.n_tokens, plan.top_k)
+    if need_a or need_x:
+        dh = d_hw * w_rows.unsqueeze(1)
+        if need_a:
+            grad_a = gmm_reduce(dh.t(), x_rows, plan)  # [E, r, d_in]
+        if need_x:
+            grad_x = combine(gmm(dh, A, plan), tok, n_tokens)
+    return grad_x, grad_a, grad_b, grad_w
 
 
 def lora_grouped(

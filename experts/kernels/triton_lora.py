@@ -20,8 +20,8 @@ matmuls do); fp64 inputs accumulate in fp64. fp16/bf16 inputs on a GPU dot in th
 (``h`` is rounded to the input dtype before the expand, as the ``grouped`` impl does); the interpreter cannot dot
 bf16 (triton #11584), so there bf16 tiles are cast to fp32 first.
 
-The backward (a ``torch.autograd.Function``) reuses the grouped GEMMs of :mod:`.grouped` (``gmm``/``gmm_reduce``) on
-the ragged layout, with ``h`` per pair saved by the forward kernel in fp32 (``P * r`` values; fp64 for fp64 inputs).
+The backward (a ``torch.autograd.Function``) is the ``grouped`` implementation's (:func:`.grouped.grouped_backward`),
+fed with ``h`` per pair saved by the forward kernel in fp32 (``P * r`` values; fp64 for fp64 inputs).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .grouped import gmm, gmm_reduce
+from .grouped import combine_index_add, grouped_backward, row_weights
 from .plan import ExpertPlan
 
 try:
@@ -241,17 +241,6 @@ def lora_triton_forward(
     return out, h
 
 
-def _ragged(plan: ExpertPlan) -> ExpertPlan:
-    """The plan in the ragged layout (CPU plans may choose the padded one; the kernel's rows are ragged)."""
-    if not plan.padded:
-        return plan
-    ragged = ExpertPlan(plan.expert_ids, plan.n_experts, validate=False)
-    for name in ("order", "counts", "offsets", "counts_list"):
-        setattr(ragged, name, getattr(plan, name))
-    ragged.padded = False
-    return ragged
-
-
 class _TritonLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, weights, plan: ExpertPlan, blocks: tuple[int, int, int], grad_enabled: bool):
@@ -267,30 +256,18 @@ class _TritonLoRA(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, A, B, weights, h_acc = ctx.saved_tensors
-        plan = _ragged(ctx.plan)
-        need_x, need_a, need_b, need_w = ctx.needs_input_grad[:4]
-        dtype = x.dtype
-        order = plan.order
-        tok = torch.div(order, plan.top_k, rounding_mode="floor")
-        w_rows = weights.reshape(-1).index_select(0, order).to(dtype).unsqueeze(1)  # [P, 1]
-        h = h_acc.to(dtype)
-        gs = grad_out.to(dtype).contiguous().index_select(0, tok)  # [P, d_out]
-        d_hw = gmm(gs, B.to(dtype), plan)  # [P, r]
-        grad_x = grad_a = grad_b = grad_w = None
-        if need_b:
-            grad_b = gmm_reduce(gs.t(), h * w_rows, plan).to(B.dtype)  # [E, d_out, r]
-        if need_w:
-            grad_w_rows = (d_hw.to(h_acc.dtype) * h_acc).sum(1)
-            grad_w = torch.empty_like(grad_w_rows).index_copy_(0, order, grad_w_rows)
-            grad_w = grad_w.view(plan.n_tokens, plan.top_k).to(weights.dtype)
-        if need_a or need_x:
-            dh = d_hw * w_rows
-            if need_a:
-                grad_a = gmm_reduce(dh.t(), x.index_select(0, tok), plan).to(A.dtype)  # [E, r, d_in]
-            if need_x:
-                dxs = gmm(dh, A.to(dtype), plan)  # [P, d_in]
-                grad_x = dxs.new_zeros(x.shape).index_add_(0, tok, dxs)
+        x, A, B, weights, h_sorted = ctx.saved_tensors
+        plan, dtype = ctx.plan, x.dtype
+        h = h_sorted.to(dtype)  # the kernel's rows are the ragged expert-sorted pairs
+        if plan.padded:  # a CPU plan (interpreter) may use the padded layout: put h where the grouped rows are
+            h = h.new_zeros(plan.n_experts * plan.capacity, h.shape[1]).index_copy_(0, plan.padded_destination, h)
+        grad_x, grad_a, grad_b, grad_w = grouped_backward(
+            grad_out.to(dtype), x.index_select(0, plan.row_token), A.to(dtype), B.to(dtype), h,
+            row_weights(weights.to(dtype), plan), plan, combine_index_add, x.shape[0], ctx.needs_input_grad[:4],
+        )
+        grad_a = grad_a.to(A.dtype) if grad_a is not None else None
+        grad_b = grad_b.to(B.dtype) if grad_b is not None else None
+        grad_w = grad_w.to(weights.dtype) if grad_w is not None else None
         return grad_x, grad_a, grad_b, grad_w, None, None, None
 
 
@@ -306,7 +283,6 @@ def lora_triton(
     block_n: int = BLOCK_N,
 ) -> Tensor:
     """x: [N, d_in], A: [E, r, d_in], B: [E, d_out, r], weights: [N, k] (scaling folded in)."""
-    _check_runnable(x)
     for name, t in (("A", A), ("B", B), ("weights", weights)):
         if t.device != x.device:
             raise ValueError(f"impl 'triton': {name} is on {t.device} but x is on {x.device}")
