@@ -1,6 +1,10 @@
 """Expert pools and the grouped expert kernels (the leftmost layer of moa: it imports nothing from moa)."""
 
 from .kernels import IMPLS, ExpertPlan, available_impls, choose_impl, grouped_lora, runnable_impls
-from .lora import LoRAPool
+from .pool import EXPERT_KINDS, PoolSpec, build_pool, keep_reference, register_expert_kind
+from .lora import LoRAPool  # noqa: E402  (registers the "lora" kind)
 
-__all__ = ["IMPLS", "ExpertPlan", "LoRAPool", "available_impls", "choose_impl", "grouped_lora", "runnable_impls"]
+__all__ = [
+    "EXPERT_KINDS", "IMPLS", "ExpertPlan", "LoRAPool", "PoolSpec", "available_impls", "build_pool", "choose_impl",
+    "grouped_lora", "keep_reference", "register_expert_kind", "runnable_impls",
+]

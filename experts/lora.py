@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .kernels import ExpertPlan, grouped_lora
+from .pool import PoolSpec, register_expert_kind
 
 
 class LoRAPool(nn.Module):
@@ -61,9 +62,20 @@ class LoRAPool(nn.Module):
         """``[E, d_out, r]`` view of the packed up-projections."""
         return self.lora_B.view(self.out_features, self.n_experts, self.r).permute(1, 0, 2)
 
-    def forward(self, x: Tensor, expert_ids: "Tensor | ExpertPlan | None", weights: Tensor) -> Tensor:
-        """Routed update ``sum_j w_j * scaling * B_e A_e x`` (see :func:`moa.experts.kernels.grouped_lora`)."""
-        return grouped_lora(self.dropout(x), self.A, self.B, expert_ids, weights, self.scaling, impl=self.impl)
+    def forward(
+        self,
+        x: Tensor,
+        expert_ids: "Tensor | ExpertPlan | None",
+        weights: Tensor,
+        factors: "tuple[Tensor, Tensor] | None" = None,
+    ) -> Tensor:
+        """Routed update ``sum_j w_j * scaling * B_e A_e x`` (see :func:`moa.experts.kernels.grouped_lora`).
+
+        ``factors`` ``(A [G, r, d_in], B [G, d_out, r])``, computed by a router for this call, replace the pool's
+        experts; ``expert_ids`` then index their G entries.
+        """
+        A, B = (self.A, self.B) if factors is None else factors
+        return grouped_lora(self.dropout(x), A, B, expert_ids, weights, self.scaling, impl=self.impl)
 
     def delta_weight(self, mixture: Tensor) -> Tensor:
         """``[d_out, d_in]`` weight update of a fixed mixture over experts (``mixture[E]``): ``sum_e m_e s B_e A_e``."""
@@ -78,3 +90,11 @@ class LoRAPool(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, n_experts={self.n_experts}, "
             f"r={self.r}, alpha={self.alpha:g}, impl={self.impl!r}"
         )
+
+
+@register_expert_kind("lora")
+def _build_lora_pool(spec: PoolSpec, shared: nn.ModuleDict) -> LoRAPool:
+    return LoRAPool(
+        spec.in_features, spec.out_features, spec.n_experts, spec.r, spec.alpha, spec.dropout, spec.impl,
+        dtype=spec.dtype, device=spec.device, **spec.options,
+    )

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from moa.experts import available_impls
+from moa.experts import EXPERT_KINDS, available_impls
 from moa.routers import ROUTERS
 
 CONFIG_NAME = "moa_config.json"
@@ -29,6 +29,9 @@ class MoAConfig:
         router_options: keyword arguments of the router (e.g. ``{"aux_loss_coef": 0.01}``).
         impl: grouped-kernel implementation (``"auto"``, ``"dense"``, ``"grouped"``, ``"loop"``, ``"scatter"``).
         expert_names: optional names of the experts (e.g. the PEFT adapters they came from), one per expert.
+        expert_kind: registered expert kind of the pools (``"lora"``: free LoRA factors); a router that needs
+            its own kind of expert (FlyLoRA) builds that instead.
+        expert_options: keyword arguments of the expert kind.
     """
 
     n_experts: int = 4
@@ -41,6 +44,8 @@ class MoAConfig:
     router_options: dict[str, Any] = field(default_factory=dict)
     impl: str = "auto"
     expert_names: list[str] | None = None
+    expert_kind: str = "lora"
+    expert_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.router not in ROUTERS:
@@ -71,6 +76,10 @@ class MoAConfig:
                 raise ValueError(f"expert_names must be {self.n_experts} distinct names, got {self.expert_names!r}")
         if not isinstance(self.router_options, dict):
             raise ValueError(f"router_options must be a dict, got {type(self.router_options).__name__}")
+        if self.expert_kind not in EXPERT_KINDS:
+            raise ValueError(f"unknown expert_kind {self.expert_kind!r}; available: {sorted(EXPERT_KINDS)}")
+        if not isinstance(self.expert_options, dict):
+            raise ValueError(f"expert_options must be a dict, got {type(self.expert_options).__name__}")
 
     @property
     def scaling(self) -> float:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from moa.experts import ExpertPlan, LoRAPool
+from moa.experts import ExpertPlan
 from moa.routers import Router, Routing, RoutingContext
 
 
@@ -38,7 +38,7 @@ def linear_weight(module: nn.Module) -> Tensor:
 class MoALinear(nn.Module):
     """``y = base(x) + sum_j w_j * (alpha/r) * B_e A_e x`` with (e, w) chosen by the router."""
 
-    def __init__(self, base_layer: nn.Module, pool: LoRAPool, router: Router, slot: ContextSlot):
+    def __init__(self, base_layer: nn.Module, pool: nn.Module, router: Router, slot: ContextSlot):
         super().__init__()
         self.base_layer = base_layer
         self.pool = pool
@@ -60,16 +60,21 @@ class MoALinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
-        routing = self.router(x, self._slot.current)
+        routing = self.router(x, self._slot.current, self.pool)
         self.aux_losses = routing.aux_losses
         self._record_usage(routing)
-        update = self.pool(x.reshape(-1, x.shape[-1]), routing.expert_ids, routing.weights)
+        update = self.pool(x.reshape(-1, x.shape[-1]), routing.expert_ids, routing.weights, routing.factors)
         return result + update.view(result.shape).to(result.dtype)
 
     @torch.no_grad()
     def _record_usage(self, routing: Routing) -> None:
         ids = routing.expert_ids
-        if ids is None:
+        if routing.usage is not None:
+            usage = routing.usage.detach().float()
+        elif routing.factors is not None:  # ids index the router's own adapters, not experts
+            self.last_usage = None
+            return
+        elif ids is None:
             usage = routing.weights.float().sum(0)
         else:
             flat = (ids.expert_ids if isinstance(ids, ExpertPlan) else ids).reshape(-1)

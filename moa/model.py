@@ -16,13 +16,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from moa.experts import LoRAPool
+from moa.experts import PoolSpec
 from moa.routers import CONTEXT_KEYS, RoutingContext, build_router
 
 from .config import CONFIG_NAME, MoAConfig
 from .layer import ContextSlot, MoALinear, linear_shape
 
 WEIGHTS_NAME = "moa_model.safetensors"
+SHARED_PREFIX = "moa_shared."  # state-dict keys of the modules shared by all layers
 FORMAT_VERSION = 1
 
 # Defaults for target_modules when the config gives none; PEFT's table where available, so both libraries
@@ -42,9 +43,17 @@ class MoAModel(nn.Module):
     ``expert_weights`` (a fixed mixture per sample ``[B, E]``).
     """
 
-    def __init__(self, model: nn.Module, config: MoAConfig, slot: ContextSlot, requires_grad: dict[str, bool]):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: MoAConfig,
+        slot: ContextSlot,
+        requires_grad: dict[str, bool],
+        shared: nn.ModuleDict | None = None,
+    ):
         super().__init__()
         self.model = model
+        self.shared = shared if shared is not None else nn.ModuleDict()  # modules all layers use (hypernetworks, ...)
         self.config = config
         self._slot = slot
         self._base_requires_grad = requires_grad  # the base parameters' flags before attach froze them
@@ -66,7 +75,7 @@ class MoAModel(nn.Module):
         return self.model.generate(*args, **kwargs)
 
     def _set_context(self, kwargs: dict[str, Any], repeat: int = 1) -> None:
-        device = next(iter(self.moa_layers().values())).pool.lora_A.device
+        device = next(iter(self.moa_layers().values())).base_layer.weight.device
         values = {}
         for key in CONTEXT_KEYS:
             value = kwargs.pop(key, None)
@@ -112,6 +121,12 @@ class MoAModel(nn.Module):
             groups["experts"].extend(p for p in layer.pool.parameters() if p.requires_grad)
             for name, params in layer.router.param_groups().items():
                 groups.setdefault(name, []).extend(params)
+        for module in self.shared.values():  # a shared module may say its group; experts by default
+            if hasattr(module, "param_groups"):
+                for name, params in module.param_groups().items():
+                    groups.setdefault(name, []).extend(params)
+            else:
+                groups["experts"].extend(p for p in module.parameters() if p.requires_grad)
         return {name: params for name, params in groups.items() if params}
 
     @contextlib.contextmanager
@@ -127,12 +142,14 @@ class MoAModel(nn.Module):
                 layer.disabled = False
 
     def moa_state_dict(self) -> dict[str, Tensor]:
-        """Everything MoA adds (pools, routers), keyed by module path; nothing of the base model."""
+        """Everything MoA adds (pools, routers, shared modules), keyed by module path; nothing of the base model."""
         state = {}
         for name, layer in self.moa_layers().items():
             for key, value in layer.state_dict().items():
                 if not key.startswith("base_layer."):
                     state[f"{name}.{key}"] = value
+        for key, value in self.shared.state_dict().items():
+            state[f"{SHARED_PREFIX}{key}"] = value
         return state
 
     # -- persistence ---------------------------------------------------------------------------------------
@@ -268,19 +285,21 @@ def attach(model: nn.Module, config: MoAConfig, *, layers: list[str] | None = No
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     for param in model.parameters():
         param.requires_grad_(False)
-    slot = ContextSlot()
+    slot, shared = ContextSlot(), nn.ModuleDict()
     for name in names:
         base = model.get_submodule(name)
         d_in, d_out = linear_shape(base)
         weight = base.weight
-        pool = LoRAPool(
-            d_in, d_out, config.n_experts, config.r, config.alpha, config.dropout, config.impl,
-            dtype=weight.dtype, device=weight.device,
-        )
         router = build_router(config.router, d_in, config.n_experts, config.top_k, **config.router_options)
         router.to(device=weight.device)
+        spec = PoolSpec(
+            d_in, d_out, config.n_experts, config.r, config.alpha, config.dropout, config.impl,
+            dtype=weight.dtype, device=weight.device, name=name, all_names=tuple(names),
+            options=dict(config.expert_options),
+        )
+        pool = router.build_pool(config.expert_kind, spec, shared)
         _set_submodule(model, name, MoALinear(base, pool, router, slot))
-    return MoAModel(model, config, slot, requires_grad)
+    return MoAModel(model, config, slot, requires_grad, shared)
 
 
 def load(directory: str | os.PathLike, base_model: nn.Module) -> MoAModel:
@@ -316,6 +335,8 @@ def load_moa_state(moa_model: MoAModel, state: dict[str, Tensor], source: str = 
         if value.shape != expected[key].shape:
             raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}")
     with torch.no_grad():
+        shared = {k[len(SHARED_PREFIX):]: v for k, v in state.items() if k.startswith(SHARED_PREFIX)}
+        moa_model.shared.load_state_dict(shared, strict=True)
         for name, layer in moa_model.moa_layers().items():
             prefix = f"{name}."
             own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

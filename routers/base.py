@@ -8,7 +8,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from moa.experts import ExpertPlan
+from moa.experts import ExpertPlan, PoolSpec, build_pool
 
 CONTEXT_KEYS = ("task_ids", "domain_ids", "expert_ids", "expert_weights")
 
@@ -20,11 +20,17 @@ class Routing:
     ``expert_ids`` is ``[N, k]`` (or an :class:`ExpertPlan`, whose sort metadata is then shared by every layer that
     reuses it) with ``weights [N, k]``; or ``None`` with dense ``weights [N, E]`` (soft routing).
     ``aux_losses`` are added to the training loss by the model (already multiplied by their coefficients).
+    ``factors`` ``(A [G, r, d_in], B [G, d_out, r])`` are adapters the router computed for this call from the
+    pool's experts (e.g. Poly's per-task mixtures of skill parameters); ``expert_ids`` then index these G adapters.
+    ``usage`` (``[E]``, optional) is the share of routing each expert received, for statistics, when it cannot be
+    read off ``expert_ids`` (i.e. when ``factors`` are given).
     """
 
     expert_ids: Tensor | ExpertPlan | None
     weights: Tensor
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    factors: tuple[Tensor, Tensor] | None = None
+    usage: Tensor | None = None
 
 
 @dataclass
@@ -77,6 +83,8 @@ class Router(nn.Module):
 
     Subclasses set ``name`` and implement :meth:`forward`; they may return auxiliary losses in the
     :class:`Routing` and override :meth:`param_groups` to give their parameters an optimizer group of their own.
+    A router that needs a particular kind of expert (or a module shared by all layers) overrides
+    :meth:`build_pool`, which :func:`moa.attach` calls once per adapted layer.
     """
 
     name: ClassVar[str] = ""
@@ -85,9 +93,17 @@ class Router(nn.Module):
         super().__init__()
         self.in_features, self.n_experts, self.top_k = in_features, n_experts, top_k
 
-    def forward(self, x: Tensor, ctx: RoutingContext) -> Routing:  # pragma: no cover - interface
-        """``x`` is the layer input ``[..., d_in]``; the returned routing covers its flattened tokens."""
+    def forward(self, x: Tensor, ctx: RoutingContext, pool: nn.Module) -> Routing:  # pragma: no cover - interface
+        """``x`` is the layer input ``[..., d_in]``; the returned routing covers its flattened tokens.
+
+        ``pool`` is the layer's expert pool (see :mod:`moa.experts.pool`), for routers that route on the experts
+        themselves (FlyLoRA's implicit router) or mix their parameters (Poly, MHR).
+        """
         raise NotImplementedError
+
+    def build_pool(self, kind: str, spec: PoolSpec, shared: nn.ModuleDict) -> nn.Module:
+        """The expert pool of the layer this router serves: by default the configured expert kind."""
+        return build_pool(kind, spec, shared)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by optimizer group; routers train in group ``"router"`` unless they say otherwise."""

@@ -10,7 +10,7 @@ sort-by-expert plan is built once per forward call and shared by every layer.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from moa.experts import ExpertPlan
 
@@ -29,7 +29,7 @@ class StaticRouter(Router):
             raise ValueError(f"static router key must be one of {KEYS}, got {key!r}")
         self.key = key
 
-    def forward(self, x: Tensor, ctx: RoutingContext) -> Routing:
+    def forward(self, x: Tensor, ctx: RoutingContext, pool: nn.Module | None = None) -> Routing:
         lead = x.shape[:-1]
         if ctx.expert_weights is not None:
             weights = ctx.cached(("static-weights", lead), lambda: self._mixture(ctx, lead))

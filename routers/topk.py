@@ -35,7 +35,7 @@ class TopKRouter(Router):
         self.gate = nn.Linear(in_features, n_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=0.02)
 
-    def forward(self, x: Tensor, ctx: RoutingContext) -> Routing:
+    def forward(self, x: Tensor, ctx: RoutingContext, pool: nn.Module | None = None) -> Routing:
         x2 = x.reshape(-1, x.shape[-1])
         if self.training and self.jitter_noise > 0:
             x2 = x2 * torch.empty_like(x2).uniform_(1 - self.jitter_noise, 1 + self.jitter_noise)
