@@ -45,17 +45,18 @@ DENSE_MAX_PAIRS = 128  # N * k at or below which sorting costs more than the was
 def choose_impl(n_tokens: int, n_experts: int, rank: int, top_k: int | None, device_type: str = "cpu") -> str:
     """The implementation ``auto`` uses for this shape (``top_k=None``: dense soft routing) on this device type.
 
-    On CUDA, sparse routing with ``E * r`` above the dense crossover goes to the fused ``triton`` kernel when it is
-    registered (the thresholds were measured on the CPU; the GPU crossover is not measured yet).
+    Decode-sized calls (``N * k <= DENSE_MAX_PAIRS``) take the dense form on every device. Otherwise, on CUDA, sparse
+    routing with ``E * r`` above the dense crossover goes to the fused ``triton`` kernel when it is registered (the
+    thresholds were measured on the CPU; the GPU crossover is not measured yet).
     """
     if top_k is None or top_k >= n_experts:
         return "dense"
     if n_experts * rank <= DENSE_MAX_EXPERT_ROWS:
         return "dense"
+    if n_tokens * top_k <= DENSE_MAX_PAIRS:  # decode: a few tokens; one GEMM pair beats sorting and launching
+        return "dense"
     if device_type == "cuda" and "triton" in IMPLS:
         return "triton"
-    if n_tokens * top_k <= DENSE_MAX_PAIRS:
-        return "dense"
     return "grouped"
 
 

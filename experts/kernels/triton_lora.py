@@ -12,16 +12,21 @@ shapes). One program, for one block of one expert ``e``::
 
 ``R`` is ``r`` padded to a power of two >= 16 (masked). ``A [E, r, d_in]`` and ``B [E, d_out, r]`` are indexed through
 their strides (they are views of the packed pool weights; no pointer tables), so the kernel also runs under the
-Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors). The op returns ``Y_pairs.view(N, k, d_out).sum(1)``:
-a deterministic combine, no atomics.
+Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors). The combine is either deterministic (``Y_pairs
+[P, d_out]``, then ``.view(N, k, d_out).sum(1)``) or atomic (``tl.atomic_add`` into an fp32 ``[N, d_out]``; faster, no
+fixed order): atomic on CUDA unless ``torch.use_deterministic_algorithms(True)``, deterministic elsewhere. The launch
+is the torch op ``moa::lora_fused`` (``torch.library.custom_op`` with a fake implementation, so ``torch.compile``
+treats it as one call of known output shape; no host sync, grid fixed by the shapes: capturable in a CUDA graph).
 
 Dot precision: fp32 inputs use IEEE fp32 dots unless ``torch.backends.cuda.matmul.allow_tf32`` is set (as torch's own
 matmuls do); fp64 inputs accumulate in fp64. fp16/bf16 inputs on a GPU dot in their own dtype with fp32 accumulation
 (``h`` is rounded to the input dtype before the expand, as the ``grouped`` impl does); the interpreter cannot dot
 bf16 (triton #11584), so there bf16 tiles are cast to fp32 first.
 
-The backward (a ``torch.autograd.Function``) is the ``grouped`` implementation's (:func:`.grouped.grouped_backward`),
-fed with ``h`` per pair saved by the forward kernel in fp32 (``P * r`` values; fp64 for fp64 inputs).
+The backward (a ``torch.autograd.Function``): ``dX`` is the same fused kernel run on ``grad_out`` with the factors
+swapped (``B^T`` as the shrink, ``A^T`` as the expand: strided views, no copies); ``dA``, ``dB`` and the routing-weight
+gradient are the ``grouped`` implementation's grouped GEMMs (:func:`.grouped.grouped_backward`; ``grouped_mm`` on
+CUDA), fed with ``h`` per pair saved by the forward kernel in fp32 (``P * r`` values; fp64 for fp64 inputs).
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ if AVAILABLE:
         stride_hp,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         UPCAST: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, SAVE_H: tl.constexpr,
+        ATOMIC: tl.constexpr,
     ):
         pid = tl.program_id(0)
         row_start = tl.load(BLK_START + pid)
@@ -104,11 +110,12 @@ if AVAILABLE:
 
         hw = h * w[:, None]
         if not UPCAST:
-            hw = hw.to(Y.dtype.element_ty)
+            hw = hw.to(B.dtype.element_ty)
 
-        # expand: Y_pairs[pair, N-tile] = hw @ B_e[N-tile]^T
+        # expand: Y[pair or token, N-tile] (+)= hw @ B_e[N-tile]^T
         b_ptrs = B + e * stride_be + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
-        y_ptrs = Y + pair[:, None] * stride_yp + offs_n[None, :] * stride_yn
+        y_row = tok if ATOMIC else pair
+        y_ptrs = Y + y_row[:, None] * stride_yp + offs_n[None, :] * stride_yn
         for n0 in range(0, d_out, BLOCK_N):
             n_mask = (n0 + offs_n) < d_out
             bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
@@ -116,7 +123,10 @@ if AVAILABLE:
                 o = tl.dot(hw, bt.to(ACC), input_precision=PRECISION)
             else:
                 o = tl.dot(hw, bt)
-            tl.store(y_ptrs, o.to(Y.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+            if ATOMIC:  # Y is [N, d_out] in the accumulator dtype; the k pairs of a token race here
+                tl.atomic_add(y_ptrs, o.to(Y.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+            else:
+                tl.store(y_ptrs, o.to(Y.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
             b_ptrs += BLOCK_N * stride_bn
             y_ptrs += BLOCK_N * stride_yn
 
@@ -186,38 +196,22 @@ def block_schedule(plan: ExpertPlan, block_m: int) -> tuple[Tensor, Tensor, Tens
     return sched
 
 
-def lora_triton_forward(
-    x: Tensor,
-    A: Tensor,
-    B: Tensor,
-    plan: ExpertPlan,
-    weights: Tensor,
-    *,
-    save_h: bool = False,
-    block_m: int = BLOCK_M,
-    block_k: int = BLOCK_K,
-    block_n: int = BLOCK_N,
-) -> tuple[Tensor, Tensor | None]:
-    """The fused forward kernel alone: ``([N, d_out] output, [P, r] h of each sorted row or None)``.
-
-    ``h`` (unscaled ``x @ A_e^T``) is fp32, fp64 for fp64 inputs.
-    """
-    _check_runnable(x)
+def _launch(
+    x: Tensor, A: Tensor, B: Tensor, w: Tensor, order: Tensor, expert: Tensor, row_start: Tensor, row_end: Tensor,
+    top_k: int, save_h: bool, atomic: bool, block_m: int, block_k: int, block_n: int,
+) -> tuple[Tensor, Tensor]:
+    """Run the fused kernel: ``([N, d_out] output, [P, r] h of each sorted row, or an empty tensor)``."""
     N, d_in = x.shape
     E, r, _ = A.shape
     d_out = B.shape[1]
-    k = plan.top_k
-    P = plan.n_pairs
-    for name, blk in (("block_m", block_m), ("block_k", block_k), ("block_n", block_n)):
-        if blk < 16 or blk & (blk - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
-
-    w = weights.contiguous().view(-1)
-    order = plan.order.contiguous()
-    expert, row_start, row_end = block_schedule(plan, block_m)
-    y_pairs = torch.empty(P, d_out, device=x.device, dtype=x.dtype)
+    P = order.numel()
     fp64 = x.dtype == torch.float64
-    h = torch.empty(P, r, device=x.device, dtype=torch.float64 if fp64 else torch.float32) if save_h else None
+    acc_dtype = torch.float64 if fp64 else torch.float32
+    if atomic:  # the k pairs of a token add into one fp32 (fp64) row
+        y = torch.zeros(N, d_out, device=x.device, dtype=acc_dtype)
+    else:  # one row per pair, summed over k afterwards: deterministic
+        y = torch.empty(P, d_out, device=x.device, dtype=x.dtype)
+    h = torch.empty(P if save_h else 0, r, device=x.device, dtype=acc_dtype)
 
     half = (torch.float16, torch.bfloat16)
     native = x.dtype in half and A.dtype == x.dtype and B.dtype == x.dtype
@@ -226,19 +220,75 @@ def lora_triton_forward(
     tf32 = x.dtype == torch.float32 and x.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
     grid = (row_start.numel(),)
     _lora_fwd_kernel[grid](
-        x, A, B, w, order, expert, row_start, row_end, y_pairs, h if h is not None else y_pairs,
-        d_in, d_out, r, k,
+        x, A, B, w, order, expert, row_start, row_end, y, h if save_h else y,
+        d_in, d_out, r, top_k,
         x.stride(0), x.stride(1),
         A.stride(0), A.stride(1), A.stride(2),
         B.stride(0), B.stride(1), B.stride(2),
-        y_pairs.stride(0), y_pairs.stride(1),
-        h.stride(0) if h is not None else 0,
+        y.stride(0), y.stride(1),
+        h.stride(0) if save_h else 0,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_R=max(16, _next_pow2(r)),
         UPCAST=not native, ACC=tl.float64 if fp64 else tl.float32, PRECISION="tf32" if tf32 else "ieee",
-        SAVE_H=save_h,
+        SAVE_H=save_h, ATOMIC=atomic,
     )
-    out = y_pairs.view(N, k, d_out).sum(1)
+    out = y.to(x.dtype) if atomic else y.view(N, top_k, d_out).sum(1)
     return out, h
+
+
+if AVAILABLE:
+    # The kernel as a torch op, so torch.compile sees one opaque call with known output shapes (the fake below)
+    # instead of tracing into the launcher.
+    @torch.library.custom_op("moa::lora_fused", mutates_args=())
+    def lora_fused(
+        x: Tensor, A: Tensor, B: Tensor, w: Tensor, order: Tensor, expert: Tensor, row_start: Tensor,
+        row_end: Tensor, top_k: int, save_h: bool, atomic: bool, block_m: int, block_k: int, block_n: int,
+    ) -> tuple[Tensor, Tensor]:
+        return _launch(x, A, B, w, order, expert, row_start, row_end, top_k, save_h, atomic, block_m, block_k, block_n)
+
+    @lora_fused.register_fake
+    def _(x, A, B, w, order, expert, row_start, row_end, top_k, save_h, atomic, block_m, block_k, block_n):
+        acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out = x.new_empty(x.shape[0], B.shape[1])
+        h = x.new_empty(order.shape[0] if save_h else 0, A.shape[1], dtype=acc_dtype)
+        return out, h
+
+
+def deterministic_combine(device: torch.device) -> bool:
+    """Atomic adds combine the k pairs of a token fastest on a GPU but in no fixed order; torch's switch
+    ``torch.use_deterministic_algorithms(True)`` selects the deterministic per-pair buffer instead."""
+    return torch.are_deterministic_algorithms_enabled() or device.type != "cuda"
+
+
+def lora_triton_forward(
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    plan: ExpertPlan,
+    weights: Tensor,
+    *,
+    save_h: bool = False,
+    atomic: bool | None = None,
+    block_m: int = BLOCK_M,
+    block_k: int = BLOCK_K,
+    block_n: int = BLOCK_N,
+) -> tuple[Tensor, Tensor | None]:
+    """The fused forward kernel alone: ``([N, d_out] output, [P, r] h of each sorted row or None)``.
+
+    ``h`` (unscaled ``x @ A_e^T``) is fp32, fp64 for fp64 inputs. ``atomic=None`` follows
+    :func:`deterministic_combine`.
+    """
+    _check_runnable(x)
+    for name, blk in (("block_m", block_m), ("block_k", block_k), ("block_n", block_n)):
+        if blk < 16 or blk & (blk - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
+    if atomic is None:
+        atomic = not deterministic_combine(x.device)
+    expert, row_start, row_end = block_schedule(plan, block_m)
+    out, h = torch.ops.moa.lora_fused(
+        x, A, B, weights.contiguous().view(-1), plan.order.contiguous(), expert, row_start, row_end,
+        plan.top_k, save_h, atomic, block_m, block_k, block_n,
+    )
+    return out, (h if save_h else None)
 
 
 class _TritonLoRA(torch.autograd.Function):
@@ -250,7 +300,7 @@ class _TritonLoRA(torch.autograd.Function):
         )
         if need_grad:
             ctx.save_for_backward(x, A, B, weights, h)
-            ctx.plan = plan
+            ctx.plan, ctx.blocks = plan, blocks
         return out
 
     @staticmethod
@@ -258,13 +308,24 @@ class _TritonLoRA(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, A, B, weights, h_sorted = ctx.saved_tensors
         plan, dtype = ctx.plan, x.dtype
-        h = h_sorted.to(dtype)  # the kernel's rows are the ragged expert-sorted pairs
-        if plan.padded:  # a CPU plan (interpreter) may use the padded layout: put h where the grouped rows are
-            h = h.new_zeros(plan.n_experts * plan.capacity, h.shape[1]).index_copy_(0, plan.padded_destination, h)
-        grad_x, grad_a, grad_b, grad_w = grouped_backward(
-            grad_out.to(dtype), x.index_select(0, plan.row_token), A.to(dtype), B.to(dtype), h,
-            row_weights(weights.to(dtype), plan), plan, combine_index_add, x.shape[0], ctx.needs_input_grad[:4],
-        )
+        need_x, need_a, need_b, need_w = ctx.needs_input_grad[:4]
+        grad_out = grad_out.to(dtype).contiguous()
+        grad_x = grad_a = grad_b = grad_w = None
+        if need_x:  # dX = sum_j w_j A_e^T (B_e^T g): the forward kernel on g with the factors swapped
+            block_m, block_k, block_n = ctx.blocks
+            grad_x, _ = lora_triton_forward(
+                grad_out, B.to(dtype).transpose(1, 2), A.to(dtype).transpose(1, 2), plan, weights.to(dtype),
+                block_m=block_m, block_k=block_n, block_n=block_k,
+            )
+        if need_a or need_b or need_w:  # dA, dB and dW: grouped GEMMs over the expert-sorted rows
+            h = h_sorted.to(dtype)  # the kernel's rows are the ragged expert-sorted pairs
+            if plan.padded:  # a CPU plan (interpreter) may use the padded layout: put h where the grouped rows are
+                h = h.new_zeros(plan.n_experts * plan.capacity, h.shape[1]).index_copy_(0, plan.padded_destination, h)
+            _, grad_a, grad_b, grad_w = grouped_backward(
+                grad_out, x.index_select(0, plan.row_token), A.to(dtype), B.to(dtype), h,
+                row_weights(weights.to(dtype), plan), plan, combine_index_add, x.shape[0],
+                (False, need_a, need_b, need_w),
+            )
         grad_a = grad_a.to(A.dtype) if grad_a is not None else None
         grad_b = grad_b.to(B.dtype) if grad_b is not None else None
         grad_w = grad_w.to(weights.dtype) if grad_w is not None else None
