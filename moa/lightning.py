@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .metrics import calibration_metrics
 from .model import MoAModel
 
 
@@ -73,6 +74,7 @@ class MoAModule(L.LightningModule):
         self.lr, self.router_lr, self.group_lrs = lr, router_lr, dict(group_lrs or {})
         self.weight_decay, self.aux_loss_weight = weight_decay, aux_loss_weight
         self.save_hyperparameters(ignore=["model", "head", "loss_fn"])
+        self._calibration: dict[str, list[tuple[Tensor, Tensor]]] = {}  # stage -> (probs, labels) of the epoch
 
     def forward(self, batch: dict) -> Tensor:
         """Model output (no head) or the head's logits."""
@@ -120,7 +122,33 @@ class MoAModule(L.LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size)
         if logits is not None and logits.dim() == 2:
             self.log(f"{stage}/accuracy", (logits.argmax(-1) == batch["labels"]).float().mean(), batch_size=batch_size)
+            labels = batch["labels"]
+            if labels.dim() == 1 and not labels.dtype.is_floating_point:  # classification: keep for calibration
+                probs = torch.softmax(logits.detach().float(), dim=-1).cpu()
+                self._calibration.setdefault(stage, []).append((probs, labels.detach().cpu()))
         return loss
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_calibration("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_calibration("test")
+
+    def _log_calibration(self, stage: str) -> None:
+        """ECE, MCE, ACE, classwise ECE and Brier over the whole epoch's predictions (see :mod:`moa.metrics`)."""
+        collected = self._calibration.pop(stage, [])
+        if not collected:
+            return
+        probs, labels = torch.cat([p for p, _ in collected]), torch.cat([y for _, y in collected])
+        metrics = calibration_metrics(probs, labels)
+        for name in ("ece", "mce", "ace", "classwise_ece", "brier"):
+            self.log(f"{stage}/{name}", metrics[name])
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """Shared modules that follow training progress (HypeLoRA's noise annealing) learn the optimizer step."""
+        for module in self.model.shared.values():
+            if hasattr(module, "set_optimizer_step"):
+                module.set_optimizer_step(self.trainer.global_step, self.trainer.estimated_stepping_batches)
 
     def configure_optimizers(self):
         groups = self.model.param_groups()

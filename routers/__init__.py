@@ -2,5 +2,9 @@
 
 from . import static, topk  # noqa: F401  (registers the built-in routers)
 from .base import CONTEXT_KEYS, ROUTERS, Router, Routing, RoutingContext, build_router, register_router
+from . import poly  # noqa: F401,E402  (registers "poly" and "mhr")
+from . import xcross  # noqa: F401,E402  (registers "xcross")
+from . import flylora  # noqa: F401,E402  (registers "flylora")
+from . import remix  # noqa: F401,E402  (registers "remix")
 
 __all__ = ["CONTEXT_KEYS", "ROUTERS", "Router", "Routing", "RoutingContext", "build_router", "register_router"]

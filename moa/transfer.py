@@ -1,0 +1,176 @@
+"""Few-shot transfer and inspection for task-routed models (``router="poly"`` / ``"mhr"``).
+
+Adaptation modes (:func:`prepare_transfer`, mttl ``pl_finetune.py`` ``finetune_type`` in brackets):
+
+* ``"full"`` (Poly): fresh routing rows for the new tasks; skills and routing logits train (Poly / MHR fine-tuning).
+* ``"z"`` (Z): fresh routing rows; *only* the routing logits train, every skill and everything else is frozen (MHR-z).
+* ``"mu"`` (MuZ): routing replaced by the per-head average of the skills (uniform weights, mttl's
+  ``AverageSelector``), which is one rank-r LoRA ``(mean_k A_k, mean_k B_k)``; the skills train (MHR-mu).
+
+Inspection: :func:`task_skill_matrix` reads out the learned task-skill weights per layer, and
+:func:`plot_task_skill_matrix` draws them as a heat map.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from moa.routers.poly import SHARED_KEY, _TaskSkillRouter, skills_from_split_layout
+
+from .model import MoAModel
+
+MODES = ("full", "z", "mu")
+
+
+def task_routers(model: MoAModel) -> dict[str, _TaskSkillRouter]:
+    """The Poly / MHR routers of ``model``, by layer."""
+    routers = {name: layer.router for name, layer in model.moa_layers().items() if isinstance(layer.router, _TaskSkillRouter)}
+    if not routers:
+        raise ValueError(f"the model has no task-routed layers (router={model.config.router!r}; want 'poly' or 'mhr')")
+    return routers
+
+
+def resize_tasks(model: MoAModel, n_tasks: int, keep_existing: bool = False) -> MoAModel:
+    """Give every routing-logit matrix Z ``n_tasks`` rows (new rows U(+-1e-3), as mttl's ``resize_module_logits``).
+
+    ``keep_existing`` keeps the rows of tasks ``0 .. min(old, new) - 1`` (to add tasks next to the trained ones);
+    by default every row is re-drawn (a new task must not start from an old task's row). The config is updated,
+    so :meth:`MoAModel.save_pretrained` / :func:`moa.load` round-trip the new shape. Build the optimizer afterwards.
+    """
+    routers = task_routers(model)
+    shared = model.shared[SHARED_KEY] if SHARED_KEY in model.shared else None
+    if shared is not None:
+        shared.resize(n_tasks, keep_existing)
+    for router in routers.values():
+        if router.granularity == "layer":
+            router.resize(n_tasks, keep_existing)
+        else:
+            router._n_tasks = n_tasks
+    model.config.router_options["n_tasks"] = n_tasks
+    return model
+
+
+def prepare_transfer(model: MoAModel, mode: str, n_tasks: int = 1) -> MoAModel:
+    """Set ``model`` up for few-shot transfer to ``n_tasks`` new tasks (ids ``0 .. n_tasks - 1``), in place.
+
+    ``mode`` is ``"full"`` (Poly / MHR fine-tuning), ``"z"`` (MHR-z) or ``"mu"`` (MHR-mu); see the module doc.
+    Everything outside the MoA layers stays frozen (a head of yours is yours to freeze or not).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown adaptation mode {mode!r}; choose from {MODES} (Poly fine-tuning, MHR-z, MHR-mu)")
+    routers = task_routers(model)
+    resize_tasks(model, n_tasks)
+    average = mode == "mu"
+    for router in routers.values():
+        router.set_average(average)
+    model.config.router_options["average"] = average
+    train_skills, train_logits = mode != "z", mode != "mu"
+    for layer in model.moa_layers().values():
+        for param in layer.pool.parameters():
+            param.requires_grad_(train_skills)
+        for param in layer.router.parameters():
+            param.requires_grad_(False)
+        if isinstance(layer.router, _TaskSkillRouter):
+            layer.router.logits_module.logits.requires_grad_(train_logits)
+    for name, module in model.shared.items():
+        if name != SHARED_KEY:
+            module.requires_grad_(train_skills)
+    return model
+
+
+def task_skill_matrix(model: MoAModel) -> dict[str, Tensor]:
+    """Evaluation-mode routing weights ``[n_tasks, n_heads, n_skills]`` by layer (``{"shared": ...}`` when shared)."""
+    routers = task_routers(model)
+    first = next(iter(routers.values()))
+    if first.granularity == "shared":
+        return {"shared": first.task_skill_weights()}
+    return {name: router.task_skill_weights() for name, router in routers.items()}
+
+
+def plot_task_skill_matrix(
+    model_or_matrices: MoAModel | Mapping[str, Tensor],
+    path: str | os.PathLike,
+    task_names: Sequence[str] | None = None,
+    max_panels: int = 24,
+) -> Path:
+    """Save the task-skill matrices as a heat map PNG (one panel per layer; columns: head-major, then skill)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    matrices = task_skill_matrix(model_or_matrices) if isinstance(model_or_matrices, MoAModel) else dict(model_or_matrices)
+    if not matrices:
+        raise ValueError("no task-skill matrices to plot")
+    names = list(matrices)[:max_panels]
+    n_tasks, n_heads, n_skills = next(iter(matrices.values())).shape
+    if task_names is not None and len(task_names) != n_tasks:
+        raise ValueError(f"{len(task_names)} task names for {n_tasks} tasks")
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    vmax = max(float(matrices[n].max()) for n in names)
+    fig, axes = plt.subplots(rows, cols, figsize=(0.35 * n_heads * n_skills * cols + 2, 0.3 * n_tasks * rows + 1.5),
+                             squeeze=False)
+    image = None
+    for ax, name in zip(axes.flat, names):
+        image = ax.imshow(matrices[name].reshape(n_tasks, n_heads * n_skills).numpy(), vmin=0, vmax=vmax,
+                          cmap="viridis", aspect="auto", interpolation="nearest")
+        ax.set_title(name if len(name) <= 40 else "..." + name[-37:], fontsize=8)
+        ax.set_xlabel(f"skill (head-major: {n_heads} x {n_skills})" if n_heads > 1 else "skill", fontsize=7)
+        for q in range(1, n_heads):
+            ax.axvline(q * n_skills - 0.5, color="white", linewidth=0.5)
+        ax.set_yticks(range(n_tasks))
+        ax.set_yticklabels(task_names if task_names is not None else range(n_tasks), fontsize=6)
+        ax.tick_params(axis="x", labelsize=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="routing weight")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def load_peft_poly(model: MoAModel, peft_model: nn.Module, adapter: str = "default") -> MoAModel:
+    """Copy the skills and routing logits of an HF PEFT Poly model into ``model`` (same layers, K, h, r, tasks).
+
+    ``model`` must use ``granularity="layer"`` (PEFT has one router per layer) and the PEFT scale (``alpha=1``,
+    the default for these routers). PEFT's ``poly_lora_A [h, K, d_in/h, r]`` / ``poly_lora_B [h, K, r, d_out/h]``
+    become the pool's ``A [K, r, d_in]`` / ``B [K, d_out, r]``; ``module_logits`` is Z as it is.
+    """
+    routers = task_routers(model)
+    peft_layers = {name: m for name, m in peft_model.named_modules() if hasattr(m, "poly_lora_A") and adapter in m.poly_lora_A}
+    if not peft_layers:
+        raise ValueError(f"no PEFT Poly layers with adapter {adapter!r} in the given model")
+    layers = model.moa_layers()
+    for name, layer in layers.items():
+        matches = [n for n in peft_layers if n == name or n.endswith("." + name)]
+        if len(matches) != 1:
+            raise ValueError(f"found {len(matches)} PEFT Poly layers for moa layer {name!r}")
+        source = peft_layers[matches[0]]
+        router = routers[name]
+        if router.granularity != "layer":
+            raise ValueError("PEFT Poly has one router per layer: load it into a model with granularity='layer'")
+        if source.n_splits[adapter] != router.n_heads:
+            raise ValueError(f"{name}: PEFT n_splits={source.n_splits[adapter]} but the router has n_heads={router.n_heads}")
+        A, B = skills_from_split_layout(source.poly_lora_A[adapter], source.poly_lora_B[adapter])
+        pool = layer.pool
+        if A.shape != pool.A.shape or B.shape != pool.B.shape:
+            raise ValueError(f"{name}: PEFT skills A {tuple(A.shape)}, B {tuple(B.shape)} do not fit the pool "
+                             f"A {tuple(pool.A.shape)}, B {tuple(pool.B.shape)}")
+        if abs(pool.scaling - 1.0 / pool.r) > 1e-12:
+            raise ValueError(f"{name}: PEFT Poly scales by 1/r; this pool scales by {pool.scaling:g} (set alpha=1)")
+        pool.A.copy_(A)  # views of the pool's packed weights
+        pool.B.copy_(B)
+        logits = source.poly_router[adapter].module_logits
+        if logits.shape != router.logits_module.logits.shape:
+            raise ValueError(f"{name}: PEFT routing logits {tuple(logits.shape)} vs {tuple(router.logits_module.logits.shape)}")
+        router.logits_module.logits.copy_(logits)
+    return model
