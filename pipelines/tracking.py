@@ -172,7 +172,7 @@ def heatmap_png(usage: torch.Tensor, layers: list[str], title: str) -> bytes:
     ax.set_xlabel("expert")
     ax.set_xticks(range(n_experts))
     ax.set_yticks(range(n_layers))
-    ax.set_yticklabels([_short(name) for name in layers], fontsize=6)
+    ax.set_yticklabels(_short_names(layers), fontsize=6)
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="share of routing slots")
     fig.tight_layout()
@@ -182,6 +182,10 @@ def heatmap_png(usage: torch.Tensor, layers: list[str], title: str) -> bytes:
     return buffer.getvalue()
 
 
-def _short(name: str) -> str:
-    parts = name.split(".")
-    return ".".join(parts[-3:]) if len(parts) > 3 else name
+def _short_names(names: list[str]) -> list[str]:
+    """Layer names without the module path they all share (``encoder.layer.``)."""
+    split = [name.split(".") for name in names]
+    common = 0
+    while split and all(len(p) > common + 1 and p[common] == split[0][common] for p in split):
+        common += 1
+    return [".".join(p[common:]) for p in split]

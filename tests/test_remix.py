@@ -219,8 +219,8 @@ def test_rloo_step_under_activation_checkpointing_gives_the_same_gradients():
 
 
 def test_rloo_module_trains_with_lightning_and_logs_support_sizes():
-    model = moa.attach(tiny_llama(), moa.MoAConfig(n_experts=4, r=4, top_k=2, router="remix",
-                                                   target_modules=["q_proj", "v_proj"]))
+    model = moa.attach(tiny_llama(), moa.MoAConfig(n_experts=4, r=4, top_k=2, alpha=8, router="remix",
+                                                   target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))  # omega = 1
     g = torch.Generator().manual_seed(0)
     tokens = (torch.randint(0, 50, (64, 1), generator=g) + torch.arange(10)) % 50
     data = DataLoader([{"input_ids": t, "labels": t} for t in tokens], batch_size=16)

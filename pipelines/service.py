@@ -1,0 +1,227 @@
+"""The recommendation service behind the MLflow model: a bundle of files in, validated top-k requests out.
+
+A *bundle* is a folder of plain files (no pickle):
+
+* ``recommender/``: the trained recommender as :meth:`TextSeqRecommender.save` writes it (``recommender.json`` +
+  ``recommender.safetensors``: MoA adapter weights, user encoders, catalogue token ids);
+* ``items.parquet``: the item table, one row per item: ``item_id`` (the source's id), ``domain``, ``index`` (the
+  item's index in its domain's catalogue, 1-based), ``title``;
+* ``item_tables.safetensors``: the cached item representations, one ``[n_items + 1, d]`` tensor per domain, so
+  serving never runs the item encoder;
+* ``service.json``: domains, limits (``max_history``, ``max_k``), the item-id type and the validation metrics;
+* ``config.yaml`` (optional): the training config.
+
+:class:`RecommendationService` answers rows ``(history of item ids, domain)`` with the ``k`` best unseen items of
+that domain and their scores. Rows of different domains in one call are grouped by domain, and each group goes
+through its domain's expert and user encoder. Bad input raises :class:`RequestError` (a ``ValueError``) whose
+message names the row and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from moa.recsys.data import RecDataset, left_pad
+
+SERVICE_FILE, ITEMS_FILE, TABLES_FILE, RECOMMENDER_DIR, CONFIG_FILE = (
+    "service.json", "items.parquet", "item_tables.safetensors", "recommender", "config.yaml")
+MAX_HISTORY, MAX_K = 200, 100
+
+
+class RequestError(ValueError):
+    """A request the service refuses (bad item ids, domain, k, ...); the message says why."""
+
+
+def item_table(dataset: RecDataset, domains: Sequence[str]) -> pd.DataFrame:
+    """``item_id, domain, index, title`` for the items of ``domains``, ``index`` as in ``dataset.domain(d)``."""
+    frames = []
+    for domain in domains:
+        items = dataset.domain(domain).items
+        frames.append(pd.DataFrame({"item_id": items["item_id"].astype(str).to_numpy(), "domain": domain,
+                                    "index": items.index.to_numpy(dtype=np.int64), "title": items["title"].to_numpy()}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def write_bundle(directory: str | Path, recommender, items: pd.DataFrame, *, metrics: Mapping[str, float] | None = None,
+                 config_yaml: str | Path | None = None, max_history: int = MAX_HISTORY, max_k: int = MAX_K) -> Path:
+    """Write the serving bundle of a trained recommender (see the module docstring); returns the folder."""
+    directory = Path(directory)
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    recommender.save(directory / RECOMMENDER_DIR)
+    missing = sorted(set(recommender.domains) - set(items["domain"]))
+    if missing:
+        raise ValueError(f"the item table has no items of the recommender's domains {missing}")
+    items = items[items["domain"].isin(recommender.domains)].reset_index(drop=True)
+    for domain in recommender.domains:
+        n = recommender.item_encoder.n_items(domain)
+        have = np.sort(items.loc[items["domain"] == domain, "index"].to_numpy())
+        if len(have) != n or not np.array_equal(have, np.arange(1, n + 1)):
+            raise ValueError(f"the item table must list items 1..{n} of domain {domain!r} once each")
+    items.to_parquet(directory / ITEMS_FILE, index=False)
+    recommender.eval()
+    tables = {domain: recommender.item_table(domain).detach().cpu().contiguous() for domain in recommender.domains}
+    save_file(tables, str(directory / TABLES_FILE))
+    id_type = "long" if items["item_id"].str.fullmatch(r"-?\d+").all() else "string"
+    meta = {"domains": list(recommender.domains), "item_id_type": id_type, "max_history": max_history,
+            "max_k": max_k, "metrics": dict(metrics or {})}
+    (directory / SERVICE_FILE).write_text(json.dumps(meta, indent=2))
+    if config_yaml is not None:
+        shutil.copyfile(config_yaml, directory / CONFIG_FILE)
+    return directory
+
+
+def bundle_artifacts(directory: str | Path) -> dict[str, str]:
+    """The bundle's parts as MLflow pyfunc ``artifacts`` (name -> local path)."""
+    directory = Path(directory)
+    parts = {"recommender": RECOMMENDER_DIR, "items": ITEMS_FILE, "item_tables": TABLES_FILE, "service": SERVICE_FILE,
+             "config": CONFIG_FILE}
+    return {name: str(directory / rel) for name, rel in parts.items() if (directory / rel).exists()}
+
+
+@dataclass
+class Recommendations:
+    items: list[list]
+    scores: list[list[float]]
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"items": self.items, "scores": self.scores})
+
+
+class RecommendationService:
+    """Validated, per-row-domain top-k recommendation from a bundle's files."""
+
+    def __init__(self, recommender, items: pd.DataFrame, meta: Mapping[str, Any],
+                 tables: Mapping[str, torch.Tensor] | None = None):
+        self.model = recommender.eval()
+        self.meta = dict(meta)
+        self.domains = list(self.meta["domains"])
+        self.max_history, self.max_k = int(self.meta["max_history"]), int(self.meta["max_k"])
+        self.integer_ids = self.meta.get("item_id_type") == "long"
+        self.index_of: dict[str, dict[str, int]] = {}
+        self.id_of: dict[str, np.ndarray] = {}
+        self.domain_of: dict[str, str] = {}
+        for domain, group in items.groupby("domain", sort=False):
+            ids = group["item_id"].astype(str).to_numpy()
+            index = group["index"].to_numpy(dtype=np.int64)
+            self.index_of[domain] = dict(zip(ids, index.tolist()))
+            lookup = np.empty(index.max() + 1, dtype=object)
+            lookup[index] = [int(i) for i in ids] if self.integer_ids else list(ids)
+            self.id_of[domain] = lookup
+            self.domain_of.update(dict.fromkeys(ids, domain))
+        for domain, table in (tables or {}).items():
+            install_item_table(self.model, domain, table)
+
+    @classmethod
+    def from_files(cls, recommender_dir: str | Path, items: str | Path, service: str | Path,
+                   item_tables: str | Path | None = None) -> "RecommendationService":
+        from moa.recsys.models import load_recommender
+
+        recommender = load_recommender(recommender_dir)
+        tables = load_file(str(item_tables)) if item_tables is not None else None
+        return cls(recommender, pd.read_parquet(items), json.loads(Path(service).read_text()), tables)
+
+    @classmethod
+    def from_bundle(cls, directory: str | Path) -> "RecommendationService":
+        parts = bundle_artifacts(directory)
+        return cls.from_files(parts["recommender"], parts["items"], parts["service"], parts.get("item_tables"))
+
+    def n_items(self, domain: str) -> int:
+        return len(self.index_of[domain])
+
+    # -- validation
+    def _check_k(self, k: Any) -> int:
+        if not _is_int(k):
+            raise RequestError(f"k must be an integer, got {k!r}")
+        k = int(k)
+        if not 1 <= k <= self.max_k:
+            raise RequestError(f"k must be between 1 and {self.max_k}, got {k}")
+        return k
+
+    def _check_row(self, row: int, history: Any, domain: Any, k: int) -> list[int]:
+        if not isinstance(domain, str) or domain not in self.index_of:
+            raise RequestError(f"row {row}: unknown domain {domain!r}; this model serves {self.domains}")
+        if history is None or isinstance(history, (str, bytes)) or not hasattr(history, "__len__"):
+            raise RequestError(f"row {row}: history must be a list of item ids, got {type(history).__name__}")
+        history = list(history)
+        if not history:
+            raise RequestError(f"row {row}: empty history; send at least one item id of domain {domain!r}")
+        if len(history) > self.max_history:
+            raise RequestError(f"row {row}: history of {len(history)} items is longer than the limit of "
+                               f"{self.max_history}; send the most recent {self.max_history}")
+        lookup = self.index_of[domain]
+        keys = [str(int(i)) if self.integer_ids and _is_int(i) else str(i) for i in history]
+        unknown = [h for h, key in zip(history, keys) if key not in lookup]
+        if unknown:
+            elsewhere = {str(h): self.domain_of[str(h)] for h in unknown if str(h) in self.domain_of}
+            where = f" (items of other domains: {elsewhere})" if elsewhere else ""
+            raise RequestError(f"row {row}: unknown item ids {unknown[:10]} for domain {domain!r}{where}")
+        if k > self.n_items(domain) - len(set(keys)):
+            raise RequestError(f"row {row}: k={k} is more than the {self.n_items(domain) - len(set(keys))} unseen "
+                               f"items of domain {domain!r}")
+        return [lookup[key] for key in keys]
+
+    # -- serving
+    @torch.no_grad()
+    def recommend(self, histories: Sequence[Sequence], domains: Sequence[str], k: int = 10) -> Recommendations:
+        """Top-``k`` unseen items (source ids) and scores for each row; rows are grouped by domain."""
+        if len(histories) != len(domains):
+            raise RequestError(f"got {len(histories)} histories but {len(domains)} domains")
+        k = self._check_k(k)
+        rows = [self._check_row(i, h, d, k) for i, (h, d) in enumerate(zip(histories, domains))]
+        items: list[list] = [[] for _ in rows]
+        scores: list[list[float]] = [[] for _ in rows]
+        by_domain: dict[str, list[int]] = {}
+        for i, domain in enumerate(domains):
+            by_domain.setdefault(domain, []).append(i)
+        for domain, members in by_domain.items():
+            padded = left_pad([rows[i] for i in members], self.model.config.max_len)
+            # exclude every seen item, also those older than the model's window
+            top, values = self.model.recommend(padded, domain, k + self.max_history, exclude_seen=True)
+            for row, ids, vals in zip(members, top.tolist(), values.tolist()):
+                seen = set(rows[row])
+                keep = [(i, v) for i, v in zip(ids, vals) if i not in seen and math.isfinite(v)][:k]
+                items[row] = [self.id_of[domain][i] for i, _ in keep]
+                scores[row] = [float(v) for _, v in keep]
+        return Recommendations(items, scores)
+
+    def predict_frame(self, frame: pd.DataFrame, k: Any = 10) -> pd.DataFrame:
+        """``frame`` with columns ``history`` and ``domain`` -> columns ``items`` and ``scores``."""
+        missing = [c for c in ("history", "domain") if c not in frame.columns]
+        if missing:
+            raise RequestError(f"missing input columns {missing}; send 'history' (item ids) and 'domain'")
+        if len(frame) == 0:
+            raise RequestError("no rows in the request")
+        histories = [_as_list(h) for h in frame["history"]]
+        return self.recommend(histories, list(frame["domain"]), k).frame()
+
+
+def install_item_table(recommender, domain: str, table: torch.Tensor) -> None:
+    """Use cached item-encoder outputs ``[n_items + 1, d]`` for ``domain`` instead of computing them."""
+    n = recommender.item_encoder.n_items(domain)
+    if table.dim() != 2 or table.shape[0] != n + 1:
+        raise ValueError(f"cached item table of domain {domain!r} has shape {tuple(table.shape)}; expected [{n + 1}, d]")
+    recommender._tables[recommender.domain_name(domain)] = table.to(recommender.item_encoder.device)
+
+
+def _is_int(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, (int, np.integer)) or (isinstance(value, (float, np.floating)) and float(value).is_integer())
+
+
+def _as_list(value: Any):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value

@@ -1,0 +1,234 @@
+"""Serve a registered recommender over REST, or score a whole dataset in batch.
+
+    moa serve --name moa-recommender [--alias champion] [--port 5055]    # mlflow models serve on 127.0.0.1
+    moa batch --model-uri models:/moa-recommender@champion --out recs.parquet [--k 10]
+
+REST requests go to ``POST /invocations`` as MLflow's ``dataframe_split`` / ``dataframe_records`` JSON::
+
+    {"dataframe_records": [{"history": [50, 172, 181], "domain": "action"},
+                           {"history": [1, 71], "domain": "children"}],
+     "params": {"k": 5}}
+    -> {"predictions": [{"items": [...], "scores": [...]}, {"items": [...], "scores": [...]}]}
+
+Bad requests get HTTP 400 with ``{"error_code": "INVALID_PARAMETER_VALUE", "message": ...}`` (or MLflow's
+``BAD_REQUEST`` for JSON and schema errors); the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from .tracking import resolve_tracking_uri
+
+HOST = "127.0.0.1"
+
+
+def free_port(host: str = HOST) -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def server_env(tracking_uri: str | None = None) -> dict[str, str]:
+    """Environment of a model server: the tracking URI, and this interpreter's scripts (uvicorn) on PATH."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": resolve_tracking_uri(tracking_uri),
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
+def mlflow_command() -> list[str]:
+    """The ``mlflow`` CLI of this interpreter's environment."""
+    script = Path(sys.executable).with_name("mlflow")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "mlflow"]
+
+
+class ModelServer:
+    """``mlflow models serve -m <uri> --env-manager local`` on a loopback port, as a context manager.
+
+    ``start()`` returns once ``/ping`` answers (or raises with the server's log); ``stop()`` ends the server's
+    process group. The server runs in its own process group, with the tracking URI in its environment.
+    """
+
+    def __init__(self, model_uri: str, *, port: int | None = None, host: str = HOST, tracking_uri: str | None = None,
+                 workers: int = 1, log_path: str | Path | None = None, startup_timeout: float = 180.0):
+        self.model_uri, self.host, self.port = model_uri, host, port or free_port(host)
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.workers, self.startup_timeout = workers, startup_timeout
+        self.log_path = Path(log_path) if log_path else None
+        self.process: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        return [*mlflow_command(), "models", "serve", "-m", self.model_uri, "--env-manager", "local",
+                "-h", self.host, "-p", str(self.port), "-w", str(self.workers)]
+
+    def start(self) -> "ModelServer":
+        env = server_env(self.tracking_uri)
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(self.command(), env=env, stdout=self._log or subprocess.DEVNULL,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the model server exited with code {self.process.returncode} before answering; "
+                                   f"{self._tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise TimeoutError(f"the model server did not answer /ping within {self.startup_timeout:.0f} s; {self._tail()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+            except ProcessLookupError:
+                pass
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def _tail(self) -> str:
+        if self.log_path is None or not self.log_path.is_file():
+            return "(no server log kept: pass log_path)"
+        return "server log tail:\n" + self.log_path.read_text(errors="replace")[-3000:]
+
+    def __enter__(self) -> "ModelServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def post(url: str, body: bytes | str | dict, timeout: float = 60.0,
+         content_type: str = "application/json") -> tuple[int, Any]:
+    """POST to ``url``; returns ``(status, parsed JSON or text)``, for error statuses too."""
+    if isinstance(body, dict):
+        body = json.dumps(body)
+    if isinstance(body, str):
+        body = body.encode()
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as err:
+        status, raw = err.code, err.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def request_body(histories: Sequence[Sequence], domains: Sequence[str], k: int | None = None) -> dict:
+    """The ``/invocations`` JSON for rows of (history, domain), with ``k`` as a param."""
+    body: dict[str, Any] = {"dataframe_records": [{"history": list(h), "domain": d} for h, d in zip(histories, domains)]}
+    if k is not None:
+        body["params"] = {"k": k}
+    return body
+
+
+def serve_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moa serve", description="Serve a registered recommender on 127.0.0.1 "
+                                     "(mlflow models serve --env-manager local) until interrupted.")
+    parser.add_argument("--name", default="moa-recommender", help="registered model name")
+    parser.add_argument("--alias", default="champion", help="alias to serve")
+    parser.add_argument("--model-uri", default=None, help="serve this URI instead of models:/<name>@<alias>")
+    parser.add_argument("--host", default=HOST, help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
+    parser.add_argument("--port", type=int, default=5055)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--tracking-uri", default=None)
+    args = parser.parse_args(argv)
+    uri = args.model_uri or f"models:/{args.name}@{args.alias}"
+    env = server_env(args.tracking_uri)
+    command = [*mlflow_command(), "models", "serve", "-m", uri, "--env-manager", "local", "-h", args.host,
+               "-p", str(args.port), "-w", str(args.workers)]
+    print(" ".join(command), flush=True)
+    os.execvpe(command[0], command, env)
+    return 0  # pragma: no cover - exec does not return
+
+
+def user_histories(dataset, items: pd.DataFrame, max_history: int) -> pd.DataFrame:
+    """Each user's time-ordered history (source item ids) within each domain: columns user_id, domain, history."""
+    inter = dataset.interactions
+    source_ids = dataset.items["item_id"].astype(str)
+    frame = pd.DataFrame({"user_id": inter["user_id"].to_numpy(),
+                          "item_id": source_ids.loc[inter["item"].to_numpy()].to_numpy()})
+    domain_of = dict(zip(items["item_id"].astype(str), items["domain"]))
+    frame["domain"] = frame["item_id"].map(domain_of)
+    frame = frame.dropna(subset=["domain"])
+    grouped = frame.groupby(["user_id", "domain"], sort=True)["item_id"].agg(lambda s: list(s)[-max_history:])
+    return grouped.reset_index().rename(columns={"item_id": "history"})
+
+
+def score_all_users(model_uri: str, out: str | Path, *, k: int = 10, dataset=None, batch_size: int = 512,
+                    tracking_uri: str | None = None) -> pd.DataFrame:
+    """Top-``k`` recommendations for every (user, domain) of ``dataset`` (default: ml-100k) with the registered
+    model, written to Parquet (columns user_id, domain, items, scores)."""
+    import mlflow
+
+    from moa.recsys.data import ml100k
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    model = mlflow.pyfunc.load_model(model_uri)
+    service = model.unwrap_python_model().service
+    dataset = dataset if dataset is not None else ml100k()
+    items = pd.DataFrame([(str(i), d) for d, ids in service.index_of.items() for i in ids], columns=["item_id", "domain"])
+    frame = user_histories(dataset, items, service.max_history)
+    if service.integer_ids:
+        frame["history"] = frame["history"].map(lambda h: [int(i) for i in h])
+    outputs = []
+    for lo in range(0, len(frame), batch_size):
+        outputs.append(model.predict(frame.iloc[lo:lo + batch_size][["history", "domain"]].reset_index(drop=True),
+                                     params={"k": k}))
+    result = pd.concat([frame[["user_id", "domain"]].reset_index(drop=True),
+                        pd.concat(outputs, ignore_index=True)], axis=1)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.to_parquet(out, index=False)
+    return result
+
+
+def batch_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moa batch", description="Write top-k recommendations for every user "
+                                     "(and each domain the user has interacted with) to Parquet.")
+    parser.add_argument("--model-uri", default="models:/moa-recommender@champion")
+    parser.add_argument("--out", type=Path, default=Path("recommendations.parquet"))
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--data", default=None, help="folder with ml-100k.inter / ml-100k.item (default: the copy "
+                        "in the installed recbole wheel)")
+    parser.add_argument("--tracking-uri", default=None)
+    args = parser.parse_args(argv)
+    from moa.recsys.data import ml100k
+
+    dataset = ml100k(args.data)
+    result = score_all_users(args.model_uri, args.out, k=args.k, dataset=dataset, tracking_uri=args.tracking_uri)
+    print(f"wrote {len(result)} rows ({result['user_id'].nunique()} users) to {args.out}")
+    return 0
