@@ -28,7 +28,7 @@ class MoARecommender(mlflow.pyfunc.PythonModel):
 
         artifacts = context.artifacts
         self.service = RecommendationService.from_files(
-            artifacts["recommender"], artifacts["items"], artifacts["service"], artifacts.get("item_tables"))
+            artifacts["recommenders"], artifacts["items"], artifacts["service"], artifacts.get("item_tables"))
 
     def predict(self, context, model_input, params=None):
         from moa.pipelines.service import RequestError

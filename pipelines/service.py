@@ -2,19 +2,22 @@
 
 A *bundle* is a folder of plain files (no pickle):
 
-* ``recommender/``: the trained recommender as :meth:`TextSeqRecommender.save` writes it (``recommender.json`` +
-  ``recommender.safetensors``: MoA adapter weights, user encoders, catalogue token ids);
+* ``recommenders/<key>/``: each trained recommender as :meth:`TextSeqRecommender.save` writes it
+  (``recommender.json`` + ``recommender.safetensors``: MoA adapter weights, user encoders, catalogue token ids).
+  A bundle may hold several: e.g. the domain-expert model for the source domains and an X-Cross model for the
+  target domain; ``service.json`` routes each domain to one of them;
 * ``items.parquet``: the item table, one row per item: ``item_id`` (the source's id), ``domain``, ``index`` (the
   item's index in its domain's catalogue, 1-based), ``title``;
 * ``item_tables.safetensors``: the cached item representations, one ``[n_items + 1, d]`` tensor per domain, so
   serving never runs the item encoder;
-* ``service.json``: domains, limits (``max_history``, ``max_k``), the item-id type and the validation metrics;
+* ``service.json``: domains and their recommender, limits (``max_history``, ``max_k``), the item-id type and the
+  validation metrics;
 * ``config.yaml`` (optional): the training config.
 
 :class:`RecommendationService` answers rows ``(history of item ids, domain)`` with the ``k`` best unseen items of
 that domain and their scores. Rows of different domains in one call are grouped by domain, and each group goes
-through its domain's expert and user encoder. Bad input raises :class:`RequestError` (a ``ValueError``) whose
-message names the row and the problem.
+through its domain's item table (encoded by the domain's expert) and user encoder. Bad input raises
+:class:`RequestError` (a ``ValueError``) whose message names the row and the problem.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from safetensors.torch import load_file, save_file
 
 from moa.recsys.data import RecDataset, left_pad
 
-SERVICE_FILE, ITEMS_FILE, TABLES_FILE, RECOMMENDER_DIR, CONFIG_FILE = (
-    "service.json", "items.parquet", "item_tables.safetensors", "recommender", "config.yaml")
+SERVICE_FILE, ITEMS_FILE, TABLES_FILE, RECOMMENDERS_DIR, CONFIG_FILE = (
+    "service.json", "items.parquet", "item_tables.safetensors", "recommenders", "config.yaml")
 MAX_HISTORY, MAX_K = 200, 100
 
 
@@ -52,30 +55,38 @@ def item_table(dataset: RecDataset, domains: Sequence[str]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def write_bundle(directory: str | Path, recommender, items: pd.DataFrame, *, metrics: Mapping[str, float] | None = None,
-                 config_yaml: str | Path | None = None, max_history: int = MAX_HISTORY, max_k: int = MAX_K) -> Path:
-    """Write the serving bundle of a trained recommender (see the module docstring); returns the folder."""
+def write_bundle(directory: str | Path, recommenders: Mapping[str, Any], items: pd.DataFrame, *,
+                 metrics: Mapping[str, float] | None = None, config_yaml: str | Path | None = None,
+                 max_history: int = MAX_HISTORY, max_k: int = MAX_K) -> Path:
+    """Write the serving bundle of trained recommenders (``{key: recommender}``; a domain served by several goes
+    to the last one) and return the folder (see the module docstring)."""
     directory = Path(directory)
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
-    recommender.save(directory / RECOMMENDER_DIR)
-    missing = sorted(set(recommender.domains) - set(items["domain"]))
+    routes: dict[str, str] = {}
+    for key, recommender in recommenders.items():
+        if not key or "/" in key or key.startswith("."):
+            raise ValueError(f"recommender keys must be plain folder names, got {key!r}")
+        recommender.save(directory / RECOMMENDERS_DIR / key)
+        routes.update(dict.fromkeys(recommender.domains, key))
+    missing = sorted(set(routes) - set(items["domain"]))
     if missing:
-        raise ValueError(f"the item table has no items of the recommender's domains {missing}")
-    items = items[items["domain"].isin(recommender.domains)].reset_index(drop=True)
-    for domain in recommender.domains:
+        raise ValueError(f"the item table has no items of the served domains {missing}")
+    items = items[items["domain"].isin(list(routes))].reset_index(drop=True)
+    tables = {}
+    for domain, key in routes.items():
+        recommender = recommenders[key].eval()
         n = recommender.item_encoder.n_items(domain)
         have = np.sort(items.loc[items["domain"] == domain, "index"].to_numpy())
         if len(have) != n or not np.array_equal(have, np.arange(1, n + 1)):
             raise ValueError(f"the item table must list items 1..{n} of domain {domain!r} once each")
+        tables[domain] = recommender.item_table(domain).detach().cpu().contiguous()
     items.to_parquet(directory / ITEMS_FILE, index=False)
-    recommender.eval()
-    tables = {domain: recommender.item_table(domain).detach().cpu().contiguous() for domain in recommender.domains}
     save_file(tables, str(directory / TABLES_FILE))
-    id_type = "long" if items["item_id"].str.fullmatch(r"-?\d+").all() else "string"
-    meta = {"domains": list(recommender.domains), "item_id_type": id_type, "max_history": max_history,
-            "max_k": max_k, "metrics": dict(metrics or {})}
+    id_type = "long" if items["item_id"].astype(str).str.fullmatch(r"-?\d+").all() else "string"
+    meta = {"domains": list(routes), "routes": routes, "item_id_type": id_type, "max_history": max_history,
+            "max_k": max_k, "metrics": {k: float(v) for k, v in (metrics or {}).items()}}
     (directory / SERVICE_FILE).write_text(json.dumps(meta, indent=2))
     if config_yaml is not None:
         shutil.copyfile(config_yaml, directory / CONFIG_FILE)
@@ -85,8 +96,8 @@ def write_bundle(directory: str | Path, recommender, items: pd.DataFrame, *, met
 def bundle_artifacts(directory: str | Path) -> dict[str, str]:
     """The bundle's parts as MLflow pyfunc ``artifacts`` (name -> local path)."""
     directory = Path(directory)
-    parts = {"recommender": RECOMMENDER_DIR, "items": ITEMS_FILE, "item_tables": TABLES_FILE, "service": SERVICE_FILE,
-             "config": CONFIG_FILE}
+    parts = {"recommenders": RECOMMENDERS_DIR, "items": ITEMS_FILE, "item_tables": TABLES_FILE,
+             "service": SERVICE_FILE, "config": CONFIG_FILE}
     return {name: str(directory / rel) for name, rel in parts.items() if (directory / rel).exists()}
 
 
@@ -102,11 +113,11 @@ class Recommendations:
 class RecommendationService:
     """Validated, per-row-domain top-k recommendation from a bundle's files."""
 
-    def __init__(self, recommender, items: pd.DataFrame, meta: Mapping[str, Any],
+    def __init__(self, recommenders: Mapping[str, Any], items: pd.DataFrame, meta: Mapping[str, Any],
                  tables: Mapping[str, torch.Tensor] | None = None):
-        self.model = recommender.eval()
         self.meta = dict(meta)
         self.domains = list(self.meta["domains"])
+        self.models = {domain: recommenders[key].eval() for domain, key in self.meta["routes"].items()}
         self.max_history, self.max_k = int(self.meta["max_history"]), int(self.meta["max_k"])
         self.integer_ids = self.meta.get("item_id_type") == "long"
         self.index_of: dict[str, dict[str, int]] = {}
@@ -121,21 +132,23 @@ class RecommendationService:
             self.id_of[domain] = lookup
             self.domain_of.update(dict.fromkeys(ids, domain))
         for domain, table in (tables or {}).items():
-            install_item_table(self.model, domain, table)
+            install_item_table(self.models[domain], domain, table)
 
     @classmethod
-    def from_files(cls, recommender_dir: str | Path, items: str | Path, service: str | Path,
+    def from_files(cls, recommenders: str | Path, items: str | Path, service: str | Path,
                    item_tables: str | Path | None = None) -> "RecommendationService":
+        """Load the bundle's parts (``recommenders`` is the folder of recommender folders)."""
         from moa.recsys.models import load_recommender
 
-        recommender = load_recommender(recommender_dir)
+        meta = json.loads(Path(service).read_text())
+        models = {key: load_recommender(Path(recommenders) / key) for key in sorted(set(meta["routes"].values()))}
         tables = load_file(str(item_tables)) if item_tables is not None else None
-        return cls(recommender, pd.read_parquet(items), json.loads(Path(service).read_text()), tables)
+        return cls(models, pd.read_parquet(items), meta, tables)
 
     @classmethod
     def from_bundle(cls, directory: str | Path) -> "RecommendationService":
         parts = bundle_artifacts(directory)
-        return cls.from_files(parts["recommender"], parts["items"], parts["service"], parts.get("item_tables"))
+        return cls.from_files(parts["recommenders"], parts["items"], parts["service"], parts.get("item_tables"))
 
     def n_items(self, domain: str) -> int:
         return len(self.index_of[domain])
@@ -186,9 +199,10 @@ class RecommendationService:
         for i, domain in enumerate(domains):
             by_domain.setdefault(domain, []).append(i)
         for domain, members in by_domain.items():
-            padded = left_pad([rows[i] for i in members], self.model.config.max_len)
+            model = self.models[domain]
+            padded = left_pad([rows[i] for i in members], model.config.max_len)
             # exclude every seen item, also those older than the model's window
-            top, values = self.model.recommend(padded, domain, k + self.max_history, exclude_seen=True)
+            top, values = model.recommend(padded, domain, k + self.max_history, exclude_seen=True)
             for row, ids, vals in zip(members, top.tolist(), values.tolist()):
                 seen = set(rows[row])
                 keep = [(i, v) for i, v in zip(ids, vals) if i not in seen and math.isfinite(v)][:k]

@@ -1,0 +1,387 @@
+"""Lightning wrappers of the recommenders of :mod:`moa.recsys`, for ``moa fit`` and the main job.
+
+* :class:`MovieLensDomains`: MovieLens-100K split into genre domains (each its own catalogue), time-ordered
+  leave-one-out per domain, training windows of ``max_len + 1`` items, validation/test per domain.
+* :class:`DomainExpertRecommender`: the text-based sequential recommender with one LoRA expert per domain in the
+  item encoder (static routing on the domain) and one user encoder per domain.
+* :class:`XCrossRecommender`: X-Cross for a target domain, integrating the frozen experts of a trained
+  domain-expert model (``sources_from``) layer by layer.
+
+Both log ``train/loss``, ``val/ndcg_10`` and ``val/hr_10`` (mean over domains, per domain too), keep the weights of
+the best validation epoch, and at the end of ``fit`` write a serving bundle (:mod:`moa.pipelines.service`) to
+``export_dir``; with ``register_as`` they log it as an MLflow pyfunc model in the run, register it and promote it
+to ``@champion`` when its validation NDCG@10 beats the champion's.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import SaveConfigCallback
+from torch.utils.data import DataLoader, Dataset
+
+from moa.recsys.data import ML100K_DOMAINS, LeaveOneOut, RecDataset, left_pad, ml100k
+from moa.recsys.evaluate import evaluate
+
+from .service import item_table, write_bundle
+from .tracking import mlflow_logger
+
+
+@functools.lru_cache(maxsize=2)
+def _load_ml100k(path: str | None) -> RecDataset:
+    return ml100k(path)
+
+
+def training_windows(sequences, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut each sequence, from its end, into windows of ``max_len + 1`` items: inputs ``[W, max_len]`` and the
+    next-item targets at every position (both left-padded)."""
+    xs, ys = [], []
+    for seq in sequences:
+        end = len(seq)
+        while end >= 2:
+            window = seq[max(0, end - max_len - 1):end]
+            xs.append(window[:-1])
+            ys.append(window[1:])
+            end -= max_len
+    if not xs:
+        empty = torch.empty(0, max_len, dtype=torch.long)
+        return empty, empty
+    return left_pad(xs, max_len), left_pad(ys, max_len)
+
+
+class _Windows(Dataset):
+    def __init__(self, windows: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        self.windows = windows
+        self.rows = [(d, i) for d, (x, _) in windows.items() for i in range(len(x))]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        return self.rows[i]
+
+
+def _group_by_domain(windows):
+    def collate(rows):
+        batch: dict[str, list[int]] = {}
+        for domain, index in rows:
+            batch.setdefault(domain, []).append(index)
+        return {d: (windows[d][0][idx], windows[d][1][idx]) for d, idx in batch.items()}
+    return collate
+
+
+class MovieLensDomains(L.LightningDataModule):
+    """MovieLens-100K in genre domains (see :data:`moa.recsys.data.ML100K_DOMAINS`), leave-one-out per domain.
+
+    Training batches are ``{domain: (inputs [b, max_len], targets [b, max_len])}`` (windows of several domains
+    mixed); validation and test batches name one domain each (the model ranks that domain's whole catalogue).
+
+    Args:
+        domains: the domains to train and evaluate on (default all four: children, comedy, action, drama).
+        path: folder with ``ml-100k.inter`` / ``.item`` (default: the copy in the installed recbole wheel).
+        max_len: history length of the model (training windows have ``max_len + 1`` items).
+        batch_size: training windows per batch.
+        train_fraction: share of each domain's users whose sequences train (validation/test use all users).
+        seed: the seed of ``train_fraction``'s draw.
+    """
+
+    def __init__(self, domains: list[str] | None = None, path: str | None = None, max_len: int = 50,
+                 batch_size: int = 128, train_fraction: float = 1.0, seed: int = 0):
+        super().__init__()
+        unknown = sorted(set(domains or []) - set(ML100K_DOMAINS))
+        if unknown:
+            raise ValueError(f"unknown ml-100k domains {unknown}; available: {list(ML100K_DOMAINS)}")
+        self.save_hyperparameters()
+        self.domains = list(domains or ML100K_DOMAINS)
+        self.path, self.max_len, self.batch_size = path, max_len, batch_size
+        self.train_fraction, self.seed = train_fraction, seed
+        self.dataset: RecDataset | None = None
+        self.splits: dict[str, LeaveOneOut] = {}
+        self.texts: dict[str, list[str]] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        self.dataset = _load_ml100k(self.path)
+        for domain in self.domains:
+            part = self.dataset.domain(domain)
+            split = part.leave_one_out()
+            self.splits[domain] = split if self.train_fraction >= 1 else split.with_train_fraction(self.train_fraction, self.seed)
+            self.texts[domain] = part.texts
+        self.windows = {d: training_windows(s.train_sequences, self.max_len) for d, s in self.splits.items()}
+
+    def item_table(self, domains: list[str]):
+        self.setup()
+        return item_table(self.dataset, domains)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return DataLoader(_Windows(self.windows), batch_size=self.batch_size, shuffle=True,
+                          collate_fn=_group_by_domain(self.windows))
+
+    def _domain_loader(self) -> DataLoader:
+        self.setup()
+        return DataLoader(list(range(len(self.domains))), batch_size=1)
+
+    val_dataloader = test_dataloader = predict_dataloader = _domain_loader
+
+
+class RecommenderModule(L.LightningModule):
+    """Shared training, evaluation and export of the recommender modules (see the module docstring).
+
+    Args:
+        lr: learning rate of the user encoders.
+        encoder_lr: learning rate of the item encoder's trainable part (experts, X-Cross integrator); None = lr.
+        negatives: uniformly sampled negatives per domain and batch, on top of the in-batch items.
+        weight_decay: AdamW weight decay.
+        train_encoder: train the item encoder's adapters (else only the user encoders train, on cached vectors).
+        export_dir: where the serving bundle of the best epoch goes at the end of ``fit`` (None: no bundle).
+        register_as: registered model name; log the bundle to the MLflow run, register it, gate ``@champion``.
+        k: top-k of ``predict``.
+        seed: seed of the sampled negatives.
+    """
+
+    def __init__(self, lr: float = 1e-3, encoder_lr: float | None = None, negatives: int = 256,
+                 weight_decay: float = 0.0, train_encoder: bool = True, export_dir: str | None = "outputs/bundle",
+                 register_as: str | None = None, k: int = 10, seed: int = 0):
+        super().__init__()
+        self.lr, self.encoder_lr, self.negatives = lr, encoder_lr, negatives
+        self.weight_decay, self.train_encoder, self.k, self.seed = weight_decay, train_encoder, k, seed
+        self.export_dir, self.register_as = export_dir, register_as
+        self.recommender = None
+        self.strict_loading = False  # checkpoints hold the trainable weights only (not the frozen encoder)
+        self.best: dict[str, Any] = {"ndcg_10": -math.inf}
+        self.promotion = None
+        self.bundle_path: Path | None = None
+        self._val: dict[str, dict[str, float]] = {}
+
+    # -- building
+    def build(self, data: MovieLensDomains) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def bundle_models(self) -> dict[str, Any]:
+        return {"recommender": self.recommender}
+
+    def configure_model(self) -> None:
+        if self.recommender is None:
+            data = self.trainer.datamodule
+            if not isinstance(data, MovieLensDomains):
+                raise TypeError(f"{type(self).__name__} needs the MovieLensDomains data module, got {type(data).__name__}")
+            data.setup()
+            self.build(data)
+            if self.recommender.config.max_len != data.max_len:
+                raise ValueError(f"the model's max_len ({self.recommender.config.max_len}) differs from the data's "
+                                 f"({data.max_len}); set both to the same value")
+            self._generator = torch.Generator().manual_seed(self.seed)
+
+    @property
+    def data(self) -> MovieLensDomains:
+        return self.trainer.datamodule
+
+    def _encoder_params(self) -> list:
+        return self.recommender.item_encoder.trainable_parameters() if self.train_encoder else []
+
+    def configure_optimizers(self):
+        heads = [p for p in self.recommender.heads.parameters() if p.requires_grad]
+        groups = [{"params": heads, "lr": self.lr, "name": "heads"}]
+        encoder = self._encoder_params()
+        if encoder:
+            groups.append({"params": encoder, "lr": self.encoder_lr or self.lr, "name": "experts"})
+        return torch.optim.AdamW(groups, weight_decay=self.weight_decay)
+
+    # -- checkpoints: trainable weights only
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {f"recommender.{n}" for n, p in self.recommender.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["best_val"] = {k: v for k, v in self.best.items() if k != "state"}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.best = dict(checkpoint.get("best_val", {"ndcg_10": -math.inf}))
+
+    # -- training
+    def training_step(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_idx: int):
+        windows = {d: (x.to(self.device), y.to(self.device)) for d, (x, y) in batch.items()}
+        rows = {d: list(range(len(x))) for d, (x, _) in windows.items()}
+        loss, count = self.recommender._batch_loss(rows, windows, self.negatives, self._encoder_params(), self._generator)
+        self.log("train/loss", loss, prog_bar=True, batch_size=count)
+        self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, batch_size=count)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self._encoder_params():
+            self.recommender.clear_cache()  # the item vectors changed with the experts
+
+    # -- evaluation
+    def on_validation_epoch_start(self) -> None:
+        self.recommender.clear_cache()
+        self._val = {}
+
+    def _evaluate(self, batch: torch.Tensor, stage: str) -> None:
+        domain = self.data.domains[int(batch[0])]
+        split = self.data.splits[domain]
+        result = evaluate(self.recommender, split.valid if stage == "val" else split.test, ks=(10,),
+                          max_len=self.recommender.config.max_len)
+        metrics = {"ndcg_10": result["NDCG@10"], "hr_10": result["HR@10"]}
+        self._val[domain] = metrics
+        for name, value in metrics.items():
+            self.log(f"{stage}/{name}", value, batch_size=1, prog_bar=name == "ndcg_10")
+            self.log(f"{stage}/{domain}/{name}", value, batch_size=1)
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or len(self._val) != len(self.data.domains):
+            return
+        ndcg = sum(m["ndcg_10"] for m in self._val.values()) / len(self._val)
+        hr = sum(m["hr_10"] for m in self._val.values()) / len(self._val)
+        if ndcg > self.best["ndcg_10"]:
+            state = {n: p.detach().clone() for n, p in self.recommender.named_parameters() if p.requires_grad}
+            self.best = {"ndcg_10": ndcg, "hr_10": hr, "epoch": self.current_epoch, "state": state}
+        self.log("val/best_ndcg_10", self.best["ndcg_10"], batch_size=1)
+
+    def predict_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, list]:
+        """Top-``k`` items (domain indices) for every user of the batch's domain, from their whole history."""
+        domain = self.data.domains[int(batch[0])]
+        split = self.data.splits[domain]
+        histories = left_pad([s[-self.recommender.config.max_len:] for s in split.sequences], self.recommender.config.max_len)
+        items, scores = self.recommender.recommend(histories, domain, self.k)
+        return {"user_id": list(split.users), "domain": [domain] * len(split.users), "items": items.tolist(),
+                "scores": scores.tolist()}
+
+    # -- export
+    def on_fit_end(self) -> None:
+        state = self.best.get("state")
+        if state is not None:
+            params = dict(self.recommender.named_parameters())
+            with torch.no_grad():
+                for name, value in state.items():
+                    params[name].copy_(value)
+        self.recommender.clear_cache()
+        self.recommender.eval()
+        if self.export_dir is None or not self.trainer.is_global_zero:
+            return
+        models = self.bundle_models()
+        served = [d for m in models.values() for d in m.domains]
+        metrics = {"val/ndcg_10": self.best["ndcg_10"], "val/hr_10": self.best.get("hr_10", float("nan"))}
+        with tempfile.TemporaryDirectory() as tmp:
+            config = _dump_cli_config(self.trainer, Path(tmp) / "config.yaml")
+            self.bundle_path = write_bundle(self.export_dir, models, self.data.item_table(served), metrics=metrics,
+                                            config_yaml=config)
+        logger = mlflow_logger(self.trainer)
+        if logger is not None:
+            logger.log_metrics({"best/val_ndcg_10": self.best["ndcg_10"], "best/epoch": float(self.best.get("epoch", -1))})
+        if self.register_as:
+            from .registry import log_recommender, register_and_gate
+
+            run_id = logger.run_id if logger is not None else None
+            info = log_recommender(self.bundle_path, run_id=run_id, tracking_uri=logger._tracking_uri if logger else None)
+            self.promotion = register_and_gate(info.model_uri, self.register_as, self.best["ndcg_10"])
+
+
+def _dump_cli_config(trainer: L.Trainer, path: Path) -> Path | None:
+    saver = next((c for c in trainer.callbacks if isinstance(c, SaveConfigCallback)), None)
+    if saver is None:
+        return None
+    saver.parser.save(saver.config, str(path), skip_none=False, overwrite=True)
+    return path
+
+
+class DomainExpertRecommender(RecommenderModule):
+    """One LoRA expert per domain in the top item-encoder layers, one user encoder per domain.
+
+    Args:
+        encoder: local transformers folder of the item encoder (None: the installed all-MiniLM-L6-v2).
+        adapted_layers: top encoder layers that carry the experts (0: frozen encoder).
+        r, alpha, target_modules, impl: the LoRA experts.
+        max_tokens: tokens per item text.
+        hidden, user_layers, heads, inner, dropout, max_len: the user encoders.
+        (the rest: see :class:`RecommenderModule`)
+    """
+
+    def __init__(self, encoder: str | None = None, adapted_layers: int = 2, r: int = 8, alpha: float = 16.0,
+                 target_modules: list[str] | None = None, impl: str = "auto", max_tokens: int = 20, hidden: int = 64,
+                 user_layers: int = 2, heads: int = 2, inner: int = 256, dropout: float = 0.2, max_len: int = 50,
+                 lr: float = 1e-3, encoder_lr: float | None = None, negatives: int = 256, weight_decay: float = 0.0,
+                 train_encoder: bool = True, export_dir: str | None = "outputs/bundle", register_as: str | None = None,
+                 k: int = 10, seed: int = 0):
+        super().__init__(lr, encoder_lr, negatives, weight_decay, train_encoder, export_dir, register_as, k, seed)
+        self.save_hyperparameters()
+        from moa.recsys.models import RecommenderConfig
+
+        self.config = RecommenderConfig(
+            encoder=encoder, adapted_layers=adapted_layers, r=r, alpha=alpha,
+            target_modules=list(target_modules or ["query", "value"]), impl=impl, max_tokens=max_tokens,
+            hidden=hidden, user_layers=user_layers, heads=heads, inner=inner, dropout=dropout, max_len=max_len)
+
+    def build(self, data: MovieLensDomains) -> None:
+        from moa.recsys.models import TextSeqRecommender
+
+        torch.manual_seed(self.seed)
+        self.recommender = TextSeqRecommender.build(
+            data.domains, {d: data.texts[d] for d in data.domains}, config=self.config,
+            experts=self.config.adapted_layers > 0)
+
+
+class XCrossRecommender(RecommenderModule):
+    """X-Cross for the data's single (target) domain from the frozen experts of a domain-expert recommender.
+
+    Args:
+        sources_from: a serving bundle or a saved recommender folder of a :class:`DomainExpertRecommender` run.
+        sources: source domains (default: all domains of that model except the target).
+        beta, gamma: X-Cross's scaling of the mixing and difference terms.
+        head_from: start the target's user encoder as a copy of this source domain's (None: fresh).
+        (the rest: see :class:`RecommenderModule`; the bundle also serves the source domains with the source model)
+    """
+
+    def __init__(self, sources_from: str, sources: list[str] | None = None, beta: float = 1.0, gamma: float = 1.0,
+                 head_from: str | None = None, lr: float = 1e-3, encoder_lr: float | None = None,
+                 negatives: int = 256, weight_decay: float = 0.0, train_encoder: bool = True,
+                 export_dir: str | None = "outputs/bundle", register_as: str | None = None, k: int = 10,
+                 seed: int = 0):
+        super().__init__(lr, encoder_lr, negatives, weight_decay, train_encoder, export_dir, register_as, k, seed)
+        self.save_hyperparameters()
+        self.sources_from, self.sources = sources_from, sources
+        self.beta, self.gamma, self.head_from = beta, gamma, head_from
+        self.source_model = None
+
+    def build(self, data: MovieLensDomains) -> None:
+        from transformers import AutoTokenizer
+
+        from moa.recsys.models import load_recommender, minilm_path, tokenize_items
+        from moa.recsys.xcross import build_xcross
+
+        if len(data.domains) != 1:
+            raise ValueError(f"X-Cross trains on one target domain; the data has {data.domains}")
+        target = data.domains[0]
+        folder = _recommender_folder(Path(self.sources_from))
+        source = load_recommender(folder)
+        tokenizer = AutoTokenizer.from_pretrained(source.config.encoder or minilm_path())
+        catalogue = tokenize_items(data.texts[target], tokenizer, source.config.max_tokens)
+        torch.manual_seed(self.seed)
+        self.recommender = build_xcross(source, target, self.sources, catalogue, beta=self.beta, gamma=self.gamma,
+                                        head_from=self.head_from)
+        object.__setattr__(self, "source_model", source.eval())  # not a submodule: frozen, not checkpointed
+
+    def bundle_models(self) -> dict[str, Any]:
+        return {"experts": self.source_model, "xcross": self.recommender}
+
+
+def _recommender_folder(path: Path) -> Path:
+    """A saved recommender folder, or the single-source recommender of a bundle (its ``experts`` / only model)."""
+    if (path / "recommender.json").is_file():
+        return path
+    folders = sorted(p for p in (path / "recommenders").glob("*") if (p / "recommender.json").is_file())
+    if not folders:
+        raise FileNotFoundError(f"{path} is neither a saved recommender nor a serving bundle")
+    named = [p for p in folders if p.name in ("experts", "recommender")]
+    return named[0] if named else folders[0]
