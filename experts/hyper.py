@@ -20,6 +20,13 @@ Architectures (``arch``):
 
 There is one output head per module type and factor (a module type fixes ``d_in`` and ``d_out``).
 
+Head initialisation (``head_init``). ``"lora"`` (default) starts where PEFT's LoRA starts: the B head is zero, so
+``B = 0`` and the model starts as the base model, and a generated A is rescaled to the standard deviation of
+PEFT's ``lora_A`` init (measured on the trunk's own output when the head is created). ``"pytorch"`` keeps
+PyTorch's default ``nn.Linear`` init, as the official code does; behind the Transformer's final LayerNorm it
+makes factors of standard deviation ~0.57 (PEFT's lora_A: ~0.03 at d = 384), an update ~50x the base weights,
+which the official recipe dampens with ``noise="add"`` and a long anneal.
+
 Layouts. A head's output for one token is read as in the official code, i.e. in the "math" layout of
 ``x @ A @ B``: ``A_h`` is ``[d_in, r]`` and ``B_h`` is ``[r, d_out]`` (row-major ``view``), and it is converted
 to PEFT's layout by a **transpose**, never a reshape: ``lora_A = A_hᵀ [r, d_in]``, ``lora_B = B_hᵀ [d_out, r]``.
@@ -37,7 +44,7 @@ A variants (``a_mode``):
 
 Noise blending of the generated factors with the initial ones (``noise``; ``B_init = 0`` as in PEFT):
 
-* ``"replace"``: ``F = F_h``;
+* ``"replace"`` (default): ``F = F_h``;
 * ``"add"``: ``F = (1 - a) F_h + a F_init`` with ``a`` annealed linearly from ``noise_alpha`` to 0;
 * ``"multiply"``: ``A = A_h * A_init`` (generated A only); B is not multiplied, because ``B_init = 0`` would make
   ``B = 0`` for ever (as in the official code).
@@ -71,6 +78,7 @@ from .pool import PoolSpec, keep_reference, register_expert_kind
 ARCHS = ("mlp", "transformer")
 A_MODES = ("generated", "fixed", "random")
 NOISE_MODES = ("replace", "add", "multiply")
+HEAD_INITS = ("lora", "pytorch")
 _MLP_ONLY = ("hidden_sizes",)
 _TRANSFORMER_ONLY = ("d_model", "n_heads", "n_layers", "dim_feedforward", "hyper_dropout")
 
@@ -160,7 +168,7 @@ class LoRAHyperNetwork(nn.Module):
         r: int,
         arch: str = "mlp",
         a_mode: str = "generated",
-        noise: str = "add",
+        noise: str = "replace",
         noise_alpha: float = 0.99,
         anneal_steps: int | None = None,
         embedding_dim: int | None = None,
@@ -170,12 +178,14 @@ class LoRAHyperNetwork(nn.Module):
         n_layers: int = 2,
         dim_feedforward: int = 2048,
         hyper_dropout: float = 0.1,
+        head_init: str = "lora",
         seed: int = 0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        for option, value, allowed in (("arch", arch, ARCHS), ("a_mode", a_mode, A_MODES), ("noise", noise, NOISE_MODES)):
+        for option, value, allowed in (("arch", arch, ARCHS), ("a_mode", a_mode, A_MODES), ("noise", noise, NOISE_MODES),
+                                       ("head_init", head_init, HEAD_INITS)):
             if value not in allowed:
                 raise ValueError(f"unknown HypeLoRA {option} {value!r}; choose from {allowed}")
         if not 0.0 <= noise_alpha <= 1.0:
@@ -187,6 +197,7 @@ class LoRAHyperNetwork(nn.Module):
         self.n_experts, self.r = n_experts, r
         self.arch, self.a_mode, self.noise = arch, a_mode, noise
         self.noise_alpha, self.anneal_steps, self.seed = float(noise_alpha), anneal_steps, int(seed)
+        self.head_init = head_init
 
         # tokens: grouped by module type (one head each), then layer (attach order), then expert
         parsed = {name: parse_layer_path(name) for name in layer_names}
@@ -199,8 +210,14 @@ class LoRAHyperNetwork(nn.Module):
         self._module_of = {n: parsed[n][2] for n in self.layer_names}
         n_b_tokens = len(self.tokens)
         # the Transformer gives A its own tokens (official: 2N tokens); the MLP reads A and B off the same token
-        self._a_token_offset = n_b_tokens if (arch == "transformer" and a_mode == "generated") else 0
-        n_tokens = n_b_tokens + self._a_token_offset
+        a_offset = n_b_tokens if (arch == "transformer" and a_mode == "generated") else 0
+        n_tokens = n_b_tokens + a_offset
+        self._rows: dict[str, tuple[slice, slice]] = {}  # module type -> trunk rows of its B tokens, its A tokens
+        start = 0
+        for module in self.modules_in_order:
+            count = len(self._module_layers[module]) * n_experts
+            self._rows[module] = (slice(start, start + count), slice(start + a_offset, start + a_offset + count))
+            start += count
 
         factory = {"dtype": dtype, "device": device}
         if arch == "mlp":
@@ -244,8 +261,26 @@ class LoRAHyperNetwork(nn.Module):
             self.heads_B[key] = nn.Linear(width, self.r * shape[1], **self._factory)
             if self.a_mode == "generated":
                 self.heads_A[key] = nn.Linear(width, shape[0] * self.r, **self._factory)
+            if self.head_init == "lora":
+                self._init_heads_like_lora(module)
         self._pools[name] = pool
         self._cache, self._cache_key = None, None
+
+    @torch.no_grad()
+    def _init_heads_like_lora(self, module: str) -> None:
+        """Start where PEFT's LoRA starts: B head zero (so B = 0), A head rescaled to PEFT's lora_A std."""
+        key, (_, a_rows) = _module_key(module), self._rows[module]
+        nn.init.zeros_(self.heads_B[key].weight)
+        nn.init.zeros_(self.heads_B[key].bias)
+        if self.a_mode == "generated":
+            head, d_in = self.heads_A[key], self._shapes[module][0]
+            was_training = self.trunk.training
+            self.trunk.eval()  # no dropout: the measurement uses no randomness
+            out = head(self.trunk()[a_rows])
+            self.trunk.train(was_training)
+            scale = (peft_uniform_bound(d_in) / math.sqrt(3)) / out.std().clamp_min(1e-12)  # std of U(-b, b) is b/sqrt(3)
+            head.weight.mul_(scale)
+            head.bias.mul_(scale)
 
     # -- the noise schedule ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -294,16 +329,13 @@ class LoRAHyperNetwork(nn.Module):
         alpha = self.current_noise_alpha()
         E, r = self.n_experts, self.r
         out: dict[str, tuple[Tensor, Tensor]] = {}
-        start = 0
         for module in self.modules_in_order:
             names = self._module_layers[module]
             d_in, d_out = self._shapes[module]
-            key, count = _module_key(module), len(names) * E
-            rows = slice(start, start + count)
+            key, (rows, a_rows) = _module_key(module), self._rows[module]
             # official layout per token: B_h = out.view(r, d_out), A_h = out.view(d_in, r); PEFT layout = transpose
             b_gen = self.heads_B[key](features[rows]).view(len(names), E, r, d_out).transpose(-1, -2)
             if self.a_mode == "generated":
-                a_rows = slice(start + self._a_token_offset, start + self._a_token_offset + count)
                 a_gen = self.heads_A[key](features[a_rows]).view(len(names), E, d_in, r).transpose(-1, -2)
             elif self.a_mode == "random" and self.training:
                 bound = peft_uniform_bound(d_in)
@@ -321,7 +353,6 @@ class LoRAHyperNetwork(nn.Module):
                 elif self.noise == "multiply" and self.a_mode == "generated":
                     a = a * a_init
                 out[name] = (a, b)
-            start += count
         return out
 
     def extra_repr(self) -> str:

@@ -17,6 +17,7 @@ Models and data modules are chosen by class path in the config (subclass mode): 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -78,6 +79,7 @@ EPILOG = (
 
 def main(args: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if args is None else args)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if argv and argv[0] in ("register", "serve", "batch"):
         return _extra_commands()[argv[0]](argv[1:]) or 0
     MoACLI(

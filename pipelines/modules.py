@@ -2,7 +2,8 @@
 
 :class:`MoAClassifier` builds its backbone (a tiny BERT from a config, the installed all-MiniLM-L6-v2, or a local
 model folder), attaches a MoA pool with the given router, and trains it with a classification head through
-:class:`moa.lightning.MoAModule` (separate learning rates for experts and routers, auxiliary router losses).
+:class:`moa.lightning.MoAModule` (separate learning rates for experts and routers, auxiliary router losses);
+:class:`RLOOClassifier` is the same with RLOO training for sampling routers (ReMix).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 import moa
 from moa.lightning import ClassificationHead, MoAModule
+from moa.rloo import RLOOModule
 
 TINY_BERT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                  max_position_embeddings=64)
@@ -90,8 +92,11 @@ class MoAClassifier(MoAModule):
         model = moa.attach(base, config)
         head = ClassificationHead(base.config.hidden_size, n_classes, pooling)
         super().__init__(model, head=head, lr=lr, router_lr=router_lr, group_lrs=group_lrs,
-                         weight_decay=weight_decay, aux_loss_weight=aux_loss_weight)
+                         weight_decay=weight_decay, aux_loss_weight=aux_loss_weight, **self._module_options())
         self.vocab_size = base.config.vocab_size
+
+    def _module_options(self) -> dict[str, Any]:
+        return {}
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -111,3 +116,19 @@ class MoAClassifier(MoAModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         logits = self(batch)
         return {"prediction": logits.argmax(-1), "probability": logits.softmax(-1).max(-1).values}
+
+
+class RLOOClassifier(MoAClassifier, RLOOModule):
+    """:class:`MoAClassifier` trained with RLOO (:class:`moa.rloo.RLOOModule`), for sampling routers (``remix``).
+
+    Args:
+        n_samples: routing draws per example (M >= 2).
+        **kwargs: as for :class:`MoAClassifier`.
+    """
+
+    def __init__(self, n_samples: int = 4, **kwargs):
+        self._n_samples = n_samples
+        super().__init__(**kwargs)
+
+    def _module_options(self) -> dict[str, Any]:
+        return {"n_samples": self._n_samples}

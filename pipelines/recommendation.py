@@ -55,6 +55,23 @@ def training_windows(sequences, max_len: int) -> tuple[torch.Tensor, torch.Tenso
     return left_pad(xs, max_len), left_pad(ys, max_len)
 
 
+def tiny_encoder(directory: str | Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """Write a small random BERT with all-MiniLM-L6-v2's tokenizer to ``directory`` (for smoke runs and tests:
+    ``--model.init_args.encoder <directory>``); returns the folder."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from moa.recsys.models import minilm_path
+
+    directory = Path(directory)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                                 num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 class _Windows(Dataset):
     def __init__(self, windows: dict[str, tuple[torch.Tensor, torch.Tensor]]):
         self.windows = windows

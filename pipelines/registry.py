@@ -111,7 +111,7 @@ def register_and_gate(model_uri: str, name: str, metric: float, *, client: Mlflo
     if current is None:
         promoted, reason, holder = True, f"first version with a metric: val NDCG@10 {metric:.4f}", None
     else:
-        holder = current.version
+        holder = str(current.version)
         best = float(current.tags.get("val_ndcg_10", "-inf"))
         promoted = metric > best
         comparison = ">" if promoted else "<="

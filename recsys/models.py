@@ -231,6 +231,15 @@ class ItemEncoder(nn.Module):
         self.catalogues[name] = (input_ids.long().cpu(), attention_mask.long().cpu())
         self._prefix.pop(name, None)
 
+    def share_cache(self, other: "ItemEncoder", name: str) -> None:
+        """Reuse ``other``'s cached frozen-layer output of catalogue ``name`` (same encoder weights, same split)."""
+        if other.split != self.split or other.backbone.config.to_dict() != self.backbone.config.to_dict():
+            raise ValueError("the two item encoders split different encoders at different layers: nothing to share")
+        if not torch.equal(other.catalogues[name][0], self._catalogue(name)[0]):
+            raise ValueError(f"catalogue {name!r} differs between the two encoders")
+        if name in other._prefix:
+            self._prefix[name] = other._prefix[name]
+
     def n_items(self, name: str) -> int:
         return self._catalogue(name)[0].shape[0] - 1
 
@@ -403,11 +412,11 @@ class TextSeqRecommender(nn.Module):
         self.config = config
         self.domains = list(domains)
         self.item_encoder = item_encoder
-        self.heads = nn.ModuleDict({
-            d: UserEncoder(item_encoder.hidden_size, config.hidden, config.user_layers, config.heads, config.inner,
-                           config.dropout, config.max_len)
-            for d in self.domains
-        })
+        self.heads = nn.ModuleList(  # one user encoder per domain, in the order of ``domains``
+            UserEncoder(item_encoder.hidden_size, config.hidden, config.user_layers, config.heads, config.inner,
+                        config.dropout, config.max_len)
+            for _ in self.domains
+        )
         self._tables: dict[str, Tensor] = {}
 
     @classmethod
@@ -433,6 +442,42 @@ class TextSeqRecommender(nn.Module):
             model.add_catalogue(name, *tokenize_items(texts, tokenizer, config.max_tokens))
         return model
 
+    @classmethod
+    def from_experts(cls, models: Mapping[str, "TextSeqRecommender"]) -> "TextSeqRecommender":
+        """One domain-expert recommender from single-domain ones (domain -> a one-domain model with one expert).
+
+        Expert e of every pool is domain e's own expert, and each domain keeps its user encoder and catalogue, so
+        the result scores every domain exactly as its own model did, with all domains' experts in one pool behind
+        ``router="static"`` (the source model that X-Cross integrates). The inputs are left unchanged.
+        """
+        if not models:
+            raise ValueError("from_experts needs at least one single-domain model")
+        domains = list(models)
+        first = models[domains[0]]
+        for domain, model in models.items():
+            if model.domains != [domain] or model.item_encoder.kind != "text" or model.item_encoder.n_experts != 1:
+                raise ValueError(f"models[{domain!r}] must be a one-domain recommender of domain {domain!r} with one "
+                                 f"expert; it serves {model.domains} with {model.item_encoder.n_experts} experts")
+            if asdict(model.config) != asdict(first.config):
+                raise ValueError(f"models[{domain!r}] has another configuration than models[{domains[0]!r}]")
+        config = first.config
+        backbone = plain_copy(first.item_encoder.backbone)
+        encoder = ItemEncoder(backbone, len(domains), config.adapted_layers, config.r, config.alpha,
+                              config.target_modules, config.impl, expert_names=domains).to(first.item_encoder.device)
+        merged = cls(encoder, domains, config).to(first.item_encoder.device)
+        r = config.r
+        layers = encoder.top.moa_layers()
+        with torch.no_grad():
+            for e, domain in enumerate(domains):
+                source = models[domain]
+                for name, layer in source.item_encoder.top.moa_layers().items():
+                    layers[name].pool.lora_A[e * r:(e + 1) * r].copy_(layer.pool.lora_A)
+                    layers[name].pool.lora_B[:, e * r:(e + 1) * r].copy_(layer.pool.lora_B)
+                merged.heads[e].load_state_dict(source.heads[0].state_dict())
+                merged.add_catalogue(domain, *source.item_encoder.catalogues[domain])
+                encoder.share_cache(source.item_encoder, domain)
+        return merged.train(first.training)
+
     # -- catalogues and item vectors
     def add_catalogue(self, domain: str, input_ids: Tensor, attention_mask: Tensor) -> None:
         """Token ids ``[n_items + 1, T]`` of ``domain``'s items (see :func:`tokenize_items`)."""
@@ -453,6 +498,10 @@ class TextSeqRecommender(nn.Module):
             return self.domains.index(domain)
         except ValueError:
             raise ValueError(f"unknown domain {domain!r}; this recommender serves {self.domains}") from None
+
+    def head(self, domain: str | int | None) -> "UserEncoder":
+        """The user encoder (and item projection) of ``domain``."""
+        return self.heads[self._domain_index(domain)]
 
     def domain_name(self, domain: str | int | None) -> str:
         return self.domains[self._domain_index(domain)]
@@ -489,13 +538,13 @@ class TextSeqRecommender(nn.Module):
         real = histories != PAD
         rows = histories if lookup is None else lookup[histories]
         inputs = vectors[rows] * real.unsqueeze(-1)
-        return self.heads[domain](inputs, real)
+        return self.head(domain)(inputs, real)
 
     def score(self, histories: Tensor, domain: str | int | None = None) -> Tensor:
         """Next-item scores ``[B, n_items + 1]`` of ``domain``'s catalogue (column 0, padding, is -inf)."""
         domain = self.domain_name(domain)
         histories = self._check_histories(histories, domain)
-        vectors = self.heads[domain].item_vectors(self.item_table(domain))
+        vectors = self.head(domain).item_vectors(self.item_table(domain))
         states = self.user_states(domain, histories, vectors)[:, -1]
         scores = states @ vectors.T
         scores[:, PAD] = -math.inf
@@ -643,7 +692,7 @@ class TextSeqRecommender(nn.Module):
             reps = [self.item_table(d)[c] for d, _, _, c, _ in plan]
         losses, count = [], 0
         for (domain, x, y, candidates, lookup), rep in zip(plan, reps):
-            vectors = self.heads[domain].item_vectors(rep)
+            vectors = self.head(domain).item_vectors(rep)
             states = self.user_states(domain, x, vectors, lookup)
             target = y != PAD
             logits = states[target] @ vectors.T

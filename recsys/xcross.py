@@ -195,6 +195,9 @@ def build_xcross(model: TextSeqRecommender, target: str, sources: Sequence[str] 
             raise ValueError(f"no catalogue for the target {target!r}: pass catalogue=(input_ids, attention_mask)")
         catalogue = model.item_encoder.catalogues[target]
     xmodel.add_catalogue(target, *catalogue)
+    known = model.item_encoder.catalogues.get(target)
+    if known is not None and torch.equal(known[0], catalogue[0].cpu()):
+        encoder.share_cache(model.item_encoder, target)  # the frozen layers are the same: reuse their output
     if head_from is not None:
-        xmodel.heads[target].load_state_dict(model.heads[model.domain_name(head_from)].state_dict())
+        xmodel.head(target).load_state_dict(model.head(head_from).state_dict())
     return xmodel.to(encoder.device)

@@ -29,10 +29,12 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*enable_nested_tensor.*")
 
 VOCAB, HIDDEN, R = 100, 32, 4
-SMALL = {  # small hypernetworks keep the tests fast
-    "mlp": {"arch": "mlp", "embedding_dim": 16, "hidden_sizes": [32, 32]},
+# small hypernetworks keep the tests fast; PyTorch's head init gives non-zero factors from the start (the default
+# "lora" init starts at B = 0, the base model, which would make many comparisons below trivial)
+SMALL = {
+    "mlp": {"arch": "mlp", "embedding_dim": 16, "hidden_sizes": [32, 32], "head_init": "pytorch"},
     "transformer": {"arch": "transformer", "embedding_dim": 16, "d_model": 32, "n_heads": 4, "n_layers": 2,
-                    "dim_feedforward": 64},
+                    "dim_feedforward": 64, "head_init": "pytorch"},
 }
 
 
@@ -182,6 +184,18 @@ def test_add_mode_with_alpha_one_gives_initial_factors(bert, a_mode):
     torch.testing.assert_close(hidden(model, input_ids=x), hidden(bert, input_ids=x))
 
 
+@pytest.mark.parametrize("arch", ["mlp", "transformer"])
+def test_lora_head_init_starts_as_peft_lora_starts(bert, arch):
+    model = hyper_model(bert, arch=arch, n_experts=2, router="topk", noise="replace", head_init="lora").eval()
+    x = ids()
+    torch.testing.assert_close(hidden(model, input_ids=x), hidden(bert, input_ids=x))  # B = 0: the base model
+    for layer in model.moa_layers().values():
+        assert torch.equal(layer.pool.B, torch.zeros_like(layer.pool.B))
+        generated = layer.pool.A
+        assert generated.std().item() == pytest.approx(layer.pool.A_init.std().item(), rel=0.35)  # PEFT's scale
+        assert not torch.allclose(generated[0], generated[1])  # experts differ
+
+
 def test_initial_A_is_peft_init_and_seeded(bert):
     a = hyper_model(bert, torch_seed=0).moa_layers()["encoder.layer.0.attention.self.query"].pool.A_init
     b = hyper_model(bert, torch_seed=1).moa_layers()["encoder.layer.0.attention.self.query"].pool.A_init
@@ -247,12 +261,19 @@ def test_random_A_is_redrawn_each_training_pass_and_fixed_in_eval(bert):
 # -- training: gradients, one pass per forward, caching, step counting --------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["mlp", "transformer"])
-def test_gradients_reach_the_hypernetwork_and_nothing_else(bert, arch):
-    model = hyper_model(bert, arch=arch, a_mode="generated", noise="add", noise_alpha=0.5)
+@pytest.mark.parametrize("arch,head_init", [("mlp", "pytorch"), ("transformer", "pytorch"), ("transformer", "lora")])
+def test_gradients_reach_the_hypernetwork_and_nothing_else(bert, arch, head_init):
+    model = hyper_model(bert, arch=arch, a_mode="generated", noise="add", noise_alpha=0.5, head_init=head_init)
     net = model.shared["hypernet"]
     model.train()
-    model(input_ids=ids(), expert_ids=[0, 0]).last_hidden_state.pow(2).mean().backward()
+    loss = lambda: model(input_ids=ids(), expert_ids=[0, 0]).last_hidden_state.pow(2).mean()  # noqa: E731
+    if head_init == "lora":  # B = 0 at the start: only the B head gets a gradient until it has moved
+        loss().backward()
+        assert {id(p) for p in net.parameters() if p.grad is not None and p.grad.abs().sum() > 0} == \
+            {id(p) for p in net.heads_B.parameters()}
+        torch.optim.SGD(net.parameters(), lr=0.1).step()
+        net.zero_grad()
+    loss().backward()
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in net.parameters()}
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())

@@ -25,6 +25,17 @@ from moa.recsys.models import (
 )
 
 VOCAB = 100
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and much faster when other jobs share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 CONFIG = RecommenderConfig(adapted_layers=1, r=4, alpha=8, hidden=16, user_layers=1, heads=2, inner=32,
                            dropout=0.0, max_len=8)
 
@@ -177,7 +188,7 @@ def test_training_learns_a_sequential_pattern_and_leaves_the_encoder_and_other_e
     before = evaluate(model, split.test, ks=(10,))["NDCG@10"]
     base = {k: v.clone() for k, v in model.item_encoder.backbone.state_dict().items() if "lora" not in k}
     experts = {n: layer.pool.lora_B.detach().clone() for n, layer in model.item_encoder.top.moa_layers().items()}
-    head_b = {k: v.clone() for k, v in model.heads["b"].state_dict().items()}
+    head_b = {k: v.clone() for k, v in model.head("b").state_dict().items()}
     result = model.fit({"a": split}, epochs=12, lr=5e-3, encoder_lr=5e-3, batch_size=16, negatives=4, patience=12)
     after = evaluate(model, split.test, ks=(10,))["NDCG@10"]
     assert after > before + 0.2 and after > 0.6
@@ -189,7 +200,7 @@ def test_training_learns_a_sequential_pattern_and_leaves_the_encoder_and_other_e
     for name, layer in model.item_encoder.top.moa_layers().items():
         assert not torch.equal(layer.pool.lora_B[:, :r], experts[name][:, :r]), "expert a did not train"
         assert torch.equal(layer.pool.lora_B[:, r:], experts[name][:, r:]), "expert b moved on domain a's data"
-    for key, value in model.heads["b"].state_dict().items():
+    for key, value in model.head("b").state_dict().items():
         assert torch.equal(value, head_b[key])
 
 
@@ -260,3 +271,22 @@ def test_only_the_top_layers_carry_moa_pools():
     model = model_for(config=RecommenderConfig(**{**CONFIG.__dict__, "adapted_layers": 1}))
     moa_layers = [n for n, m in model.item_encoder.backbone.named_modules() if isinstance(m, MoALinear)]
     assert moa_layers and all(n.startswith("encoder.layer.1.") for n in moa_layers)
+
+
+def test_single_domain_experts_pack_into_one_pool_that_scores_like_each_of_them():
+    singles = {}
+    for i, (domain, n) in enumerate((("a", 12), ("b", 9))):
+        single = model_for(domains=(domain,), sizes=(n,), seed=0)
+        single.add_catalogue(domain, *catalogue(n, seed=10 + i))
+        randomize_experts(single, seed=4 + i)
+        with torch.no_grad():
+            for p in single.heads.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        singles[domain] = single.eval()
+    pool = TextSeqRecommender.from_experts(singles).eval()
+    assert pool.domains == ["a", "b"] and pool.item_encoder.n_experts == 2
+    histories = left_pad([[1, 2, 3], [7, 4]])
+    for domain, single in singles.items():
+        assert torch.allclose(pool.score(histories, domain), single.score(histories, domain), atol=1e-5)
+    with pytest.raises(ValueError, match="one-domain recommender"):
+        TextSeqRecommender.from_experts({"a": pool})

@@ -1,0 +1,138 @@
+"""The ``moa`` command: Lightning CLI (subclass mode) with MLflow on the embedded store, checkpoints and resume.
+
+The end-to-end tests run the real console script in a subprocess, in a temporary working directory (so the
+default ``./mlflow.db`` and ``./mlruns`` land there); the per-config checks run the CLI in-process.
+"""
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+ROUTER_CONFIGS = ["topk", "static", "poly", "mhr", "flylora", "remix", "hypelora"]
+SMALL = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+         "--data.init_args.n_train", "128", "--data.init_args.n_val", "64", "--data.init_args.n_test", "64",
+         "--trainer.log_every_n_steps", "1"]
+
+
+def moa_command() -> list[str]:
+    script = Path(sys.executable).with_name("moa")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "moa.pipelines.cli"]
+
+
+def run_moa(args, cwd, env=None, timeout=300) -> str:
+    environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    environment.update(env or {})
+    done = subprocess.run([*moa_command(), *args], cwd=cwd, env=environment, capture_output=True, text=True,
+                          timeout=timeout)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"moa {' '.join(args)} failed:\n{output[-4000:]}"
+    return output
+
+
+def runs_of(db: Path, experiment: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    found = client.get_experiment_by_name(experiment)
+    return client, ([] if found is None else client.search_runs([found.experiment_id]))
+
+
+@pytest.mark.parametrize("name", ROUTER_CONFIGS)
+def test_router_config_prints_and_trains_one_step(name, tmp_path, monkeypatch):
+    from moa.pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(CONFIGS / f"{name}.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = out.getvalue()
+    assert "class_path: moa.pipelines." in printed and "routing_stats:" in printed
+    main(["fit", "-c", str(CONFIGS / f"{name}.yaml"), "--trainer.fast_dev_run", "2", "--trainer.logger", "false",
+          *SMALL])
+
+
+def test_fit_logs_to_mlflow_then_resume_validate_and_predict(tmp_path):
+    config = str(CONFIGS / "topk.yaml")
+    run_moa(["fit", "-c", config, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4", *SMALL],
+            cwd=tmp_path)
+
+    # embedded store in the working directory: sqlite database + ./mlruns artifacts
+    assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "mlruns").is_dir()
+    client, runs = runs_of(tmp_path / "mlflow.db", "moa-routers")
+    assert len(runs) == 1
+    run = runs[0]
+    params = run.data.params
+    assert params["router"] == "topk" and params["n_experts"] == "4" and params["n_tasks"] == "4"
+    steps = client.get_metric_history(run.info.run_id, "train/loss")
+    assert len(steps) >= 6 and len({m.step for m in steps}) == len(steps)  # per step
+    assert len(client.get_metric_history(run.info.run_id, "val/loss")) == 2  # per epoch
+    assert len(client.get_metric_history(run.info.run_id, "train/loss_epoch")) == 2
+    usage = [run.data.metrics[f"routing/usage/expert_{e}"] for e in range(4)]
+    assert sum(usage) == pytest.approx(1.0, abs=1e-4)
+    assert 0 < run.data.metrics["routing/entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-6
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.yaml" in artifacts
+    heatmaps = [a.path for a in client.list_artifacts(run.info.run_id, "routing")]
+    assert heatmaps == ["routing/usage_epoch000.png", "routing/usage_epoch001.png"]
+    local = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path)))
+    assert "moa.pipelines.modules.MoAClassifier" in local.read_text()
+    png = Path(client.download_artifacts(run.info.run_id, heatmaps[0], str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    checkpoints = tmp_path / "runs" / run.info.experiment_id / run.info.run_id / "checkpoints"
+    last = checkpoints / "last.ckpt"
+    assert last.is_file() and len(list(checkpoints.glob("epoch*.ckpt"))) == 1
+    assert torch.load(last, weights_only=False)["global_step"] == 8
+
+    # resume for one more epoch, on a team store named by MLFLOW_TRACKING_URI (nothing new in ./mlflow.db)
+    team = tmp_path / "team.db"
+    run_moa(["fit", "-c", config, "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "4",
+             "--ckpt_path", str(last), *SMALL], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{team}"})
+    assert len(runs_of(tmp_path / "mlflow.db", "moa-routers")[1]) == 1
+    team_client, team_runs = runs_of(team, "moa-routers")
+    assert len(team_runs) == 1
+    resumed = team_runs[0]
+    assert [m.value for m in team_client.get_metric_history(resumed.info.run_id, "epoch")][-1] == 2
+    resumed_last = tmp_path / "runs" / resumed.info.experiment_id / resumed.info.run_id / "checkpoints" / "last.ckpt"
+    assert torch.load(resumed_last, weights_only=False)["global_step"] == 12
+
+    output = run_moa(["validate", "-c", config, "--ckpt_path", str(resumed_last), "--trainer.logger", "false",
+                      "--trainer.limit_val_batches", "2", *SMALL], cwd=tmp_path)
+    assert "val/loss" in output and "val/accuracy" in output
+
+    predictions = tmp_path / "predictions.parquet"
+    run_moa(["predict", "-c", config, "--ckpt_path", str(resumed_last), "--trainer.logger", "false",
+             "--trainer.callbacks+=moa.pipelines.cli.ParquetPredictionWriter",
+             f"--trainer.callbacks.output={predictions}", *SMALL], cwd=tmp_path)
+    import pandas as pd
+
+    frame = pd.read_parquet(predictions)
+    assert len(frame) == 64 and set(frame.columns) == {"prediction", "probability"}
+    assert frame["prediction"].isin([0, 1]).all() and (frame["probability"] >= 0.5 - 1e-6).all()
+
+
+def test_help_lists_the_subcommands_and_extra_commands(tmp_path):
+    output = run_moa(["--help"], cwd=tmp_path)
+    for command in ("fit", "validate", "test", "predict", "moa register", "moa serve", "moa batch"):
+        assert command in output
+    output = run_moa(["fit", "-c", str(CONFIGS / "topk.yaml"), "--model.init_args.router", "static",
+                      "--model.init_args.router_options", "{key: task_ids}", "--print_config"], cwd=tmp_path)
+    assert "router: static" in output and "key: task_ids" in output
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_bad_config_values_fail_with_a_clear_message(tmp_path):
+    done = subprocess.run([*moa_command(), "fit", "-c", str(CONFIGS / "topk.yaml"), "--model.init_args.router",
+                           "nope", "--trainer.logger", "false"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    assert "unknown router 'nope'" in done.stderr

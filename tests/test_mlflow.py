@@ -1,0 +1,196 @@
+"""MLflow registry and the recommendation service: the real recommender (tiny encoder), a real sqlite store.
+
+Covers the serving bundle (safetensors weights, JSON configs, Parquet item table, cached item representations),
+request validation and per-row domain routing in-process, the pyfunc model logged from code (no pickle), and the
+promotion gate on validation NDCG@10.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from moa.pipelines.registry import CHAMPION, log_recommender, register_and_gate, register_bundle
+from moa.pipelines.recommendation import tiny_encoder
+from moa.pipelines.service import (ITEMS_FILE, SERVICE_FILE, RecommendationService, RequestError, item_table,
+                                   write_bundle)
+from moa.pipelines.tracking import heatmap_png, resolve_tracking_uri, usage_entropy
+from moa.recsys.data import ml100k
+from moa.recsys.models import RecommenderConfig, TextSeqRecommender
+
+DOMAINS = ["comedy", "drama"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny domain-expert recommender over two ml-100k domains, and its bundle."""
+    root = tmp_path_factory.mktemp("mlflow")
+    dataset = ml100k()
+    encoder = tiny_encoder(root / "encoder")
+    config = RecommenderConfig(encoder=str(encoder), adapted_layers=1, r=4, hidden=16, inner=32, user_layers=1,
+                               max_len=20)
+    torch.manual_seed(0)
+    model = TextSeqRecommender.build(DOMAINS, {d: dataset.domain(d).texts for d in DOMAINS}, config=config)
+    items = item_table(dataset, DOMAINS)
+    bundle = write_bundle(root / "bundle", {"experts": model}, items, metrics={"val/ndcg_10": 0.05})
+    return {"root": root, "dataset": dataset, "model": model.eval(), "items": items, "bundle": bundle}
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+def ids_of(items, domain, n):
+    return [int(i) for i in items.loc[items["domain"] == domain, "item_id"].head(n)]
+
+
+def test_bundle_files_and_cached_item_tables(world):
+    bundle = world["bundle"]
+    names = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
+    assert names == {"service.json", "items.parquet", "item_tables.safetensors",
+                     "recommenders/experts/recommender.json", "recommenders/experts/recommender.safetensors"}
+    assert not [n for n in names if n.endswith((".pkl", ".pt", ".ckpt"))]
+    meta = json.loads((bundle / SERVICE_FILE).read_text())
+    assert meta["routes"] == {"comedy": "experts", "drama": "experts"} and meta["item_id_type"] == "long"
+    service = RecommendationService.from_bundle(bundle)
+    for domain in DOMAINS:  # the cached tables are what the model computes
+        cached = service.models[domain].item_table(domain)
+        fresh = world["model"].item_table(domain)
+        assert torch.allclose(cached, fresh, atol=1e-5)
+        assert service.n_items(domain) == world["model"].item_encoder.n_items(domain)
+
+
+def test_mixed_domain_batch_is_routed_per_row(world):
+    service = RecommendationService.from_bundle(world["bundle"])
+    items = world["items"]
+    comedy, drama = ids_of(items, "comedy", 6), ids_of(items, "drama", 6)
+    histories, domains = [comedy[:3], drama[:2], comedy[3:], drama[2:5]], ["comedy", "drama", "comedy", "drama"]
+    mixed = service.recommend(histories, domains, k=5)
+    for row, (history, domain) in enumerate(zip(histories, domains)):
+        alone = service.recommend([history], [domain], k=5)
+        assert mixed.items[row] == alone.items[0]
+        assert mixed.scores[row] == pytest.approx(alone.scores[0], abs=1e-5)
+        domain_items = set(ids_of(items, domain, 10_000))
+        assert set(mixed.items[row]) <= domain_items and not set(mixed.items[row]) & set(history)
+        assert mixed.scores[row] == sorted(mixed.scores[row], reverse=True)
+        # the same ranking as the recommender itself, mapped back to source ids
+        index = {int(i): int(x) for i, x in zip(items["item_id"], items["index"])}
+        local = [index[h] for h in history]
+        top, _ = world["model"].recommend([local], domain, 5)
+        source = {int(x): int(i) for i, x, d in zip(items["item_id"], items["index"], items["domain"]) if d == domain}
+        assert mixed.items[row] == [source[i] for i in top[0].tolist()]
+
+
+@pytest.mark.parametrize("history, domain, k, message", [
+    ([999999], "comedy", 5, "unknown item ids [999999]"),
+    ([], "comedy", 5, "empty history"),
+    ([4], "horror", 5, "unknown domain 'horror'"),
+    ([4], "comedy", 101, "k must be between 1 and 100"),
+    ([4], "comedy", 0, "k must be between 1 and 100"),
+    ([4], "comedy", "ten", "k must be an integer"),
+    ([4] * 201, "comedy", 5, "longer than the limit of 200"),
+    ("4 13", "comedy", 5, "history must be a list of item ids"),
+])
+def test_bad_requests_raise_clear_errors(world, history, domain, k, message):
+    service = RecommendationService.from_bundle(world["bundle"])
+    with pytest.raises(RequestError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+        service.recommend([history], [domain], k)
+
+
+def test_item_of_another_domain_is_named(world):
+    service = RecommendationService.from_bundle(world["bundle"])
+    drama_item = ids_of(world["items"], "drama", 1)[0]
+    with pytest.raises(RequestError, match=f"items of other domains: {{'{drama_item}': 'drama'}}"):
+        service.recommend([[drama_item]], ["comedy"], 3)
+
+
+def test_logged_from_code_with_signature_and_no_pickle(world, store):
+    info = log_recommender(world["bundle"], experiment="t")
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(store / "download")))
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
+    assert {"artifacts/recommenders/experts/recommender.safetensors", "artifacts/items.parquet",
+            "artifacts/item_tables.safetensors", "artifacts/service.json", "input_example.json",
+            "serving_input_example.json"} <= files
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    assert mlmodel["flavors"]["python_function"]["model_code_path"].endswith("recommender_model.py")
+    inputs = json.loads(mlmodel["signature"]["inputs"])
+    assert [(c["name"], c["type"]) for c in inputs] == [("history", "array"), ("domain", "string")]
+    assert json.loads(mlmodel["signature"]["params"])[0]["name"] == "k"
+    serving_example = json.loads((local / "serving_input_example.json").read_text())
+    assert serving_example["params"] == {"k": 5}
+
+    loaded = mlflow.pyfunc.load_model(info.model_uri)
+    frame = pd.DataFrame({"history": [ids_of(world["items"], "comedy", 3), ids_of(world["items"], "drama", 2)],
+                          "domain": DOMAINS})
+    out = loaded.predict(frame, params={"k": 4})
+    expected = RecommendationService.from_bundle(world["bundle"]).recommend(list(frame["history"]), DOMAINS, 4)
+    assert [list(x) for x in out["items"]] == expected.items
+    with pytest.raises(mlflow.exceptions.MlflowException, match="unknown domain 'nope'") as err:
+        loaded.predict(pd.DataFrame({"history": [[4]], "domain": ["nope"]}))
+    assert err.value.get_http_status_code() == 400
+
+
+def test_promotion_gate_moves_champion_only_on_improvement(world, store):
+    client = MlflowClient()
+    bundles = {}
+    for name, value in (("first", 0.10), ("worse", 0.05), ("better", 0.20)):
+        copy = shutil.copytree(world["bundle"], store / name)
+        meta = json.loads((copy / SERVICE_FILE).read_text())
+        meta["metrics"]["val/ndcg_10"] = value
+        (copy / SERVICE_FILE).write_text(json.dumps(meta))
+        bundles[name] = copy
+    first = register_bundle(bundles["first"], "rec")
+    assert first.promoted and first.version == "1" and "first version" in first.reason
+    worse = register_bundle(bundles["worse"], "rec")
+    assert not worse.promoted and str(client.get_model_version_by_alias("rec", CHAMPION).version) == "1"
+    assert "0.0500 <= champion v1's 0.1000" in worse.reason
+    tags = client.get_model_version("rec", "2").tags
+    assert tags["promotion"] == "rejected" and tags["promotion_reason"] == worse.reason and tags["val_ndcg_10"] == "0.050000"
+    better = register_bundle(bundles["better"], "rec")
+    assert better.promoted and better.champion_version == "1"
+    assert {k: str(v) for k, v in client.get_registered_model("rec").aliases.items()} == {CHAMPION: "3"}
+    assert client.get_model_version("rec", "3").tags["promotion"] == "promoted"
+    champion = mlflow.pyfunc.load_model(f"models:/rec@{CHAMPION}")
+    assert champion.metadata.metadata["metrics"]["val/ndcg_10"] == pytest.approx(0.20)
+    # a tie does not move the champion
+    tie = register_and_gate(f"models:/rec/{better.version}", "rec", 0.20)
+    assert not tie.promoted and str(client.get_model_version_by_alias("rec", CHAMPION).version) == "3"
+
+
+def test_bundle_without_the_gating_metric_is_refused(world, store):
+    copy = shutil.copytree(world["bundle"], store / "nometric")
+    meta = json.loads((copy / SERVICE_FILE).read_text())
+    meta["metrics"] = {}
+    (copy / SERVICE_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="no metric 'val/ndcg_10'"):
+        register_bundle(copy, "rec")
+
+
+def test_item_table_must_cover_each_catalogue(world, tmp_path):
+    partial = world["items"].iloc[:-1]
+    with pytest.raises(ValueError, match="must list items 1..534 of domain 'drama'"):
+        write_bundle(tmp_path / "b", {"experts": world["model"]}, partial)
+
+
+def test_tracking_uri_resolution_and_routing_statistics(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri() == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.internal:5000")
+    assert resolve_tracking_uri() == "http://tracking.internal:5000"
+    assert resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
+    usage = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]])
+    entropy = usage_entropy(usage)
+    assert entropy[0] == pytest.approx(torch.log(torch.tensor(4.0)).item()) and entropy[1] == pytest.approx(0.0)
+    png = heatmap_png(usage, ["encoder.layer.0.attention.self.query", "encoder.layer.1.attention.self.query"], "t")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
