@@ -126,8 +126,10 @@ def mcc(pred: torch.Tensor, labels: torch.Tensor) -> float:
     return (tp * tn - fp * fn) / denom if denom else 0.0
 
 
-def run(name: str, backbone, train_rows, val_rows, seed: int, epochs: int, batch_size: int, plots: Path | None) -> dict:
-    kind, options, lr = METHODS[name]
+def run(name: str, backbone, train_rows, val_rows, seed: int, epochs: int, batch_size: int, plots: Path | None,
+        lr: float | None = None) -> dict:
+    kind, options, default_lr = METHODS[name]
+    lr = default_lr if lr is None else lr
     L.seed_everything(seed, verbose=False)
     config = moa.MoAConfig(n_experts=1, r=R, alpha=ALPHA, router="static", target_modules=TARGETS,
                            expert_kind=kind, expert_options=dict(options, seed=seed) if kind == "hyper" else {})
@@ -162,6 +164,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
+    parser.add_argument("--lr", type=float, default=None, help="override every method's learning rate")
     parser.add_argument("--plots", type=Path, default=None, help="folder for reliability diagrams (PNG)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared, oversubscribed CPU more threads run slower)")
@@ -184,7 +187,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:
         for name in args.methods:
-            out = run(name, backbone, train_rows, val_rows, seed, args.epochs, args.batch_size, args.plots)
+            out = run(name, backbone, train_rows, val_rows, seed, args.epochs, args.batch_size, args.plots, args.lr)
             results.setdefault(name, []).append(out)
             print(f"  {name:32s} seed {seed}: " + ", ".join(f"{k} {out[k]:.4f}" for k in REPORTED)
                   + f", {out['seconds']:.0f} s", flush=True)
@@ -197,7 +200,7 @@ def main() -> None:
     table = [header, ["---"] * len(header)]
     for name, runs in results.items():
         table.append([
-            name, f"{METHODS[name][2]:g}", f"{runs[0]['adapter_params']:,} + {runs[0]['head_params']:,}",
+            name, f"{args.lr or METHODS[name][2]:g}", f"{runs[0]['adapter_params']:,} + {runs[0]['head_params']:,}",
             *(cell([r[k] for r in runs]) for k in REPORTED), f"{statistics.mean(r['seconds'] for r in runs):.0f}",
         ])
     print(f"\nvalidation metrics after {args.epochs} epochs (mean ± std over seeds {args.seeds}; 10 bins):\n")

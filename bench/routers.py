@@ -50,27 +50,34 @@ from moa.routers.flylora import average_flylora  # noqa: E402
 from moa.routers.remix import effective_support_size  # noqa: E402
 
 warnings.filterwarnings("ignore")
-VOCAB, LENGTH, DOMAINS, DOMAIN_SPAN, POLAR, N_POLAR = 200, 16, 4, 40, 10, 5
+DOMAINS, DOMAIN_SPAN, N_DOMAIN, POLAR, N_OWN, N_DISTRACT = 4, 40, 8, 5, 5, 3
+LENGTH = N_DOMAIN + N_OWN + N_DISTRACT
+VOCAB = DOMAINS * (DOMAIN_SPAN + 2 * POLAR)
 TARGETS = ["query", "value", "intermediate.dense", "output.dense"]
 HIDDEN = 64
-FLIPS = {"A": (False, True, False, True), "B": (False, False, True, True)}  # per domain: flip the majority label?
+FLIPS = {"A": (False, False, False, False), "B": (False, False, True, True)}  # per domain: swap its polarity sets?
 
 
 def make_data(n: int, seed: int, flips=FLIPS["A"]) -> dict[str, torch.Tensor]:
+    """Token 0 is unused; domain d owns tokens [1 + d*40, 1 + d*40 + 40) and, after all domain ranges, a positive
+    and a negative set of 5 tokens each."""
     g = torch.Generator().manual_seed(seed)
     domain = torch.randint(0, DOMAINS, (n,), generator=g)
-    first_polar = DOMAINS * DOMAIN_SPAN  # positive tokens, then negative tokens
-    ids = domain[:, None] * DOMAIN_SPAN + torch.randint(0, DOMAIN_SPAN, (n, LENGTH), generator=g) + 1
-    positive = torch.randint(0, N_POLAR + 1, (n,), generator=g)
-    polar = torch.where(
-        torch.arange(N_POLAR)[None] < positive[:, None],
-        first_polar + torch.randint(0, POLAR, (n, N_POLAR), generator=g),
-        first_polar + POLAR + torch.randint(0, POLAR, (n, N_POLAR), generator=g),
-    ) + 1
-    slots = torch.rand(n, LENGTH, generator=g).argsort(1)[:, :N_POLAR]
-    ids = ids.scatter(1, slots, polar)
-    label = (positive > N_POLAR // 2).long() ^ torch.tensor(flips, dtype=torch.long)[domain]
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": label}
+    words = 1 + domain[:, None] * DOMAIN_SPAN + torch.randint(0, DOMAIN_SPAN, (n, N_DOMAIN), generator=g)
+    polar_start = 1 + DOMAINS * DOMAIN_SPAN
+
+    def polar_tokens(dom: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sign = torch.randint(0, 2, (n, count), generator=g)  # 1 = from the positive set
+        token = polar_start + dom[:, None] * 2 * POLAR + (1 - sign) * POLAR + torch.randint(0, POLAR, (n, count), generator=g)
+        return token, sign
+
+    own, own_sign = polar_tokens(domain, N_OWN)
+    other = (domain[:, None] + torch.randint(1, DOMAINS, (n, N_DISTRACT), generator=g)) % DOMAINS
+    distract = polar_start + other * 2 * POLAR + torch.randint(0, 2 * POLAR, (n, N_DISTRACT), generator=g)
+    tokens = torch.cat([words, own, distract], 1)
+    tokens = tokens.gather(1, torch.rand(n, LENGTH, generator=g).argsort(1))
+    label = (own_sign.sum(1) > N_OWN // 2).long() ^ torch.tensor(flips, dtype=torch.long)[domain]
+    return {"input_ids": tokens, "attention_mask": torch.ones_like(tokens), "labels": label}
 
 
 def batches(data: dict, batch_size: int, steps: int, seed: int):

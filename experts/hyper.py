@@ -24,8 +24,9 @@ Head initialisation (``head_init``). ``"lora"`` (default) starts where PEFT's Lo
 ``B = 0`` and the model starts as the base model, and a generated A is rescaled to the standard deviation of
 PEFT's ``lora_A`` init (measured on the trunk's own output when the head is created). ``"pytorch"`` keeps
 PyTorch's default ``nn.Linear`` init, as the official code does; behind the Transformer's final LayerNorm it
-makes factors of standard deviation ~0.57 (PEFT's lora_A: ~0.03 at d = 384), an update ~50x the base weights,
-which the official recipe dampens with ``noise="add"`` and a long anneal.
+makes factors of standard deviation ~0.57 (PEFT's lora_A: ~0.03 at d = 384) and an update whose entries are
+~20-40x those of MiniLM's query/value weights, which the official recipe dampens with ``noise="add"`` and a long
+anneal.
 
 Layouts. A head's output for one token is read as in the official code, i.e. in the "math" layout of
 ``x @ A @ B``: ``A_h`` is ``[d_in, r]`` and ``B_h`` is ``[r, d_out]`` (row-major ``view``), and it is converted
@@ -234,7 +235,7 @@ class LoRAHyperNetwork(nn.Module):
         self._pools: dict[str, "HyperLoRAPool"] = {}  # layer name -> its pool (unregistered: the model owns pools)
         self._cache: dict[str, tuple[Tensor, Tensor]] | None = None
         self._cache_key: Any = None
-        self._consumed: set[str] = set()
+        self._consumed: set[tuple[str, str]] = set()  # (layer, "A" | "B") read from the current pass
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the per-call cache behind (it may hold autograd graph tensors)."""
@@ -299,20 +300,25 @@ class LoRAHyperNetwork(nn.Module):
         return self.noise_alpha * max(0.0, 1.0 - int(self.optimizer_step) / total)
 
     # -- generation --------------------------------------------------------------------------------------------
-    def factors(self, name: str) -> tuple[Tensor, Tensor]:
-        """``(A [E, r, d_in], B [E, d_out, r])`` of layer ``name``, from the current pass (see the module docstring)."""
+    def factors(self, name: str, parts: tuple[str, ...] = ("A", "B")) -> tuple[Tensor, Tensor]:
+        """``(A [E, r, d_in], B [E, d_out, r])`` of layer ``name``, from the current pass (see the module docstring).
+
+        ``parts`` are the factors the caller reads (``pool.A`` and ``pool.B`` read one each, so a router reading
+        both, like Poly, does not look like a new call).
+        """
         if self._cache is not None and _inside_backward():  # activation checkpointing: same factors as the forward
             return self._cache[name]
         wants_graph = self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
         key = (wants_graph, self.training, torch.is_inference_mode_enabled(), self._state_key())
-        if self._cache is None or key != self._cache_key or (wants_graph and name in self._consumed):
+        reads = {(name, part) for part in parts}
+        if self._cache is None or key != self._cache_key or (wants_graph and not reads.isdisjoint(self._consumed)):
             # the pass belongs to the whole call, not to the layer that triggers it: plain saved-tensor hooks (the
             # inner-most pair applies) keep it out of an activation-checkpointed layer, which re-runs without it
             with torch.set_grad_enabled(wants_graph and torch.is_grad_enabled()), \
                     torch.autograd.graph.saved_tensors_hooks(torch.Tensor.detach, _unpack_saved):
                 self._cache = self.generate()
             self._cache_key, self._consumed = key, set()
-        self._consumed.add(name)
+        self._consumed |= reads
         return self._cache[name]
 
     def _state_key(self) -> tuple:
@@ -339,7 +345,7 @@ class LoRAHyperNetwork(nn.Module):
                 a_gen = self.heads_A[key](features[a_rows]).view(len(names), E, d_in, r).transpose(-1, -2)
             elif self.a_mode == "random" and self.training:
                 bound = peft_uniform_bound(d_in)
-                a_gen = torch.empty(len(names), E, r, d_in, **self._factory).uniform_(-bound, bound)
+                a_gen = torch.empty(len(names), E, r, d_in, dtype=features.dtype, device=features.device).uniform_(-bound, bound)
             else:
                 a_gen = None
             for i, name in enumerate(names):
@@ -358,6 +364,7 @@ class LoRAHyperNetwork(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"arch={self.arch!r}, a_mode={self.a_mode!r}, noise={self.noise!r}, noise_alpha={self.noise_alpha}, "
+            f"head_init={self.head_init!r}, "
             f"layers={len(self.layer_names)}, module_types={self.modules_in_order}, n_experts={self.n_experts}, r={self.r}"
         )
 
@@ -389,17 +396,18 @@ class HyperLoRAPool(nn.Module):
         hypernet.register_pool(name, self)
 
     def factors(self) -> tuple[Tensor, Tensor]:
+        """``(A, B)`` of this layer from the hypernetwork's current pass."""
         return self.hypernet.factors(self.name)
 
     @property
     def A(self) -> Tensor:
         """``[E, r, d_in]`` generated down-projections (PEFT layout)."""
-        return self.factors()[0]
+        return self.hypernet.factors(self.name, ("A",))[0]
 
     @property
     def B(self) -> Tensor:
         """``[E, d_out, r]`` generated up-projections (PEFT layout)."""
-        return self.factors()[1]
+        return self.hypernet.factors(self.name, ("B",))[1]
 
     def forward(self, x: Tensor, expert_ids: "Tensor | ExpertPlan | None", weights: Tensor,
                 factors: "tuple[Tensor, Tensor] | None" = None) -> Tensor:

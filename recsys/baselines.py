@@ -123,8 +123,8 @@ class SASRec(nn.Module):
         logits[:, PAD] = -math.inf
         return logits
 
-    def fit(self, split: LeaveOneOut, epochs: int = 200, *, lr: float = 1e-3, batch_size: int = 128,
-            weight_decay: float = 0.0, negatives: int | None = None, patience: int = 10, seed: int = 0,
+    def fit(self, split: LeaveOneOut, epochs: int = 200, *, lr: float = 3e-3, batch_size: int = 256,
+            weight_decay: float = 0.0, negatives: int | None = None, patience: int = 5, seed: int = 0,
             log: Callable[[str], None] | None = None) -> list[dict]:
         """Train on the split's training sequences; early-stop on validation NDCG@10; keep the best weights.
 
@@ -133,6 +133,8 @@ class SASRec(nn.Module):
         Loss: cross-entropy over all items (``negatives=None``), or a sampled softmax against ``negatives``
         uniform items shared by the batch. Validation is the harness (full ranking, seen items masked) after each
         epoch; training stops after ``patience`` epochs without improvement. Returns one dict per epoch.
+        The defaults (Adam, lr 3e-3, batch 256, patience 5) were chosen on ml-100k validation NDCG@10: they match
+        lr 1e-3 / batch 128 and dropout 0.5 within noise and converge in the fewest epochs.
         """
         if split.n_items != self.n_items:
             raise ValueError(f"model has {self.n_items} items, split has {split.n_items}")

@@ -132,7 +132,7 @@ def _natural_order(ids: Iterable[str]) -> list[str]:
 # dataset
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RecDataset:
     """An item catalogue with text and domains, and the interactions with it.
 
@@ -143,16 +143,18 @@ class RecDataset:
         interactions: columns ``user_id`` (str), ``item`` (int index), ``timestamp`` (float), ``rating`` (float,
             NaN when the source has none); sorted by user, then time (ties keep the source's order, as RecBole).
         domains: the domain names present, in a fixed order (the mapping's order for ml-100k).
+        users: user features indexed by ``user_id`` (RecBole ``.user``), or None.
     """
 
     name: str
     items: pd.DataFrame
     interactions: pd.DataFrame
     domains: tuple[str, ...]
+    users: pd.DataFrame | None = None
 
     @classmethod
     def from_frames(cls, name: str, interactions: pd.DataFrame, items: pd.DataFrame,
-                    domain_order: Sequence[str] | None = None) -> "RecDataset":
+                    domain_order: Sequence[str] | None = None, users: pd.DataFrame | None = None) -> "RecDataset":
         """Assemble from raw frames: ``interactions`` (``user_id, item_id, timestamp[, rating]``) and ``items``
         (``item_id, title, categories, text, domain``), both keyed by the source's item token.
 
@@ -184,7 +186,11 @@ class RecDataset:
             domains = tuple(sorted(present))
         else:
             domains = tuple(d for d in domain_order if d in present) + tuple(sorted(present - set(domain_order)))
-        return cls(name, table, inter, domains)
+        if users is not None:
+            if "user_id" not in users.columns:
+                raise ValueError(f"{name}: the user table needs a 'user_id' column, has {list(users.columns)}")
+            users = users.assign(user_id=users["user_id"].astype(str)).drop_duplicates("user_id").set_index("user_id")
+        return cls(name, table, inter, domains, users)
 
     # ---- sizes and item views
     @property
@@ -227,7 +233,7 @@ class RecDataset:
         remap[keep.index.to_numpy()] = items.index.to_numpy()
         inter = self.interactions[self.interactions["item"].isin(keep.index)].copy()
         inter["item"] = remap[inter["item"].to_numpy()]
-        return RecDataset(f"{self.name}/{name}", items, inter.reset_index(drop=True), (name,))
+        return RecDataset(f"{self.name}/{name}", items, inter.reset_index(drop=True), (name,), self.users)
 
     def leave_one_out(self, min_interactions: int = 3) -> "LeaveOneOut":
         """The time-ordered leave-one-out split (RecBole ``LS: valid_and_test, order: TO``).
@@ -257,7 +263,7 @@ class RecDataset:
 # split
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Stage:
     """One stage of a split: for each example a time-ordered history (item indices) and the next item.
 
@@ -293,7 +299,7 @@ class Stage:
             yield left_pad([self.histories[r] for r in rows.tolist()], max_len), self.targets[rows], rows
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LeaveOneOut:
     """Time-ordered leave-one-out split of one dataset (or one domain of it).
 
@@ -435,13 +441,14 @@ def _first_present(columns: Iterable[str], candidates: Sequence[str], given: str
 def load_atomic(directory: str | Path, name: str | None = None, *,
                 domains: Mapping[str, Iterable[str]] | None = None, default_domain: str = "unknown",
                 title_field: str | None = None, category_field: str | None = None) -> RecDataset:
-    """Load RecBole atomic files ``<directory>/<name>.inter`` (required) and ``<name>.item`` (optional).
+    """Load RecBole atomic files ``<directory>/<name>.inter`` (required), ``.item`` and ``.user`` (optional).
 
     ``.inter`` needs ``user_id``, ``item_id`` and ``timestamp`` fields (RecBole's defaults); ``rating`` is kept
     when present. From ``.item``: the title (``title_field``, default the first of movie_title/title/item_name/
     name), a ``release_year``/``year`` field, and categories (``category_field``, default the first of class/genre/
     genres/categories/category; token_seq or token). Without ``.item`` the item token is its text.
     Each item's domain is :func:`assign_domain` of its categories with ``domains`` and ``default_domain``.
+    ``.user`` (needs ``user_id``) becomes ``dataset.users``.
     """
     directory = Path(directory)
     name = name or directory.name
@@ -477,7 +484,9 @@ def load_atomic(directory: str | Path, name: str | None = None, *,
                           "categories": [tuple(x for x in cs if x not in _NO_CATEGORY) for cs in cats]})
     items["text"] = [item_text(ti, cs, yr) for ti, cs, yr in zip(items["title"], items["categories"], years)]
     items["domain"] = [assign_domain(cs, domains, default_domain) for cs in items["categories"]]
-    return RecDataset.from_frames(name, inter, items, list(domains) if domains else None)
+    user_path = directory / f"{name}.user"
+    users = read_atomic(user_path) if user_path.is_file() else None
+    return RecDataset.from_frames(name, inter, items, list(domains) if domains else None, users)
 
 
 def ml100k(path: str | Path | None = None) -> RecDataset:

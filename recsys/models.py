@@ -593,8 +593,9 @@ class TextSeqRecommender(nn.Module):
         them when the domain has fewer). With ``train_encoder`` the item-encoder parameters that require grad
         (LoRA experts, an X-Cross integrator) train with ``encoder_lr`` (default ``lr``) and the batch's items
         are re-encoded through the top layers at every step; otherwise item vectors come from the cache.
-        After each epoch, validation NDCG@10 (harness, full ranking, seen items masked; averaged over domains)
-        selects the best weights; ``patience`` epochs without improvement stop training, as does ``max_seconds``.
+        Before training and after each epoch, validation NDCG@10 (harness, full ranking, seen items masked;
+        averaged over domains) selects the best weights (epoch 0, the starting point, included); ``patience``
+        epochs without improvement stop training, as does ``max_seconds``.
         Returns ``{"epochs", "best_epoch", "best_valid", "seconds", "history"}``.
         """
         splits = self._splits(splits)
@@ -611,7 +612,15 @@ class TextSeqRecommender(nn.Module):
             groups.append({"params": encoder_params, "lr": encoder_lr or lr})
         optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
         rows = [(d, i) for d, (x, _) in windows.items() for i in range(len(x))]
-        start, best, best_state, stale, history = time.perf_counter(), -1.0, None, 0, []
+        start, stale = time.perf_counter(), 0
+
+        def validate() -> float:
+            return sum(evaluate(self, s.valid, ks=(10,), max_len=self.config.max_len)["NDCG@10"]
+                       for s in splits.values()) / len(splits)
+
+        best = validate()  # epoch 0: the starting point (e.g. the cached-encoder model before its adapters train)
+        best_state = self._trainable_state()
+        history = [{"epoch": 0, "loss": math.nan, "valid_NDCG@10": best, "seconds": time.perf_counter() - start}]
         for epoch in range(1, epochs + 1):
             self.train()
             order = torch.randperm(len(rows), generator=generator).tolist()
@@ -627,8 +636,7 @@ class TextSeqRecommender(nn.Module):
                 if encoder_params:
                     self.clear_cache()
                 total, count = total + loss.item() * n, count + n
-            valid = sum(evaluate(self, s.valid, ks=(10,), max_len=self.config.max_len)["NDCG@10"]
-                        for s in splits.values()) / len(splits)
+            valid = validate()
             seconds = time.perf_counter() - start
             history.append({"epoch": epoch, "loss": total / max(count, 1), "valid_NDCG@10": valid, "seconds": seconds})
             if log:
@@ -643,7 +651,7 @@ class TextSeqRecommender(nn.Module):
         self.clear_cache()
         self.eval()
         best_epoch = max(history, key=lambda h: h["valid_NDCG@10"])["epoch"]
-        return {"epochs": len(history), "best_epoch": best_epoch, "best_valid": best,
+        return {"epochs": len(history) - 1, "best_epoch": best_epoch, "best_valid": best,
                 "seconds": time.perf_counter() - start, "history": history}
 
     def _splits(self, splits: LeaveOneOut | Mapping[str, LeaveOneOut]) -> dict[str, LeaveOneOut]:

@@ -90,7 +90,7 @@ def test_fit_logs_to_mlflow_then_resume_validate_and_predict(tmp_path):
 
     checkpoints = tmp_path / "runs" / run.info.experiment_id / run.info.run_id / "checkpoints"
     last = checkpoints / "last.ckpt"
-    assert last.is_file() and len(list(checkpoints.glob("epoch*.ckpt"))) == 1
+    assert last.is_file() and len(list(checkpoints.glob("best-epoch*.ckpt"))) == 1
     assert torch.load(last, weights_only=False)["global_step"] == 8
 
     # resume for one more epoch, on a team store named by MLFLOW_TRACKING_URI (nothing new in ./mlflow.db)

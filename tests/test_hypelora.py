@@ -314,6 +314,19 @@ def test_one_hypernetwork_pass_per_training_forward_and_none_when_serving(bert):
     assert calls[0] == 5
 
 
+def test_a_router_reading_A_and_B_costs_one_pass(bert):
+    """Routers that mix the experts' parameters (Poly) read pool.A and pool.B: one call, one pass."""
+    model = hyper_model(bert)
+    calls = count_hypernet_passes(model)
+    model.train()
+    pools = [layer.pool for layer in model.moa_layers().values()]
+    for pool in pools:
+        pool.A, pool.B
+    assert calls[0] == 1
+    pools[0].A  # read again: the next call of the model
+    assert calls[0] == 2
+
+
 def test_activation_checkpointing_reuses_the_forward_factors(bert):
     grads = []
     for checkpointing in (False, True):

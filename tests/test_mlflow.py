@@ -143,29 +143,22 @@ def test_logged_from_code_with_signature_and_no_pickle(world, store):
 
 def test_promotion_gate_moves_champion_only_on_improvement(world, store):
     client = MlflowClient()
-    bundles = {}
-    for name, value in (("first", 0.10), ("worse", 0.05), ("better", 0.20)):
-        copy = shutil.copytree(world["bundle"], store / name)
-        meta = json.loads((copy / SERVICE_FILE).read_text())
-        meta["metrics"]["val/ndcg_10"] = value
-        (copy / SERVICE_FILE).write_text(json.dumps(meta))
-        bundles[name] = copy
-    first = register_bundle(bundles["first"], "rec")
+    first = register_bundle(world["bundle"], "rec")  # log + register + gate, the bundle's NDCG@10 is 0.05
     assert first.promoted and first.version == "1" and "first version" in first.reason
-    worse = register_bundle(bundles["worse"], "rec")
+    uri = f"models:/rec/{first.version}"
+    worse = register_and_gate(uri, "rec", 0.04)
     assert not worse.promoted and str(client.get_model_version_by_alias("rec", CHAMPION).version) == "1"
-    assert "0.0500 <= champion v1's 0.1000" in worse.reason
+    assert worse.reason == "val NDCG@10 0.0400 <= champion v1's 0.0500"
     tags = client.get_model_version("rec", "2").tags
-    assert tags["promotion"] == "rejected" and tags["promotion_reason"] == worse.reason and tags["val_ndcg_10"] == "0.050000"
-    better = register_bundle(bundles["better"], "rec")
-    assert better.promoted and better.champion_version == "1"
+    assert tags["promotion"] == "rejected" and tags["promotion_reason"] == worse.reason and tags["val_ndcg_10"] == "0.040000"
+    better = register_and_gate(uri, "rec", 0.20)
+    assert better.promoted and better.champion_version == "1" and better.version == "3"
     assert {k: str(v) for k, v in client.get_registered_model("rec").aliases.items()} == {CHAMPION: "3"}
     assert client.get_model_version("rec", "3").tags["promotion"] == "promoted"
-    champion = mlflow.pyfunc.load_model(f"models:/rec@{CHAMPION}")
-    assert champion.metadata.metadata["metrics"]["val/ndcg_10"] == pytest.approx(0.20)
-    # a tie does not move the champion
-    tie = register_and_gate(f"models:/rec/{better.version}", "rec", 0.20)
+    tie = register_and_gate(uri, "rec", 0.20)  # a tie does not move the champion
     assert not tie.promoted and str(client.get_model_version_by_alias("rec", CHAMPION).version) == "3"
+    champion = mlflow.pyfunc.load_model(f"models:/rec@{CHAMPION}")
+    assert champion.metadata.metadata["metrics"]["val/ndcg_10"] == pytest.approx(0.05)
 
 
 def test_bundle_without_the_gating_metric_is_refused(world, store):

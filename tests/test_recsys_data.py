@@ -44,6 +44,7 @@ def atomic_dir(tmp_path):
           "u3\t99\t5\t4\n"          # item 99 is not in toy.item: dropped
           "u4\t10\t3\t5\n"
           "u4\t7\t3\t6\n")
+    write(d / "toy.user", "user_id:token\tage:token\nu1\t24\nu2\t53\n")
     return d
 
 
@@ -86,6 +87,7 @@ def test_load_atomic_builds_catalogue_text_domains_and_time_order(atomic_dir):
     seq = {u: g["item"].tolist() for u, g in ds.interactions.groupby("user_id")}
     assert seq == {"u1": [1, 3, 4, 2], "u2": [2, 1, 4], "u3": [3, 4, 1], "u4": [3, 2]}
     assert len(ds.interactions) == 12
+    assert ds.users.loc["u2", "age"] == "53" and ds.domain("kids").users is ds.users   # toy.user
 
 
 def test_load_atomic_without_item_file_and_bad_fields(tmp_path):
@@ -237,7 +239,7 @@ def test_ml100k_missing_path_is_a_clear_error(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("recbole") is None, reason="recbole wheel (MovieLens-100K) not installed")
 def test_ml100k_from_the_recbole_wheel():
     ds = ml100k()
-    assert (ds.n_users, ds.n_items, len(ds.interactions)) == (943, 1682, 100_000)
+    assert (ds.n_users, ds.n_items, len(ds.interactions), len(ds.users)) == (943, 1682, 100_000, 943)
     assert ds.items["item_id"].astype(int).tolist() == list(range(1, 1683))   # item index == MovieLens id
     assert ds.texts[1] == "Toy Story (1995). Animation, Children's, Comedy."
     assert ds.domains == tuple(ML100K_DOMAINS)
