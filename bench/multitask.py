@@ -53,6 +53,7 @@ WORDS = (
     "flower market planet silver rocket farmer engine guitar orange lemon cookie"
 ).split()
 SENTENCE_WORDS = 5
+SEEN_TEST, HELDOUT_TEST = 50, 300  # test examples per seen / held-out task
 TARGETS = r"layer\.\d+\.(attention\.self\.(query|value)|attention\.output\.dense|output\.dense)"
 
 
@@ -160,25 +161,25 @@ def main() -> None:
     parser.add_argument("--arity", type=int, default=2, help="skills composed per task")
     parser.add_argument("--train-tasks", type=int, default=20)
     parser.add_argument("--heldout-tasks", type=int, default=6)
-    parser.add_argument("--train-examples", type=int, default=240, help="multi-task examples per training task")
+    parser.add_argument("--train-examples", type=int, default=300, help="multi-task examples per training task")
     parser.add_argument("--shots", type=int, default=32, help="few-shot examples per held-out task")
     parser.add_argument("--skills-model", type=int, default=8, help="LoRA skills (n_experts) of Poly / MHR")
     parser.add_argument("--heads", type=int, default=8, help="MHR heads")
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--alpha", type=float, default=1.0, help="LoRA alpha of every method (1: Poly's 1/r scale)")
-    parser.add_argument("--adapt-layers", type=int, default=2)
+    parser.add_argument("--adapt-layers", type=int, default=1)
     parser.add_argument("--steps", type=int, default=400, help="multi-task steps")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--z-lr", type=float, default=0.1, help="routing-logit lr (mttl's two-speed lr)")
-    parser.add_argument("--transfer-steps", type=int, default=60)
+    parser.add_argument("--transfer-steps", type=int, default=40)
     parser.add_argument("--transfer-lr", type=float, default=5e-3)
-    parser.add_argument("--transfer-seeds", type=int, default=2)
+    parser.add_argument("--transfer-seeds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plot", default="bench/results/multitask_skills.png", help="heat map of MHR's task-skill weights")
     args = parser.parse_args()
     if args.quick:
-        args.train_tasks, args.heldout_tasks, args.train_examples, args.steps = 10, 2, 64, 40
+        args.train_tasks, args.heldout_tasks, args.train_examples, args.steps = 10, 2, 64, 30
         args.transfer_steps, args.transfer_seeds = 20, 1
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -198,14 +199,15 @@ def main() -> None:
     g = torch.Generator().manual_seed(args.seed + 1)
     train_x, train_t, train_y, seen_x, seen_t, seen_y = [], [], [], [], [], []
     for t, skills in enumerate(family.train_tasks):
-        w, y = family.sample(skills, args.train_examples + 100, g)
-        train_x.append(w[:-100]), train_y.append(y[:-100]), train_t.append(torch.full((len(y) - 100,), t))
-        seen_x.append(w[-100:]), seen_y.append(y[-100:]), seen_t.append(torch.full((100,), t))
+        w, y = family.sample(skills, args.train_examples + SEEN_TEST, g)
+        train_x.append(w[:-SEEN_TEST]), train_y.append(y[:-SEEN_TEST])
+        train_t.append(torch.full((args.train_examples,), t))
+        seen_x.append(w[-SEEN_TEST:]), seen_y.append(y[-SEEN_TEST:]), seen_t.append(torch.full((SEEN_TEST,), t))
     train_h, train_t, train_y = encode(torch.cat(train_x)), torch.cat(train_t), torch.cat(train_y)
     seen_h, seen_t, seen_y = encode(torch.cat(seen_x)), torch.cat(seen_t), torch.cat(seen_y)
     heldout = []  # per held-out task: test set and the few-shot draws
     for skills in family.heldout_tasks:
-        w, y = family.sample(skills, 400, g)
+        w, y = family.sample(skills, HELDOUT_TEST, g)
         shots = [family.sample(skills, args.shots, g) for _ in range(args.transfer_seeds)]
         heldout.append(((encode(w), y), [(encode(sw), sy) for sw, sy in shots]))
     print(f"MiniLM-L6 backbone, adapters in the top {args.adapt_layers} layers; {len(words)} words, "

@@ -60,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3, help="user encoders (and SASRec)")
     p.add_argument("--lora-lr", type=float, default=1e-3)
     p.add_argument("--xcross-lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=float, default=1.0, help="epochs of linear lr warmup in phase 2")
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--gamma", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=256)
@@ -68,10 +69,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the report to this file")
     args = p.parse_args(argv)
-    if args.quick:
-        args.targets = args.targets or ["children"]
-        args.head_epochs, args.lora_epochs, args.xcross_epochs = 20, 2, 2
-        args.sasrec_epochs, args.patience = 60, 3
+    if args.quick:  # shorter defaults; flags given explicitly win
+        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+        quick = {"targets": ["children"], "head_epochs": 20, "lora_epochs": 2, "xcross_epochs": 2,
+                 "sasrec_epochs": 60, "patience": 3}
+        for name, value in quick.items():
+            if f"--{name.replace('_', '-')}" not in given:
+                setattr(args, name, value)
     return args
 
 
@@ -153,7 +157,7 @@ def main(argv=None):
         frozen = (row_metrics(model, split), model.parameter_counts()["heads"], p1["seconds"])
         log(f"{domain}: phase 2 (LoRA + user encoder)")
         p2 = model.fit(split, train_encoder=True, epochs=args.lora_epochs, lr=args.lr, encoder_lr=args.lora_lr,
-                       log=log, **fit)
+                       warmup=args.warmup, log=log, **fit)
         return model, frozen, p1["seconds"] + p2["seconds"]
 
     def train_sasrec(split):
@@ -207,7 +211,7 @@ def main(argv=None):
             p1 = xmodel.fit(split, train_encoder=False, epochs=args.head_epochs, lr=args.lr, log=log, **fit)
             log(f"{target}: X-Cross phase 2 (integrator + user encoder; sources {xmodel.item_encoder.sources})")
             p2 = xmodel.fit(split, train_encoder=True, epochs=args.xcross_epochs, lr=args.lr,
-                            encoder_lr=args.xcross_lr, log=log, **fit)
+                            encoder_lr=args.xcross_lr, warmup=args.warmup, log=log, **fit)
             cross.append((target, fraction, "X-Cross", row_metrics(xmodel, split),
                           xmodel.parameter_counts()["total"], p1["seconds"] + p2["seconds"]))
             del xmodel

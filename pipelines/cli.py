@@ -77,12 +77,10 @@ EPILOG = (
 )
 
 
-def main(args: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if args is None else args)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if argv and argv[0] in ("register", "serve", "batch"):
-        return _extra_commands()[argv[0]](argv[1:]) or 0
-    MoACLI(
+def run_cli(args: Sequence[str] | None = None) -> MoACLI:
+    """Run a Lightning subcommand (``fit``, ``validate``, ...) and return the CLI (its ``model``, ``datamodule``,
+    ``trainer``); ``args=None`` reads ``sys.argv``."""
+    return MoACLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
@@ -91,8 +89,16 @@ def main(args: Sequence[str] | None = None) -> int:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"logger": LOGGER_DEFAULT},
         parser_kwargs={"epilog": EPILOG},
-        args=None if args is None else argv,
+        args=None if args is None else list(args),
     )
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if args is None else args)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if argv and argv[0] in ("register", "serve", "batch"):
+        return _extra_commands()[argv[0]](argv[1:]) or 0
+    run_cli(args)
     return 0
 
 

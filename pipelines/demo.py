@@ -1,179 +1,160 @@
-"""The main job until the recommendation pipeline lands: an end-to-end tour of the foundation, printed.
+"""The main job: the whole recommendation pipeline on embedded defaults, printed.
 
-    python -m moa.pipelines.demo [--out outputs/demo] [--steps 60]
+    python -m moa.pipelines.demo              # ./run main; about 10-15 min on a 2-core CPU
+    python -m moa.pipelines.demo --full       # the larger configuration (2 adapted layers, more epochs)
 
-1. attach a top-k routed pool of LoRA experts to a tiny Llama built from a config, and train it with Lightning
-   on a seeded two-domain sequence task (the routers' load-balancing loss included);
-2. save and load it back (safetensors + JSON) and check the outputs are identical;
-3. import two PEFT LoRA adapters as the experts of a static-routed pool, serve a mixed batch, export a fixed
-   mixture back to PEFT and merge a route into the base weights, checking each against PEFT itself;
-4. run the grouped expert kernel's implementations side by side on one shape.
+1. MovieLens-100K in genre domains (each its own catalogue), leave-one-out per domain.
+2. ``moa fit -c configs/recsys-experts.yaml``: domain experts (one LoRA expert per source domain in the top layer
+   of all-MiniLM-L6-v2, static routing by domain) and one user encoder per domain; MLflow run on ./mlflow.db.
+3. ``moa fit -c configs/recsys-xcross.yaml``: X-Cross for the target domain, integrating the frozen source experts
+   layer by layer; the best epoch's bundle is logged as an MLflow pyfunc model, registered as
+   ``moa-recommender`` and promoted to ``@champion`` when its validation NDCG@10 beats the champion's.
+4. ``mlflow models serve -m models:/moa-recommender@champion --env-manager local`` on 127.0.0.1: a mixed-domain
+   batch of real users' histories, and a bad request; then the server is stopped.
+5. Batch scoring of every user to Parquet, and the test metrics next to a popularity baseline.
+
+The foundation tour that used to be the main job is ``python -m moa.pipelines.tour``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
 
-import lightning as L
-import torch
-from torch.utils.data import DataLoader, Dataset
-from transformers import LlamaConfig, LlamaForCausalLM
-
-import moa
-from moa.experts import grouped_lora, runnable_impls
-from moa.lightning import MoAModule
-
-VOCAB = 64
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
-
-
-class TwoDomainSequences(Dataset):
-    """Domain 0 continues a sequence by +1 (mod V), domain 1 by +3: the same tokens need different experts."""
-
-    def __init__(self, n: int, length: int = 16, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.domain = torch.randint(0, 2, (n,), generator=g)
-        start = torch.randint(0, VOCAB, (n, 1), generator=g)
-        step = torch.where(self.domain == 0, 1, 3).unsqueeze(1)
-        self.tokens = (start + step * torch.arange(length)) % VOCAB
-
-    def __len__(self):
-        return len(self.tokens)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.tokens[i], "labels": self.tokens[i], "domain_ids": self.domain[i]}
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SOURCES, TARGET = ["comedy", "action"], "drama"
 
 
 def step(title: str) -> None:
-    print(f"\n== {title}")
+    print(f"\n== {title}", flush=True)
 
 
-def train_topk(out: Path, steps: int) -> None:
-    step("1. top-k routed LoRA experts in a tiny Llama, trained with Lightning")
-    base = tiny_llama()
-    pristine = copy.deepcopy(base)
-    config = moa.MoAConfig(n_experts=4, r=8, router="topk", top_k=2, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
-    model = moa.attach(base, config)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    print(f"attached {len(model.moa_layers())} MoA layers (E=4, r=8, top-2); trainable {trainable:,} of {total:,} parameters")
-    data = DataLoader(TwoDomainSequences(512), batch_size=32, shuffle=True)
-    held_out = next(iter(DataLoader(TwoDomainSequences(128, seed=1), batch_size=128)))
-
-    def eval_loss() -> float:
-        model.eval()
-        with torch.no_grad():
-            return model(input_ids=held_out["input_ids"], labels=held_out["labels"]).loss.item()
-
-    before = eval_loss()
-    model.train()
-    module = MoAModule(model, lr=3e-3)
-    trainer = L.Trainer(
-        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", devices=1,
-    )
-    t0 = time.perf_counter()
-    trainer.fit(module, data)
-    after = eval_loss()
-    print(f"held-out LM loss {before:.3f} -> {after:.3f} after {steps} steps ({time.perf_counter() - t0:.1f} s)")
-    balance = trainer.callback_metrics.get("train/aux/load_balance")
-    print(f"load-balancing loss at the last step (sum over layers, coef 0.01): {float(balance):.4f}")
-    usage = next(iter(model.routing_stats().values()))
-    print(f"expert usage in the first layer: {[round(u, 2) for u in usage.tolist()]}")
-
-    step("2. save_pretrained / moa.load round trip")
-    saved = model.save_pretrained(out / "topk")
-    print(f"wrote {sorted(p.name for p in saved.iterdir())}")
-    reloaded = moa.load(saved, pristine).eval()
-    with torch.no_grad():
-        diff = (model(input_ids=held_out["input_ids"]).logits - reloaded(input_ids=held_out["input_ids"]).logits).abs().max()
-    print(f"max |logits difference| after reload: {diff.item():.1e}")
+def quiet() -> None:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "mlflow", "alembic", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def peft_round_trip(out: Path) -> None:
-    step("3. PEFT LoRA adapters as experts: mixed batch, export, merge")
-    from peft import LoraConfig, PeftModel, get_peft_model
+def fit(config: str, overrides: list[str]):
+    from moa.pipelines.cli import run_cli
 
-    base = tiny_llama()
-    folders = {}
-    for i, (name, rank) in enumerate([("books", 4), ("movies", 8)]):
-        torch.manual_seed(10 + i)
-        peft_model = get_peft_model(
-            copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-        )
-        folders[name] = out / "peft" / name
-        peft_model.save_pretrained(str(folders[name]))
-    print(f"saved PEFT adapters {list(folders)} (ranks 4 and 8)")
-
-    model = moa.from_peft(copy.deepcopy(base), folders).eval()
-    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
-    reference = PeftModel.from_pretrained(copy.deepcopy(base), str(folders["books"]), adapter_name="books").eval()
-    reference.load_adapter(str(folders["movies"]), adapter_name="movies")
-    with torch.no_grad():
-        mixed = model(input_ids=ids, expert_ids=[0, 1]).logits
-        expected = reference(input_ids=ids, adapter_names=["books", "movies"]).logits
-    print(f"mixed batch (books, movies) vs PEFT adapter_names: max diff {(mixed - expected).abs().max().item():.1e}")
-
-    route = [0.25, 0.75]
-    exported = moa.to_peft(model, out / "peft" / "blend", route=route, overwrite=True)
-    blend = PeftModel.from_pretrained(copy.deepcopy(base), str(exported)).eval()
-    with torch.no_grad():
-        ours = model(input_ids=ids, expert_weights=[route, route]).logits
-        theirs = blend(input_ids=ids).logits
-    print(f"fixed mixture {route} exported as one PEFT LoRA: max diff {(ours - theirs).abs().max().item():.1e}")
-    merged = moa.merge(model, route)
-    with torch.no_grad():
-        diff = (merged(input_ids=ids).logits - ours).abs().max().item()
-    print(f"merged into the base weights (plain {type(merged).__name__}): max diff {diff:.1e}")
+    return run_cli(["fit", "-c", str(CONFIGS / config), "--trainer.enable_progress_bar", "false",
+                    "--trainer.enable_model_summary", "false", *overrides])
 
 
-def kernels() -> None:
-    step("4. grouped expert kernel implementations (N=1024, d=256, E=16, r=8, k=2, forward+backward)")
-    g = torch.Generator().manual_seed(0)
-    N, d, E, r, k = 1024, 256, 16, 8, 2
-    x = torch.randn(N, d, generator=g, requires_grad=True)
-    A = (torch.randn(E, r, d, generator=g) * 0.05).requires_grad_()
-    B = (torch.randn(E, d, r, generator=g) * 0.05).requires_grad_()
-    w, ids = torch.randn(N, E, generator=g).softmax(-1).topk(k)
-    reference = None
-    for impl in ["loop", *sorted(set(runnable_impls("cpu")) - {"loop"}), "auto"]:
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            y = grouped_lora(x, A, B, ids, w, impl=impl)
-            y.sum().backward()
-            times.append(time.perf_counter() - t0)
-        reference = y.detach() if reference is None else reference
-        err = (y.detach() - reference).abs().max().item()
-        print(f"  {impl:8s} {sorted(times)[2] * 1e3:7.2f} ms   max diff vs loop {err:.1e}")
+def test_metrics(cli) -> dict[str, float]:
+    results = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    return {k: float(v) for k, v in results.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="where saved models go")
-    parser.add_argument("--steps", type=int, default=60, help="training steps")
+    parser.add_argument("--out", type=Path, default=Path("outputs/main"), help="bundles, checkpoints, Parquet")
+    parser.add_argument("--full", action="store_true", help="the larger configuration (2 adapted layers, 12 + 12 epochs)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of each stage (default 3, --full 12)")
+    parser.add_argument("--encoder", default=None, help="item encoder folder (default: all-MiniLM-L6-v2)")
+    parser.add_argument("--name", default="moa-recommender", help="registered model name")
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    args.out.mkdir(parents=True, exist_ok=True)
-    train_topk(args.out, args.steps)
-    peft_round_trip(args.out)
-    kernels()
-    print(f"\ndone; artifacts in {args.out}/")
+    quiet()
+    start = time.perf_counter()
+    epochs = args.epochs or (12 if args.full else 3)
+    adapted = 2 if args.full else 1
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    from moa.pipelines.tracking import resolve_tracking_uri
+
+    print(f"MLflow store: {resolve_tracking_uri()} (artifacts under ./mlruns); outputs in {out}/")
+
+    step("1. data: MovieLens-100K, genre domains, leave-one-out")
+    from moa.recsys.data import ml100k
+
+    dataset = ml100k()
+    print(dataset.summary())
+    print(f"source domains {SOURCES} (domain experts), target domain {TARGET!r} (X-Cross)")
+
+    step(f"2. domain experts: {len(SOURCES)} LoRA experts in the top {adapted} MiniLM layer(s), {epochs} epochs")
+    common = ["--trainer.default_root_dir", str(out / "runs"), "--trainer.max_epochs", str(epochs)]
+    experts = fit("recsys-experts.yaml", [
+        *common, "--data.init_args.domains", str(SOURCES), "--model.init_args.adapted_layers", str(adapted),
+        "--model.init_args.export_dir", str(out / "experts-bundle"),
+        *(["--model.init_args.encoder", args.encoder] if args.encoder else [])])
+    best = experts.model.best
+    print(f"best epoch {best.get('epoch')}: val NDCG@10 {best['ndcg_10']:.4f}  HR@10 {best['hr_10']:.4f} "
+          f"({time.perf_counter() - start:.0f} s so far)")
+
+    step(f"3. X-Cross for {TARGET!r} from the frozen {SOURCES} experts; log, register, promotion gate")
+    xcross = fit("recsys-xcross.yaml", [
+        *common, "--data.init_args.domains", str([TARGET]), "--model.init_args.sources_from",
+        str(out / "experts-bundle"), "--model.init_args.export_dir", str(out / "bundle"),
+        "--model.init_args.register_as", args.name])
+    best = xcross.model.best
+    print(f"best epoch {best.get('epoch')}: val NDCG@10 {best['ndcg_10']:.4f}  HR@10 {best['hr_10']:.4f}")
+    promotion = xcross.model.promotion
+    verdict = "promoted to @champion" if promotion.promoted else "not promoted"
+    print(f"registered {promotion.name} v{promotion.version}: {verdict} ({promotion.reason})")
+
+    step("4. test metrics (leave-one-out, full ranking over each domain's catalogue, seen items masked)")
+    from moa.recsys.baselines import Popularity
+    from moa.recsys.evaluate import evaluate
+
+    rows = []
+    source_test, target_test = test_metrics(experts), test_metrics(xcross)
+    for domain in [*SOURCES, TARGET]:
+        split = (xcross if domain == TARGET else experts).datamodule.splits[domain]
+        popular = evaluate(Popularity().fit(split), split.test, ks=(10,))
+        ours = target_test if domain == TARGET else source_test
+        model = "X-Cross" if domain == TARGET else "domain expert"
+        rows.append((domain, model, ours[f"test/{domain}/ndcg_10"], ours[f"test/{domain}/hr_10"],
+                     popular["NDCG@10"], popular["HR@10"]))
+    print(f"{'domain':8s} {'model':14s} {'NDCG@10':>8s} {'HR@10':>7s} | {'popularity NDCG@10':>18s} {'HR@10':>7s}")
+    for domain, model, ndcg, hr, pop_ndcg, pop_hr in rows:
+        print(f"{domain:8s} {model:14s} {ndcg:8.4f} {hr:7.4f} | {pop_ndcg:18.4f} {pop_hr:7.4f}")
+
+    step(f"5. REST: mlflow models serve -m models:/{args.name}@champion --env-manager local (127.0.0.1)")
+    import pandas as pd
+
+    from moa.pipelines.serving import ModelServer, post, request_body, score_all_users
+
+    items = pd.read_parquet(out / "bundle" / "items.parquet")
+    title = dict(zip(items["item_id"].astype(int), items["title"]))
+    histories, domains, users = [], [], []
+    for domain in [*SOURCES, TARGET]:
+        part = dataset.domain(domain)
+        split = part.leave_one_out()
+        ids = part.items["item_id"].astype(int)
+        histories.append([int(ids.loc[i]) for i in split.sequences[0][-8:].tolist()])
+        domains.append(domain)
+        users.append(split.users[0])
+    started = time.perf_counter()
+    with ModelServer(f"models:/{args.name}@champion", log_path=out / "server.log") as server:
+        print(f"server up at {server.url} in {time.perf_counter() - started:.1f} s")
+        t0 = time.perf_counter()
+        status, reply = post(f"{server.url}/invocations", request_body(histories, domains, k=5))
+        print(f"POST /invocations, {len(histories)} users of 3 domains in one batch: HTTP {status} in "
+              f"{(time.perf_counter() - t0) * 1e3:.0f} ms")
+        for user, domain, history, prediction in zip(users, domains, histories, reply["predictions"]):
+            print(f"  user {user} ({domain}), recently: {'; '.join(title[i] for i in history[-3:])}")
+            for item, score in zip(prediction["items"], prediction["scores"]):
+                print(f"      {score:7.3f}  {title[item]}")
+        status, reply = post(f"{server.url}/invocations", request_body([[histories[0][0], 99999]], ["comedy"], 5))
+        print(f"a bad request (unknown item 99999): HTTP {status}: {reply['message'].splitlines()[-1]}")
+        status, _ = post(f"{server.url}/invocations", request_body(histories[:1], domains[:1], k=3))
+        print(f"the server keeps serving: HTTP {status}")
+    print("server stopped")
+
+    step("6. batch: top-10 for every user and domain to Parquet")
+    result = score_all_users(f"models:/{args.name}@champion", out / "recommendations.parquet", k=10, dataset=dataset)
+    print(f"wrote {len(result)} rows ({result['user_id'].nunique()} users x their domains) to "
+          f"{out / 'recommendations.parquet'}")
+    print(f"\ndone in {time.perf_counter() - start:.0f} s; browse the runs with: mlflow ui --backend-store-uri "
+          f"{resolve_tracking_uri()}")
 
 
 if __name__ == "__main__":

@@ -583,8 +583,8 @@ class TextSeqRecommender(nn.Module):
     # -- training
     def fit(self, splits: LeaveOneOut | Mapping[str, LeaveOneOut], *, epochs: int = 20, train_encoder: bool = True,
             lr: float = 1e-3, encoder_lr: float | None = None, batch_size: int = 128, negatives: int = 256,
-            weight_decay: float = 0.0, patience: int = 5, seed: int = 0, max_seconds: float | None = None,
-            log: Callable[[str], None] | None = None) -> dict[str, Any]:
+            weight_decay: float = 0.0, warmup: float = 0.0, patience: int = 5, seed: int = 0,
+            max_seconds: float | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
         """Train on the splits' training sequences (one split per domain, or one split of a one-domain model).
 
         Every epoch cuts each training sequence, from its end, into windows of ``max_len + 1`` items (input = all
@@ -593,6 +593,8 @@ class TextSeqRecommender(nn.Module):
         them when the domain has fewer). With ``train_encoder`` the item-encoder parameters that require grad
         (LoRA experts, an X-Cross integrator) train with ``encoder_lr`` (default ``lr``) and the batch's items
         are re-encoded through the top layers at every step; otherwise item vectors come from the cache.
+        The learning rates ramp up linearly over the first ``warmup`` epochs (fine-tuning a trained model: a fresh Adam's first
+        steps are as large as later ones and would knock the trained user encoder off its optimum).
         Before training and after each epoch, validation NDCG@10 (harness, full ranking, seen items masked;
         averaged over domains) selects the best weights (epoch 0, the starting point, included); ``patience``
         epochs without improvement stop training, as does ``max_seconds``.
@@ -612,6 +614,8 @@ class TextSeqRecommender(nn.Module):
             groups.append({"params": encoder_params, "lr": encoder_lr or lr})
         optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
         rows = [(d, i) for d, (x, _) in windows.items() for i in range(len(x))]
+        ramp = warmup * math.ceil(len(rows) / batch_size)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (ramp + 1)))
         start, stale = time.perf_counter(), 0
 
         def validate() -> float:
@@ -633,6 +637,7 @@ class TextSeqRecommender(nn.Module):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                schedule.step()
                 if encoder_params:
                     self.clear_cache()
                 total, count = total + loss.item() * n, count + n

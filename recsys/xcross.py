@@ -8,7 +8,8 @@ the n source-domain models (the pretrained encoder plus source expert m, m = 1..
   layers carry a pool of the n frozen source experts with ``router="xcross"`` (stream m -> expert m), so the
   n source models are one forward pass through the grouped kernels, not n models.
 * **integration at every adapted layer** (a forward hook on each layer module): with ``h_m`` the layer's output
-  for stream m and ``z = W_l [h_1; ...; h_n] + b_l`` (per token, ``2n(n-1)`` scalars),
+  for stream m and ``z = W_l [h_1; ...; h_n] / sqrt(n d) + b_l`` (per token, ``2n(n-1)`` scalars; the fixed
+  ``1/sqrt(n d)`` only sets the scale an optimizer step has on z),
 
       h~_m = h_m + sum_{m' != m} ( beta * z[m, m'] * h_m'  +  gamma * z'[m, m'] * (h_m - h_m') ),
 
@@ -27,6 +28,7 @@ frozen layers.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -45,6 +47,9 @@ class XCrossIntegrator(nn.Module):
         if n_streams < 2:
             raise ValueError(f"X-Cross integrates at least 2 source streams, got {n_streams}")
         self.n, self.beta, self.gamma = n_streams, float(beta), float(gamma)
+        # z = W_l h_cat with W_l = scaling.weight / sqrt(n d): the same function class, but an optimizer step of
+        # size lr on a weight moves z by O(lr) (as on the bias) instead of O(lr * n * d * |h|)
+        self.input_scale = 1.0 / math.sqrt(n_streams * hidden_size)
         pairs = 2 * n_streams * (n_streams - 1)
         self.scaling = nn.ModuleList(nn.Linear(n_streams * hidden_size, pairs) for _ in range(n_layers))
         for linear in self.scaling:
@@ -59,7 +64,7 @@ class XCrossIntegrator(nn.Module):
         n = self.n
         lead = streams.shape[1:-1]
         tokens = streams.movedim(0, -2)                       # [..., n, d]
-        z = self.scaling[layer](tokens.reshape(*lead, -1))    # [..., 2 n (n-1)]
+        z = self.scaling[layer](tokens.reshape(*lead, -1) * self.input_scale)  # [..., 2 n (n-1)]
         z = z.view(*lead, 2, n * (n - 1))
         mixing = tokens.new_zeros(*lead, 2, n * n)
         mixing[..., self.off_diagonal] = z                    # [..., 2, n*n], zero diagonal

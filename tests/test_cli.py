@@ -60,7 +60,7 @@ def test_router_config_prints_and_trains_one_step(name, tmp_path, monkeypatch):
           *SMALL])
 
 
-def test_fit_logs_to_mlflow_then_resume_validate_and_predict(tmp_path):
+def test_fit_logs_to_mlflow_then_resume_validate_and_predict(tmp_path, monkeypatch):
     config = str(CONFIGS / "topk.yaml")
     run_moa(["fit", "-c", config, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4", *SMALL],
             cwd=tmp_path)
@@ -105,14 +105,20 @@ def test_fit_logs_to_mlflow_then_resume_validate_and_predict(tmp_path):
     resumed_last = tmp_path / "runs" / resumed.info.experiment_id / resumed.info.run_id / "checkpoints" / "last.ckpt"
     assert torch.load(resumed_last, weights_only=False)["global_step"] == 12
 
-    output = run_moa(["validate", "-c", config, "--ckpt_path", str(resumed_last), "--trainer.logger", "false",
-                      "--trainer.limit_val_batches", "2", *SMALL], cwd=tmp_path)
-    assert "val/loss" in output and "val/accuracy" in output
+    # validate and predict from the checkpoint (in-process: the same main() the console script calls)
+    from moa.pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(["validate", "-c", config, "--ckpt_path", str(resumed_last), "--trainer.logger", "false",
+              "--trainer.limit_val_batches", "2", *SMALL])
+    assert "val/loss" in out.getvalue() and "val/accuracy" in out.getvalue()
 
     predictions = tmp_path / "predictions.parquet"
-    run_moa(["predict", "-c", config, "--ckpt_path", str(resumed_last), "--trainer.logger", "false",
-             "--trainer.callbacks+=moa.pipelines.cli.ParquetPredictionWriter",
-             f"--trainer.callbacks.output={predictions}", *SMALL], cwd=tmp_path)
+    main(["predict", "-c", config, "--ckpt_path", str(resumed_last), "--trainer.logger", "false",
+          "--trainer.callbacks+=moa.pipelines.cli.ParquetPredictionWriter",
+          f"--trainer.callbacks.output={predictions}", *SMALL])
     import pandas as pd
 
     frame = pd.read_parquet(predictions)
@@ -120,19 +126,20 @@ def test_fit_logs_to_mlflow_then_resume_validate_and_predict(tmp_path):
     assert frame["prediction"].isin([0, 1]).all() and (frame["probability"] >= 0.5 - 1e-6).all()
 
 
-def test_help_lists_the_subcommands_and_extra_commands(tmp_path):
-    output = run_moa(["--help"], cwd=tmp_path)
+def test_help_overrides_and_bad_values(tmp_path, monkeypatch, capsys):
+    from moa.pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    output = capsys.readouterr().out
     for command in ("fit", "validate", "test", "predict", "moa register", "moa serve", "moa batch"):
         assert command in output
-    output = run_moa(["fit", "-c", str(CONFIGS / "topk.yaml"), "--model.init_args.router", "static",
-                      "--model.init_args.router_options", "{key: task_ids}", "--print_config"], cwd=tmp_path)
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", str(CONFIGS / "topk.yaml"), "--model.init_args.router", "static",
+              "--model.init_args.router_options", "{key: task_ids}", "--print_config"])
+    output = capsys.readouterr().out
     assert "router: static" in output and "key: task_ids" in output
+    with pytest.raises(ValueError, match="unknown router 'nope'"):
+        main(["fit", "-c", str(CONFIGS / "topk.yaml"), "--model.init_args.router", "nope", "--trainer.logger", "false"])
     assert not (tmp_path / "mlflow.db").exists()
-
-
-def test_bad_config_values_fail_with_a_clear_message(tmp_path):
-    done = subprocess.run([*moa_command(), "fit", "-c", str(CONFIGS / "topk.yaml"), "--model.init_args.router",
-                           "nope", "--trainer.logger", "false"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode != 0
-    assert "unknown router 'nope'" in done.stderr

@@ -113,7 +113,8 @@ def test_refine_matches_the_equations_written_out_per_stream():
             p.normal_()
     h = torch.randn(n, 2, 5, d)
     got = integrator.refine(0, h)
-    z = integrator.scaling[0](h.permute(1, 2, 0, 3).reshape(2, 5, n * d))  # [B, T, 2 n (n-1)]
+    weight, bias = integrator.scaling[0].weight, integrator.scaling[0].bias
+    z = h.permute(1, 2, 0, 3).reshape(2, 5, n * d) @ (weight / (n * d) ** 0.5).T + bias  # [B, T, 2 n (n-1)]
     pairs = [(m, o) for m in range(n) for o in range(n) if o != m]
     want = torch.empty_like(h)
     for m in range(n):
