@@ -162,12 +162,14 @@ class RecommenderModule(L.LightningModule):
         register_as: registered model name; log the bundle to the MLflow run, register it, gate ``@champion``.
         k: top-k of ``predict``.
         seed: seed of the sampled negatives.
+        verbose: print one line per validated epoch.
     """
 
     def __init__(self, lr: float = 1e-3, encoder_lr: float | None = None, negatives: int = 256,
                  weight_decay: float = 0.0, train_encoder: bool = True, export_dir: str | None = "outputs/bundle",
-                 register_as: str | None = None, k: int = 10, seed: int = 0):
+                 register_as: str | None = None, k: int = 10, seed: int = 0, verbose: bool = True):
         super().__init__()
+        self.verbose = verbose
         self.lr, self.encoder_lr, self.negatives = lr, encoder_lr, negatives
         self.weight_decay, self.train_encoder, self.k, self.seed = weight_decay, train_encoder, k, seed
         self.export_dir, self.register_as = export_dir, register_as
@@ -261,10 +263,16 @@ class RecommenderModule(L.LightningModule):
             return
         ndcg = sum(m["ndcg_10"] for m in self._val.values()) / len(self._val)
         hr = sum(m["hr_10"] for m in self._val.values()) / len(self._val)
-        if ndcg > self.best["ndcg_10"]:
+        improved = ndcg > self.best["ndcg_10"]
+        if improved:
             state = {n: p.detach().clone() for n, p in self.recommender.named_parameters() if p.requires_grad}
             self.best = {"ndcg_10": ndcg, "hr_10": hr, "epoch": self.current_epoch, "state": state}
         self.log("val/best_ndcg_10", self.best["ndcg_10"], batch_size=1)
+        if self.verbose and self.trainer.is_global_zero:
+            loss = self.trainer.callback_metrics.get("train/loss_epoch")
+            per_domain = ", ".join(f"{d} {m['ndcg_10']:.4f}" for d, m in self._val.items())
+            print(f"  epoch {self.current_epoch}: train loss {float(loss) if loss is not None else float('nan'):.4f}, "
+                  f"val NDCG@10 {ndcg:.4f} ({per_domain}), HR@10 {hr:.4f}{' *' if improved else ''}", flush=True)
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, list]:
         """Top-``k`` items (domain indices) for every user of the batch's domain, from their whole history."""
@@ -330,8 +338,9 @@ class DomainExpertRecommender(RecommenderModule):
                  user_layers: int = 2, heads: int = 2, inner: int = 256, dropout: float = 0.2, max_len: int = 50,
                  lr: float = 1e-3, encoder_lr: float | None = None, negatives: int = 256, weight_decay: float = 0.0,
                  train_encoder: bool = True, export_dir: str | None = "outputs/bundle", register_as: str | None = None,
-                 k: int = 10, seed: int = 0):
-        super().__init__(lr, encoder_lr, negatives, weight_decay, train_encoder, export_dir, register_as, k, seed)
+                 k: int = 10, seed: int = 0, verbose: bool = True):
+        super().__init__(lr, encoder_lr, negatives, weight_decay, train_encoder, export_dir, register_as, k, seed,
+                         verbose)
         self.save_hyperparameters()
         from moa.recsys.models import RecommenderConfig
 
@@ -364,8 +373,9 @@ class XCrossRecommender(RecommenderModule):
                  head_from: str | None = None, lr: float = 1e-3, encoder_lr: float | None = None,
                  negatives: int = 256, weight_decay: float = 0.0, train_encoder: bool = True,
                  export_dir: str | None = "outputs/bundle", register_as: str | None = None, k: int = 10,
-                 seed: int = 0):
-        super().__init__(lr, encoder_lr, negatives, weight_decay, train_encoder, export_dir, register_as, k, seed)
+                 seed: int = 0, verbose: bool = True):
+        super().__init__(lr, encoder_lr, negatives, weight_decay, train_encoder, export_dir, register_as, k, seed,
+                         verbose)
         self.save_hyperparameters()
         self.sources_from, self.sources = sources_from, sources
         self.beta, self.gamma, self.head_from = beta, gamma, head_from
