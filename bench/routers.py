@@ -1,29 +1,29 @@
 """Routers side by side on one seeded task: FlyLoRA vs LoRA, ReMix (RLOO) vs top-k softmax routing.
 
-    python bench/routers.py                  # about 5 minutes on 2 CPU cores
-    python bench/routers.py --steps 100 --seeds 0   # a quick look
+    python bench/routers.py                          # about 6-10 minutes on the shared 2-core CPU
+    python bench/routers.py --steps 100 --merge-methods   # a quick look, no merging table
 
-Task (synthetic, seeded, the same data for every method): sequences of 16 tokens over a 200-token vocabulary.
-Each sequence belongs to one of 4 domains (most of its tokens come from the domain's own 40-token range) and
-carries 5 polarity tokens from a positive or a negative set of 10. The label is "more positive than negative
-tokens" flipped in domains whose rule says so: a linear head on the frozen encoder's mean-pooled states cannot
-compute it; the adapters have to build the interaction. The encoder is a frozen, randomly initialised tiny BERT
-(hidden 64, 2 layers, 4 heads); adapters go on query, value and the two FFN linears; a linear head is trained with
-them (``moa.lightning.ClassificationHead``, mean pooling). Every method trains the same number of steps with
-AdamW through its training module's own ``training_step`` (``MoAModule``; ``RLOOModule`` for ReMix).
+Task (synthetic, seeded, the same data for every method): binary classification of 16-token sequences over a
+401-token vocabulary. Each sequence belongs to one of 4 domains: 8 of its tokens come from the domain's own
+40-token range, 5 are polarity tokens from the domain's own positive or negative set (5 tokens each; the label is
+the majority), and 3 are distractors from other domains' polarity sets. A linear head on mean-pooled features is
+misled by the distractors; an adapter has to condition polarity on the domain. The encoder is a frozen, randomly
+initialised tiny BERT (hidden 64, 2 layers, 4 heads); adapters go on query, value and the two FFN linears; a
+linear head (``moa.lightning.ClassificationHead``, mean pooling) trains with them. Every method trains the same
+steps and batch with AdamW at one learning rate through its module's own ``training_step`` (``MoAModule``;
+``RLOOModule`` for ReMix, which sees each example M = 4 times per step).
 
-Printed, for every method: held-out accuracy (eval mode, so top-k routing is deterministic; mean over seeds),
-trainable and per-token activated adapter parameters, the effective support size (``exp(entropy)`` of each
-token's normalised routing weights, mean over tokens and layers) and the router's own support
-(``exp(entropy(softmax(gate x)))`` over all experts), and the training step time relative to the LoRA step.
-The RLOO step cost is also timed against a plain top-k step on the same batch, interleaved, at two sizes:
-the same examples (M copies: M times the rows) and the same rows (B / M examples x M draws).
+Printed, per method: held-out accuracy (eval mode: deterministic top-k routing), trainable and per-token activated
+adapter parameters, the effective support size (``exp(entropy)`` of each token's normalised routing weights,
+mean over held-out tokens and layers), the router's own support (``exp(entropy(softmax(gate x)))`` over all
+experts), and the median training step time relative to LoRA r=2's. Then the RLOO step is timed against a plain
+top-k step, interleaved, at the same examples (M times the rows) and at the same rows (B / M examples x M draws).
 
-A second table: multi-task merging. Two tasks with different flip rules on the same inputs; each method trains
-one adapter (and head) per task, then the two adapters are averaged (FlyLoRA: B and d with the shared frozen
-A, :func:`moa.routers.flylora.average_flylora`; LoRA: the mean of the two delta weights, exactly, as one
-rank-2r LoRA, and the element-wise mean of A and B as in FlyLoRA's merge script) and each task is evaluated with
-its own head; retention = merged accuracy / own-adapter accuracy.
+Last, multi-task merging: task A uses domains 0-1, task B domains 2-3 (disjoint inputs, same rule). Each method
+trains one adapter and head per task; the two adapters are averaged (FlyLoRA: B and d over the shared frozen A,
+:func:`moa.routers.flylora.average_flylora`; LoRA: the exact mean of the delta weights as one rank-2r LoRA, and the
+element-wise mean of A and B, what FlyLoRA's merge script does) and each task is evaluated with its own head:
+without adapters, with its own adapter, with the merged one; "gain kept" = (merged - none) / (own - none).
 """
 
 from __future__ import annotations
@@ -55,14 +55,13 @@ LENGTH = N_DOMAIN + N_OWN + N_DISTRACT
 VOCAB = DOMAINS * (DOMAIN_SPAN + 2 * POLAR)
 TARGETS = ["query", "value", "intermediate.dense", "output.dense"]
 HIDDEN = 64
-FLIPS = {"A": (False, False, False, False), "B": (False, False, True, True)}  # per domain: swap its polarity sets?
 
 
-def make_data(n: int, seed: int, flips=FLIPS["A"]) -> dict[str, torch.Tensor]:
+def make_data(n: int, seed: int, domains=tuple(range(DOMAINS))) -> dict[str, torch.Tensor]:
     """Token 0 is unused; domain d owns tokens [1 + d*40, 1 + d*40 + 40) and, after all domain ranges, a positive
-    and a negative set of 5 tokens each."""
+    and a negative set of 5 tokens each. The examples come from ``domains``."""
     g = torch.Generator().manual_seed(seed)
-    domain = torch.randint(0, DOMAINS, (n,), generator=g)
+    domain = torch.tensor(domains)[torch.randint(0, len(domains), (n,), generator=g)]
     words = 1 + domain[:, None] * DOMAIN_SPAN + torch.randint(0, DOMAIN_SPAN, (n, N_DOMAIN), generator=g)
     polar_start = 1 + DOMAINS * DOMAIN_SPAN
 
@@ -76,7 +75,7 @@ def make_data(n: int, seed: int, flips=FLIPS["A"]) -> dict[str, torch.Tensor]:
     distract = polar_start + other * 2 * POLAR + torch.randint(0, 2 * POLAR, (n, N_DISTRACT), generator=g)
     tokens = torch.cat([words, own, distract], 1)
     tokens = tokens.gather(1, torch.rand(n, LENGTH, generator=g).argsort(1))
-    label = (own_sign.sum(1) > N_OWN // 2).long() ^ torch.tensor(flips, dtype=torch.long)[domain]
+    label = (own_sign.sum(1) > N_OWN // 2).long()
     return {"input_ids": tokens, "attention_mask": torch.ones_like(tokens), "labels": label}
 
 
@@ -101,7 +100,6 @@ METHODS = {
     "LoRA r=2": (dict(n_experts=1, r=2, alpha=4, router="static"), "plain"),
     "LoRA r=16": (dict(n_experts=1, r=16, alpha=32, router="static"), "plain"),
     "FlyLoRA R=16 k=4": (dict(n_experts=16, r=16, alpha=32, top_k=4, router="flylora"), "plain"),
-    "FlyLoRA R=16 k=4 alpha x4": (dict(n_experts=16, r=16, alpha=128, top_k=4, router="flylora"), "plain"),
     "top-k n=8 r=4 k=2": (dict(n_experts=8, r=4, alpha=8, top_k=2, router="topk"), "plain"),
     "ReMix n=8 r=4 k=2 M=4": (dict(n_experts=8, r=4, top_k=2, alpha=8, router="remix"), "rloo"),
     "ReMix seq n=8 r=4 k=2 M=4": (dict(n_experts=8, r=4, top_k=2, alpha=8, router="remix",
@@ -239,27 +237,32 @@ def time_rloo(data: dict, batch_size: int, lr: float, reps: int) -> dict[str, fl
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def merging(steps: int, batch_size: int, lr: float, seed: int) -> list[tuple[str, float, float, float, float]]:
-    """Per method: own accuracy on A and B, merged accuracy on A and B."""
-    tasks = {name: (make_data(4000, 10 + i, flips), make_data(2000, 20 + i, flips)) for i, (name, flips) in enumerate(FLIPS.items())}
+MERGE_TASKS = {"A": (0, 1), "B": (2, 3)}  # the domains each task's data comes from
+
+
+def merging(methods: list[str], steps: int, batch_size: int, lr: float, seed: int) -> list[tuple]:
+    """Per method and merge: (name, {task: (no adapter, own adapter, merged adapters)}), each task with its own head."""
+    tasks = {name: (make_data(4000, 10 + i, domains=doms), make_data(2000, 20 + i, domains=doms))
+             for i, (name, doms) in enumerate(MERGE_TASKS.items())}
     rows = []
-    for method in ("LoRA r=2", "LoRA r=16", "FlyLoRA R=16 k=4", "FlyLoRA R=16 k=4 alpha x4"):
-        trained = {}
-        for task, (train_data, _) in tasks.items():
-            trained[task] = train(method, seed, train_data, steps, batch_size, lr)
-        own = {task: evaluate(*trained[task][:3], tasks[task][1])["accuracy"] for task in tasks}
-        for merge_kind in (("mean of B, d",) if method.startswith("FlyLoRA") else ("mean of BA", "mean of A, B")):
-            merged = {}
-            for task in tasks:
-                moa_model, head, module, _ = trained[task]
+    for method in methods:
+        trained = {task: train(method, seed, tasks[task][0], steps, batch_size, lr) for task in tasks}
+        own, bare = {}, {}
+        for task, (moa_model, head, module, _) in trained.items():
+            own[task] = evaluate(moa_model, head, module, tasks[task][1])["accuracy"]
+            with moa_model.disable_adapters():
+                bare[task] = evaluate(moa_model, head, module, tasks[task][1])["accuracy"]
+        sources = [trained[t][0] for t in tasks]
+        for merge_kind in (("mean of B, d",) if "FlyLoRA" in method else ("mean of BA", "mean of A, B")):
+            result = {}
+            for task, (moa_model, head, module, _) in trained.items():
                 target = copy.deepcopy(moa_model)
-                sources = [trained[t][0] for t in tasks]
                 if merge_kind == "mean of B, d":
                     average_flylora(target, sources)
                 else:
                     _merge_lora(target, sources, exact=merge_kind == "mean of BA")
-                merged[task] = evaluate(target, head, module, tasks[task][1])["accuracy"]
-            rows.append((f"{method} ({merge_kind})", own["A"], own["B"], merged["A"], merged["B"]))
+                result[task] = (bare[task], own[task], evaluate(target, head, module, tasks[task][1])["accuracy"])
+            rows.append((f"{method} ({merge_kind})", result))
     return rows
 
 
@@ -290,13 +293,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--timing-reps", type=int, default=20)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--no-merging", action="store_true")
+    parser.add_argument("--merge-methods", nargs="*", default=["LoRA r=2", "FlyLoRA R=16 k=4"],
+                        help="methods of the merging table (none: skip it)")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
     torch.set_num_threads(1)  # a tiny model: one thread is faster than two on a shared 2-core CPU
     start = time.time()
     train_data, val_data = make_data(8000, 1), make_data(2000, 2)
-    print(f"task: {DOMAINS} domains, flips {FLIPS['A']}, train 8000 / held-out 2000, {args.steps} steps x batch "
+    print(f"task: {DOMAINS} domains, train 8000 / held-out 2000, {args.steps} steps x batch "
           f"{args.batch_size}, AdamW lr {args.lr}, seeds {args.seeds}, torch threads {torch.get_num_threads()}\n")
 
     results = {}
@@ -325,11 +329,15 @@ def main() -> None:
                         ("rloo_same_rows", f"ReMix RLOO, {args.batch_size // M_SAMPLES} examples x {M_SAMPLES} draws")):
         print(f"| {label} | {timing[name] * 1e3:.1f} | {timing[name] / timing['plain']:.2f} |")
 
-    if not args.no_merging:
-        print(f"\nMulti-task merging (tasks A and B: flips {FLIPS['A']} and {FLIPS['B']}; seed {args.seeds[0]}):")
-        print("| adapters (merge) | own A | own B | merged A | merged B | retention A | retention B |\n|---|---|---|---|---|---|---|")
-        for name, own_a, own_b, merged_a, merged_b in merging(args.steps, args.batch_size, args.lr, args.seeds[0]):
-            print(f"| {name} | {own_a:.3f} | {own_b:.3f} | {merged_a:.3f} | {merged_b:.3f} | {merged_a / own_a:.2f} | {merged_b / own_b:.2f} |")
+    if args.merge_methods:
+        print(f"\nMulti-task merging (task A: domains {MERGE_TASKS['A']}, task B: domains {MERGE_TASKS['B']}; "
+              f"seed {args.seeds[0]}; accuracy with the task's own head):")
+        print("| adapters (merge) | A: none / own / merged | B: none / own / merged | gain kept A | gain kept B |")
+        print("|---|---|---|---|---|")
+        for name, result in merging(args.merge_methods, args.steps, args.batch_size, args.lr, args.seeds[0]):
+            cells = [" / ".join(f"{v:.3f}" for v in result[t]) for t in MERGE_TASKS]
+            kept = [(m - b) / (o - b) if o > b else float("nan") for b, o, m in (result[t] for t in MERGE_TASKS)]
+            print(f"| {name} | {cells[0]} | {cells[1]} | {kept[0]:.2f} | {kept[1]:.2f} |")
     print(f"\ntotal time {time.time() - start:.0f} s")
 
 

@@ -614,6 +614,7 @@ class TextSeqRecommender(nn.Module):
             groups.append({"params": encoder_params, "lr": encoder_lr or lr})
         optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
         rows = [(d, i) for d, (x, _) in windows.items() for i in range(len(x))]
+        lengths = torch.cat([(x != PAD).sum(1) for x, _ in windows.values()])
         ramp = warmup * math.ceil(len(rows) / batch_size)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (ramp + 1)))
         start, stale = time.perf_counter(), 0
@@ -627,11 +628,10 @@ class TextSeqRecommender(nn.Module):
         history = [{"epoch": 0, "loss": math.nan, "valid_NDCG@10": best, "seconds": time.perf_counter() - start}]
         for epoch in range(1, epochs + 1):
             self.train()
-            order = torch.randperm(len(rows), generator=generator).tolist()
             total, count = 0.0, 0
-            for lo in range(0, len(order), batch_size):
+            for chunk in self._bucketed_batches(lengths, batch_size, generator):
                 batch: dict[str, list[int]] = {}
-                for j in order[lo:lo + batch_size]:
+                for j in chunk:
                     batch.setdefault(rows[j][0], []).append(rows[j][1])
                 loss, n = self._batch_loss(batch, windows, negatives, encoder_params, generator)
                 optimizer.zero_grad(set_to_none=True)
@@ -658,6 +658,18 @@ class TextSeqRecommender(nn.Module):
         best_epoch = max(history, key=lambda h: h["valid_NDCG@10"])["epoch"]
         return {"epochs": len(history) - 1, "best_epoch": best_epoch, "best_valid": best,
                 "seconds": time.perf_counter() - start, "history": history}
+
+    @staticmethod
+    def _bucketed_batches(lengths: Tensor, batch_size: int, generator: torch.Generator, pool: int = 16):
+        """Random batches of windows of similar length (less padding to compute): shuffle, sort by length within
+        pools of ``pool`` batches, cut into batches, shuffle the batches."""
+        order = torch.randperm(len(lengths), generator=generator)
+        batches = []
+        for lo in range(0, len(order), batch_size * pool):
+            part = order[lo:lo + batch_size * pool]
+            part = part[torch.sort(lengths[part], stable=True).indices]
+            batches.extend(part[i:i + batch_size].tolist() for i in range(0, len(part), batch_size))
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
     def _splits(self, splits: LeaveOneOut | Mapping[str, LeaveOneOut]) -> dict[str, LeaveOneOut]:
         if isinstance(splits, LeaveOneOut):
@@ -691,7 +703,9 @@ class TextSeqRecommender(nn.Module):
         device = self.item_encoder.device
         plan = []
         for domain, idx in batch.items():
-            x, y = windows[domain][0][idx].to(device), windows[domain][1][idx].to(device)
+            x, y = windows[domain][0][idx], windows[domain][1][idx]
+            width = int((x != PAD).sum(1).max())  # drop the columns that are padding in every window
+            x, y = x[:, -width:].to(device), y[:, -width:].to(device)
             n_items = self.item_encoder.n_items(domain)
             drawn = torch.randint(1, n_items + 1, (min(negatives, n_items),), generator=generator).to(device)
             candidates = torch.unique(torch.cat([x.reshape(-1), y.reshape(-1), drawn]))
@@ -764,6 +778,11 @@ class TextSeqRecommender(nn.Module):
         save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, backbone: nn.Module | None = None) -> "TextSeqRecommender":
+        """Same as :func:`load_recommender`."""
+        return load_recommender(directory, backbone)
 
     def load_weights(self, tensors: Mapping[str, Tensor]) -> None:
         """Load what :meth:`save` wrote into this (identically built) recommender."""

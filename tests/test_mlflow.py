@@ -141,10 +141,15 @@ def test_logged_from_code_with_signature_and_no_pickle(world, store):
     assert err.value.get_http_status_code() == 400
 
 
-def test_promotion_gate_moves_champion_only_on_improvement(world, store):
+def test_register_command_and_the_promotion_gate(world, store, capsys):
+    from moa.pipelines.cli import main
+
     client = MlflowClient()
-    first = register_bundle(world["bundle"], "rec")  # log + register + gate, the bundle's NDCG@10 is 0.05
-    assert first.promoted and first.version == "1" and "first version" in first.reason
+    main(["register", "--bundle", str(world["bundle"]), "--name", "rec"])  # log + register + gate (NDCG@10 0.05)
+    printed = capsys.readouterr().out
+    assert '"promoted": true' in printed and '"version": "1"' in printed
+    first = client.get_model_version("rec", "1")
+    assert first.tags["promotion"] == "promoted" and "first version" in first.tags["promotion_reason"]
     uri = f"models:/rec/{first.version}"
     worse = register_and_gate(uri, "rec", 0.04)
     assert not worse.promoted and str(client.get_model_version_by_alias("rec", CHAMPION).version) == "1"

@@ -15,7 +15,7 @@ import torch
 from moa.pipelines.recommendation import tiny_encoder
 from moa.pipelines.registry import register_bundle
 from moa.pipelines.service import RecommendationService, item_table, write_bundle
-from moa.pipelines.serving import ModelServer, post, request_body, score_all_users
+from moa.pipelines.serving import ModelServer, post, request_body
 from moa.recsys.data import ml100k
 from moa.recsys.models import RecommenderConfig, TextSeqRecommender
 
@@ -103,11 +103,14 @@ def test_wrong_content_type_is_refused(served):
     assert status == 415
 
 
-def test_batch_scores_every_user_to_parquet(served, tmp_path):
+def test_batch_command_scores_every_user_to_parquet(served, tmp_path, capsys):
+    from moa.pipelines.cli import main
+
     out = tmp_path / "recs.parquet"
-    result = score_all_users("models:/rec@champion", out, k=5, dataset=served["dataset"], tracking_uri=served["uri"])
+    main(["batch", "--model-uri", "models:/rec@champion", "--out", str(out), "--k", "5", "--tracking-uri",
+          served["uri"]])
     frame = pd.read_parquet(out)
-    assert len(frame) == len(result)
+    assert f"wrote {len(frame)} rows" in capsys.readouterr().out
     assert set(frame.columns) == {"user_id", "domain", "items", "scores"} and set(frame["domain"]) == set(DOMAINS)
     dataset = served["dataset"]
     for domain in DOMAINS:  # one row per user with interactions in the domain
