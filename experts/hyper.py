@@ -58,8 +58,8 @@ is counted right); ``T`` is ``anneal_steps``, or the loop's total when ``anneal_
 
 One pass, cached. The first pool called in a forward pass computes every layer's factors in one hypernetwork
 pass; the other layers reuse them. While the hypernetwork trains (training mode, or gradients wanted for its
-parameters) the pass is repeated once per forward call of the model (a layer asking twice means a new call;
-layers re-run by activation checkpointing during backward reuse the call's factors). Otherwise (eval, serving)
+parameters) the pass is repeated once per forward call of the model: a layer reading its A (or its B) a second
+time means a new call, and layers re-run by activation checkpointing during backward reuse the call's factors. Otherwise (eval, serving)
 the factors are computed once and reused until a parameter or buffer of the hypernetwork or of the pools
 changes (an optimizer step, ``load_state_dict``, ``.to()``), so serving costs no hypernetwork time.
 """

@@ -48,6 +48,12 @@ class MoALinear(nn.Module):
         self.aux_losses: dict[str, Tensor] = {}
         self.last_usage: Tensor | None = None
 
+    def __getstate__(self):
+        """Copies and pickles leave out the last call's aux losses (graph tensors that deepcopy cannot copy)."""
+        state = self.__dict__.copy()
+        state["aux_losses"] = {}
+        return state
+
     @property
     def in_features(self) -> int:
         return self.pool.in_features

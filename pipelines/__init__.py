@@ -1,1 +1,3 @@
-"""Pipelines: the demo (``python -m moa.pipelines.demo``), and later the CLI, MLflow tracking and serving."""
+"""Pipelines: the ``moa`` command (Lightning CLI, :mod:`.cli`), MLflow tracking (:mod:`.tracking`), the registry
+(:mod:`.registry`), the recommendation service and its REST / batch serving (:mod:`.service`, :mod:`.serving`),
+the main job (``python -m moa.pipelines.demo``) and the foundation tour (``python -m moa.pipelines.tour``)."""

@@ -125,19 +125,19 @@ def main(argv: list[str] | None = None) -> None:
     items = pd.read_parquet(out / "bundle" / "items.parquet")
     title = dict(zip(items["item_id"].astype(int), items["title"]))
     histories, domains, users = [], [], []
-    for domain in [*SOURCES, TARGET]:
+    for n, domain in enumerate([*SOURCES, TARGET]):
         part = dataset.domain(domain)
         split = part.leave_one_out()
         ids = part.items["item_id"].astype(int)
-        histories.append([int(ids.loc[i]) for i in split.sequences[0][-8:].tolist()])
+        histories.append([int(ids.loc[i]) for i in split.sequences[10 * n][-8:].tolist()])
         domains.append(domain)
-        users.append(split.users[0])
+        users.append(split.users[10 * n])
     started = time.perf_counter()
     with ModelServer(f"models:/{args.name}@champion", log_path=out / "server.log") as server:
         print(f"server up at {server.url} in {time.perf_counter() - started:.1f} s")
         t0 = time.perf_counter()
         status, reply = post(f"{server.url}/invocations", request_body(histories, domains, k=5))
-        print(f"POST /invocations, {len(histories)} users of 3 domains in one batch: HTTP {status} in "
+        print(f"POST /invocations, {len(histories)} users of {len(set(domains))} domains in one request: HTTP {status} in "
               f"{(time.perf_counter() - t0) * 1e3:.0f} ms")
         for user, domain, history, prediction in zip(users, domains, histories, reply["predictions"]):
             print(f"  user {user} ({domain}), recently: {'; '.join(title[i] for i in history[-3:])}")

@@ -108,3 +108,13 @@ def test_activation_checkpointing_sees_the_same_routing_context():
         grads.append(torch.cat([l.pool.lora_A.grad.flatten() for l in model.moa_layers().values()]))
     torch.testing.assert_close(grads[0], grads[1])
     assert grads[0].abs().sum() > 0
+
+
+def test_deepcopy_after_a_training_forward():
+    model = moa.attach(tiny_llama(), moa.MoAConfig(n_experts=4, r=4, top_k=2, target_modules=["q_proj"]))
+    ids = torch.randint(0, 50, (2, 6))
+    model(input_ids=ids, labels=ids)  # topk leaves graph tensors (aux losses) on the layers
+    assert model.aux_loss() is not None and model.aux_loss().requires_grad
+    clone = copy.deepcopy(model)
+    model.eval(), clone.eval()
+    torch.testing.assert_close(clone(input_ids=ids).logits, model(input_ids=ids).logits)
