@@ -36,18 +36,15 @@ import time
 import warnings
 from pathlib import Path
 
-# bench/kernels.py would shadow the optional ``kernels`` package transformers probes for: keep bench/ off the path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from transformers import BertConfig, BertModel  # noqa: E402
-
-import moa  # noqa: E402
-from moa.lightning import ClassificationHead, MoAModule  # noqa: E402
-from moa.rloo import RLOOModule  # noqa: E402
-from moa.routers.flylora import average_flylora  # noqa: E402
-from moa.routers.remix import effective_support_size  # noqa: E402
+import moa
+from moa.lightning import ClassificationHead, MoAModule
+from moa.rloo import RLOOModule
+from moa.routers.flylora import average_flylora
+from moa.routers.remix import effective_support_size
 
 warnings.filterwarnings("ignore")
 DOMAINS, DOMAIN_SPAN, N_DOMAIN, POLAR, N_OWN, N_DISTRACT = 4, 40, 8, 5, 5, 3

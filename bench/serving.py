@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    print(f"command: python {' '.join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])}")
+    given = " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"command: python bench/serving.py {given}".rstrip() + f"   (in {Path.cwd()}, MLflow store {tracking})")
     print(f"model: {model_uri} ({note}); domains {service.domains}; k={args.k}; histories of up to 50 items")
     print(f"server: mlflow models serve --env-manager local, 1 uvicorn worker, 127.0.0.1; start-up to /ping "
           f"{startup:.1f} s; client: keep-alive HTTP on the same machine; torch threads {torch.get_num_threads()}, "

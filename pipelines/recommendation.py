@@ -179,6 +179,7 @@ class RecommenderModule(L.LightningModule):
         self.promotion = None
         self.bundle_path: Path | None = None
         self._val: dict[str, dict[str, float]] = {}
+        self._train_loss = (0.0, 0)
 
     # -- building
     def build(self, data: MovieLensDomains) -> None:  # pragma: no cover - interface
@@ -229,8 +230,12 @@ class RecommenderModule(L.LightningModule):
         rows = {d: list(range(len(x))) for d, (x, _) in windows.items()}
         loss, count = self.recommender._batch_loss(rows, windows, self.negatives, self._encoder_params(), self._generator)
         self.log("train/loss", loss, prog_bar=True, batch_size=count)
+        self._train_loss = (self._train_loss[0] + float(loss) * count, self._train_loss[1] + count)
         self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, batch_size=count)
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._train_loss = (0.0, 0)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self._encoder_params():
@@ -269,9 +274,9 @@ class RecommenderModule(L.LightningModule):
             self.best = {"ndcg_10": ndcg, "hr_10": hr, "epoch": self.current_epoch, "state": state}
         self.log("val/best_ndcg_10", self.best["ndcg_10"], batch_size=1)
         if self.verbose and self.trainer.is_global_zero:
-            loss = self.trainer.callback_metrics.get("train/loss_epoch")
+            total, count = self._train_loss
             per_domain = ", ".join(f"{d} {m['ndcg_10']:.4f}" for d, m in self._val.items())
-            print(f"  epoch {self.current_epoch}: train loss {float(loss) if loss is not None else float('nan'):.4f}, "
+            print(f"  epoch {self.current_epoch}: train loss {total / max(count, 1):.4f}, "
                   f"val NDCG@10 {ndcg:.4f} ({per_domain}), HR@10 {hr:.4f}{' *' if improved else ''}", flush=True)
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, list]:

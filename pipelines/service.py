@@ -199,13 +199,14 @@ class RecommendationService:
         for i, domain in enumerate(domains):
             by_domain.setdefault(domain, []).append(i)
         for domain, members in by_domain.items():
-            model = self.models[domain]
+            model = self.models[domain]  # kept in eval mode: score() directly, no train/eval toggling per call
             padded = left_pad([rows[i] for i in members], model.config.max_len)
-            # exclude every seen item, also those older than the model's window
-            top, values = model.recommend(padded, domain, k + self.max_history, exclude_seen=True)
+            scores_all = model.score(padded, domain)
+            for j, row in enumerate(members):  # every seen item, also those older than the model's window
+                scores_all[j, torch.as_tensor(rows[row])] = -math.inf
+            values, top = scores_all.topk(k, dim=1)
             for row, ids, vals in zip(members, top.tolist(), values.tolist()):
-                seen = set(rows[row])
-                keep = [(i, v) for i, v in zip(ids, vals) if i not in seen and math.isfinite(v)][:k]
+                keep = [(i, v) for i, v in zip(ids, vals) if math.isfinite(v)]
                 items[row] = [self.id_of[domain][i] for i, _ in keep]
                 scores[row] = [float(v) for _, v in keep]
         return Recommendations(items, scores)

@@ -35,7 +35,7 @@ if _scatter.AVAILABLE:
 if _triton.AVAILABLE and (_triton.INTERPRETED or torch.cuda.is_available()):
     IMPLS["triton"] = _triton.lora_triton
 
-# Crossover between ``dense`` and ``grouped``, measured with ``bench/kernels.py --sweep`` on the 2-core CPU this
+# Crossover between ``dense`` and ``grouped``, measured with ``bench/grouped_lora.py --sweep`` on the 2-core CPU this
 # project is developed on (fp32, forward+backward, d_in = d_out = 768, k = 2). Dense-masked costs ~E*r/(k*r) times
 # the sparse FLOPs but needs no sort, gather or scatter; it wins while E*r stays small or the batch is tiny.
 DENSE_MAX_EXPERT_ROWS = 128  # E * r at or below which dense won at every N we measured

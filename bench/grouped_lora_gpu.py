@@ -1,8 +1,8 @@
 """The GPU protocol for the grouped expert LoRA op (issue 8): every implementation timed with CUDA events.
 
-    python bench/kernels_gpu.py                  # the full grid on the current CUDA device (bf16), ~10 min on an H100
-    python bench/kernels_gpu.py --quick          # a few shapes
-    python bench/kernels_gpu.py --smoke          # tiny shapes on the CPU: checks this script, times nothing useful
+    python bench/grouped_lora_gpu.py                  # the full grid on the current CUDA device (bf16), ~10 min on an H100
+    python bench/grouped_lora_gpu.py --quick          # a few shapes
+    python bench/grouped_lora_gpu.py --smoke          # tiny shapes on the CPU: checks this script, times nothing useful
 
 Grid: d_in in {1024, 4096}, d_out in {4096, 14336}, E in {8, 64}, k in {1, 2}, r in {8, 16}, N from 1 to 16384;
 forward and forward+backward. Implementations: ``base`` (the frozen linear), ``loop``, ``dense``, ``grouped``
@@ -10,7 +10,7 @@ forward and forward+backward. Implementations: ``base`` (the frozen linear), ``l
 row; forward only, PEFT refuses ``adapter_names`` in training mode). The memory floor is the unfused-kernel floor of ``kernels.md`` section 10 at the bandwidth measured here
 (a device-to-device copy): ``N (2 k d_in + 4 d_out) + 2 min(E, N k) r (d_in + d_out)`` bytes in bf16.
 Targets printed per shape at N >= 512: ``auto`` >= 5x faster than ``loop`` and >= 2x faster than PEFT's mixed
-batch (k = 1), and the op within 1.5x of its memory floor. The table goes to ``bench/results/kernels_gpu_<device>.md``.
+batch (k = 1), and the op within 1.5x of its memory floor. The table goes to ``bench/results/grouped_lora_gpu_<device>.md``.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def main() -> None:
         args.reps = 3
     else:
         if not torch.cuda.is_available():
-            raise SystemExit("bench/kernels_gpu.py needs a CUDA device (use --smoke to check the script on a CPU)")
+            raise SystemExit("bench/grouped_lora_gpu.py needs a CUDA device (use --smoke to check the script on a CPU)")
         device, dtype = torch.device("cuda"), torch.bfloat16
         if args.quick:
             grid = [(4096, 4096, E, k, 16, N) for E, k, N in itertools.product((8, 64), (1, 2), (1, 512, 4096))]
@@ -161,7 +161,7 @@ def main() -> None:
             print(row, flush=True)
     if not args.smoke:
         RESULTS.mkdir(exist_ok=True)
-        path = RESULTS / f"kernels_gpu_{name.replace(' ', '_')}.md"
+        path = RESULTS / f"grouped_lora_gpu_{name.replace(' ', '_')}.md"
         path.write_text("\n".join(lines) + "\n")
         print(f"\nwritten to {path}")
 

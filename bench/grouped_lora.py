@@ -1,7 +1,7 @@
 """Grouped expert LoRA kernels: implementations timed side by side, interleaved, in one run.
 
-    python bench/kernels.py                 # the two target shapes of issue 2 (about 2 minutes)
-    python bench/kernels.py --sweep         # dense vs grouped over (N, E*r): where ``auto`` switches
+    python bench/grouped_lora.py                 # the two target shapes of issue 2 (about 2 minutes)
+    python bench/grouped_lora.py --sweep         # dense vs grouped over (N, E*r): where ``auto`` switches
 
 Layers compared (fp32, d_in = d_out = 768, N = 2048 tokens, k = 2, ``x`` requires grad as inside a model):
 ``base`` the frozen linear alone; ``peft`` a PEFT LoRA layer of rank r on it; ``moa[impl]`` a MoALinear (the
