@@ -3,7 +3,7 @@
     python bench/multitask.py                       # the full run (about 10 minutes on 2 CPU cores)
     python bench/multitask.py --quick               # a smoke run (about a minute)
 
-The task family (built from ``--seed``): ``--skills`` latent skills, each a random score table over a 64-word
+The task family (built from ``--seed``): ``--skills`` latent skills, each a random score table over a ``--words``-word
 vocabulary (skill k's transformation of a sentence is the sum of its words' scores). Task t composes ``--arity`` of
 them: its label is ``sum_{k in S_t} f_k(x) > 0`` (binary, balanced). Inputs are 5-word sentences of single-token
 words. Every subset of ``arity`` skills is a task; ``--train-tasks`` of them are seen in multi-task training, and
@@ -15,7 +15,8 @@ the same computation as running the whole model with adapters only on top. A lin
 layer is trained with the multi-task phase and frozen for transfer (as are skills in MHR-z), so every method must
 express a new task through its adapters.
 
-Methods (all rank ``--rank``, the same alpha, AdamW):
+Methods (all rank ``--rank``, the same alpha, AdamW; multi-task lr ``--lr``, routing logits ``--z-lr`` = 0.1 as
+mttl; transfer ``--transfer-steps`` full-batch steps at ``--transfer-lr``, routing logits ``--transfer-z-lr``):
 
 * shared LoRA: one LoRA for all tasks (task-blind); transfer fine-tunes it on the new task.
 * per-task LoRA: one LoRA per task (static routing by task id); transfer trains a fresh LoRA on the new task.
@@ -24,7 +25,7 @@ Methods (all rank ``--rank``, the same alpha, AdamW):
 * MHR-z: fresh routing row only (skills frozen). MHR-mu: the per-head average of the MHR skills, fine-tuned.
 * Poly-z is printed too (routing row only, on the Poly skills).
 
-Each held-out task is adapted separately from the multi-task checkpoint; accuracy on 400 fresh examples per task,
+Each held-out task is adapted separately from the multi-task checkpoint; accuracy on 300 fresh examples per task,
 mean (and spread) over held-out tasks and ``--transfer-seeds`` draws of the few-shot data.
 """
 
@@ -33,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import math
 import statistics
 import time
 from pathlib import Path
@@ -173,7 +173,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--z-lr", type=float, default=0.1, help="routing-logit lr (mttl's two-speed lr)")
     parser.add_argument("--transfer-steps", type=int, default=40)
-    parser.add_argument("--transfer-lr", type=float, default=5e-3)
+    parser.add_argument("--transfer-lr", type=float, default=2e-3)
+    parser.add_argument("--transfer-z-lr", type=float, default=0.5, help="routing-logit lr in transfer (mttl's MHR-z grid: 0.1, 0.5)")
     parser.add_argument("--transfer-seeds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plot", default="bench/results/multitask_skills.png", help="heat map of MHR's task-skill weights")
@@ -256,7 +257,7 @@ def main() -> None:
             clf = copy.deepcopy(methods[source])
             prepare_transfer(clf.model, mode, n_tasks=1)
         zeros = torch.zeros(len(shots_y), dtype=torch.long)
-        train(clf, shots_h, zeros, shots_y, args.transfer_steps, len(shots_y), args.transfer_lr, args.z_lr, False, seed)
+        train(clf, shots_h, zeros, shots_y, args.transfer_steps, len(shots_y), args.transfer_lr, args.transfer_z_lr, False, seed)
         return clf
 
     transfer_names = ["shared LoRA", "per-task LoRA", "Poly", "MHR", "MHR-z", "MHR-mu", "Poly-z"]

@@ -52,12 +52,13 @@ def parse_args(argv=None):
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--max-tokens", type=int, default=20, help="tokens per item text")
-    p.add_argument("--head-epochs", type=int, default=40, help="phase 1: user encoder on cached item vectors")
+    p.add_argument("--head-epochs", type=int, default=30, help="phase 1: user encoder on cached item vectors")
     p.add_argument("--lora-epochs", type=int, default=5, help="phase 2 of single LoRA: LoRA + user encoder")
     p.add_argument("--xcross-epochs", type=int, default=5, help="phase 2 of X-Cross: integrator + user encoder")
-    p.add_argument("--sasrec-epochs", type=int, default=200)
+    p.add_argument("--sasrec-epochs", type=int, default=100)
     p.add_argument("--patience", type=int, default=5)
-    p.add_argument("--lr", type=float, default=1e-3, help="user encoders (and SASRec)")
+    p.add_argument("--lr", type=float, default=2e-3, help="user encoders in phase 1, and SASRec")
+    p.add_argument("--phase2-lr", type=float, default=5e-4, help="user encoders in phase 2 (fine-tuning)")
     p.add_argument("--lora-lr", type=float, default=1e-3)
     p.add_argument("--xcross-lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=float, default=1.0, help="epochs of linear lr warmup in phase 2")
@@ -126,10 +127,12 @@ def main(argv=None):
     report(f"item encoder all-MiniLM-L6-v2, MoA in the top {config.adapted_layers} of 6 layers on "
            f"{config.target_modules}, r={config.r}, alpha={config.alpha:g}; item texts <= {config.max_tokens} tokens "
            f"(tokenized once: {time.perf_counter() - start:.1f}s)")
-    report(f"training: batch {args.batch_size} windows, in-batch + {args.negatives} sampled negatives, phase 1 <= "
-           f"{args.head_epochs} epochs (cached vectors), LoRA <= {args.lora_epochs}, X-Cross <= {args.xcross_epochs} "
-           f"epochs (beta={args.beta:g}, gamma={args.gamma:g}), SASRec <= {args.sasrec_epochs}; early stopping "
-           f"on validation NDCG@10 (patience {args.patience})")
+    report(f"training: batch {args.batch_size} windows, in-batch + {args.negatives} sampled negatives; phase 1 <= "
+           f"{args.head_epochs} epochs (cached vectors, lr {args.lr:g}); phase 2: LoRA <= {args.lora_epochs} epochs "
+           f"(lr {args.lora_lr:g}), X-Cross <= {args.xcross_epochs} (lr {args.xcross_lr:g}, beta={args.beta:g}, "
+           f"gamma={args.gamma:g}), user encoders lr {args.phase2_lr:g}, {args.warmup:g} warmup epoch(s); SASRec <= "
+           f"{args.sasrec_epochs} epochs (lr {args.lr:g}); early stopping on validation NDCG@10 (patience "
+           f"{args.patience}, SASRec {max(args.patience, 10)})")
     report()
 
     caches: dict[str, TextSeqRecommender] = {}  # per domain: a model whose frozen-layer cache the others reuse
@@ -156,7 +159,7 @@ def main(argv=None):
         p1 = model.fit(split, train_encoder=False, epochs=args.head_epochs, lr=args.lr, log=log, **fit)
         frozen = (row_metrics(model, split), model.parameter_counts()["heads"], p1["seconds"])
         log(f"{domain}: phase 2 (LoRA + user encoder)")
-        p2 = model.fit(split, train_encoder=True, epochs=args.lora_epochs, lr=args.lr, encoder_lr=args.lora_lr,
+        p2 = model.fit(split, train_encoder=True, epochs=args.lora_epochs, lr=args.phase2_lr, encoder_lr=args.lora_lr,
                        warmup=args.warmup, log=log, **fit)
         return model, frozen, p1["seconds"] + p2["seconds"]
 
@@ -212,7 +215,7 @@ def main(argv=None):
             log(f"{target}: X-Cross phase 1 (user encoder on cached integrated vectors)")
             p1 = xmodel.fit(split, train_encoder=False, epochs=args.head_epochs, lr=args.lr, log=log, **fit)
             log(f"{target}: X-Cross phase 2 (integrator + user encoder; sources {xmodel.item_encoder.sources})")
-            p2 = xmodel.fit(split, train_encoder=True, epochs=args.xcross_epochs, lr=args.lr,
+            p2 = xmodel.fit(split, train_encoder=True, epochs=args.xcross_epochs, lr=args.phase2_lr,
                             encoder_lr=args.xcross_lr, warmup=args.warmup, log=log, **fit)
             cross.append((target, fraction, "X-Cross", row_metrics(xmodel, split),
                           xmodel.parameter_counts()["total"], p1["seconds"] + p2["seconds"]))

@@ -114,8 +114,9 @@ def plot_task_skill_matrix(
     cols = min(4, len(names))
     rows = -(-len(names) // cols)
     vmax = max(float(matrices[n].max()) for n in names)
-    fig, axes = plt.subplots(rows, cols, figsize=(0.35 * n_heads * n_skills * cols + 2, 0.3 * n_tasks * rows + 1.5),
-                             squeeze=False)
+    panel_w, panel_h = min(0.15 * n_heads * n_skills + 1.5, 7.0), min(0.22 * n_tasks + 1.2, 6.0)
+    fig, axes = plt.subplots(rows, cols, figsize=(panel_w * cols + 1.0, panel_h * rows), squeeze=False,
+                             constrained_layout=True)
     image = None
     for ax, name in zip(axes.flat, names):
         image = ax.imshow(matrices[name].reshape(n_tasks, n_heads * n_skills).numpy(), vmin=0, vmax=vmax,
