@@ -9,17 +9,9 @@ Output: ``items`` (top-k item ids) and ``scores`` per row. A bad request raises 
 ``INVALID_PARAMETER_VALUE``, which the scoring server answers with HTTP 400 and the message.
 """
 
-from __future__ import annotations
-
-import warnings
-
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-
-# predict takes and returns DataFrames checked against the logged signature, not type hints
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
 
 
 class MoARecommender(mlflow.pyfunc.PythonModel):
@@ -31,6 +23,8 @@ class MoARecommender(mlflow.pyfunc.PythonModel):
             artifacts["recommenders"], artifacts["items"], artifacts["service"], artifacts.get("item_tables"))
 
     def predict(self, context, model_input, params=None):
+        """A DataFrame in and out, checked against the logged signature (no type hints: those would make MLflow
+        expect the ``inputs`` payload instead of ``dataframe_records`` / ``dataframe_split``)."""
         from moa.pipelines.service import RequestError
 
         k = (params or {}).get("k", 10)
