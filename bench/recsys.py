@@ -67,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--gamma", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--negatives", type=int, default=256, help="uniform sampled negatives per batch (+ in-batch)")
+    p.add_argument("--adapters-must-train", action="store_true",
+                   help="phase 2 keeps its best epoch >= 1, never the untrained start (LoRA B = 0, integrator 0)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the report to this file")
@@ -133,7 +135,8 @@ def main(argv=None):
            f"(lr {args.lora_lr:g}), X-Cross <= {args.xcross_epochs} (lr {args.xcross_lr:g}, beta={args.beta:g}, "
            f"gamma={args.gamma:g}), user encoders lr {args.phase2_lr:g}, {args.warmup:g} warmup epoch(s); SASRec <= "
            f"{args.sasrec_epochs} epochs (lr {args.lr:g}); early stopping on validation NDCG@10 (patience "
-           f"{args.patience}, SASRec {max(args.patience, 10)})")
+           f"{args.patience}, SASRec {max(args.patience, 10)}); phase 2 "
+           f"{'keeps its best trained epoch (>= 1)' if args.adapters_must_train else 'may keep its untrained start'}")
     report()
 
     caches: dict[str, TextSeqRecommender] = {}  # per domain: a model whose frozen-layer cache the others reuse
@@ -161,7 +164,7 @@ def main(argv=None):
         frozen = (row_metrics(model, split), model.parameter_counts()["heads"], p1["seconds"])
         log(f"{domain}: phase 2 (LoRA + user encoder)")
         p2 = model.fit(split, train_encoder=True, epochs=args.lora_epochs, lr=args.phase2_lr, encoder_lr=args.lora_lr,
-                       warmup=args.warmup, log=log, **fit)
+                       warmup=args.warmup, keep_start=not args.adapters_must_train, log=log, **fit)
         return model, frozen, p1["seconds"] + p2["seconds"]
 
     def train_sasrec(split):
@@ -217,7 +220,8 @@ def main(argv=None):
             p1 = xmodel.fit(split, train_encoder=False, epochs=args.head_epochs, lr=args.lr, log=log, **fit)
             log(f"{target}: X-Cross phase 2 (integrator + user encoder; sources {xmodel.item_encoder.sources})")
             p2 = xmodel.fit(split, train_encoder=True, epochs=args.xcross_epochs, lr=args.phase2_lr,
-                            encoder_lr=args.xcross_lr, warmup=args.warmup, log=log, **fit)
+                            encoder_lr=args.xcross_lr, warmup=args.warmup, keep_start=not args.adapters_must_train,
+                            log=log, **fit)
             cross.append((target, fraction, "X-Cross", row_metrics(xmodel, split),
                           xmodel.parameter_counts()["total"], p1["seconds"] + p2["seconds"]))
             del xmodel
@@ -235,6 +239,8 @@ def main(argv=None):
     head = f"{'target':9s} {'users':>5s} {'model':12s} {'HR@10':>7s} {'NDCG@10':>8s} {'MRR@10':>7s} {'trainable':>10s} {'wall s':>7s}"
     report(head)
     report("-" * len(head))
+    order = {"SASRec": 0, "single LoRA": 1, "X-Cross": 2}
+    cross.sort(key=lambda row: (targets.index(row[0]), -row[1], order[row[2]]))
     for target, fraction, name, m, params, seconds in cross:
         report(f"{target:9s} {fraction:5.0%} {name:12s} {m['HR@10']:7.4f} {m['NDCG@10']:8.4f} {m['MRR@10']:7.4f} "
                f"{params:10,d} {seconds:7.1f}")

@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SOURCES, TARGET = ["comedy", "action"], "drama"
+SOURCES, TARGET = ["comedy", "action", "drama"], "children"
 
 
 def step(title: str) -> None:

@@ -584,7 +584,8 @@ class TextSeqRecommender(nn.Module):
     def fit(self, splits: LeaveOneOut | Mapping[str, LeaveOneOut], *, epochs: int = 20, train_encoder: bool = True,
             lr: float = 1e-3, encoder_lr: float | None = None, batch_size: int = 128, negatives: int = 256,
             weight_decay: float = 0.0, warmup: float = 0.0, patience: int = 5, seed: int = 0,
-            max_seconds: float | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+            keep_start: bool = True, max_seconds: float | None = None,
+            log: Callable[[str], None] | None = None) -> dict[str, Any]:
         """Train on the splits' training sequences (one split per domain, or one split of a one-domain model).
 
         Every epoch cuts each training sequence, from its end, into windows of ``max_len + 1`` items (input = all
@@ -596,7 +597,8 @@ class TextSeqRecommender(nn.Module):
         The learning rates ramp up linearly over the first ``warmup`` epochs (fine-tuning a trained model: a fresh Adam's first
         steps are as large as later ones and would knock the trained user encoder off its optimum).
         Before training and after each epoch, validation NDCG@10 (harness, full ranking, seen items masked;
-        averaged over domains) selects the best weights (epoch 0, the starting point, included); ``patience``
+        averaged over domains) selects the best weights (epoch 0, the starting point, included unless
+        ``keep_start=False``, which makes sure the adapters really train); ``patience``
         epochs without improvement stop training, as does ``max_seconds``.
         Returns ``{"epochs", "best_epoch", "best_valid", "seconds", "history"}``.
         """
@@ -623,9 +625,9 @@ class TextSeqRecommender(nn.Module):
             return sum(evaluate(self, s.valid, ks=(10,), max_len=self.config.max_len)["NDCG@10"]
                        for s in splits.values()) / len(splits)
 
-        best = validate()  # epoch 0: the starting point (e.g. the cached-encoder model before its adapters train)
-        best_state = self._trainable_state()
-        history = [{"epoch": 0, "loss": math.nan, "valid_NDCG@10": best, "seconds": time.perf_counter() - start}]
+        initial = validate()  # epoch 0: the starting point (e.g. the cached-encoder model before its adapters train)
+        best, best_state = (initial, self._trainable_state()) if keep_start else (-math.inf, None)
+        history = [{"epoch": 0, "loss": math.nan, "valid_NDCG@10": initial, "seconds": time.perf_counter() - start}]
         for epoch in range(1, epochs + 1):
             self.train()
             total, count = 0.0, 0
@@ -655,7 +657,7 @@ class TextSeqRecommender(nn.Module):
         self._load_trainable_state(best_state)
         self.clear_cache()
         self.eval()
-        best_epoch = max(history, key=lambda h: h["valid_NDCG@10"])["epoch"]
+        best_epoch = max(history[0 if keep_start else 1:], key=lambda h: h["valid_NDCG@10"])["epoch"]
         return {"epochs": len(history) - 1, "best_epoch": best_epoch, "best_valid": best,
                 "seconds": time.perf_counter() - start, "history": history}
 

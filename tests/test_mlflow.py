@@ -210,7 +210,7 @@ def test_recsys_configs_train_export_register_and_serve_in_process(world, store)
     promotion = xcross.model.promotion
     assert promotion.promoted and promotion.name == "moa-recommender"
     meta = json.loads((store / "bundle" / SERVICE_FILE).read_text())
-    assert meta["routes"] == {"comedy": "experts", "action": "experts", "drama": "xcross"}
+    assert meta["routes"] == {"comedy": "experts", "action": "experts", "drama": "experts", "children": "xcross"}
     assert meta["metrics"]["val/ndcg_10"] == pytest.approx(xcross.model.best["ndcg_10"])
     assert "XCrossRecommender" in (store / "bundle" / "config.yaml").read_text()
 
@@ -219,7 +219,7 @@ def test_recsys_configs_train_export_register_and_serve_in_process(world, store)
     assert {r.info.run_name for r in runs} == {"domain-experts", "xcross"}
     run = next(r for r in runs if r.info.run_name == "xcross")
     assert run.data.metrics["best/val_ndcg_10"] == pytest.approx(xcross.model.best["ndcg_10"], abs=1e-6)
-    assert {"val/drama/ndcg_10", "train/loss_epoch", "val/hr_10"} <= set(run.data.metrics)
+    assert {"val/children/ndcg_10", "train/loss_epoch", "val/hr_10"} <= set(run.data.metrics)
     models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
     assert [m.source_run_id for m in models] == [run.info.run_id]
 

@@ -290,3 +290,12 @@ def test_single_domain_experts_pack_into_one_pool_that_scores_like_each_of_them(
         assert torch.allclose(pool.score(histories, domain), single.score(histories, domain), atol=1e-5)
     with pytest.raises(ValueError, match="one-domain recommender"):
         TextSeqRecommender.from_experts({"a": pool})
+
+
+def test_keep_start_false_always_returns_trained_adapters():
+    model = model_for()
+    split = cyclic_split(12)
+    result = model.fit({"a": split}, epochs=2, lr=1e-3, batch_size=16, negatives=4, keep_start=False)
+    assert result["best_epoch"] >= 1 and result["history"][0]["epoch"] == 0
+    r = CONFIG.r
+    assert all(layer.pool.lora_B[:, :r].abs().sum() > 0 for layer in model.item_encoder.top.moa_layers().values())
