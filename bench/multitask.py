@@ -1,7 +1,7 @@
 """Multi-task training and few-shot transfer with task routers (Poly, MHR, MHR-z, MHR-mu) against LoRA baselines.
 
-    python bench/multitask.py                       # the full run (about 10 minutes on 2 CPU cores)
-    python bench/multitask.py --quick               # a smoke run (about a minute)
+    python bench/multitask.py            # the full run: ~20 CPU-minutes (28 min wall on the shared 2-core machine)
+    python bench/multitask.py --quick    # a smoke run (a few minutes)
 
 The task family (built from ``--seed``): ``--skills`` latent skills, each a random score table over a ``--words``-word
 vocabulary (skill k's transformation of a sentence is the sum of its words' scores). Task t composes ``--arity`` of

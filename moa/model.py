@@ -186,12 +186,23 @@ class MoAModel(nn.Module):
         ``merge_and_unload``, this modifies the wrapped model in place; this MoAModel is unusable afterwards.
         """
         layers = self.moa_layers()
+        check_output_mixture(self)
         mixture = route_to_mixture(route, self.config.n_experts)
         for name, layer in layers.items():
             base = layer.base_layer
             merged = layer.merged_weight(mixture)
             base.weight.copy_(merged.t() if isinstance(base, Conv1D) else merged)
         return self.unload()
+
+
+def check_output_mixture(moa_model: "MoAModel") -> None:
+    """Refuse to fold a fixed expert mixture for routers whose computation is not a mixture of expert outputs."""
+    router = next(iter(moa_model.moa_layers().values())).router
+    if not router.mixes_expert_outputs:
+        raise ValueError(
+            f"router {router.name!r} mixes expert parameters, not expert outputs: a fixed route over the pool's "
+            "experts is not what it computes, so it cannot be merged or exported this way"
+        )
 
 
 def route_to_mixture(route: int | Sequence[float] | Tensor, n_experts: int) -> Tensor:
@@ -298,7 +309,9 @@ def attach(model: nn.Module, config: MoAConfig, *, layers: list[str] | None = No
             options=dict(config.expert_options),
         )
         pool = router.build_pool(config.expert_kind, spec, shared)
-        _set_submodule(model, name, MoALinear(base, pool, router, slot))
+        layer = MoALinear(base, pool, router, slot).train(base.training)  # new modules follow the model's mode
+        _set_submodule(model, name, layer)
+    shared.train(model.training)
     return MoAModel(model, config, slot, requires_grad, shared)
 
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import MoAConfig
-from .model import MoAModel, attach, route_to_mixture
+from .model import MoAModel, attach, check_output_mixture, route_to_mixture
 
 PEFT_PREFIX = "base_model.model."
 _UNSUPPORTED = {
@@ -142,6 +142,7 @@ def to_peft(
     active = torch.nonzero(mixture).flatten().tolist()
     if not active:
         raise ValueError("the route gives every expert weight 0; there is nothing to export")
+    check_output_mixture(moa_model)
     layers = moa_model.moa_layers()
     pool0 = next(iter(layers.values())).pool
     rank = pool0.r * len(active)

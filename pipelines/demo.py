@@ -1,7 +1,7 @@
 """The main job: the whole recommendation pipeline on embedded defaults, printed.
 
     python -m moa.pipelines.demo              # ./run main; about 10-15 min on a 2-core CPU
-    python -m moa.pipelines.demo --full       # the larger configuration (2 adapted layers, more epochs)
+    python -m moa.pipelines.demo --full       # the larger configuration (2 adapted layers, 12 + 12 epochs)
 
 1. MovieLens-100K in genre domains (each its own catalogue), leave-one-out per domain.
 2. ``moa fit -c configs/recsys-experts.yaml``: domain experts (one LoRA expert per source domain in the top layer
@@ -64,13 +64,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("outputs/main"), help="bundles, checkpoints, Parquet")
     parser.add_argument("--full", action="store_true", help="the larger configuration (2 adapted layers, 12 + 12 epochs)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs of each stage (default 3, --full 12)")
+    parser.add_argument("--expert-epochs", type=int, default=None, help="epochs of stage 1 (default 2, --full 12)")
+    parser.add_argument("--xcross-epochs", type=int, default=None, help="epochs of stage 2 (default 4, --full 12)")
     parser.add_argument("--encoder", default=None, help="item encoder folder (default: all-MiniLM-L6-v2)")
     parser.add_argument("--name", default="moa-recommender", help="registered model name")
     args = parser.parse_args(argv)
     quiet()
     start = time.perf_counter()
-    epochs = args.epochs or (12 if args.full else 3)
+    expert_epochs = args.expert_epochs or (12 if args.full else 2)
+    xcross_epochs = args.xcross_epochs or (12 if args.full else 4)
     adapted = 2 if args.full else 1
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -85,20 +87,22 @@ def main(argv: list[str] | None = None) -> None:
     print(dataset.summary())
     print(f"source domains {SOURCES} (domain experts), target domain {TARGET!r} (X-Cross)")
 
-    step(f"2. domain experts: {len(SOURCES)} LoRA experts in the top {adapted} MiniLM layer(s), {epochs} epochs")
-    common = ["--trainer.default_root_dir", str(out / "runs"), "--trainer.max_epochs", str(epochs)]
+    step(f"2. domain experts: {len(SOURCES)} LoRA experts in the top {adapted} MiniLM layer(s), {expert_epochs} epochs")
+    common = ["--trainer.default_root_dir", str(out / "runs")]
     experts = fit("recsys-experts.yaml", [
-        *common, "--data.init_args.domains", str(SOURCES), "--model.init_args.adapted_layers", str(adapted),
+        *common, "--trainer.max_epochs", str(expert_epochs), "--data.init_args.domains", str(SOURCES),
+        "--model.init_args.adapted_layers", str(adapted),
         "--model.init_args.export_dir", str(out / "experts-bundle"),
         *(["--model.init_args.encoder", args.encoder] if args.encoder else [])])
     best = experts.model.best
     print(f"best epoch {best.get('epoch')}: val NDCG@10 {best['ndcg_10']:.4f}  HR@10 {best['hr_10']:.4f} "
           f"({time.perf_counter() - start:.0f} s so far)")
 
-    step(f"3. X-Cross for {TARGET!r} from the frozen {SOURCES} experts; log, register, promotion gate")
+    step(f"3. X-Cross for {TARGET!r} from the frozen {SOURCES} experts, {xcross_epochs} epochs; log, register, "
+         "promotion gate")
     xcross = fit("recsys-xcross.yaml", [
-        *common, "--data.init_args.domains", str([TARGET]), "--model.init_args.sources_from",
-        str(out / "experts-bundle"), "--model.init_args.export_dir", str(out / "bundle"),
+        *common, "--trainer.max_epochs", str(xcross_epochs), "--data.init_args.domains", str([TARGET]),
+        "--model.init_args.sources_from", str(out / "experts-bundle"), "--model.init_args.export_dir", str(out / "bundle"),
         "--model.init_args.register_as", args.name])
     best = xcross.model.best
     print(f"best epoch {best.get('epoch')}: val NDCG@10 {best['ndcg_10']:.4f}  HR@10 {best['hr_10']:.4f}")

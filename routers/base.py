@@ -88,6 +88,9 @@ class Router(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    # Whether a fixed mixture of the pool's expert OUTPUTS is this router's computation, so that merging or
+    # exporting ``sum_e m_e B_e A_e`` is meaningful. Routers that mix expert parameters (Poly, MHR) set False.
+    mixes_expert_outputs: ClassVar[bool] = True
 
     def __init__(self, in_features: int, n_experts: int, top_k: int):
         super().__init__()

@@ -515,3 +515,16 @@ def test_mix_skills_matches_the_mttl_einsum_in_split_layout():
     a_mix, b_mix = mix_skills(A, B, w)
     torch.testing.assert_close(a_mix, a_ref.transpose(1, 2))
     torch.testing.assert_close(b_mix, b_ref.transpose(1, 2))
+
+
+def test_merge_and_peft_export_refuse_parameter_mixing_routers(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    model = moa.attach(base, moa.MoAConfig(n_experts=2, r=2, router="poly", target_modules=["q_proj"],
+                                           router_options={"n_tasks": 3}))
+    with pytest.raises(ValueError, match="mixes expert parameters"):
+        moa.to_peft(model, tmp_path / "out", route=0)
+    with pytest.raises(ValueError, match="mixes expert parameters"):
+        model.merge(0)
