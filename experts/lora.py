@@ -13,11 +13,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .kernels import ExpertPlan, grouped_lora
-from .pool import PoolSpec, register_expert_kind
+from .pool import ExpertPool, PoolSpec, register_expert_kind
 
 
-class LoRAPool(nn.Module):
+class LoRAPool(ExpertPool):
     """A bank of ``n_experts`` rank-``r`` LoRA experts for a ``d_in -> d_out`` linear map."""
 
     def __init__(
@@ -32,17 +31,9 @@ class LoRAPool(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
-        super().__init__()
-        if n_experts < 1 or r < 1:
-            raise ValueError(f"a LoRA pool needs n_experts >= 1 and r >= 1, got n_experts={n_experts}, r={r}")
-        self.in_features, self.out_features = in_features, out_features
-        self.n_experts, self.r = n_experts, r
-        self.alpha = float(r if alpha is None else alpha)
-        self.scaling = self.alpha / r
-        self.impl = impl
+        super().__init__(in_features, out_features, n_experts, r, alpha, dropout, impl)
         self.lora_A = nn.Parameter(torch.empty(n_experts * r, in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(out_features, n_experts * r, dtype=dtype, device=device))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -62,34 +53,8 @@ class LoRAPool(nn.Module):
         """``[E, d_out, r]`` view of the packed up-projections."""
         return self.lora_B.view(self.out_features, self.n_experts, self.r).permute(1, 0, 2)
 
-    def forward(
-        self,
-        x: Tensor,
-        expert_ids: "Tensor | ExpertPlan | None",
-        weights: Tensor,
-        factors: "tuple[Tensor, Tensor] | None" = None,
-    ) -> Tensor:
-        """Routed update ``sum_j w_j * scaling * B_e A_e x`` (see :func:`moa.experts.kernels.grouped_lora`).
-
-        ``factors`` ``(A [G, r, d_in], B [G, d_out, r])``, computed by a router for this call, replace the pool's
-        experts; ``expert_ids`` then index their G entries.
-        """
-        A, B = (self.A, self.B) if factors is None else factors
-        return grouped_lora(self.dropout(x), A, B, expert_ids, weights, self.scaling, impl=self.impl)
-
-    def delta_weight(self, mixture: Tensor) -> Tensor:
-        """``[d_out, d_in]`` weight update of a fixed mixture over experts (``mixture[E]``): ``sum_e m_e s B_e A_e``."""
-        mixture = torch.as_tensor(mixture, dtype=self.lora_A.dtype, device=self.lora_A.device)
-        if mixture.shape != (self.n_experts,):
-            raise ValueError(f"a fixed route needs one weight per expert ({self.n_experts}), got {tuple(mixture.shape)}")
-        scaled_b = self.B * (mixture * self.scaling).view(-1, 1, 1)
-        return torch.einsum("eor,eri->oi", scaled_b, self.A)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, n_experts={self.n_experts}, "
-            f"r={self.r}, alpha={self.alpha:g}, impl={self.impl!r}"
-        )
+    def factors(self) -> tuple[Tensor, Tensor]:
+        return self.A, self.B
 
 
 @register_expert_kind("lora")
