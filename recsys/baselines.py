@@ -40,16 +40,17 @@ class Popularity:
         return self.counts.expand(histories.shape[0], -1)
 
 
-class _Block(nn.Module):
+class TransformerBlock(nn.Module):
     """Pre-LayerNorm transformer block: masked multi-head self-attention and a GELU feed-forward (dropout on the
-    attention probabilities and on both residual branches, as RecBole)."""
+    attention probabilities and on both residual branches, as RecBole; ``ff_dropout`` also inside the feed-forward).
+    ``allowed`` is the boolean attention mask. Shared by SASRec and the text recommender's user encoder."""
 
-    def __init__(self, hidden: int, heads: int, inner: int, dropout: float):
+    def __init__(self, hidden: int, heads: int, inner: int, dropout: float, ff_dropout: float = 0.0):
         super().__init__()
         self.heads = heads
         self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
         self.qkv, self.out = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
-        self.ff = nn.Sequential(nn.Linear(hidden, inner), nn.GELU(), nn.Linear(inner, hidden))
+        self.ff = nn.Sequential(nn.Linear(hidden, inner), nn.GELU(), nn.Dropout(ff_dropout), nn.Linear(inner, hidden))
         self.dropout = nn.Dropout(dropout)
         self.attn_dropout = dropout
 
@@ -81,7 +82,7 @@ class SASRec(nn.Module):
         self.item_embedding = nn.Embedding(n_items + 1, hidden, padding_idx=PAD)
         self.position_embedding = nn.Embedding(max_len, hidden)
         self.input_norm, self.input_dropout = nn.LayerNorm(hidden), nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(_Block(hidden, n_heads, inner, dropout) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(TransformerBlock(hidden, n_heads, inner, dropout) for _ in range(n_layers))
         self.output_norm = nn.LayerNorm(hidden)
         self.apply(self._init)
 

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 import moa
 from moa import MoAConfig, MoALinear
 
+from .baselines import TransformerBlock
 from .data import PAD, LeaveOneOut, left_pad
 from .evaluate import evaluate
 
@@ -333,26 +334,6 @@ class ItemEncoder(nn.Module):
 # user encoder
 
 
-class _Block(nn.Module):
-    """Pre-LayerNorm transformer block with a boolean attention mask."""
-
-    def __init__(self, hidden: int, heads: int, inner: int, dropout: float):
-        super().__init__()
-        self.heads, self.attn_dropout = heads, dropout
-        self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
-        self.qkv, self.out = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
-        self.ff = nn.Sequential(nn.Linear(hidden, inner), nn.GELU(), nn.Dropout(dropout), nn.Linear(inner, hidden))
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
-        b, length, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
-                                              dropout_p=self.attn_dropout if self.training else 0.0)
-        x = x + self.dropout(self.out(attn.transpose(1, 2).reshape(b, length, d)))
-        return x + self.dropout(self.ff(self.norm2(x)))
-
-
 class UserEncoder(nn.Module):
     """Causal transformer over a history's item vectors; also owns the item projection (text space -> its space).
 
@@ -367,7 +348,7 @@ class UserEncoder(nn.Module):
         self.project = nn.Linear(item_dim, hidden)
         self.position = nn.Embedding(max_len, hidden)
         self.input_norm, self.input_dropout = nn.LayerNorm(hidden), nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(_Block(hidden, heads, inner, dropout) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(TransformerBlock(hidden, heads, inner, dropout, ff_dropout=dropout) for _ in range(n_layers))
         self.output_norm = nn.LayerNorm(hidden)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
