@@ -165,8 +165,8 @@ class MoAModel(nn.Module):
             "base_model_type": getattr(getattr(self.model, "config", None), "model_type", None),
         }
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.moa_state_dict().items()}
-        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-        _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2)))
+        atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2)))
         return directory
 
     # -- merging and unloading -----------------------------------------------------------------------------
@@ -220,7 +220,9 @@ def route_to_mixture(route: int | Sequence[float] | Tensor, n_experts: int) -> T
     return mixture
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)`` into a temporary file next to ``path``, then rename it over ``path``: readers see the old
+    file or the new one, never half of one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

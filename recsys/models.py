@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 import moa
 from moa import MoAConfig, MoALinear
+from moa.model import atomic_write
 
 from .baselines import TransformerBlock
 from .data import PAD, LeaveOneOut, left_pad
@@ -758,8 +759,8 @@ class TextSeqRecommender(nn.Module):
             "catalogues": sorted(self.item_encoder.catalogues),
         }
         tensors = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
-        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))
         return directory
 
     @classmethod
