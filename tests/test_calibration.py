@@ -27,13 +27,7 @@ from moa.metrics import (
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run no faster on two threads, and on the shared, oversubscribed CPU ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # 4 samples, 3 classes; top labels: 0.62 right, 0.46 wrong, 0.83 right, 0.67 wrong (0.62 and 0.67 share a bin)

@@ -336,14 +336,6 @@ def test_two_speed_learning_rate_puts_the_logits_in_the_router_group():
     assert groups["router"]["weight_decay"] == 0.0
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matrices gain nothing from threads; on a shared, busy CPU one thread avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_multi_task_training_learns_conflicting_tasks_with_lightning(one_thread):
     """Two tasks label the same inputs oppositely: only task routing can fit both; Poly does."""

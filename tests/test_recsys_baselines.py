@@ -26,13 +26,7 @@ def write_cycle_dataset(root, n_items=20, n_users=60, length=12, seed=0):
     return load_atomic(d)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train ~30x faster on one thread when the 2 cores are shared (OpenMP threads spin-wait)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

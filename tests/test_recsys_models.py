@@ -27,13 +27,7 @@ from moa.recsys.models import (
 VOCAB = 100
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 CONFIG = RecommenderConfig(adapted_layers=1, r=4, alpha=8, hidden=16, user_layers=1, heads=2, inner=32,

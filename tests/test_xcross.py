@@ -28,12 +28,7 @@ CONFIG = RecommenderConfig(adapted_layers=2, r=4, alpha=8, hidden=16, user_layer
 DOMAINS = ("a", "b", "c", "target")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_bert(seed: int = 0, layers: int = 3) -> BertModel:
