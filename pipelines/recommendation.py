@@ -228,7 +228,7 @@ class RecommenderModule(L.LightningModule):
     def training_step(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_idx: int):
         windows = {d: (x.to(self.device), y.to(self.device)) for d, (x, y) in batch.items()}
         rows = {d: list(range(len(x))) for d, (x, _) in windows.items()}
-        loss, count = self.recommender._batch_loss(rows, windows, self.negatives, self._encoder_params(), self._generator)
+        loss, count = self.recommender.batch_loss(rows, windows, self.negatives, self._encoder_params(), self._generator)
         self.log("train/loss", loss, prog_bar=True, batch_size=count)
         self._train_loss = (self._train_loss[0] + float(loss.detach()) * count, self._train_loss[1] + count)
         self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, batch_size=count)

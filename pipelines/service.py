@@ -132,7 +132,7 @@ class RecommendationService:
             self.id_of[domain] = lookup
             self.domain_of.update(dict.fromkeys(ids, domain))
         for domain, table in (tables or {}).items():
-            install_item_table(self.models[domain], domain, table)
+            self.models[domain].use_item_table(domain, table)
 
     @classmethod
     def from_files(cls, recommenders: str | Path, items: str | Path, service: str | Path,
@@ -221,13 +221,6 @@ class RecommendationService:
         histories = [_as_list(h) for h in frame["history"]]
         return self.recommend(histories, list(frame["domain"]), k).frame()
 
-
-def install_item_table(recommender, domain: str, table: torch.Tensor) -> None:
-    """Use cached item-encoder outputs ``[n_items + 1, d]`` for ``domain`` instead of computing them."""
-    n = recommender.item_encoder.n_items(domain)
-    if table.dim() != 2 or table.shape[0] != n + 1:
-        raise ValueError(f"cached item table of domain {domain!r} has shape {tuple(table.shape)}; expected [{n + 1}, d]")
-    recommender._tables[recommender.domain_name(domain)] = table.to(recommender.item_encoder.device)
 
 
 def _is_int(value: Any) -> bool:

@@ -499,6 +499,13 @@ class TextSeqRecommender(nn.Module):
     def encoder_trainable(self) -> bool:
         return bool(self.item_encoder.trainable_parameters())
 
+    def use_item_table(self, domain: str, table: Tensor) -> None:
+        """Use cached item-encoder outputs ``[n_items + 1, d]`` for ``domain`` instead of computing them."""
+        n = self.item_encoder.n_items(domain)
+        if table.dim() != 2 or table.shape[0] != n + 1:
+            raise ValueError(f"cached item table of domain {domain!r} has shape {tuple(table.shape)}; expected [{n + 1}, d]")
+        self._tables[self.domain_name(domain)] = table.to(self.item_encoder.device)
+
     @torch.no_grad()
     def item_table(self, domain: str, chunk: int = 512) -> Tensor:
         """Item-encoder outputs ``[n_items + 1, d]`` for every item of ``domain`` (cached until weights change)."""
@@ -617,7 +624,7 @@ class TextSeqRecommender(nn.Module):
                 batch: dict[str, list[int]] = {}
                 for j in chunk:
                     batch.setdefault(rows[j][0], []).append(rows[j][1])
-                loss, n = self._batch_loss(batch, windows, negatives, encoder_params, generator)
+                loss, n = self.batch_loss(batch, windows, negatives, encoder_params, generator)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -683,7 +690,9 @@ class TextSeqRecommender(nn.Module):
             return empty, empty
         return left_pad(xs, length), left_pad(ys, length)
 
-    def _batch_loss(self, batch: dict[str, list[int]], windows, negatives: int, encoder_params, generator):
+    def batch_loss(self, batch: dict[str, list[int]], windows, negatives: int, encoder_params, generator):
+        """Summed softmax loss over in-batch and ``negatives`` sampled items, and the number of predictions, for the
+        windows ``batch`` selects per domain (what :meth:`fit` and the Lightning module minimise per step)."""
         device = self.item_encoder.device
         plan = []
         for domain, idx in batch.items():
