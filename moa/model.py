@@ -67,11 +67,13 @@ class MoAModel(nn.Module):
         """``generate`` with per-sample routing context (``[B]`` ids or ``[B, E]`` weights).
 
         Beam search and several return sequences grow the batch to ``B * n``; the context follows.
+        transformers expands each row ``max(num_beams, num_return_sequences)`` times: ``num_beams`` for beam
+        search (the returned sequences are picked among the beams), ``num_return_sequences`` for sampling.
         """
         config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
         beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
         sequences = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1
-        self._set_context(kwargs, repeat=beams * sequences)
+        self._set_context(kwargs, repeat=max(beams, sequences))
         return self.model.generate(*args, **kwargs)
 
     def _set_context(self, kwargs: dict[str, Any], repeat: int = 1) -> None:
@@ -286,7 +288,8 @@ def find_targets(model: nn.Module, targets: list[str] | str | None) -> list[str]
 def attach(model: nn.Module, config: MoAConfig, *, layers: list[str] | None = None) -> MoAModel:
     """Freeze ``model`` and replace each target linear layer by a :class:`MoALinear`; returns the wrapper.
 
-    The model is modified in place (like ``peft.get_peft_model``).
+    The model is modified in place (like ``peft.get_peft_model``), all or nothing: if any layer cannot be built,
+    the model is left as it was (its modules and ``requires_grad`` flags).
     """
     if isinstance(model, MoAModel) or any(isinstance(m, MoALinear) for m in model.modules()):
         raise ValueError("this model already carries MoA layers; attach once per model")
@@ -296,25 +299,39 @@ def attach(model: nn.Module, config: MoAConfig, *, layers: list[str] | None = No
             raise ValueError(f"the model has no module {name!r}")
         linear_shape(model.get_submodule(name))
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    for param in model.parameters():
-        param.requires_grad_(False)
-    slot, shared = ContextSlot(), nn.ModuleDict()
-    for name in names:
-        base = model.get_submodule(name)
-        d_in, d_out = linear_shape(base)
-        weight = base.weight
-        router = build_router(config.router, d_in, config.n_experts, config.top_k, **config.router_options)
-        router.to(device=weight.device)
-        spec = PoolSpec(
-            d_in, d_out, config.n_experts, config.r, config.alpha, config.dropout, config.impl,
-            dtype=weight.dtype, device=weight.device, name=name, all_names=tuple(names),
-            options=dict(config.expert_options),
-        )
-        pool = router.build_pool(config.expert_kind, spec, shared)
-        layer = MoALinear(base, pool, router, slot).train(base.training)  # new modules follow the model's mode
-        _set_submodule(model, name, layer)
-    shared.train(model.training)
-    return MoAModel(model, config, slot, requires_grad, shared)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    bases = {name: model.get_submodule(name) for name in names}
+    try:
+        for param, _ in flags:  # frozen before building, so the new modules alone are trainable
+            param.requires_grad_(False)
+        slot, shared = ContextSlot(), nn.ModuleDict()
+        built = {name: _build_layer(base, config, name, names, slot, shared) for name, base in bases.items()}
+        for name, layer in built.items():
+            _set_submodule(model, name, layer)
+        shared.train(model.training)
+        return MoAModel(model, config, slot, requires_grad, shared)
+    except BaseException:
+        for name, base in bases.items():
+            _set_submodule(model, name, base)
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        raise
+
+
+def _build_layer(
+    base: nn.Module, config: MoAConfig, name: str, names: list[str], slot: ContextSlot, shared: nn.ModuleDict
+) -> MoALinear:
+    d_in, d_out = linear_shape(base)
+    weight = base.weight
+    router = build_router(config.router, d_in, config.n_experts, config.top_k, **config.router_options)
+    router.to(device=weight.device)
+    spec = PoolSpec(
+        d_in, d_out, config.n_experts, config.r, config.alpha, config.dropout, config.impl,
+        dtype=weight.dtype, device=weight.device, name=name, all_names=tuple(names),
+        options=dict(config.expert_options),
+    )
+    pool = router.build_pool(config.expert_kind, spec, shared)
+    return MoALinear(base, pool, router, slot).train(base.training)  # new modules follow the model's mode
 
 
 def load(directory: str | os.PathLike, base_model: nn.Module) -> MoAModel:

@@ -659,6 +659,46 @@ def test_failed_load_and_from_peft_leave_the_base_model_untouched(llama, tmp_pat
     moa.attach(wrong, MoAConfig(n_experts=2, r=2))  # still attachable
 
 
+@pytest.mark.parametrize("failure", ["build", "swap"])
+def test_failed_attach_leaves_the_model_untouched(llama, monkeypatch, failure):
+    """The last layer fails (while building, or while being swapped in after the others): nothing changes."""
+    model = fresh(llama)
+    model.model.embed_tokens.weight.requires_grad_(False)  # mixed flags, to be restored as they were
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    modules = dict(model.named_modules())
+    ids = token_ids()
+    expected = run(model, input_ids=ids)
+    targets = ["q_proj", "v_proj", "lm_head"]
+    assert moa.model.find_targets(model, targets)[-1] == "lm_head"  # 32 -> 100, the last layer
+    if failure == "build":  # 8 heads divide 32, 16 and 64 (q, v) but not lm_head's 100 outputs
+        config = MoAConfig(n_experts=2, r=2, router="mhr", target_modules=targets,
+                           router_options={"n_tasks": 2, "n_heads": 8})
+        match = "n_heads=8 must divide"
+    else:
+        config, match = MoAConfig(n_experts=2, r=2, target_modules=targets), "injected"
+        real = moa.model._set_submodule
+
+        def set_submodule(root, name, module):
+            if name == "lm_head" and isinstance(module, MoALinear):
+                raise RuntimeError("injected")
+            real(root, name, module)
+
+        monkeypatch.setattr(moa.model, "_set_submodule", set_submodule)
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        moa.attach(model, config)
+    monkeypatch.undo()
+    after = dict(model.named_modules())
+    assert after.keys() == modules.keys() and all(after[n] is m for n, m in modules.items())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert torch.equal(run(model, input_ids=ids), expected)
+    # a good config attaches, and unloading gives back the flags from before the failed attach
+    moa_model = moa.attach(model, MoAConfig(n_experts=2, r=2, router="static", target_modules=targets))
+    assert len(moa_model.moa_layers()) == 5
+    assert torch.equal(run(moa_model, input_ids=ids, expert_ids=[0, 1]), expected)  # B = 0 at init
+    moa_model.unload()
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
 def test_unload_restores_the_base_model(llama):
     model = fresh(llama)
     moa_model = moa.attach(model, MoAConfig(n_experts=2, r=2))
