@@ -96,6 +96,12 @@ class MoAModule(L.LightningModule):
             raise ValueError("the batch has no 'labels' for the head's loss")
         return self.loss_fn(out, batch["labels"]), out
 
+    def on_fit_start(self) -> None:
+        """Train in train mode. ``from_pretrained`` returns the backbone in eval mode and Lightning keeps every
+        submodule's mode, so without this routers, routing noise and dropout would stay off for the whole fit.
+        The evaluation loops switch to eval mode and restore this afterwards."""
+        self.train()
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss, _ = self._loss(batch)
         batch_size = _batch_size(batch)

@@ -38,7 +38,7 @@ class MultiTaskTokens(L.LightningDataModule):
         seq_len: sequence length (the last tokens of some samples are padding).
         n_train, n_val, n_test: samples per split.
         batch_size: batch size of every loader.
-        seed: the seed of the task definitions and the samples.
+        data_seed: the seed of the task definitions and the samples (not ``seed``: the model module has one).
     """
 
     def __init__(
@@ -50,7 +50,7 @@ class MultiTaskTokens(L.LightningDataModule):
         n_val: int = 256,
         n_test: int = 256,
         batch_size: int = 32,
-        seed: int = 0,
+        data_seed: int = 0,
     ):
         super().__init__()
         if n_tasks < 1 or vocab_size < 4 or seq_len < 2:
@@ -61,8 +61,8 @@ class MultiTaskTokens(L.LightningDataModule):
         self.save_hyperparameters()
         self.n_tasks, self.vocab_size, self.seq_len = n_tasks, vocab_size, seq_len
         self.sizes = {"train": n_train, "val": n_val, "test": n_test, "predict": n_test}
-        self.batch_size, self.seed = batch_size, seed
-        g = torch.Generator().manual_seed(seed)
+        self.batch_size, self.data_seed = batch_size, data_seed
+        g = torch.Generator().manual_seed(data_seed)
         # positive[t, v]: whether token v counts for the positive class in task t
         self.positive = torch.stack([torch.randperm(vocab_size - 1, generator=g) < (vocab_size - 1) // 2 for _ in range(n_tasks)])
         self.splits: dict[str, _Rows] = {}
@@ -82,7 +82,7 @@ class MultiTaskTokens(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         for offset, split in enumerate(("train", "val", "test")):
             if split not in self.splits:
-                self.splits[split] = _Rows(self.make_split(self.sizes[split], self.seed * 1000 + 17 * (offset + 1)))
+                self.splits[split] = _Rows(self.make_split(self.sizes[split], self.data_seed * 1000 + 17 * (offset + 1)))
         self.splits["predict"] = self.splits["test"]
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:

@@ -105,11 +105,11 @@ class MovieLensDomains(L.LightningDataModule):
         max_len: history length of the model (training windows have ``max_len + 1`` items).
         batch_size: training windows per batch.
         train_fraction: share of each domain's users whose sequences train (validation/test use all users).
-        seed: the seed of ``train_fraction``'s draw.
+        data_seed: the seed of ``train_fraction``'s draw (not ``seed``: the model module has one).
     """
 
     def __init__(self, domains: list[str] | None = None, path: str | None = None, max_len: int = 50,
-                 batch_size: int = 128, train_fraction: float = 1.0, seed: int = 0):
+                 batch_size: int = 128, train_fraction: float = 1.0, data_seed: int = 0):
         super().__init__()
         unknown = sorted(set(domains or []) - set(ML100K_DOMAINS))
         if unknown:
@@ -117,7 +117,7 @@ class MovieLensDomains(L.LightningDataModule):
         self.save_hyperparameters()
         self.domains = list(domains or ML100K_DOMAINS)
         self.path, self.max_len, self.batch_size = path, max_len, batch_size
-        self.train_fraction, self.seed = train_fraction, seed
+        self.train_fraction, self.data_seed = train_fraction, data_seed
         self.dataset: RecDataset | None = None
         self.splits: dict[str, LeaveOneOut] = {}
         self.texts: dict[str, list[str]] = {}
@@ -129,7 +129,7 @@ class MovieLensDomains(L.LightningDataModule):
         for domain in self.domains:
             part = self.dataset.domain(domain)
             split = part.leave_one_out()
-            self.splits[domain] = split if self.train_fraction >= 1 else split.with_train_fraction(self.train_fraction, self.seed)
+            self.splits[domain] = split if self.train_fraction >= 1 else split.with_train_fraction(self.train_fraction, self.data_seed)
             self.texts[domain] = part.texts
         self.windows = {d: training_windows(s.train_sequences, self.max_len) for d, s in self.splits.items()}
 
