@@ -14,8 +14,11 @@ bottleneck:
     A_t[:, block_q] = sum_k w[t, q, k] A_k[:, block_q],   B_t[block_q, :] = sum_k w[t, q, k] B_k[block_q, :]
     y = W0 x + (alpha / r) B_t A_t x,   alpha = 1 unless the config sets it (scale 1/r, as mttl and HF PEFT)
 
-The router returns one mixed adapter per task *present in the batch* (``factors``) and each token's index into
-them, so the pool runs a batch that mixes tasks through the grouped kernels, with no loop over examples.
+The training noise u is drawn per *example* (each example of a task gets its own mixture, as mttl and PEFT), so in
+training the router returns one mixed adapter per example (per (example, task) pair with per-token task ids) as
+``factors`` and each token's index into them; without noise (evaluation, ``relaxed_bernoulli=False``) examples of
+a task share one adapter, so it returns one per task *present in the batch*. Either way the pool runs the batch
+through the grouped kernels in one call, with no loop over examples.
 
 Initialisation follows mttl (the official code): skills' A ~ U(+-1/sqrt(3 d_in)) (``calculate_gain('leaky_relu',
 sqrt(5)) / sqrt(d_in)``, full d_in even with heads), B = 0, Z ~ U(+-1e-3). HF PEFT's Poly draws A from kaiming
@@ -39,6 +42,13 @@ EPS = 1e-12  # mttl / PEFT: w = s / (sum s + EPS)
 LOGIT_INIT = 1e-3  # Z ~ U(-1e-3, 1e-3): about uniform routing at the start
 SHARED_KEY = "task_skill_logits"  # the shared Z's key in MoAModel.shared (granularity="shared")
 GRANULARITIES = ("layer", "shared")
+
+
+def uniform_noise(shape: torch.Size, dtype: torch.dtype, device) -> Tensor:
+    """u ~ U(0, 1) for the relaxed-Bernoulli draw, from the global generator with ``torch.rand`` as PyTorch's
+    ``RelaxedBernoulli`` (hence PEFT) draws it: seeded runs match, and activation checkpointing, which restores the
+    RNG state, re-runs a layer with the same noise."""
+    return torch.rand(shape, dtype=dtype, device=device)
 
 
 class TaskSkillLogits(nn.Module):
@@ -67,8 +77,8 @@ class TaskSkillLogits(nn.Module):
         """
         z = self.logits if task_ids is None else self.logits.index_select(0, task_ids)
         z = z.view(-1, self.n_heads, self.n_skills)
-        if sample:
-            u = torch.rand_like(z).clamp(torch.finfo(z.dtype).tiny, 1 - torch.finfo(z.dtype).eps)
+        if sample:  # one draw per row: rows are examples in training (see _TaskSkillRouter.forward)
+            u = uniform_noise(z.shape, z.dtype, z.device).clamp(torch.finfo(z.dtype).tiny, 1 - torch.finfo(z.dtype).eps)
             z = z + u.log() - (-u).log1p()
         s = torch.sigmoid(z)
         return s / (s.sum(-1, keepdim=True) + EPS)
@@ -157,7 +167,7 @@ class _TaskSkillRouter(Router):
         n_tasks: number of tasks (rows of Z); the forward call gives ``task_ids`` in ``[0, n_tasks)``.
         granularity: ``"layer"`` (default, mttl's ``finegrained``): one Z per adapted layer; ``"shared"``: one Z for
             all layers (mttl's ``coarsegrained``), stored once in ``MoAModel.shared`` (its relaxed-Bernoulli sample is
-            also drawn once per forward call and used by every layer).
+            also drawn once per forward call, per example, and every layer uses that example's draw).
         relaxed_bernoulli: Gumbel-sigmoid sampling of the weights in training (default True, as mttl's default and
             PEFT); False uses the plain sigmoid in training too (mttl's T0 configs).
         average: route every task to the per-head average of the skills (uniform weights 1/K, mttl's
@@ -245,13 +255,19 @@ class _TaskSkillRouter(Router):
             weights = torch.full((1, self.n_heads, self.n_experts), 1.0 / self.n_experts, device=x.device)
             counts = torch.full((1,), float(n_tokens), device=x.device)
         else:
-            present, plan, counts = ctx.cached(("poly-tasks", lead, self.n_tasks), lambda: self._task_plan(ctx, lead, x.device))
             logits = self.logits_module
             sample = self.training and self.relaxed_bernoulli
-            if self.granularity == "shared":  # one draw per forward call for every layer
-                weights = ctx.cached(("poly-weights", id(logits), lead, sample), lambda: logits.weights(present, sample))
+            if sample:  # noise per example: one adapter per (example, task) group
+                groups, plan, counts, key = ctx.cached(("poly-examples", lead, self.n_tasks),
+                                                       lambda: self._example_plan(ctx, lead, x.device))
+            else:  # no noise: the examples of a task share its adapter, one per task present
+                groups, plan, counts = ctx.cached(("poly-tasks", lead, self.n_tasks),
+                                                  lambda: self._task_plan(ctx, lead, x.device))
+                key = ("tasks", lead)
+            if self.granularity == "shared":  # one draw per forward call (per example) for every layer
+                weights = ctx.cached(("poly-weights", id(logits), key, sample), lambda: logits.weights(groups, sample))
             else:
-                weights = logits.weights(present, sample)
+                weights = logits.weights(groups, sample)
         a_mix, b_mix = mix_skills(pool.A, pool.B, weights)
         usage = (counts.to(weights.dtype)[:, None] * weights.mean(1)).sum(0) / max(n_tokens, 1)
         ones = x.new_ones(n_tokens, 1)
@@ -259,6 +275,38 @@ class _TaskSkillRouter(Router):
 
     def _task_plan(self, ctx: RoutingContext, lead: tuple, device) -> tuple[Tensor, ExpertPlan, Tensor]:
         """The tasks present (sorted), the plan sending each token to its task's mixture, and tokens per task."""
+        ids = self._token_task_ids(ctx, lead, device)
+        if ids.numel() == 0:
+            present, inverse, counts = ids.new_zeros(1), ids, ids.new_zeros(1)
+        else:
+            present, inverse, counts = torch.unique(ids, sorted=True, return_inverse=True, return_counts=True)
+        return present, ExpertPlan(inverse.view(-1, 1), present.numel(), validate=False), counts
+
+    def _example_plan(self, ctx: RoutingContext, lead: tuple, device) -> tuple[Tensor, ExpertPlan, Tensor, tuple]:
+        """Groups for per-example noise: each group's task, the plan sending each token to its group, tokens per group,
+        and a key naming the grouping (for the shared draw).
+
+        An example is an index of the input's first dim. With per-sample task ids the groups are the examples in order
+        (group b = example b, as PEFT's ``[B, h, K]`` draw); with per-token ids, the (example, task) pairs present.
+        """
+        ids = self._token_task_ids(ctx, lead, device)
+        n_examples = lead[0] if lead else 1
+        if ids.numel() == 0:
+            return ids.new_zeros(1), ExpertPlan(ids.view(-1, 1), 1, validate=False), ids.new_zeros(1), ("empty",)
+        per_example = ids.numel() // n_examples
+        example = torch.arange(n_examples, device=device).repeat_interleave(per_example)
+        if ctx.task_ids.dim() == 1 and ctx.task_ids.shape[0] == n_examples:
+            counts = torch.full((n_examples,), per_example, device=device)
+            plan = ExpertPlan(example.view(-1, 1), n_examples, validate=False)
+            # keyed by the batch size alone: layers of other lengths (encoder / decoder) share the examples' draws
+            return ctx.task_ids.to(device).long(), plan, counts, ("examples", n_examples)
+        keys, inverse, counts = torch.unique(example * self.n_tasks + ids, sorted=True, return_inverse=True,
+                                             return_counts=True)
+        plan = ExpertPlan(inverse.view(-1, 1), keys.numel(), validate=False)
+        return keys % self.n_tasks, plan, counts, ("tokens", lead)
+
+    def _token_task_ids(self, ctx: RoutingContext, lead: tuple, device) -> Tensor:
+        """The call's task ids, validated, one per token (flattened)."""
         if ctx.task_ids is None:
             raise ValueError(
                 f"router {self.name!r} routes by task: pass task_ids=... (one id per sample [B] or per token [B, T]) "
@@ -272,11 +320,7 @@ class _TaskSkillRouter(Router):
                 f"task_ids must lie in [0, {self.n_tasks - 1}] for {self.n_tasks} tasks; got values in "
                 f"[{int(ids.min())}, {int(ids.max())}] (resize the routing logits for new tasks: moa.transfer.resize_tasks)"
             )
-        if ids.numel() == 0:
-            present, inverse, counts = ids.new_zeros(1), ids, ids.new_zeros(1)
-        else:
-            present, inverse, counts = torch.unique(ids, sorted=True, return_inverse=True, return_counts=True)
-        return present, ExpertPlan(inverse.view(-1, 1), present.numel(), validate=False), counts
+        return ids
 
     # -- adaptation and inspection ---------------------------------------------------------------------------
     @torch.no_grad()

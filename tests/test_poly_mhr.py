@@ -228,24 +228,69 @@ def test_poly_fine_tuning_trains_skills_and_fresh_logits():
 # -- PEFT ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n_heads", [1, 4])
-def test_same_weights_in_peft_poly_and_moa_give_the_same_outputs(n_heads):
+PEFT_TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def peft_poly(base, n_heads=1, K=3, r=2, T=5, targets=PEFT_TARGETS, seed=1):
+    """An HF PEFT Poly model around a copy of ``base``, with random skills (B nonzero) and routing logits."""
     from peft import PolyConfig, get_peft_model
 
-    K, r, T = 3, 2, 5
-    base = tiny_llama()
-    targets = ["q_proj", "v_proj", "down_proj"]
     peft_model = get_peft_model(copy.deepcopy(base), PolyConfig(
         task_type="CAUSAL_LM", poly_type="poly", n_splits=n_heads, n_skills=K, n_tasks=T, r=r, target_modules=targets))
-    torch.manual_seed(1)
-    with torch.no_grad():  # random skills (B nonzero) and routing logits in PEFT
+    torch.manual_seed(seed)
+    with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "poly_" in name:
                 param.normal_(std=0.5 if "logits" not in name else 2.0)
+    return peft_model
+
+
+def moa_poly(base, n_heads=1, K=3, r=2, T=5, targets=PEFT_TARGETS, **options):
     router = "poly" if n_heads == 1 else "mhr"
-    options = {"n_tasks": T} if n_heads == 1 else {"n_tasks": T, "n_heads": n_heads}
-    model = moa.attach(base, moa.MoAConfig(n_experts=K, r=r, router=router, target_modules=targets, router_options=options))
+    options = {"n_tasks": T, **({} if n_heads == 1 else {"n_heads": n_heads}), **options}
+    return moa.attach(base, moa.MoAConfig(n_experts=K, r=r, router=router, target_modules=targets, router_options=options))
+
+
+def peft_and_moa(n_heads=1, **kw):
+    """A PEFT Poly model and a moa model with the same base, skills and routing logits."""
+    base = tiny_llama()
+    peft_model = peft_poly(base, n_heads, **kw)
+    model = moa_poly(base, n_heads, **kw)
     load_peft_poly(model, peft_model)
+    return peft_model, model
+
+
+class NoiseTape:
+    """Stands in for ``torch.rand``: hands out uniforms from its own seeded generator, in order, and records the shape
+    of every draw. PEFT draws its relaxed-Bernoulli noise with ``torch.rand`` (inside ``RelaxedBernoulli.rsample``),
+    moa with ``torch.rand`` too, so replaying one tape in each feeds both the same u, draw for draw."""
+
+    def __init__(self, monkeypatch, seed=0):
+        self.monkeypatch, self.seed = monkeypatch, seed
+
+    def __enter__(self):
+        self.shapes, generator = [], torch.Generator().manual_seed(self.seed)
+
+        def rand(*size, dtype=None, device=None, **_):
+            shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else tuple(size)
+            self.shapes.append(shape)
+            return torch.empty(shape, dtype=torch.float64).uniform_(generator=generator).to(dtype or torch.float32)
+
+        self.monkeypatch.setattr(torch, "rand", rand)
+        return self
+
+    def __exit__(self, *exc):
+        self.monkeypatch.undo()
+
+    @staticmethod
+    def first_draw(seed, shape):
+        """What the first draw of a tape with this seed hands out."""
+        return torch.empty(shape, dtype=torch.float64).uniform_(generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("n_heads", [1, 4])
+def test_same_weights_in_peft_poly_and_moa_give_the_same_outputs(n_heads):
+    peft_model, model = peft_and_moa(n_heads)
     peft_model.eval(), model.eval()
     ids, tasks = torch.randint(0, 100, (4, 7)), torch.tensor([3, 0, 3, 4])
     with torch.no_grad():
@@ -254,6 +299,70 @@ def test_same_weights_in_peft_poly_and_moa_give_the_same_outputs(n_heads):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     with torch.no_grad(), model.disable_adapters():
         assert (model(input_ids=ids).logits - expected).abs().max() > 1e-2  # the adapters do change the output
+
+
+@pytest.mark.parametrize("n_heads", [1, 4])
+def test_training_mode_matches_peft_with_the_same_noise_drawn_per_example(monkeypatch, n_heads):
+    """Train mode, one task for the whole batch: PEFT draws u per example ([B, h, K] per layer); so does moa."""
+    peft_model, model = peft_and_moa(n_heads)
+    peft_model.train(), model.train()
+    ids, tasks = torch.randint(0, 100, (4, 7)), torch.full((4,), 3)
+    runs = {}
+    for name, net in (("peft", peft_model), ("moa", model)):
+        net.zero_grad()
+        with NoiseTape(monkeypatch, seed=11) as tape:
+            out = net(input_ids=ids, labels=ids, task_ids=tasks)
+        out.loss.backward()
+        runs[name] = out.logits.detach(), tape.shapes
+    assert runs["moa"][1] == runs["peft"][1] == [(4, n_heads, 3)] * 6  # one [B, h, K] draw per layer, same order
+    torch.testing.assert_close(runs["moa"][0], runs["peft"][0], rtol=1e-5, atol=1e-5)
+    # the gradients agree too: skills (in PEFT's layout) and routing logits
+    peft_layers = {n: m for n, m in peft_model.named_modules() if hasattr(m, "poly_lora_A")}
+    for name, layer in model.moa_layers().items():
+        source = next(m for n, m in peft_layers.items() if n.endswith("." + name))
+        grad_a, grad_b = skills_from_split_layout(source.poly_lora_A["default"].grad, source.poly_lora_B["default"].grad)
+        K, d_out, r = grad_b.shape
+        torch.testing.assert_close(layer.pool.lora_A.grad.view(grad_a.shape), grad_a, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(layer.pool.lora_B.grad.view(d_out, K, r).permute(1, 0, 2), grad_b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(layer.router.logits_module.logits.grad,
+                                   source.poly_router["default"].module_logits.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_examples_of_one_task_get_different_noise_in_training_and_one_adapter_in_eval():
+    model = one_layer("mhr", K=3, r=2, n_heads=2, n_tasks=4)
+    layer = layer_of(model)
+    x = torch.randn(1, 1, D_IN).expand(5, 3, D_IN)  # five identical examples of task 2 (identical tokens)
+    tasks = torch.full((5,), 2)
+    model.train()
+    routing = layer.router(x, RoutingContext(task_ids=tasks), layer.pool)
+    assert routing.factors[0].shape == (5, 2, D_IN) and routing.factors[1].shape == (5, D_OUT, 2)  # one per example
+    assert routing.expert_ids.expert_ids.view(5, 3).tolist() == [[b] * 3 for b in range(5)]
+    out = model(x, task_ids=tasks)
+    for b in range(1, 5):
+        assert not torch.allclose(out[0], out[b])  # different mixtures for the same input and task
+        torch.testing.assert_close(out[b, 0], out[b, 2])  # one mixture for all tokens of an example
+    model.eval()
+    routing = layer.router(x, RoutingContext(task_ids=tasks), layer.pool)
+    assert routing.factors[0].shape == (1, 2, D_IN)  # no noise: the examples share the task's adapter
+    out = model(x, task_ids=tasks)
+    torch.testing.assert_close(out, out[:1].expand_as(out))
+
+
+def test_per_token_task_ids_draw_noise_per_example_and_task(monkeypatch):
+    model = one_layer("poly", K=3, r=2, n_tasks=4).train()
+    layer = layer_of(model)
+    x, tasks = torch.randn(2, 3, D_IN), torch.tensor([[0, 0, 3], [3, 3, 3]])
+    with NoiseTape(monkeypatch, seed=3) as tape:
+        out = model(x, task_ids=tasks)
+    assert tape.shapes == [(3, 1, 3)]  # groups (example 0, task 0), (0, 3), (1, 3)
+    u = NoiseTape.first_draw(3, (3, 3)).float()
+    z = layer.router.logits_module.logits.detach()
+    s = torch.sigmoid(z[[0, 3, 3]] + u.log() - (-u).log1p())
+    w = s / (s.sum(-1, keepdim=True) + 1e-12)
+    A, B = layer.pool.A.detach(), layer.pool.B.detach()
+    for (b, t), g in {(0, 0): 0, (0, 1): 0, (0, 2): 1, (1, 0): 2, (1, 1): 2, (1, 2): 2}.items():
+        a_g, b_g = torch.einsum("k,kri->ri", w[g], A), torch.einsum("k,kor->or", w[g], B)
+        torch.testing.assert_close(out[b, t], plain_lora(x[b, t], layer.base_layer, a_g, b_g, 1 / 2))
 
 
 def test_training_noise_is_pytorch_relaxed_bernoulli_with_temperature_one():
@@ -397,9 +506,10 @@ def test_shared_logits_sample_once_per_call_and_collect_gradient_from_every_laye
     model = moa.attach(tiny_llama(), config).train()
     randomize_skills(model)
     ids = torch.randint(0, 100, (2, 5))
-    model(input_ids=ids, labels=ids, task_ids=[0, 1]).loss.backward()
+    model(input_ids=ids, labels=ids, task_ids=[1, 1]).loss.backward()
     draws = [v for k, v in model._slot.current.cache.items() if k[0] == "poly-weights"]
-    assert len(draws) == 1  # one relaxed-Bernoulli draw for all layers
+    assert len(draws) == 1 and draws[0].shape == (2, 1, 3)  # one draw per example (one task here), for all layers
+    assert not torch.allclose(draws[0][0], draws[0][1])
     assert model.shared[SHARED_KEY].logits.grad.abs().sum() > 0
 
 
