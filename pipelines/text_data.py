@@ -1,0 +1,488 @@
+"""Your own text data for ``moa fit``: JSONL / CSV / Parquet files -> tokenized, dynamically padded batches.
+
+:class:`TextData` reads train / val / test / predict files (paths or globs), maps task, domain and label names to
+ids (sorted, from the training rows only, exposed as :meth:`TextData.vocab` so a model can save them), tokenizes
+with the backbone's tokenizer, and batches rows of similar length together (each batch padded only to its own
+longest row). Two target kinds:
+
+* ``target="label"``: classification. Each task has its own label list (``label_names[task]``); ``labels`` are
+  indices within the row's task's list.
+* ``target="text"``: causal LM. ``input_ids`` = prompt + target + eos, ``labels`` = the same with -100 on the prompt
+  and the padding, plus left-padded ``prompt_input_ids`` and the ``target_text`` for generation.
+
+Bad input (missing file or column, a task or label that training never saw, an unreadable file) raises one
+``ValueError`` naming the file, column and row (rows are counted from 0, header excluded).
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+DEFAULT = "default"
+"""The task (domain) name of every row when there is no task (domain) column."""
+EXTENSIONS = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".pq")
+
+
+def natural_sorted(names) -> list[str]:
+    """Sorted names; numerically when all are integers (labels ``0..K-1`` keep their ids)."""
+    names = sorted(set(names))
+    if names and all(re.fullmatch(r"-?\d+", n) for n in names):
+        return sorted(names, key=int)
+    return names
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """One file as a DataFrame (CSV/TSV cells stay strings); ``ValueError`` naming the file if it can't be read."""
+    ext = path.suffix.lower()
+    if ext not in EXTENSIONS:
+        raise ValueError(f"{path}: unsupported file type {ext or '(none)'!r}; use one of {', '.join(EXTENSIONS)}")
+    try:
+        if ext in (".jsonl", ".ndjson"):
+            return pd.read_json(path, lines=True, dtype=False, convert_dates=False)
+        if ext == ".json":  # an array of records
+            return pd.read_json(path, dtype=False, convert_dates=False)
+        if ext in (".csv", ".tsv"):
+            return pd.read_csv(path, sep="," if ext == ".csv" else "\t", dtype=str, keep_default_na=False)
+        return pd.read_parquet(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+    except Exception as error:  # pandas / pyarrow raise many kinds
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path}: cannot read as {ext[1:]}: {first}") from error
+
+
+def expand(spec: str, split: str) -> list[Path]:
+    """The files of one split: a path, or a glob (sorted matches)."""
+    spec = str(Path(spec).expanduser())
+    if any(c in spec for c in "*?["):
+        paths = [Path(p) for p in sorted(glob.glob(spec, recursive=True)) if Path(p).is_file()]
+        if not paths:
+            raise ValueError(f"{split}: no file matches {spec!r}")
+        return paths
+    if not Path(spec).is_file():
+        raise ValueError(f"{split}: file not found: {spec}")
+    return [Path(spec)]
+
+
+def _shuffle_rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, stream])
+
+
+class EpochShuffle(RandomSampler):
+    """A seeded permutation, a new one each epoch (``set_epoch``, or the next iteration without Lightning).
+
+    A ``RandomSampler``, so Lightning's DDP replaces it with a shuffling ``DistributedSampler``."""
+
+    def __init__(self, data_source, seed: int = 0):
+        super().__init__(data_source)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        order = _shuffle_rng(self.seed, self.epoch, 0).permutation(len(self.data_source))
+        self.epoch += 1
+        return iter(order.tolist())
+
+
+class LengthBatchSampler(BatchSampler):
+    """Batches of rows of similar length, so padding to each batch's longest row wastes little.
+
+    The indices ``sampler`` yields (shuffled for training; a rank's shard under DDP) are cut into pools of
+    ``pool * batch_size``, sorted by length (longest first) within each pool and batched; training batches are then
+    shuffled (seeded, per epoch). With ``shuffle=False`` the whole split is one pool: sorted by length. With
+    ``bucket=False`` batches follow the sampler's order. Every index appears exactly once per epoch.
+    """
+
+    def __init__(self, sampler, batch_size: int, drop_last: bool = False, lengths: Sequence[int] = (),
+                 bucket: bool = True, shuffle: bool = False, seed: int = 0, pool: int = 50):
+        super().__init__(sampler, batch_size, drop_last)
+        self.lengths, self.bucket, self.shuffle, self.seed, self.pool = list(lengths), bucket, shuffle, seed, pool
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch = getattr(self.sampler, "epoch", 0)
+        order = list(self.sampler)
+        if self.bucket:
+            size = self.pool * self.batch_size if self.shuffle else max(len(order), 1)
+            order = [i for s in range(0, len(order), size)
+                     for i in sorted(order[s:s + size], key=lambda i: -self.lengths[i])]
+        batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        if self.shuffle and self.bucket:
+            batches = [batches[i] for i in _shuffle_rng(self.seed, epoch, 1).permutation(len(batches))]
+        return iter(batches)
+
+
+class _Rows(Dataset):
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def _pad(seqs: list[list[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), width), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[b, span] = torch.tensor(s, dtype=torch.long)
+        mask[b, span] = 1
+    return ids, mask
+
+
+@dataclass
+class Collate:
+    """Rows -> a batch (see :class:`TextData` for the keys). Picklable, for ``num_workers > 0``."""
+
+    pad_token_id: int
+    text: bool
+
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
+        batch: dict[str, Any] = {}
+        has_target = "target" in rows[0]
+        if self.text:
+            prompts = [r["prompt"] for r in rows]
+            full = [r["prompt"] + r.get("target", []) for r in rows]
+            batch["input_ids"], batch["attention_mask"] = _pad(full, self.pad_token_id)
+            if has_target:
+                labels = [[-100] * len(r["prompt"]) + r["target"] for r in rows]
+                batch["labels"] = _pad(labels, -100)[0]
+            batch["prompt_input_ids"], batch["prompt_attention_mask"] = _pad(prompts, self.pad_token_id, left=True)
+            if has_target:
+                batch["target_text"] = [r["target_text"] for r in rows]
+        else:
+            batch["input_ids"], batch["attention_mask"] = _pad([r["ids"] for r in rows], self.pad_token_id)
+            if has_target:
+                batch["labels"] = torch.tensor([r["target"] for r in rows], dtype=torch.long)
+        for key in ("task_ids", "domain_ids", "row"):
+            batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.long)
+        return batch
+
+
+class TextData(L.LightningDataModule):
+    """Text classification or generation data from your own JSONL / CSV / Parquet files.
+
+    Batches (dicts of tensors):
+
+    * ``target="label"``: ``input_ids [B, T]``, ``attention_mask [B, T]``, ``task_ids [B]``, ``domain_ids [B]``,
+      ``labels [B]`` (index within the row's task's ``label_names[task]``; absent in predict when the predict files
+      have no target column) and ``row [B]`` (the row's index within its split, see :meth:`rows`).
+    * ``target="text"``: ``input_ids`` = prompt + target + eos (right-padded), ``attention_mask``, ``labels`` =
+      ``input_ids`` with -100 on the prompt and the padding, ``prompt_input_ids`` / ``prompt_attention_mask``
+      (LEFT-padded prompts, for ``generate``), ``target_text`` (list of str), ``task_ids``, ``domain_ids``, ``row``.
+      Prompt and target are tokenized separately without special tokens and concatenated; eos is the tokenizer's
+      eos, else sep, else pad. Predict files without a target column give the prompts alone (no ``labels`` /
+      ``target_text``).
+
+    T is each batch's own longest row. Task, domain and label names come from the training rows, sorted
+    (numerically when all are integers); after construction (read on first access) and after ``setup``:
+    ``task_names``, ``domain_names``, ``label_names``, ``tokenizer``, ``pad_token_id``, ``eos_token_id``,
+    ``vocab_size`` and :meth:`vocab`.
+
+    Args:
+        train: the training file(s): a path or a glob (``data/train-*.jsonl``); ``.jsonl``/``.ndjson``,
+            ``.json`` (an array of records), ``.csv``, ``.tsv``, ``.parquet``.
+        val: validation file(s); ``None`` splits ``val_fraction`` of the training rows off instead.
+        test: test file(s); ``None`` splits ``test_fraction`` of the training rows off (none when 0).
+        predict: file(s) to predict; ``None`` predicts the test split.
+        text_column: the column of the input text.
+        target_column: the column of the target: a label (``target="label"``) or the target text (``"text"``).
+        task_column: the column naming each row's task (``task_ids``); ``None``: one task, ``"default"``.
+        domain_column: the column naming each row's domain (``domain_ids``); ``None``: one domain, ``"default"``.
+        target: ``"label"`` (classification, one label set per task) or ``"text"`` (causal LM targets).
+        tokenizer: ``"minilm"`` (the installed all-MiniLM-L6-v2) or a local model folder with a tokenizer.
+        max_length: the most tokens of an input (label mode: with the special tokens; text mode: the prompt,
+            truncated from the left so its end, next to the target, is kept).
+        target_max_length: the most tokens of a target text before the eos (text mode).
+        prompt_template: the input built from each row, with fields ``{text}``, ``{task}`` and ``{domain}``.
+        batch_size: rows per batch.
+        val_fraction: the share of training rows held out for validation when ``val`` is not given (0: no
+            validation).
+        test_fraction: the share of training rows held out for testing when ``test`` is not given.
+        split_seed: the seed of the held-out split (made per task, so each task keeps its share) and of the
+            training batch order.
+        bucket: group rows of similar length into batches (training: within shuffled pools of 50 batches;
+            evaluation: sorted by length). ``False``: shuffled (training) or file-order batches.
+        num_workers: ``DataLoader`` worker processes.
+    """
+
+    def __init__(
+        self,
+        train: str,
+        val: str | None = None,
+        test: str | None = None,
+        predict: str | None = None,
+        text_column: str = "text",
+        target_column: str = "label",
+        task_column: str | None = None,
+        domain_column: str | None = None,
+        target: str = "label",
+        tokenizer: str = "minilm",
+        max_length: int = 128,
+        target_max_length: int = 32,
+        prompt_template: str = "{text}",
+        batch_size: int = 32,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.0,
+        split_seed: int = 0,
+        bucket: bool = True,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        if target not in ("label", "text"):
+            raise ValueError(f"target must be 'label' or 'text', got {target!r}")
+        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ValueError(f"need 0 <= val_fraction, test_fraction and their sum < 1; got {val_fraction}, {test_fraction}")
+        if max_length < 1 or target_max_length < 1 or batch_size < 1:
+            raise ValueError("max_length, target_max_length and batch_size must be >= 1")
+        try:
+            prompt_template.format(text="", task="", domain="")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"prompt_template {prompt_template!r}: {error!r}; its fields are {{text}}, {{task}}, "
+                             "{domain}") from error
+        self.save_hyperparameters()
+        self.files = {"train": train, "val": val, "test": test, "predict": predict}
+        self.text_column, self.target_column = text_column, target_column
+        self.task_column, self.domain_column, self.target = task_column, domain_column, target
+        self.tokenizer_name, self.max_length, self.target_max_length = tokenizer, max_length, target_max_length
+        self.prompt_template, self.batch_size, self.num_workers = prompt_template, batch_size, num_workers
+        self.val_fraction, self.test_fraction, self.split_seed, self.bucket = val_fraction, test_fraction, split_seed, bucket
+        self._frames: dict[str, pd.DataFrame] | None = None
+        self._tokenizer = None
+        self.datasets: dict[str, _Rows] = {}
+
+    # ---- reading and the name -> id maps
+    def _read_split(self, split: str) -> pd.DataFrame:
+        """A split's rows with standard columns: text, target (if any), task, domain, file, file_row."""
+        spec, parts = self.files[split], []
+        tables = [(path, read_table(path)) for path in expand(spec, split)]
+        with_target = any(self.target_column in t.columns for _, t in tables)
+        needed = {self.text_column: "text_column", self.task_column: "task_column",
+                  self.domain_column: "domain_column"}
+        if split != "predict" or with_target:
+            needed[self.target_column] = "target_column"
+        for path, table in tables:
+            if table.empty:
+                continue
+            for column, option in needed.items():
+                if column is not None and column not in table.columns:
+                    raise ValueError(f"{path}: no column {column!r} ({option}); its columns are {list(table.columns)}")
+            part = pd.DataFrame({"text": table[self.text_column], "file": str(path), "file_row": np.arange(len(table))})
+            if self.target_column in needed:
+                part["target"] = table[self.target_column]
+            part["task"] = table[self.task_column] if self.task_column else DEFAULT
+            part["domain"] = table[self.domain_column] if self.domain_column else DEFAULT
+            parts.append(part)
+        frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+        if frame.empty:
+            raise ValueError(f"{split}: empty split: no rows in {spec!r}")
+        for column in ("text", "target", "task", "domain"):
+            if column not in frame.columns:
+                continue
+            values = frame[column].tolist()
+            for i, value in enumerate(values):
+                if _missing(value):
+                    option = {"text": self.text_column, "target": self.target_column, "task": self.task_column,
+                              "domain": self.domain_column}[column]
+                    raise ValueError(f"{frame['file'][i]} row {frame['file_row'][i]}: missing value in column {option!r}")
+            frame[column] = [str(v) for v in values]
+        return frame
+
+    def _hold_out(self, frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+        """Split val/test rows off the training rows: a seeded shuffle per task, file order kept within splits."""
+        fractions = {"val": self.val_fraction if self.files["val"] is None else 0.0,
+                     "test": self.test_fraction if self.files["test"] is None else 0.0}
+        rng = np.random.default_rng(self.split_seed)
+        chosen: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+        for task in natural_sorted(frame["task"]):
+            rows = rng.permutation(np.flatnonzero((frame["task"] == task).to_numpy()))
+            n_val, n_test = (int(round(fractions[s] * len(rows))) for s in ("val", "test"))
+            chosen["val"] += rows[:n_val].tolist()
+            chosen["test"] += rows[n_val:n_val + n_test].tolist()
+            chosen["train"] += rows[n_val + n_test:].tolist()
+        out = {"train": frame.iloc[sorted(chosen["train"])].reset_index(drop=True)}
+        for split, fraction in fractions.items():
+            if fraction > 0:
+                if not chosen[split]:
+                    raise ValueError(f"{split}: empty split: {split}_fraction={fraction} of {len(frame)} training "
+                                     f"rows is no row; give a {split} file or a larger fraction")
+                out[split] = frame.iloc[sorted(chosen[split])].reset_index(drop=True)
+        if out["train"].empty:
+            raise ValueError(f"train: empty split: no training rows left after holding out val/test")
+        return out
+
+    def _check_known(self, split: str, frame: pd.DataFrame) -> None:
+        """Evaluation rows may only use tasks, domains and labels that the training rows have."""
+        names = self._names
+        tasks, domains = set(names["tasks"]), set(names["domains"])
+        for i, row in enumerate(frame.itertuples(index=False)):
+            where = f"{row.file} row {row.file_row}"
+            if row.task not in tasks:
+                raise ValueError(f"{where}: task {row.task!r} (column {self.task_column!r}) does not appear in the "
+                                 f"training data, whose tasks are {names['tasks']}")
+            if row.domain not in domains:
+                raise ValueError(f"{where}: domain {row.domain!r} (column {self.domain_column!r}) does not appear in "
+                                 f"the training data, whose domains are {names['domains']}")
+            if self.target == "label" and "target" in frame.columns and row.target not in self._label_sets[row.task]:
+                raise ValueError(f"{where}: label {row.target!r} (column {self.target_column!r}) of task "
+                                 f"{row.task!r} is not in the training set's labels {names['labels'][row.task]}")
+
+    def prepare(self) -> None:
+        """Read the files, split, and build the name -> id maps (once; the attributes call it on first access)."""
+        if self._frames is not None:
+            return
+        frames = self._hold_out(self._read_split("train"))
+        for split in ("val", "test", "predict"):
+            if self.files[split] is not None:
+                frames[split] = self._read_split(split)
+        train = frames["train"]
+        tasks = natural_sorted(train["task"])
+        labels = ({t: natural_sorted(train.loc[train["task"] == t, "target"]) for t in tasks}
+                  if self.target == "label" else {})
+        self._names = {"tasks": tasks, "domains": natural_sorted(train["domain"]), "labels": labels}
+        self._label_sets = {t: set(names) for t, names in labels.items()}
+        for split in ("val", "test", "predict"):
+            if split in frames:
+                self._check_known(split, frames[split])
+        self._frames = frames
+
+    @property
+    def task_names(self) -> list[str]:
+        self.prepare()
+        return self._names["tasks"]
+
+    @property
+    def domain_names(self) -> list[str]:
+        self.prepare()
+        return self._names["domains"]
+
+    @property
+    def label_names(self) -> dict[str, list[str]]:
+        self.prepare()
+        return self._names["labels"]
+
+    def vocab(self) -> dict[str, Any]:
+        """The name maps as JSON-able lists (an id is a position): ``{"tasks", "domains", "labels"}``."""
+        return {"tasks": list(self.task_names), "domains": list(self.domain_names),
+                "labels": {t: list(v) for t, v in self.label_names.items()}}
+
+    def rows(self, split: str) -> pd.DataFrame:
+        """The split's rows in ``row`` order: ``text``, ``target``, ``task``, ``domain``, source ``file`` and
+        ``file_row``; join predictions back on ``row`` (the position in this frame)."""
+        self.prepare()
+        if split == "predict" and "predict" not in self._frames:
+            split = "test"
+        if split not in self._frames:
+            option = {"val": "val or val_fraction", "test": "test or test_fraction"}.get(split, split)
+            raise ValueError(f"no {split} split: set data.init_args.{option}")
+        return self._frames[split]
+
+    # ---- tokenizer
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            from .modules import minilm_dir
+
+            path = minilm_dir() if self.tokenizer_name == "minilm" else Path(self.tokenizer_name).expanduser()
+            if not path.is_dir():
+                raise ValueError(f"tokenizer: no folder {str(path)!r}; use 'minilm' or a local model folder")
+            self._tokenizer = AutoTokenizer.from_pretrained(str(path))
+        return self._tokenizer
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        return next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
+
+    @property
+    def eos_token_id(self) -> int:
+        tok = self.tokenizer
+        return next((i for i in (tok.eos_token_id, tok.sep_token_id) if i is not None), self.pad_token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    # ---- tokenized splits and loaders
+    def _encode(self, frame: pd.DataFrame) -> list[dict]:
+        tok = self.tokenizer
+        prompts = [self.prompt_template.format(text=x, task=t, domain=d)
+                   for x, t, d in zip(frame["text"], frame["task"], frame["domain"])]
+        tasks = {name: i for i, name in enumerate(self.task_names)}
+        domains = {name: i for i, name in enumerate(self.domain_names)}
+        rows = [{"task_ids": tasks[t], "domain_ids": domains[d], "row": i}
+                for i, (t, d) in enumerate(zip(frame["task"], frame["domain"]))]
+        has_target = "target" in frame.columns
+        if self.target == "label":
+            ids = tok(prompts, truncation=True, max_length=self.max_length)["input_ids"]
+            for r, x in zip(rows, ids):
+                r["ids"] = x
+            if has_target:
+                label_ids = {t: {y: i for i, y in enumerate(ys)} for t, ys in self.label_names.items()}
+                for r, t, y in zip(rows, frame["task"], frame["target"]):
+                    r["target"] = label_ids[t][y]
+        else:
+            ids = tok(prompts, add_special_tokens=False)["input_ids"]
+            for r, x in zip(rows, ids):
+                r["prompt"] = x[-self.max_length:] if len(x) > self.max_length else x
+            if has_target:
+                targets = tok(frame["target"].tolist(), add_special_tokens=False, truncation=True,
+                              max_length=self.target_max_length)["input_ids"]
+                for r, y, text in zip(rows, targets, frame["target"]):
+                    r["target"], r["target_text"] = y + [self.eos_token_id], text
+        return rows
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+        for split, frame in self._frames.items():
+            if split not in self.datasets:
+                self.datasets[split] = _Rows(self._encode(frame))
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        self.rows(split)  # the clear error when the split does not exist
+        if split == "predict" and "predict" not in self._frames:
+            split = "test"
+        self.setup()
+        data = self.datasets[split]
+        lengths = [len(r["ids"]) if "ids" in r else len(r["prompt"]) + len(r.get("target", [])) for r in data.rows]
+        sampler = EpochShuffle(data, self.split_seed) if train else SequentialSampler(data)
+        batches = LengthBatchSampler(sampler, self.batch_size, False, lengths, self.bucket, train, self.split_seed)
+        return DataLoader(data, batch_sampler=batches, num_workers=self.num_workers,
+                          collate_fn=Collate(self.pad_token_id, self.target == "text"))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self):
+        self.prepare()
+        return self._loader("val") if "val" in self._frames else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")
