@@ -513,6 +513,53 @@ def test_from_peft_errors(llama, peft_adapters, tmp_path):
         moa.from_peft(tiny_llama(hidden=48), {"a": peft_adapters["a"]})
 
 
+def save_peft(llama, directory, seed: int = 12, **lora_kwargs):
+    """A PEFT LoRA adapter on q_proj / v_proj with random (non-zero) B, saved to ``directory``."""
+    torch.manual_seed(seed)
+    config = LoraConfig(target_modules=TARGETS, init_lora_weights=False, lora_dropout=0.0, **lora_kwargs)
+    get_peft_model(fresh(llama), config).save_pretrained(str(directory))
+    return directory
+
+
+def test_from_peft_rslora_scale(llama, tmp_path):
+    """rsLoRA scales by alpha / sqrt(r) (here 8 / 2 = 4, where plain LoRA would give 8 / 4 = 2)."""
+    plain = save_peft(llama, tmp_path / "plain", r=4, lora_alpha=8)
+    rs = save_peft(llama, tmp_path / "rs", r=4, lora_alpha=8, use_rslora=True)  # same seed: the same factors
+    assert json.loads((rs / "adapter_config.json").read_text())["use_rslora"] is True
+    moa_model = moa.from_peft(fresh(llama), {"rs": rs, "plain": plain})
+    ids = token_ids(batch=2)
+    expected = peft_logits(llama, rs, input_ids=ids)
+    got = run(moa_model, input_ids=ids, expert_ids=[0, 0])
+    assert torch.allclose(got, expected, atol=1e-5), max_diff(got, expected)
+    assert max_diff(expected, peft_logits(llama, plain, input_ids=ids)) > 1e-2  # the scale matters here
+    # the folded scale: expert 0's B is exactly twice expert 1's (alpha / sqrt(r) vs alpha / r)
+    for layer in moa_model.moa_layers().values():
+        assert torch.allclose(layer.pool.B[0], 2 * layer.pool.B[1])
+
+
+@pytest.mark.parametrize(
+    "kwargs, what",
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"rank_pattern": {"v_proj": 2}}, r"per-module ranks \(rank_pattern\)"),
+        ({"alpha_pattern": {"v_proj": 16}}, r"per-module alphas \(alpha_pattern\)"),
+    ],
+    ids=["dora", "rank_pattern", "alpha_pattern"],
+)
+def test_from_peft_refuses_what_plain_lora_experts_cannot_hold(llama, peft_adapters, tmp_path, kwargs, what):
+    bad = save_peft(llama, tmp_path / "bad", r=4, lora_alpha=8, **kwargs)
+    model = fresh(llama)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    ids = token_ids()
+    expected = run(model, input_ids=ids)
+    with pytest.raises(ValueError, match=rf"bad: {what}.* cannot be imported as plain LoRA experts"):
+        moa.from_peft(model, {"a": peft_adapters["a"], "bad": bad})  # a good adapter first
+    assert not any(isinstance(m, MoALinear) for m in model.modules())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert torch.equal(run(model, input_ids=ids), expected)
+    moa.from_peft(model, [peft_adapters["a"]])  # still usable
+
+
 def test_to_peft_single_expert(llama, peft_adapters, tmp_path):
     moa_model = moa.from_peft(fresh(llama), {"a": peft_adapters["a"], "b": peft_adapters["b"]})
     out_dir = moa.to_peft(moa_model, tmp_path / "exported", route=1)
