@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from moa.experts import LoRAPool
 from moa.routers.poly import SHARED_KEY, _TaskSkillRouter, skills_from_split_layout
 
 from .model import MoAModel
@@ -142,36 +143,67 @@ def plot_task_skill_matrix(
 def load_peft_poly(model: MoAModel, peft_model: nn.Module, adapter: str = "default") -> MoAModel:
     """Copy the skills and routing logits of an HF PEFT Poly model into ``model`` (same layers, K, h, r, tasks).
 
-    ``model`` must use ``granularity="layer"`` (PEFT has one router per layer) and the PEFT scale (``alpha=1``,
-    the default for these routers). PEFT's ``poly_lora_A [h, K, d_in/h, r]`` / ``poly_lora_B [h, K, r, d_out/h]``
-    become the pool's ``A [K, r, d_in]`` / ``B [K, d_out, r]``; ``module_logits`` is Z as it is.
+    All or nothing: every PEFT Poly layer must correspond to exactly one moa layer and back (a PEFT layer is named
+    by the moa layer's full name or ends with ``"." + name``), with the same heads (``n_splits``), skills, rank,
+    features and tasks; ``model`` must use ``granularity="layer"`` (PEFT has one router per layer), LoRA skills,
+    the PEFT scale (``alpha=1``, the default for these routers) and no ``average`` (MHR-mu: call
+    :func:`prepare_transfer` after loading). Everything is checked first; on any mismatch a ``ValueError`` names
+    the layer and ``model`` is left unchanged. PEFT's ``poly_lora_A [h, K, d_in/h, r]`` / ``poly_lora_B
+    [h, K, r, d_out/h]`` become the pool's ``A [K, r, d_in]`` / ``B [K, d_out, r]``; ``module_logits`` is Z as it is.
     """
     routers = task_routers(model)
     peft_layers = {name: m for name, m in peft_model.named_modules() if hasattr(m, "poly_lora_A") and adapter in m.poly_lora_A}
     if not peft_layers:
         raise ValueError(f"no PEFT Poly layers with adapter {adapter!r} in the given model")
     layers = model.moa_layers()
-    for name, layer in layers.items():
+    not_routed = sorted(set(layers) - set(routers))
+    if not_routed:
+        raise ValueError(f"moa layers {not_routed} are not task-routed; PEFT Poly routes every layer by task")
+    # 1. pair the layers, one to one
+    pairs, claimed = {}, {}
+    for name in layers:
         matches = [n for n in peft_layers if n == name or n.endswith("." + name)]
         if len(matches) != 1:
-            raise ValueError(f"found {len(matches)} PEFT Poly layers for moa layer {name!r}")
-        source = peft_layers[matches[0]]
-        router = routers[name]
+            raise ValueError(f"moa layer {name!r} has {len(matches)} PEFT Poly layers for adapter {adapter!r}"
+                             + (f": {matches}" if matches else " (the PEFT model does not adapt it)"))
+        if matches[0] in claimed:
+            raise ValueError(f"PEFT Poly layer {matches[0]!r} matches moa layers {claimed[matches[0]]!r} and {name!r}")
+        pairs[name], claimed[matches[0]] = matches[0], name
+    missing = sorted(set(peft_layers) - set(claimed))
+    if missing:
+        raise ValueError(f"the moa model does not adapt the PEFT Poly layers {missing} (add them to target_modules); "
+                         "importing the rest would give outputs that differ from PEFT's")
+    # 2. check every pair, build what to copy
+    copies = []
+    for name, peft_name in pairs.items():
+        source, router, pool = peft_layers[peft_name], routers[name], layers[name].pool
         if router.granularity != "layer":
-            raise ValueError("PEFT Poly has one router per layer: load it into a model with granularity='layer'")
+            raise ValueError(f"{name}: PEFT Poly has one router per layer: load it into a model with granularity='layer'")
+        if router.average:
+            raise ValueError(f"{name}: the router averages the skills (MHR-mu); load first, then prepare_transfer(..., 'mu')")
+        if getattr(source, "poly_type", {}).get(adapter, "poly") != "poly":
+            raise ValueError(f"{peft_name}: PEFT poly_type={source.poly_type[adapter]!r}; only 'poly' is supported")
         if source.n_splits[adapter] != router.n_heads:
             raise ValueError(f"{name}: PEFT n_splits={source.n_splits[adapter]} but the router has n_heads={router.n_heads}")
-        A, B = skills_from_split_layout(source.poly_lora_A[adapter], source.poly_lora_B[adapter])
-        pool = layer.pool
+        if not isinstance(pool, LoRAPool):
+            raise ValueError(f"{name}: the pool is a {type(pool).__name__}; PEFT skills load into LoRA skills (expert_kind='lora')")
+        a_split, b_split = source.poly_lora_A[adapter], source.poly_lora_B[adapter]
+        if a_split.dim() != 4 or b_split.dim() != 4 or a_split.shape[:2] != b_split.shape[:2] \
+                or a_split.shape[3] != b_split.shape[2]:
+            raise ValueError(f"{peft_name}: PEFT skills A {tuple(a_split.shape)}, B {tuple(b_split.shape)} are not "
+                             "[h, K, d_in/h, r] and [h, K, r, d_out/h]")
+        A, B = skills_from_split_layout(a_split, b_split)
         if A.shape != pool.A.shape or B.shape != pool.B.shape:
             raise ValueError(f"{name}: PEFT skills A {tuple(A.shape)}, B {tuple(B.shape)} do not fit the pool "
-                             f"A {tuple(pool.A.shape)}, B {tuple(pool.B.shape)}")
+                             f"A {tuple(pool.A.shape)}, B {tuple(pool.B.shape)} ([K, r, d_in], [K, d_out, r])")
         if abs(pool.scaling - 1.0 / pool.r) > 1e-12:
             raise ValueError(f"{name}: PEFT Poly scales by 1/r; this pool scales by {pool.scaling:g} (set alpha=1)")
-        pool.A.copy_(A)  # views of the pool's packed weights
-        pool.B.copy_(B)
-        logits = source.poly_router[adapter].module_logits
-        if logits.shape != router.logits_module.logits.shape:
-            raise ValueError(f"{name}: PEFT routing logits {tuple(logits.shape)} vs {tuple(router.logits_module.logits.shape)}")
-        router.logits_module.logits.copy_(logits)
+        logits, z = source.poly_router[adapter].module_logits, router.logits_module.logits
+        if logits.shape != z.shape:
+            raise ValueError(f"{name}: PEFT routing logits {tuple(logits.shape)} vs {tuple(z.shape)} "
+                             "([n_tasks, n_heads * n_skills])")
+        copies += [(pool.A, A), (pool.B, B), (z, logits)]
+    # 3. copy (pool.A / pool.B are views of the packed weights); nothing above has written to the model
+    for target, value in copies:
+        target.copy_(value)
     return model

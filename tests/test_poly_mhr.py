@@ -365,6 +365,74 @@ def test_per_token_task_ids_draw_noise_per_example_and_task(monkeypatch):
         torch.testing.assert_close(out[b, t], plain_lora(x[b, t], layer.base_layer, a_g, b_g, 1 / 2))
 
 
+def assert_state_unchanged(model, before):
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+
+
+def test_load_peft_poly_refuses_peft_layers_the_moa_model_does_not_adapt():
+    base = tiny_llama()
+    peft_model = peft_poly(base, targets=["q_proj", "v_proj", "down_proj"])
+    model = moa_poly(base, targets=["q_proj", "v_proj"])
+    randomize_skills(model)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"does not adapt the PEFT Poly layers .*layers\.0\.mlp\.down_proj"):
+        load_peft_poly(model, peft_model)
+    assert_state_unchanged(model, before)
+
+
+def test_load_peft_poly_refuses_moa_layers_peft_does_not_adapt_and_leaves_the_model_unchanged():
+    base = tiny_llama()
+    peft_model = peft_poly(base, targets=["q_proj", "v_proj"])
+    model = moa_poly(base, targets=["q_proj", "v_proj", "down_proj"])  # layer 0's down_proj comes after q and v
+    randomize_skills(model)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"moa layer 'model\.layers\.0\.mlp\.down_proj' has 0 PEFT Poly layers"):
+        load_peft_poly(model, peft_model)
+    assert_state_unchanged(model, before)
+
+
+LAST = "model.layers.1.mlp.down_proj"  # the last layer the import visits
+
+
+def _break_last_peft_layer(peft_model, what):
+    layer = next(m for n, m in peft_model.named_modules() if n.endswith(LAST))
+    if what == "tasks":
+        layer.poly_router["default"].module_logits = nn.Parameter(torch.zeros(6, 3))
+    elif what == "rank":
+        a = layer.poly_lora_A["default"]
+        layer.poly_lora_A["default"] = nn.Parameter(torch.zeros(*a.shape[:3], 3))
+        layer.poly_lora_B["default"] = nn.Parameter(torch.zeros(1, 3, 3, layer.out_features))
+    elif what == "heads":
+        layer.n_splits["default"] = 2
+
+
+@pytest.mark.parametrize("what, message", [
+    ("tasks", r"model\.layers\.1\.mlp\.down_proj: PEFT routing logits \(6, 3\) vs \(5, 3\)"),
+    ("rank", r"model\.layers\.1\.mlp\.down_proj: PEFT skills A \(3, 3, 64\)"),
+    ("heads", r"model\.layers\.1\.mlp\.down_proj: PEFT n_splits=2 but the router has n_heads=1"),
+    ("scale", r"model\.layers\.0\.self_attn\.q_proj: PEFT Poly scales by 1/r; this pool scales by 1"),
+    ("granularity", r"model\.layers\.0\.self_attn\.q_proj: PEFT Poly has one router per layer"),
+    ("average", r"MHR-mu"),
+])
+def test_load_peft_poly_refuses_every_mismatch_and_leaves_the_model_unchanged(what, message):
+    base = tiny_llama()
+    peft_model = peft_poly(base)
+    _break_last_peft_layer(peft_model, what)
+    options = {"granularity": "shared"} if what == "granularity" else {}
+    model = moa.attach(base, moa.MoAConfig(n_experts=3, r=2, alpha=2.0 if what == "scale" else None, router="poly",
+                                           target_modules=PEFT_TARGETS, router_options={"n_tasks": 5, **options}))
+    if what == "average":
+        prepare_transfer(model, "mu", n_tasks=5)
+    randomize_skills(model)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=message):
+        load_peft_poly(model, peft_model)
+    assert_state_unchanged(model, before)
+
+
 def test_training_noise_is_pytorch_relaxed_bernoulli_with_temperature_one():
     logits = TaskSkillLogits(n_tasks=3, n_heads=2, n_skills=4)
     with torch.no_grad():
