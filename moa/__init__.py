@@ -4,15 +4,33 @@ Layering (each package imports only those to its left): ``moa.experts`` <- ``moa
 <- ``moa.recsys`` <- ``moa.pipelines``.
 """
 
-from .config import MoAConfig
-from .layer import MoALinear
-from .model import MoAModel, attach, load
-from .peft_bridge import from_peft, to_peft
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
+# The public names, imported on first use: ``import moa`` stays cheap (the ``moa`` command's help and version
+# answer without loading torch and transformers).
+_EXPORTS = {
+    "MoAConfig": "config", "MoALinear": "layer", "MoAModel": "model", "attach": "model", "load": "model",
+    "from_peft": "peft_bridge", "to_peft": "peft_bridge",
+}
 
-def merge(moa_model: MoAModel, route) -> "object":
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'moa' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+def merge(moa_model: "MoAModel", route) -> "object":
     """Fold a fixed route (an expert index or per-expert weights) into the base weights; returns the plain model."""
     return moa_model.merge(route)
 

@@ -17,10 +17,9 @@ Models and data modules are chosen by class path in the config (subclass mode): 
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import lightning as L
 import torch
@@ -64,22 +63,12 @@ class MoACLI(LightningCLI):
         parser.add_lightning_class_args(RoutingStats, "routing_stats")
 
 
-def _extra_commands() -> dict[str, Callable[[list[str]], int | None]]:
-    from . import registry, serving
-
-    return {"register": registry.main, "serve": serving.serve_main, "batch": serving.batch_main}
+EPILOG = "more commands: 'moa --help' lists them all (register, serve, batch); MOA_DEBUG=1 shows tracebacks"
 
 
-EPILOG = (
-    "more commands: 'moa register' (log + register a trained recommender, promote to @champion when it wins), "
-    "'moa serve' (REST server of a registered model on 127.0.0.1), 'moa batch' (top-k for every user to Parquet); "
-    "each has --help"
-)
-
-
-def run_cli(args: Sequence[str] | None = None) -> MoACLI:
+def run_cli(args: Sequence[str] | None = None, run: bool = True) -> MoACLI:
     """Run a Lightning subcommand (``fit``, ``validate``, ...) and return the CLI (its ``model``, ``datamodule``,
-    ``trainer``); ``args=None`` reads ``sys.argv``."""
+    ``trainer``); ``args=None`` reads ``sys.argv``. ``run=False`` only builds them (``args`` without subcommand)."""
     return MoACLI(
         L.LightningModule,
         L.LightningDataModule,
@@ -90,16 +79,21 @@ def run_cli(args: Sequence[str] | None = None) -> MoACLI:
         trainer_defaults={"logger": LOGGER_DEFAULT},
         parser_kwargs={"epilog": EPILOG},
         args=None if args is None else list(args),
+        run=run,
     )
 
 
-def main(args: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if args is None else args)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if argv and argv[0] in ("register", "serve", "batch"):
-        return _extra_commands()[argv[0]](argv[1:]) or 0
+def lightning_main(args: Sequence[str]) -> int:
+    """``moa fit|validate|test|predict ...``: the Lightning CLI."""
     run_cli(args)
     return 0
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    """The ``moa`` command (see :mod:`moa.pipelines.command`)."""
+    from .command import main as command_main
+
+    return command_main(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,119 @@
+"""The ``moa`` command: dispatch to a subcommand, and one clear line for user errors.
+
+Kept free of heavy imports so ``moa --help`` and ``moa --version`` answer at once; each subcommand imports what
+it needs when it runs. Errors that a user can mend (a bad value, a missing file, an unknown router) print as
+``moa: error: <message>`` with exit status 2; ``MOA_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+LIGHTNING_COMMANDS = {
+    "fit": "train a model from a config (Lightning CLI), tracked in MLflow",
+    "validate": "evaluate a model or checkpoint (--ckpt_path) on the validation split",
+    "test": "evaluate a model or checkpoint (--ckpt_path) on the test split",
+    "predict": "write predictions (add moa.pipelines.cli.ParquetPredictionWriter to the callbacks)",
+}
+OTHER_COMMANDS = {
+    "register": "log a trained recommender to MLflow, register it, promote it to @champion when it wins",
+    "serve": "REST server of a registered model on 127.0.0.1",
+    "batch": "score users with a registered model, to Parquet",
+}
+# Kept in step with moa.routers.ROUTERS and moa.experts.EXPERT_KINDS by tests/test_command.py (listed here so
+# the help needs no torch import).
+ROUTER_NAMES = ("topk", "static", "poly", "mhr", "flylora", "remix", "xcross")
+EXPERT_KIND_NAMES = ("lora", "hyper")
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("moa")
+    except PackageNotFoundError:  # running from a source tree
+        import moa
+
+        return moa.__version__
+
+
+def usage() -> str:
+    width = max(map(len, {**LIGHTNING_COMMANDS, **OTHER_COMMANDS}))
+    lines = ["usage: moa <command> [options]    (moa <command> --help: the command's options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in {**LIGHTNING_COMMANDS, **OTHER_COMMANDS}.items()]
+    lines += [
+        "",
+        f"routers (model.init_args.router): {', '.join(ROUTER_NAMES)}",
+        f"expert kinds (model.init_args.expert_kind): {', '.join(EXPERT_KIND_NAMES)}",
+        "",
+        "options: -h/--help, --version",
+        "example: moa fit -c configs/topk.yaml --model.init_args.router poly",
+        "MOA_DEBUG=1 shows the traceback of an error.",
+    ]
+    return "\n".join(lines)
+
+
+def _commands() -> dict[str, Callable[[list[str]], int | None]]:
+    from . import cli, registry, serving
+
+    return {
+        **{name: cli.lightning_main for name in LIGHTNING_COMMANDS},
+        "register": registry.main, "serve": serving.serve_main, "batch": serving.batch_main,
+    }
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of a chain (jsonargparse and Lightning wrap the error a user needs to see)."""
+    seen = {id(error)}
+    while True:
+        inner = error.__cause__ or error.__context__
+        if inner is None or id(inner) in seen:
+            return error
+        seen.add(id(inner))
+        error = inner
+
+
+def user_error(error: BaseException) -> BaseException | None:
+    """The error to show a user in one line, or None if this is not one (then the traceback is the message)."""
+    for candidate in (root_cause(error), error):
+        if isinstance(candidate, USER_ERRORS):
+            return candidate
+    return None
+
+
+def _message(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if args is None else args)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] == "--version":
+        print(f"moa {version()}")
+        return 0
+    command = argv[0]
+    if command not in LIGHTNING_COMMANDS and command not in OTHER_COMMANDS:
+        print(f"moa: error: unknown command {command!r}; choose from {', '.join([*LIGHTNING_COMMANDS, *OTHER_COMMANDS])}",
+              file=sys.stderr)
+        return 2
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        return _commands()[command](argv) if command in LIGHTNING_COMMANDS else _commands()[command](argv[1:]) or 0
+    except SystemExit as done:  # argparse / jsonargparse already printed their message
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
+    except Exception as error:  # noqa: BLE001 - user errors become one line, anything else keeps its traceback
+        shown = user_error(error)
+        if shown is None or os.environ.get("MOA_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"moa {command}: error: {_message(shown)}  (MOA_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The ``moa`` command as users run it (a subprocess): help, version, and one clear line for user errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+SMALL = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+         "--data.init_args.n_train", "64", "--data.init_args.n_val", "32", "--data.init_args.n_test", "32",
+         "--trainer.logger", "false"]
+
+
+def moa(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).with_name("moa")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "moa.pipelines.command"]
+    environment = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MOA_DEBUG")}
+    environment.update(env or {})
+    return subprocess.run([*command, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_every_command_and_router_without_importing_torch(tmp_path):
+    from moa.experts.pool import EXPERT_KINDS
+    from moa.pipelines import command
+    from moa.routers import ROUTERS
+
+    # the names the help lists are the registered ones
+    assert set(command.ROUTER_NAMES) == set(ROUTERS)
+    assert set(command.EXPERT_KIND_NAMES) == set(EXPERT_KINDS)
+    # the help is fast because it loads neither torch nor Lightning
+    probe = ("import sys; from moa.pipelines.command import main; main(['--help']); "
+             "assert not {'torch', 'lightning', 'transformers'} & set(sys.modules), sorted(sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for name in ("fit", "validate", "test", "predict", "register", "serve", "batch", *ROUTERS, "MOA_DEBUG"):
+        assert name in done.stdout
+    assert moa(cwd=tmp_path).stdout == done.stdout  # no arguments: the same help
+
+
+def test_version(tmp_path):
+    from importlib.metadata import version
+
+    done = moa("--version", cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == f"moa {version('moa')}"
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, *expected: str) -> None:
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, done.stderr[-2000:]
+    for text in expected:
+        assert text in errors[0], errors[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["frobnicate"], ["unknown command 'frobnicate'", "fit"]),
+        (["fit", "-c", "configs/topk.yaml", "--model.init_args.router", "nope"], ["unknown router 'nope'", "poly"]),
+        (["fit", "-c", "configs/topk.yaml", "--trainer.no_such_option", "1"], ["no_such_option"]),
+        (["fit", "-c", "missing.yaml"], ["missing.yaml"]),
+        (["validate", "-c", "configs/topk.yaml", "--ckpt_path", "nowhere/last.ckpt"], ["nowhere/last.ckpt"]),
+        (["fit", "-c", "configs/static.yaml", "--data.init_args.n_tasks", "8", "--trainer.max_steps", "1"],
+         ["task_ids must lie in [-1, 3]"]),
+    ],
+    ids=["command", "router", "option", "config", "checkpoint", "task-id"],
+)
+def test_user_errors_print_one_line_without_traceback(args, expected, tmp_path):
+    (tmp_path / "configs").symlink_to(CONFIGS)
+    extra = SMALL if args[0] in ("fit", "validate") and "missing.yaml" not in args else []
+    done = moa(*args, *extra, cwd=tmp_path)
+    assert_one_line_error(done, *expected)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_moa_debug_shows_the_traceback(tmp_path):
+    done = moa("fit", "-c", str(CONFIGS / "topk.yaml"), "--model.init_args.router", "nope", *SMALL, cwd=tmp_path,
+               env={"MOA_DEBUG": "1"})
+    assert done.returncode != 0 and "Traceback" in done.stderr and "unknown router 'nope'" in done.stderr
