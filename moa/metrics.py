@@ -16,6 +16,10 @@ Every function takes ``probs`` ``[N, C]`` (softmax probabilities; tensors, array
   flattened, then the equal-mass binning of :func:`ace`;
 * :func:`brier`: ``mean_i sum_c (p_ic - 1[y_i = c])^2``.
 
+ECE, MCE and classwise ECE equal torchmetrics' ``MulticlassCalibrationError`` (``norm="l1"`` / ``"max"``) and
+``binary_calibration_error`` per class except at the bin edges: torchmetrics bins ``[lo, hi)``, puts confidence 1
+in a bin of its own and rounds multiclass confidences to float32, so it is not used here (tests compare the two).
+
 :func:`reliability_diagram` draws accuracy and confidence per equal-width bin and saves a PNG (matplotlib, Agg).
 """
 

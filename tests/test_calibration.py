@@ -9,6 +9,8 @@ import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassCalibrationError
+from torchmetrics.functional.classification import binary_calibration_error
 from transformers import BertConfig, BertModel
 
 import moa
@@ -103,6 +105,58 @@ def test_equal_mass_and_equal_width_bins_match_plain_loops(n):
     expected_ece, expected_mce = reference_ece(conf.tolist(), correct)
     assert ece(probs, labels) == pytest.approx(expected_ece)
     assert mce(probs, labels) == pytest.approx(expected_mce)
+
+
+def torchmetrics_ce(probs, labels, n_bins, norm):
+    """torchmetrics' top-label calibration error, fed in two batches (it accumulates over updates)."""
+    metric = MulticlassCalibrationError(num_classes=probs.shape[1], n_bins=n_bins, norm=norm)
+    half = len(labels) // 2
+    metric.update(probs[:half], labels[:half])
+    metric.update(probs[half:], labels[half:])
+    return float(metric.compute())
+
+
+@pytest.mark.parametrize("n_classes", [2, 3, 10])
+@pytest.mark.parametrize("n_bins", [10, 15])
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 2.5])  # under- to over-confident
+def test_ece_mce_classwise_match_torchmetrics(n_classes, n_bins, temperature):
+    g = torch.Generator().manual_seed(n_classes * 100 + n_bins)
+    probs = torch.softmax(torch.randn(500, n_classes, generator=g, dtype=torch.float64) * temperature, dim=1)
+    labels = torch.randint(0, n_classes, (500,), generator=g)
+    # drop confidences at a bin edge or 1, where the conventions differ (next test), even once torchmetrics has
+    # rounded them to float32 (it does, for the multiclass metric)
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    keep = (probs.max(1).values[:, None] - edges).abs().min(1).values > 1e-7
+    probs, labels = probs[keep], labels[keep]
+    assert len(labels) >= 495
+    assert ece(probs, labels, n_bins) == pytest.approx(torchmetrics_ce(probs, labels, n_bins, "l1"), abs=1e-6)
+    assert mce(probs, labels, n_bins) == pytest.approx(torchmetrics_ce(probs, labels, n_bins, "max"), abs=1e-6)
+    # classwise ECE: the mean over classes of each class probability's binary calibration error
+    per_class = [binary_calibration_error(probs[:, k], (labels == k).long(), n_bins) for k in range(n_classes)]
+    assert classwise_ece(probs, labels, n_bins) == pytest.approx(float(torch.stack(per_class).mean()), abs=1e-6)
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+@pytest.mark.parametrize("n_bins", [4, 8])
+def test_bin_edges_mirror_torchmetrics(n_classes, n_bins):
+    """At the edges the conventions differ: torchmetrics bins ``[lo, hi)`` (and conf = 1 on its own), moa bins
+    ``(lo, hi]`` as HypeLoRA does. Mirrored (1 - conf against 1 - correct) one is the other, exactly: with
+    dyadic edges and confidences every value below is exact."""
+    top = torch.tensor([1 / n_classes, 0.25, 0.375, 0.5, 0.5, 0.625, 0.75, 0.75, 0.875, 1.0, 1.0], dtype=torch.float64)
+    top = top[top >= 1 / n_classes].repeat(3)  # ties at every edge, and ties between classes (conf = 1 / C)
+    probs = torch.cat([top[:, None], ((1 - top) / (n_classes - 1))[:, None].expand(-1, n_classes - 1)], dim=1)
+    g = torch.Generator().manual_seed(n_bins)
+    probs = probs[:, torch.randperm(n_classes, generator=g)]  # the top class is not always class 0
+    labels = torch.randint(0, n_classes, (len(top),), generator=g)
+    conf, pred = probs.max(dim=1)
+    wrong = (pred != labels).long()
+    for ours, norm in ((ece, "l1"), (mce, "max")):
+        mirrored = float(binary_calibration_error(1 - conf, wrong, n_bins, norm=norm))
+        assert ours(probs, labels, n_bins) == pytest.approx(mirrored, abs=1e-12), norm
+    # the difference is real: conf 0.5 (right) and 0.625 (wrong) share torchmetrics' bin [0.5, 0.75), not ours
+    pair, pair_labels = torch.tensor([[0.5, 0.5], [0.625, 0.375]]), torch.tensor([0, 1])
+    assert ece(pair, pair_labels, 4) == pytest.approx((0.5 + 0.625) / 2)
+    assert torchmetrics_ce(pair, pair_labels, 4, "l1") == pytest.approx(0.0625)
 
 
 def test_perfect_predictions_are_calibrated():
