@@ -22,7 +22,8 @@ class MoAConfig:
         r: rank of each expert.
         alpha: LoRA alpha; the update is scaled by ``alpha / r`` as in PEFT (default ``alpha = r``, scale 1).
         router: registered router name (``"topk"``, ``"static"``, ...).
-        top_k: experts per token (k <= E). The static router always uses one expert per request.
+        top_k: experts per token (k <= E), for routers that use it; others (static, xcross, poly, mhr) ignore it
+            and it is set to 1.
         target_modules: module names (matched as the full name or its last components, like PEFT) or one
             regular expression (full match); ``None`` uses PEFT's defaults for the model type.
         dropout: dropout on the experts' input.
@@ -54,7 +55,7 @@ class MoAConfig:
             raise ValueError(f"n_experts must be a positive integer, got {self.n_experts!r}")
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r (the rank of each expert) must be an integer >= 1, got {self.r!r}")
-        if self.router == "static":
+        if not ROUTERS[self.router].uses_top_k:  # e.g. static, poly: top_k is not the user's to set
             self.top_k = 1
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.n_experts:
             raise ValueError(f"top_k must be between 1 and n_experts={self.n_experts}, got {self.top_k!r}")

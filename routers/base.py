@@ -91,6 +91,9 @@ class Router(nn.Module):
     # Whether a fixed mixture of the pool's expert OUTPUTS is this router's computation, so that merging or
     # exporting ``sum_e m_e B_e A_e`` is meaningful. Routers that mix expert parameters (Poly, MHR) set False.
     mixes_expert_outputs: ClassVar[bool] = True
+    # Whether the router reads ``MoAConfig.top_k``. Routers that fix their own number of adapters per token (static,
+    # xcross: one expert; Poly, MHR: one mixed adapter) set False, and the config then sets top_k = 1 unchecked.
+    uses_top_k: ClassVar[bool] = True
 
     def __init__(self, in_features: int, n_experts: int, top_k: int):
         super().__init__()

@@ -161,6 +161,7 @@ def init_skills_like_mttl(pool: LoRAPool) -> None:
 
 class _TaskSkillRouter(Router):
     mixes_expert_outputs = False  # a task's adapter is (sum w A)(sum w B): merge / to_peft would be wrong
+    uses_top_k = False  # one mixed adapter per token, whatever MoAConfig.top_k says
     """Shared implementation of ``poly`` (one head) and ``mhr`` (``n_heads`` heads).
 
     Options (``MoAConfig.router_options``):

@@ -22,6 +22,7 @@ KEYS = ("expert_ids", "domain_ids", "task_ids")
 @register_router
 class StaticRouter(Router):
     name = "static"
+    uses_top_k = False  # one expert per token
 
     def __init__(self, in_features: int, n_experts: int, top_k: int = 1, key: str = "expert_ids"):
         super().__init__(in_features, n_experts, top_k)

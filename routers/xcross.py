@@ -23,6 +23,7 @@ from .base import Router, Routing, RoutingContext, register_router
 @register_router
 class XCrossRouter(Router):
     name = "xcross"
+    uses_top_k = False  # one expert per token
 
     def __init__(self, in_features: int, n_experts: int, top_k: int = 1):
         super().__init__(in_features, n_experts, 1)

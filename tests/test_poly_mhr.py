@@ -55,7 +55,7 @@ def one_layer(router="poly", K=3, r=2, seed=0, randomize=True, **options):
     """A MoA model around a single linear layer, with random (nonzero) skills."""
     torch.manual_seed(seed)
     options.setdefault("n_tasks", 4)
-    config = moa.MoAConfig(n_experts=K, r=r, router=router, top_k=1, target_modules=["proj"], router_options=options)
+    config = moa.MoAConfig(n_experts=K, r=r, router=router, target_modules=["proj"], router_options=options)  # no top_k
     model = moa.attach(OneLinear(), config).eval()
     if randomize:
         randomize_skills(model)
@@ -657,6 +657,37 @@ def test_clear_errors_for_bad_options_and_inputs():
         model(x, task_ids=torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="no task-routed layers"):
         task_routers(moa.attach(OneLinear(), moa.MoAConfig(n_experts=2, r=2, target_modules=["proj"])))
+
+
+def test_routers_that_ignore_top_k_do_not_need_it_and_the_others_still_check_it():
+    from moa.routers import ROUTERS, Router, register_router
+
+    for router, options in (("poly", {"n_tasks": 2}), ("mhr", {"n_tasks": 2, "n_heads": 2})):
+        config = moa.MoAConfig(n_experts=1, r=2, router=router, router_options=options, target_modules=["proj"])
+        assert config.top_k == 1  # the default top_k=2 > n_experts=1 is not held against a router that ignores it
+        assert moa.MoAConfig.from_dict(config.to_dict()).top_k == 1
+        model = moa.attach(OneLinear(), config).eval()
+        randomize_skills(model)
+        layer = layer_of(model)
+        x = torch.randn(3, D_IN)
+        torch.testing.assert_close(model(x, task_ids=[0, 1, 1]),
+                                   plain_lora(x, layer.base_layer, layer.pool.A[0], layer.pool.B[0], 1 / 2))
+    assert moa.MoAConfig(n_experts=2, top_k=7, router="xcross").top_k == 1
+    assert moa.MoAConfig(n_experts=2, top_k=7, router="static").top_k == 1
+    for router in ("topk", "flylora", "remix"):  # these read top_k: still validated
+        assert ROUTERS[router].uses_top_k
+        with pytest.raises(ValueError, match="top_k must be between 1 and n_experts=2"):
+            moa.MoAConfig(n_experts=2, top_k=3, router=router)
+
+    @register_router
+    class FixedRouter(Router):  # a router declares it, and the config follows
+        name = "test-fixed-one"
+        uses_top_k = False
+
+    try:
+        assert moa.MoAConfig(n_experts=1, top_k=5, router="test-fixed-one").top_k == 1
+    finally:
+        del ROUTERS["test-fixed-one"]
 
 
 def test_task_skill_matrix_and_heat_map(tmp_path):
