@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import moa
 from moa.lightning import ClassificationHead, MoAModule
@@ -44,13 +44,54 @@ def build_backbone(name: str = "tiny-bert", options: dict[str, Any] | None = Non
     return AutoModel.from_pretrained(str(path), **options)
 
 
+class TaskLabelHead(nn.Module):
+    """One label space per task: a linear head per task (stacked as one ``Linear``) on the pooled hidden states.
+
+    ``forward(hidden, attention_mask, task_ids)`` returns ``[B, max labels]`` logits; the positions past a row's
+    task's own labels hold the dtype's lowest value (probability 0), so cross-entropy, softmax and argmax see
+    each row's own label set only.
+    """
+
+    def __init__(self, hidden_size: int, label_counts: list[int], pooling: str = "mean"):
+        super().__init__()
+        if not label_counts or min(label_counts) < 1:
+            raise ValueError(f"every task needs at least one label, got label counts {label_counts}")
+        self.label_counts = list(label_counts)
+        self.scores = ClassificationHead(hidden_size, sum(label_counts), pooling)
+        width = max(label_counts)
+        offsets = torch.tensor([0, *label_counts[:-1]]).cumsum(0)
+        columns = torch.arange(width)
+        valid = columns < torch.tensor(label_counts)[:, None]
+        self.register_buffer("index", (offsets[:, None] + columns).where(valid, 0), persistent=False)
+        self.register_buffer("valid", valid, persistent=False)
+
+    def forward(self, hidden: Tensor, attention_mask: Tensor | None, task_ids: Tensor) -> Tensor:
+        if task_ids.min() < 0 or task_ids.max() >= len(self.label_counts):
+            raise ValueError(f"task_ids must lie in [0, {len(self.label_counts) - 1}] (the head's tasks), got "
+                             f"values in [{int(task_ids.min())}, {int(task_ids.max())}]")
+        scores = self.scores(hidden, attention_mask)
+        logits = scores.gather(1, self.index[task_ids])
+        return logits.masked_fill(~self.valid[task_ids], torch.finfo(logits.dtype).min)
+
+
+def macro_f1(pred: Tensor, target: Tensor) -> float:
+    """Macro-averaged F1 over the labels that occur in ``target`` or ``pred`` (scikit-learn's convention)."""
+    scores = []
+    for label in torch.unique(torch.cat([pred, target])).tolist():
+        tp = ((pred == label) & (target == label)).sum().item()
+        predicted, actual = (pred == label).sum().item(), (target == label).sum().item()
+        scores.append(2 * tp / (predicted + actual))
+    return sum(scores) / len(scores) if scores else 0.0
+
+
 class MoAClassifier(MoAModule):
     """Sequence classification with a MoA-adapted encoder.
 
     Args:
         backbone: ``"tiny-bert"``, ``"minilm"`` or a local model folder (see :func:`build_backbone`).
         backbone_options: overrides of the tiny BERT's config, or ``from_pretrained`` keyword arguments.
-        n_classes: classes of the head.
+        n_classes: classes of one head shared by all tasks; ``None`` (the default): one label set per task, read
+            from the data module's ``label_names`` (:class:`moa.pipelines.text_data.TextData`).
         pooling: ``"mean"`` or ``"first"`` token pooling of the head.
         n_experts, r, alpha, router, top_k, target_modules, dropout, router_options, impl, expert_kind,
             expert_options: the :class:`moa.MoAConfig` of the adapters.
@@ -62,7 +103,7 @@ class MoAClassifier(MoAModule):
         self,
         backbone: str = "tiny-bert",
         backbone_options: dict[str, Any] | None = None,
-        n_classes: int = 2,
+        n_classes: int | None = None,
         pooling: str = "mean",
         n_experts: int = 4,
         r: int = 8,
@@ -90,10 +131,14 @@ class MoAClassifier(MoAModule):
         base = build_backbone(backbone, backbone_options, seed)
         torch.manual_seed(seed)
         model = moa.attach(base, config)
-        head = ClassificationHead(base.config.hidden_size, n_classes, pooling)
+        head = ClassificationHead(base.config.hidden_size, n_classes, pooling) if n_classes else None
         super().__init__(model, head=head, lr=lr, router_lr=router_lr, group_lrs=group_lrs,
                          weight_decay=weight_decay, aux_loss_weight=aux_loss_weight, **self._module_options())
         self.vocab_size = base.config.vocab_size
+        self.hidden_size, self.pooling, self.seed = base.config.hidden_size, pooling, seed
+        self.names: dict[str, Any] | None = None  # {"tasks", "domains", "labels"} of the data it was trained on
+        self._outcomes: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}  # stage -> (task, prediction, label)
+        self._last_logits: Tensor | None = None
 
     def _module_options(self) -> dict[str, Any]:
         return {}
@@ -107,15 +152,84 @@ class MoAClassifier(MoAModule):
                 f"tokens: set model.init_args.backbone_options.vocab_size >= {needed}"
             )
 
+    def configure_model(self) -> None:
+        """Without ``n_classes``, build one label set per task from the data module's names."""
+        if self.head is not None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        labels = getattr(datamodule, "label_names", None)
+        if not labels:
+            raise ValueError("set model.init_args.n_classes, or use a data module with named labels per task "
+                             "(moa.pipelines.text_data.TextData with target: label)")
+        self.names = datamodule.vocab()
+        torch.manual_seed(self.seed)
+        self.head = TaskLabelHead(self.hidden_size, [len(labels[t]) for t in self.names["tasks"]], self.pooling)
+        self.head.to(next(self.model.parameters()).device)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.names is not None:
+            checkpoint["moa_names"] = self.names
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("moa_names")
+        if saved is not None and self.names is not None and saved != self.names:
+            raise ValueError(f"the checkpoint was trained on tasks and labels {saved}; the data has {self.names}")
+
+    def forward(self, batch: dict) -> Tensor:
+        if not isinstance(self.head, TaskLabelHead):
+            return super().forward({k: v for k, v in batch.items() if k != "row"})
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "row")}
+        hidden = self.model(**inputs).last_hidden_state
+        return self.head(hidden, inputs.get("attention_mask"), batch["task_ids"])
+
     def _loss(self, batch: dict):
         loss, logits = super()._loss(batch)
+        self._last_logits = None if logits is None else logits.detach()
         if self.training:  # per-step values are logged by MoAModule; this adds the epoch mean
             self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, batch_size=batch["labels"].shape[0])
         return loss, logits
 
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
-        logits = self(batch)
-        return {"prediction": logits.argmax(-1), "probability": logits.softmax(-1).max(-1).values}
+    def _eval_step(self, batch: dict, stage: str) -> Tensor:
+        loss = super()._eval_step(batch, stage)
+        if self.names is not None and self._last_logits is not None:
+            self._outcomes.setdefault(stage, []).append(
+                (batch["task_ids"].cpu(), self._last_logits.argmax(-1).cpu(), batch["labels"].cpu()))
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        self._log_per_task("val")
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        self._log_per_task("test")
+
+    def _log_per_task(self, stage: str) -> None:
+        """``<stage>/<task>/accuracy`` and ``<stage>/<task>/macro_f1``; ``<stage>/macro_f1`` is their mean."""
+        outcomes = self._outcomes.pop(stage, [])
+        if not outcomes:
+            return
+        tasks, preds, labels = (torch.cat(parts) for parts in zip(*outcomes))
+        f1s = []
+        for index, task in enumerate(self.names["tasks"]):
+            rows = tasks == index
+            if rows.any():
+                f1s.append(macro_f1(preds[rows], labels[rows]))
+                self.log(f"{stage}/{task}/accuracy", (preds[rows] == labels[rows]).float().mean())
+                self.log(f"{stage}/{task}/macro_f1", f1s[-1])
+        self.log(f"{stage}/macro_f1", sum(f1s) / len(f1s))
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        probs = self(batch).float().softmax(-1)
+        probability, prediction = probs.max(-1)
+        out: dict[str, Any] = {"prediction": prediction, "probability": probability}
+        if self.names is not None:
+            tasks = [self.names["tasks"][t] for t in batch["task_ids"].tolist()]
+            out = {"row": batch["row"], "task": tasks,
+                   "label": [self.names["labels"][t][p] for t, p in zip(tasks, prediction.tolist())], **out}
+        return out
 
 
 class RLOOClassifier(MoAClassifier, RLOOModule):

@@ -87,7 +87,7 @@ def test_pretrained_minilm_trains_in_train_mode_and_validates_in_eval_mode(one_t
 
 @pytest.mark.slow
 def test_cli_classifier_on_minilm_trains_in_train_mode(one_thread):
-    module = MoAClassifier(backbone="minilm", n_experts=4, r=4, router="topk", top_k=2,
+    module = MoAClassifier(backbone="minilm", n_classes=2, n_experts=4, r=4, router="topk", top_k=2,
                            target_modules=["query", "value"])
     layers = module.model.moa_layers().values()
     assert {layer.router.training for layer in layers} == {False}  # the pretrained backbone arrives in eval mode
