@@ -82,7 +82,7 @@ def build_tasks(seed: int = 0, n_titles: int = 8, max_per_label: int = 250,
     rng = np.random.default_rng(seed)
     years = _release_years()
     movies = data.items.assign(year=data.items["item_id"].map(years)).dropna(subset=["year"])
-    movies = movies[movies["title"].str.strip() != ""]
+    movies = movies[movies["title"].str.strip() != ""].drop_duplicates("title")  # 23 titles repeat
     movie_split = _assign(movies["item_id"].tolist(), fractions, rng)
     rows = []
     for item_id, title, domain, year in zip(movies["item_id"], movies["title"], movies["domain"], movies["year"]):

@@ -21,7 +21,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import lightning as L
 import numpy as np
@@ -53,9 +53,9 @@ def read_table(path: Path) -> pd.DataFrame:
         raise ValueError(f"{path}: unsupported file type {ext or '(none)'!r}; use one of {', '.join(EXTENSIONS)}")
     try:
         if ext in (".jsonl", ".ndjson"):
-            return pd.read_json(path, lines=True, dtype=False, convert_dates=False)
+            return pd.read_json(path, lines=True, dtype=False)
         if ext == ".json":  # an array of records
-            return pd.read_json(path, dtype=False, convert_dates=False)
+            return pd.read_json(path, dtype=False)
         if ext in (".csv", ".tsv"):
             return pd.read_csv(path, sep="," if ext == ".csv" else "\t", dtype=str, keep_default_na=False)
         return pd.read_parquet(path)
@@ -238,7 +238,7 @@ class TextData(L.LightningDataModule):
         target_column: str = "label",
         task_column: str | None = None,
         domain_column: str | None = None,
-        target: str = "label",
+        target: Literal["label", "text"] = "label",
         tokenizer: str = "minilm",
         max_length: int = 128,
         target_max_length: int = 32,
