@@ -6,7 +6,8 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from moa.experts import ExpertPlan
+from moa.experts import ExpertPlan, ExpertPool, choose_impl, grouped_lora
+from moa.experts.kernels.fused import dense_expand, fused_shrink, grouped_expand
 from moa.routers import Router, Routing, RoutingContext
 
 
@@ -63,14 +64,81 @@ class MoALinear(nn.Module):
         return self.pool.out_features
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
-            return result
-        routing = self.router(x, self._slot.current, self.pool)
+            return self.base_layer(x, *args, **kwargs)
+        fusable = not args and not kwargs and self._fusable(x)
+        if fusable:
+            gate_w = getattr(self.router, "fusable_gate", lambda: None)()
+            if gate_w is not None and gate_w.dtype == x.dtype and gate_w.device == x.device:
+                return self._fused_forward(x, None, gate_w)  # the router's logits come out of the base GEMM
+        else:
+            result = self.base_layer(x, *args, **kwargs)
+        routing = self._route(self.router(x, self._slot.current, self.pool))
+        if fusable and routing.factors is None:
+            return self._fused_forward(x, routing, None)
+        update = self.pool(x.reshape(-1, x.shape[-1]), routing.expert_ids, routing.weights, routing.factors)
+        if fusable:
+            result = self.base_layer(x)
+        return result + update.view(result.shape).to(result.dtype)
+
+    def _route(self, routing: Routing) -> Routing:
         self.aux_losses = routing.aux_losses
         self._record_usage(routing)
-        update = self.pool(x.reshape(-1, x.shape[-1]), routing.expert_ids, routing.weights, routing.factors)
-        return result + update.view(result.shape).to(result.dtype)
+        return routing
+
+    def _fusable(self, x: Tensor) -> bool:
+        """Whether the fused path (:mod:`moa.experts.kernels.fused`) computes exactly what the modules would: a plain
+        frozen ``nn.Linear`` base (not a subclass such as a quantized linear, no hooks), a LoRA-style pool with the
+        stock forward and ``impl="auto"``, one dtype and device, no autocast."""
+        base, pool = self.base_layer, self.pool
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+            return False
+        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return False
+        if not isinstance(pool, ExpertPool) or type(pool).forward is not ExpertPool.forward or pool.impl != "auto":
+            return False
+        if pool._forward_hooks or pool._forward_pre_hooks:
+            return False
+        if x.dtype != base.weight.dtype or x.device != base.weight.device or torch.is_autocast_enabled(x.device.type):
+            return False
+        return True
+
+    def _fused_forward(self, x: Tensor, routing: Routing | None, gate_w: Tensor | None) -> Tensor:
+        """Base layer, router gate (when ``gate_w`` is given; else ``routing`` is already known) and the routed
+        experts with the shrink (dense routing) in the base GEMM and the combine into its output."""
+        pool, base = self.pool, self.base_layer
+        x2 = x.reshape(-1, x.shape[-1])
+        n = x2.shape[0]
+        A, B = pool.factors()
+        E, r = A.shape[0], A.shape[1]
+        if routing is None:
+            top_k = self.router.top_k
+        elif routing.expert_ids is None:
+            top_k = None
+        else:
+            ids = routing.expert_ids
+            top_k = ids.top_k if isinstance(ids, ExpertPlan) else routing.weights.shape[-1]
+        impl = choose_impl(n, E, r, top_k, x.device.type)
+        no_dropout = isinstance(pool.dropout, nn.Identity) or not pool.dropout.training
+        same = A.dtype == B.dtype == x.dtype and A.device == B.device == x.device
+        shrink_in_gemm = impl == "dense" and no_dropout and same
+        y0, h, logits, x_alias = fused_shrink(x2, base.weight, base.bias, A if shrink_in_gemm else None, gate_w)
+        if routing is None:
+            routing = self._route(self.router.route_logits(logits, self._slot.current, x.shape[:-1], x.dtype))
+        ids, weights = routing.expert_ids, routing.weights.reshape(n, -1)
+        if ids is not None and not isinstance(ids, ExpertPlan):  # top-k ids from our own gate are valid by construction
+            ids = ExpertPlan(ids.reshape(n, weights.shape[1]), E, validate=gate_w is None)
+        x_lora = x2 if no_dropout else pool.dropout(x2)
+        if impl == "dense" and same:
+            gate = weights if ids is None else ids.dense_gate(weights)
+            if not shrink_in_gemm:
+                h = x_lora @ A.reshape(E * r, -1).t()
+            y = dense_expand(y0, h, gate, B, pool.scaling)
+        elif impl == "grouped" and same:
+            y = grouped_expand(y0, x_alias if no_dropout else x_lora, A, B, ids, weights * pool.scaling)
+        else:  # the triton kernel (CUDA), or factors of another dtype: the routed update, then one add
+            y = y0 + grouped_lora(x_lora, A, B, ids, weights, pool.scaling, impl=impl).to(y0.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @torch.no_grad()
     def _record_usage(self, routing: Routing) -> None:

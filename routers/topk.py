@@ -39,7 +39,18 @@ class TopKRouter(Router):
         x2 = x.reshape(-1, x.shape[-1])
         if self.training and self.jitter_noise > 0:
             x2 = x2 * torch.empty_like(x2).uniform_(1 - self.jitter_noise, 1 + self.jitter_noise)
-        probs = F.softmax(self.gate(x2).float(), dim=-1)
+        return self.route_logits(self.gate(x2), ctx, x.shape[:-1], x.dtype)
+
+    def fusable_gate(self) -> Tensor | None:
+        """The gate weight ``[E, d_in]`` when the logits are exactly ``x @ W_g^T`` (no jitter, no hooks on the gate),
+        so a caller may compute them inside a larger GEMM and pass them to :meth:`route_logits`; else None."""
+        if (self.training and self.jitter_noise > 0) or self.gate._forward_hooks or self.gate._forward_pre_hooks:
+            return None
+        return self.gate.weight
+
+    def route_logits(self, logits: Tensor, ctx: RoutingContext, lead, dtype: torch.dtype) -> Routing:
+        """The routing of tokens whose gate logits ``[N, E]`` are given (``lead``: the tokens' leading shape)."""
+        probs = F.softmax(logits.float(), dim=-1)
         if self.top_k == self.n_experts:
             weights, ids = probs, None  # soft routing over all experts: the dense path
         else:
@@ -48,18 +59,24 @@ class TopKRouter(Router):
                 weights = weights / weights.sum(-1, keepdim=True)
         aux = {}
         if self.training and self.aux_loss_coef > 0:
-            aux["load_balance"] = self.aux_loss_coef * self.load_balance_loss(probs, ids, ctx, x.shape[:-1])
-        return Routing(ids, weights.to(x.dtype), aux)
+            aux["load_balance"] = self.aux_loss_coef * self.load_balance_loss(probs, ids, ctx, lead)
+        return Routing(ids, weights.to(dtype), aux)
 
     def load_balance_loss(self, probs: Tensor, ids: Tensor | None, ctx: RoutingContext, lead) -> Tensor:
-        mask = ctx.per_token("token_mask", lead) if ctx.token_mask is not None else None
-        mask = probs.new_ones(probs.shape[0]) if mask is None else mask.to(probs.dtype)
-        n_real = mask.sum().clamp_min(1)
-        mean_prob = (probs * mask[:, None]).sum(0) / n_real
+        if ctx.token_mask is None:  # every token is real: plain means and counts
+            n_real = max(probs.shape[0], 1)
+            mean_prob = probs.sum(0) / n_real
+            counts = None if ids is None else torch.bincount(ids.reshape(-1), minlength=self.n_experts).to(probs.dtype)
+        else:
+            mask = ctx.per_token("token_mask", lead).to(probs.dtype)
+            n_real = mask.sum().clamp_min(1)
+            mean_prob = (probs * mask[:, None]).sum(0) / n_real
+            counts = None if ids is None else torch.zeros_like(mean_prob).index_add_(
+                0, ids.reshape(-1), mask.repeat_interleave(ids.shape[1])
+            )
         if ids is None:
             frac = mean_prob.detach()
         else:
-            counts = torch.zeros_like(mean_prob).index_add_(0, ids.reshape(-1), mask.repeat_interleave(ids.shape[1]))
             frac = counts / (n_real * ids.shape[1])
         return self.n_experts * (frac * mean_prob).sum()
 

@@ -3,10 +3,24 @@
 import pytest
 import torch
 
-from moa.experts import ExpertPlan, LoRAPool, choose_impl, grouped_lora, runnable_impls
+from moa.experts import IMPLS, ExpertPlan, LoRAPool, choose_impl, grouped_lora
 from moa.experts.kernels import grouped as grouped_mod
 
-IMPL_NAMES = sorted(runnable_impls("cpu"))
+# Every CPU implementation by name, so one that is not installed shows as skipped rather than vanishing
+# (triton runs under the interpreter in tests/test_triton_kernel.py).
+IMPL_NAMES = ["loop", "dense", "grouped", "scatter"]
+NOT_INSTALLED = {"scatter": "torch-scatter is not installed (pip install '.[scatter]')"}
+
+
+@pytest.fixture(params=IMPL_NAMES)
+def impl(request):
+    if request.param not in IMPLS:
+        pytest.skip(NOT_INSTALLED[request.param])
+    return request.param
+
+
+def test_every_registered_cpu_impl_is_tested():
+    assert set(IMPLS) - {"triton"} <= set(IMPL_NAMES)
 
 
 def reference(x, A, B, ids, w, scaling):
@@ -40,7 +54,6 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("impl", IMPL_NAMES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_fp64_reference(impl, shape):
     x, A, B, ids, w = make(*shape)
@@ -48,14 +61,12 @@ def test_matches_fp64_reference(impl, shape):
     torch.testing.assert_close(out.double(), reference(x, A, B, ids, w, 0.5), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", IMPL_NAMES)
 def test_gradcheck_fp64(impl):
     x, A, B, ids, w = make(11, 8, 6, 4, 3, 2, dtype=torch.float64)
     inputs = [t.requires_grad_() for t in (x, A, B, w)]
     assert torch.autograd.gradcheck(lambda x, A, B, w: grouped_lora(x, A, B, ids, w, 0.7, impl=impl), inputs)
 
 
-@pytest.mark.parametrize("impl", IMPL_NAMES)
 def test_gradcheck_dense_soft_routing(impl):
     g = torch.Generator().manual_seed(1)
     x, A, B = torch.randn(9, 8, generator=g), torch.randn(3, 2, 8, generator=g), torch.randn(3, 5, 2, generator=g)
@@ -80,7 +91,6 @@ def test_fp32_grouped_mm_path_gradients_match_loop(layout, monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", IMPL_NAMES)
 def test_expert_without_tokens_and_all_tokens_on_one_expert(impl):
     # skew: every token's top-1 is expert 2; with k=1 experts 0,1,3,4 get nothing
     x, A, B, ids, w = make(30, 16, 16, 5, 4, 1, skew=2)
@@ -94,7 +104,6 @@ def test_expert_without_tokens_and_all_tokens_on_one_expert(impl):
         assert torch.count_nonzero(grad.grad[2]) > 0
 
 
-@pytest.mark.parametrize("impl", IMPL_NAMES)
 def test_three_d_inputs(impl):
     x, A, B, ids, w = make(2 * 7, 16, 12, 4, 4, 2)
     x3, ids3, w3 = x.view(2, 7, 16), ids.view(2, 7, 2), w.view(2, 7, 2)
@@ -103,7 +112,6 @@ def test_three_d_inputs(impl):
     torch.testing.assert_close(out.reshape(14, 12), grouped_lora(x, A, B, ids, w, 1.0, impl="loop"))
 
 
-@pytest.mark.parametrize("impl", IMPL_NAMES)
 def test_dense_soft_routing_equals_sum_over_all_experts(impl):
     x, A, B, _, _ = make(20, 16, 8, 4, 4, 2)
     gate = torch.randn(20, 4).softmax(-1)
@@ -112,11 +120,47 @@ def test_dense_soft_routing_equals_sum_over_all_experts(impl):
     torch.testing.assert_close(out.double(), reference(x, A, B, ids, gate, 0.5), rtol=1e-5, atol=1e-4)
 
 
-def test_half_precision_grouped_matches_dense():
-    x, A, B, ids, w = make(64, 32, 32, 8, 8, 2)
-    args = [t.to(torch.bfloat16) for t in (x, A, B)]
-    out = grouped_lora(*args, ids, w.to(torch.bfloat16), 1.0, impl="grouped")
-    torch.testing.assert_close(out.double(), reference(x, A, B, ids, w, 1.0), rtol=5e-2, atol=5e-1)
+# Relative Frobenius-norm error against fp64 on the same (rounded) inputs: measured ~4e-4 (fp16) and ~3.5e-3
+# (bf16) for every impl; the bounds leave headroom yet fail a 4 % scale error by an order of magnitude.
+HALF_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def rel_err(got, want):
+    return float((got.detach().double() - want.detach()).norm() / want.detach().norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", [(64, 32, 32, 8, 8, 2), (37, 24, 20, 5, 4, 2)])
+def test_half_precision_forward_and_backward_match_fp64(impl, dtype, shape):
+    x, A, B, ids, w = make(*shape, dtype=dtype)
+    g = torch.randn(shape[0], shape[2], generator=torch.Generator().manual_seed(3)).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, A, B, w)]
+    out = grouped_lora(*leaves[:3], ids, leaves[3], 0.5, impl=impl)
+    out.backward(g)
+    assert out.dtype == dtype
+    ref_leaves = [t.double().requires_grad_() for t in (x, A, B, w)]
+    ref = reference(*ref_leaves[:3], ids, ref_leaves[3], 0.5)
+    ref.backward(g.double())
+    assert rel_err(out, ref) < HALF_TOL[dtype]
+    for got, want in zip(leaves, ref_leaves):
+        assert got.grad.dtype == dtype
+        assert rel_err(got.grad, want.grad) < 2 * HALF_TOL[dtype]
+
+
+def test_empty_input(impl):
+    """N = 0 tokens: an empty result of the right shape, and a backward that gives empty / zero gradients."""
+    x, A, B, ids, w = make(5, 16, 12, 4, 4, 2)
+    for lead, sparse in (((0,), True), ((0,), False), ((2, 0), True)):
+        x0 = x.new_zeros(*lead, 16).requires_grad_()
+        ids0 = ids.new_zeros(*lead, 2) if sparse else None
+        w0 = w.new_zeros(*lead, 2 if sparse else 4).requires_grad_()
+        leaves = [t.clone().requires_grad_() for t in (A, B)]
+        out = grouped_lora(x0, *leaves, ids0, w0, 1.0, impl=impl)
+        assert out.shape == (*lead, 12)
+        out.sum().backward()
+        assert x0.grad.shape == x0.shape and w0.grad.shape == w0.shape
+        for leaf in leaves:
+            assert leaf.grad is not None and torch.count_nonzero(leaf.grad) == 0
 
 
 def test_plan_is_reusable_and_validated():

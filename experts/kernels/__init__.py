@@ -122,7 +122,7 @@ def grouped_lora(
     else:
         if expert_ids.shape != weights.shape:
             raise ValueError(f"expert_ids {tuple(expert_ids.shape)} and weights {tuple(weights.shape)} must match")
-        plan = ExpertPlan(expert_ids.reshape(n, -1), E)
+        plan = ExpertPlan(expert_ids.reshape(n, weights.shape[-1]), E)
         top_k = plan.top_k
 
     if impl == "auto":

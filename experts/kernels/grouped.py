@@ -48,7 +48,7 @@ def _use_grouped_mm(a: Tensor, b: Tensor) -> bool:
 def gmm(a: Tensor, b: Tensor, plan: ExpertPlan) -> Tensor:
     """Rows of ``a`` (in the plan's layout) times ``b[E, K, M]`` of their expert: ``[rows, M]``."""
     if plan.padded:
-        return torch.bmm(a.view(plan.n_experts, plan.capacity, -1), b).view(a.shape[0], -1)
+        return torch.bmm(a.view(plan.n_experts, plan.capacity, a.shape[1]), b).view(a.shape[0], b.shape[2])
     if _use_grouped_mm(a, b):
         return _GROUPED_MM(a, b, offs=plan.offsets)
     out = a.new_empty(a.shape[0], b.shape[2])
@@ -64,7 +64,7 @@ def gmm_reduce(a: Tensor, b: Tensor, plan: ExpertPlan) -> Tensor:
     """Ragged contraction: ``a[K, rows]`` and ``b[rows, M]`` summed within each expert's rows: ``[E, K, M]``."""
     if plan.padded:
         E, C = plan.n_experts, plan.capacity
-        return torch.bmm(a.reshape(a.shape[0], E, C).transpose(0, 1), b.view(E, C, -1))
+        return torch.bmm(a.reshape(a.shape[0], E, C).transpose(0, 1), b.view(E, C, b.shape[1]))
     if _use_grouped_mm(a, b):
         out = _GROUPED_MM(a, b, offs=plan.offsets)
         empty = plan.counts == 0
