@@ -50,18 +50,23 @@ Noise blending of the generated factors with the initial ones (``noise``; ``B_in
 * ``"multiply"``: ``A = A_h * A_init`` (generated A only); B is not multiplied, because ``B_init = 0`` would make
   ``B = 0`` for ever (as in the official code).
 
-The annealing counts optimizer steps: ``a = noise_alpha * max(0, 1 - step / T)``. The training loop tells the
-hypernetwork where it is with :meth:`LoRAHyperNetwork.set_optimizer_step` (``moa.lightning.MoAModule`` passes
-``trainer.global_step`` and ``trainer.estimated_stepping_batches`` before every batch, so gradient accumulation
-is counted right); ``T`` is ``anneal_steps``, or the loop's total when ``anneal_steps`` is ``None``; ``0`` keeps
-``a`` constant. The step is a buffer, so a reloaded model blends exactly as the saved one did.
+The annealing counts optimizer steps: ``a = noise_alpha * max(0, 1 - step / T)``. The hypernetwork follows the
+optimizer through :meth:`LoRAHyperNetwork.after_optimizer_step` (called by ``moa.training_hooks.follow_optimizer``,
+which ``moa.lightning.MoAModule`` binds to its optimizers, passing ``trainer.estimated_stepping_batches``, so
+gradient accumulation is counted right), or explicitly with :meth:`LoRAHyperNetwork.set_optimizer_step`; ``T`` is
+``anneal_steps``, or the loop's total when ``anneal_steps`` is ``None``; ``0`` keeps ``a`` constant. The step is
+a buffer, so a reloaded model blends exactly as the saved one did.
 
-One pass, cached. The first pool called in a forward pass computes every layer's factors in one hypernetwork
-pass; the other layers reuse them. While the hypernetwork trains (training mode, or gradients wanted for its
-parameters) the pass is repeated once per forward call of the model: a layer reading its A (or its B) a second
-time means a new call, and layers re-run by activation checkpointing during backward reuse the call's factors. Otherwise (eval, serving)
-the factors are computed once and reused until a parameter or buffer of the hypernetwork or of the pools
-changes (an optimizer step, ``load_state_dict``, ``.to()``), so serving costs no hypernetwork time.
+One pass per call, cached. The first pool read in a forward call of the model computes every layer's factors in
+one hypernetwork pass; the other layers reuse them. While the hypernetwork trains (training mode, or gradients
+wanted for its parameters) the pass belongs to the call: ``moa.attach`` hands the hypernetwork the model's
+:class:`~moa.layer.ContextSlot` (:meth:`LoRAHyperNetwork.bind_context`), whose routing context is replaced at
+every forward call and kept until the next, so layers re-run by activation checkpointing during backward reuse
+their call's factors. Otherwise (eval, serving) the factors are computed once and reused until they may have
+changed: a step of an optimizer the hypernetwork follows, ``load_state_dict`` (of the hypernetwork or a pool),
+``.to()`` or any replaced parameter or buffer (the cache is keyed on their storage, dtype and device), a
+train/eval switch, or a training pass. An in-place edit of a parameter outside these (under ``torch.no_grad()``,
+or by an optimizer the hypernetwork does not follow) is not seen: call :meth:`LoRAHyperNetwork.invalidate`.
 """
 
 from __future__ import annotations
@@ -102,14 +107,14 @@ def _module_key(module: str) -> str:
     return re.sub(r"\W", "_", module)
 
 
-def _inside_backward() -> bool:
-    """True while autograd runs a backward pass (activation checkpointing re-runs layers there)."""
-    current = getattr(torch._C, "_current_graph_task_id", None)
-    return current is not None and current() != -1
-
-
 def _unpack_saved(tensor: Tensor) -> Tensor:
     return tensor
+
+
+def _invalidate_after_load(module: nn.Module, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook (a module-level function, so models still pickle)."""
+    hypernet = module if isinstance(module, LoRAHyperNetwork) else module.hypernet
+    hypernet.invalidate()
 
 
 def peft_uniform_bound(d_in: int) -> float:
@@ -233,14 +238,35 @@ class LoRAHyperNetwork(nn.Module):
         self._shapes: dict[str, tuple[int, int]] = {}  # module type -> (d_in, d_out)
         self._pools: dict[str, "HyperLoRAPool"] = {}  # layer name -> its pool (unregistered: the model owns pools)
         self._cache: dict[str, tuple[Tensor, Tensor]] | None = None
-        self._cache_key: Any = None
-        self._consumed: set[tuple[str, str]] = set()  # (layer, "A" | "B") read from the current pass
+        self._cache_owner: Any = None  # the call's routing context (training pass) or the eval key (see factors)
+        self._slot: Any = None  # the model's ContextSlot, from bind_context
+        self.register_load_state_dict_post_hook(_invalidate_after_load)
 
     def __getstate__(self) -> dict:
-        """Copies and pickles leave the per-call cache behind (it may hold autograd graph tensors)."""
+        """Copies and pickles leave the cache behind (it may hold autograd graph tensors)."""
         state = self.__dict__.copy()
-        state.update(_cache=None, _cache_key=None, _consumed=set())
+        state.update(_cache=None, _cache_owner=None)
         return state
+
+    def bind_context(self, slot: Any) -> None:
+        """Follow the forward calls of the model: ``slot.current`` is the routing context of the current call,
+        a new object at every call (``moa.attach`` passes the model's :class:`~moa.layer.ContextSlot`)."""
+        self._slot = slot
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        """Drop the generated factors: the next read runs the hypernetwork again."""
+        self._cache, self._cache_owner = None, None
+
+    def train(self, mode: bool = True) -> "LoRAHyperNetwork":
+        self.invalidate()  # dropout and the random A differ between modes
+        return super().train(mode)
+
+    def after_optimizer_step(self, step: int, total_steps: int | None = None) -> None:
+        """After a step of an optimizer holding the hypernetwork (see ``moa.training_hooks``): the parameters have
+        changed, and the noise schedule advances."""
+        self.set_optimizer_step(step, total_steps)
+        self.invalidate()
 
     # -- registration ------------------------------------------------------------------------------------------
     def register_pool(self, name: str, pool: "HyperLoRAPool") -> None:
@@ -264,7 +290,7 @@ class LoRAHyperNetwork(nn.Module):
             if self.head_init == "lora":
                 self._init_heads_like_lora(module)
         self._pools[name] = pool
-        self._cache, self._cache_key = None, None
+        self.invalidate()
 
     @torch.no_grad()
     def _init_heads_like_lora(self, module: str) -> None:
@@ -288,8 +314,10 @@ class LoRAHyperNetwork(nn.Module):
         """Tell the hypernetwork how many optimizer steps have been taken (and how many training will take)."""
         if int(step) != int(self.optimizer_step):
             self.optimizer_step.fill_(int(step))
+            self.invalidate()
         if total_steps is not None and math.isfinite(total_steps) and total_steps > 0 and int(total_steps) != int(self.anneal_total):
             self.anneal_total.fill_(int(total_steps))
+            self.invalidate()
 
     def current_noise_alpha(self) -> float:
         """``noise_alpha * max(0, 1 - step / T)``; constant when ``T`` is 0 or unknown."""
@@ -299,31 +327,29 @@ class LoRAHyperNetwork(nn.Module):
         return self.noise_alpha * max(0.0, 1.0 - int(self.optimizer_step) / total)
 
     # -- generation --------------------------------------------------------------------------------------------
-    def factors(self, name: str, parts: tuple[str, ...] = ("A", "B")) -> tuple[Tensor, Tensor]:
-        """``(A [E, r, d_in], B [E, d_out, r])`` of layer ``name``, from the current pass (see the module docstring).
-
-        ``parts`` are the factors the caller reads (``pool.A`` and ``pool.B`` read one each, so a router reading
-        both, like Poly, does not look like a new call).
-        """
-        if self._cache is not None and _inside_backward():  # activation checkpointing: same factors as the forward
-            return self._cache[name]
+    def factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(A [E, r, d_in], B [E, d_out, r])`` of layer ``name``, from the current pass (see the module docstring)."""
         wants_graph = self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
-        key = (wants_graph, self.training, torch.is_inference_mode_enabled(), self._state_key())
-        reads = {(name, part) for part in parts}
-        if self._cache is None or key != self._cache_key or (wants_graph and not reads.isdisjoint(self._consumed)):
+        if wants_graph:  # one pass per forward call; without a bound model, one per read
+            call = self._slot.current if self._slot is not None else object()
+            fresh = self._cache is None or self._cache_owner is not call
+        else:  # until the tensors the factors depend on may have changed (see the module docstring)
+            call = ("eval", torch.is_inference_mode_enabled(), self._storage_key())
+            fresh = self._cache is None or not isinstance(self._cache_owner, tuple) or self._cache_owner != call
+        if fresh:
             # the pass belongs to the whole call, not to the layer that triggers it: plain saved-tensor hooks (the
             # inner-most pair applies) keep it out of an activation-checkpointed layer, which re-runs without it
             with torch.set_grad_enabled(wants_graph and torch.is_grad_enabled()), \
                     torch.autograd.graph.saved_tensors_hooks(torch.Tensor.detach, _unpack_saved):
                 self._cache = self.generate()
-            self._cache_key, self._consumed = key, set()
-        self._consumed |= reads
+            self._cache_owner = call  # a training pass also drops the eval cache: the parameters may change next
         return self._cache[name]
 
-    def _state_key(self) -> tuple:
-        """Identity and version of every tensor the factors depend on: changes when any of them is modified."""
+    def _storage_key(self) -> tuple:
+        """Storage, dtype, device and shape of every tensor the factors depend on (``.to()`` or a replaced
+        parameter changes it; an in-place edit does not)."""
         tensors = [*self.parameters(), *self.buffers(), *(pool.A_init for pool in self._pools.values())]
-        return tuple((t.data_ptr(), t._version, t.requires_grad) for t in tensors)
+        return tuple((t.data_ptr(), t.dtype, t.device, tuple(t.shape)) for t in tensors)
 
     def generate(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Run the hypernetwork once: every layer's blended factors in PEFT layout, keyed by layer name."""
@@ -387,21 +413,11 @@ class HyperLoRAPool(ExpertPool):
         self.register_buffer("A_init", a_init.to(dtype=dtype or torch.get_default_dtype(), device=device))
         keep_reference(self, "hypernet", hypernet)
         hypernet.register_pool(name, self)
+        self.register_load_state_dict_post_hook(_invalidate_after_load)  # A_init is an input of the factors
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """``(A, B)`` of this layer from the hypernetwork's current pass."""
         return self.hypernet.factors(self.name)
-
-    # Reading one factor alone tells the hypernetwork which part a caller consumed (its per-call cache logic).
-    @property
-    def A(self) -> Tensor:
-        """``[E, r, d_in]`` generated down-projections (PEFT layout)."""
-        return self.hypernet.factors(self.name, ("A",))[0]
-
-    @property
-    def B(self) -> Tensor:
-        """``[E, d_out, r]`` generated up-projections (PEFT layout)."""
-        return self.hypernet.factors(self.name, ("B",))[1]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", generated by the shared hypernetwork"

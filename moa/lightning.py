@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .metrics import calibration_metrics
 from .model import MoAModel
+from .training_hooks import OptimizerFollower, follow_optimizer
 
 
 class ClassificationHead(nn.Module):
@@ -75,6 +76,7 @@ class MoAModule(L.LightningModule):
         self.weight_decay, self.aux_loss_weight = weight_decay, aux_loss_weight
         self.save_hyperparameters(ignore=["model", "head", "loss_fn"])
         self._calibration: dict[str, list[tuple[Tensor, Tensor]]] = {}  # stage -> (probs, labels) of the epoch
+        self._followers: list[OptimizerFollower] = []
 
     def forward(self, batch: dict) -> Tensor:
         """Model output (no head) or the head's logits."""
@@ -150,11 +152,17 @@ class MoAModule(L.LightningModule):
         for name in ("ece", "mce", "ace", "classwise_ece", "brier"):
             self.log(f"{stage}/{name}", metrics[name])
 
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        """Shared modules that follow training progress (HypeLoRA's noise annealing) learn the optimizer step."""
-        for module in self.model.shared.values():
-            if hasattr(module, "set_optimizer_step"):
-                module.set_optimizer_step(self.trainer.global_step, self.trainer.estimated_stepping_batches)
+    def on_train_start(self) -> None:
+        """Components that follow optimizer steps (FlyLoRA's bias, HypeLoRA's annealing) follow this fit's
+        optimizers (whatever ``configure_optimizers`` returned, in this class or a subclass)."""
+        self.on_train_end()
+        total, step = self.trainer.estimated_stepping_batches, self.trainer.global_step
+        self._followers = [follow_optimizer(self.model, opt, total, step) for opt in self.trainer.optimizers]
+
+    def on_train_end(self) -> None:
+        for follower in self._followers:
+            follower.remove()
+        self._followers = []
 
     def configure_optimizers(self):
         groups = self.model.param_groups()

@@ -15,7 +15,8 @@ estimate ``1/(M-1) sum_m (L_m - mean L) grad log Q_m`` of ``grad E[L]``, per exa
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -74,8 +75,29 @@ def repeat_batch(batch: dict, copies: int) -> dict:
 
 
 def sampling_routers(model: MoAModel) -> dict[str, nn.Module]:
-    """Routers that sample their selection and report its log-probability (``last_log_prob``), by layer."""
-    return {name: layer.router for name, layer in model.moa_layers().items() if hasattr(layer.router, "last_log_prob")}
+    """Routers that sample their selection and return its log-probability (``Router.sampling``), by layer."""
+    return {name: layer.router for name, layer in model.moa_layers().items() if getattr(layer.router, "sampling", False)}
+
+
+@contextlib.contextmanager
+def collect_log_probs(model: MoAModel) -> Iterator[list[tuple[str, Tensor]]]:
+    """Inside the block, ``(layer, Routing.log_prob)`` of every sampling router's forward call, in call order
+    (forward hooks on the routers, removed at the end of the block, so a re-run by activation checkpointing during
+    backward adds nothing)."""
+    collected: list[tuple[str, Tensor]] = []
+
+    def hook(name):
+        def keep(router, args, routing):
+            if routing.log_prob is not None:
+                collected.append((name, routing.log_prob))
+        return keep
+
+    handles = [router.register_forward_hook(hook(name)) for name, router in sampling_routers(model).items()]
+    try:
+        yield collected
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class RLOOModule(MoAModule):
@@ -115,20 +137,18 @@ class RLOOModule(MoAModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         size, copies = _batch_size(batch), self.n_samples
         repeated = repeat_batch(batch, copies)
-        for router in sampling_routers(self.model).values():
-            router.last_log_prob = None  # a layer that does not run this step must not report an old draw
         inputs = dict(repeated)
         if self.head is not None:
             inputs.pop("labels", None)
-        outputs = self.model(**inputs)
+        with collect_log_probs(self.model) as log_probs:
+            outputs = self.model(**inputs)
         if self.head is not None:
             outputs = self.head(_last_hidden(outputs), inputs.get("attention_mask"))
         losses = self.sample_loss(outputs, repeated)
         if losses.shape != (copies * size,):
             raise ValueError(f"sample_loss must return one loss per example ({copies * size},), got {tuple(losses.shape)}")
         losses = losses.view(copies, size)
-        log_probs = self._log_probs(copies, size)
-        total = rloo_objective(losses, log_probs)
+        total = rloo_objective(losses, self._joint_log_prob(log_probs, copies, size))
 
         self.log("train/loss", losses.mean(), prog_bar=True, batch_size=size)
         self.log("train/rloo/loss_spread", losses.detach().std(0).mean(), batch_size=size)
@@ -142,12 +162,11 @@ class RLOOModule(MoAModule):
                 self.log(f"train/{stat}", torch.stack(values).float().mean(), batch_size=size)
         return total
 
-    def _log_probs(self, copies: int, size: int) -> Tensor | None:
+    @staticmethod
+    def _joint_log_prob(log_probs: list[tuple[str, Tensor]], copies: int, size: int) -> Tensor | None:
+        """``log Q [M, B]`` of each row's draws, summed over the sampling layers of the call."""
         total = None
-        for name, router in sampling_routers(self.model).items():
-            value = router.last_log_prob
-            if value is None:
-                continue
+        for name, value in log_probs:
             if value.shape != (copies * size,):
                 raise ValueError(
                     f"router of {name} reported log-probabilities of shape {tuple(value.shape)}; RLOO needs one per "

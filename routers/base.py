@@ -24,6 +24,8 @@ class Routing:
     pool's experts (e.g. Poly's per-task mixtures of skill parameters); ``expert_ids`` then index these G adapters.
     ``usage`` (``[E]``, optional) is the share of routing each expert received, for statistics, when it cannot be
     read off ``expert_ids`` (i.e. when ``factors`` are given).
+    ``log_prob`` (``[B]``, sampling routers in training) is the log-probability of the sampled selection per
+    sequence, with its gradient to the router (read by ``moa.rloo.RLOOModule``; see :attr:`Router.sampling`).
     """
 
     expert_ids: Tensor | ExpertPlan | None
@@ -31,6 +33,7 @@ class Routing:
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     factors: tuple[Tensor, Tensor] | None = None
     usage: Tensor | None = None
+    log_prob: Tensor | None = None
 
 
 @dataclass
@@ -94,6 +97,9 @@ class Router(nn.Module):
     # Whether the router reads ``MoAConfig.top_k``. Routers that fix their own number of adapters per token (static,
     # xcross: one expert; Poly, MHR: one mixed adapter) set False, and the config then sets top_k = 1 unchecked.
     uses_top_k: ClassVar[bool] = True
+    # Whether the router samples its selection in training and returns its log-probability (``Routing.log_prob``),
+    # to be trained by a score-function estimator (ReMix, with ``moa.rloo.RLOOModule``).
+    sampling: ClassVar[bool] = False
 
     def __init__(self, in_features: int, n_experts: int, top_k: int):
         super().__init__()

@@ -14,7 +14,8 @@ ranks with weight 1, so the grouped kernels compute ``s * B (y * mask)`` without
 Differences from the official code (gfyddha/FlyLoRA, PEFT path), on purpose:
 
 * the bias is updated only in training mode, counts only real tokens (``attention_mask``), and is applied once per
-  optimizer step with the counts accumulated since the previous step (gradient accumulation included); a
+  optimizer step with the counts accumulated since the previous step (gradient accumulation included), when the
+  optimizer is followed (``moa.training_hooks.follow_optimizer``; ``MoAModule`` does it for its optimizers); a
   layer re-run by activation checkpointing neither counts twice nor selects differently, because ``d`` does not
   move until the step;
 * ``A x`` keeps its gradient with respect to ``x`` (the official path computes it under ``no_grad``, so upstream
@@ -26,13 +27,11 @@ Differences from the official code (gfyddha/FlyLoRA, PEFT path), on purpose:
 from __future__ import annotations
 
 import hashlib
-import weakref
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from moa.experts import LoRAPool, PoolSpec
 
@@ -106,21 +105,6 @@ class FlyLoRAPool(LoRAPool):
         )
 
 
-# Routers with usage counts waiting for the optimizer step that trains their layer.
-_PENDING: "weakref.WeakSet[FlyLoRARouter]" = weakref.WeakSet()
-_HOOK = None
-
-
-def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    if not _PENDING:
-        return
-    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for router in list(_PENDING):
-        param = router._counted_for() if router._counted_for is not None else None
-        if param is not None and id(param) in stepped:
-            router.apply_balance_update()
-
-
 @register_router
 class FlyLoRARouter(Router):
     """FlyLoRA's implicit router: top-k of ``A x + d`` over the R rank-1 experts; no trainable parameters.
@@ -135,8 +119,9 @@ class FlyLoRARouter(Router):
             averaging (:func:`average_flylora`) needs the same seed.
         trainable_dense_A: plain dense trainable A (FlyLoRA reduces to LoRA when also ``top_k = R``).
 
-    The bias update runs after ``optimizer.step()`` of any optimizer that holds this layer's B (a global
-    optimizer step hook), or explicitly with :meth:`apply_balance_update`.
+    The bias update runs in :meth:`after_optimizer_step`, which ``moa.training_hooks.follow_optimizer`` calls
+    after every step of a bound optimizer that holds this layer's B (``MoAModule`` binds its optimizers), or
+    explicitly with :meth:`apply_balance_update`. Without either, the counts accumulate and ``d`` stays put.
     """
 
     name = "flylora"
@@ -160,7 +145,6 @@ class FlyLoRARouter(Router):
         self.trainable_dense_A = bool(trainable_dense_A)
         self.register_buffer("topk_bias", torch.zeros(n_experts))
         self.pending_counts: Tensor | None = None  # rank usage since the last optimizer step (training only)
-        self._counted_for = None  # weak reference to the B these counts belong to
 
     def build_pool(self, kind: str, spec: PoolSpec, shared: nn.ModuleDict) -> FlyLoRAPool:
         if kind != "lora":
@@ -189,11 +173,11 @@ class FlyLoRARouter(Router):
                 score = score.abs()
             ids = score.topk(self.top_k, dim=-1).indices
         if self.training:
-            self._count(ids, ctx, x.shape[:-1], pool)
+            self._count(ids, ctx, x.shape[:-1])
         return Routing(ids, x2.new_ones(ids.shape))
 
     @torch.no_grad()
-    def _count(self, ids: Tensor, ctx: RoutingContext, lead: torch.Size, pool: nn.Module) -> None:
+    def _count(self, ids: Tensor, ctx: RoutingContext, lead: torch.Size) -> None:
         key = ("flylora-counted", id(self))
         if key in ctx.cache:  # the same forward call re-run by activation checkpointing: counted already
             return
@@ -202,17 +186,15 @@ class FlyLoRARouter(Router):
             ids = ids[ctx.per_token("token_mask", lead).bool()]
         counts = torch.bincount(ids.reshape(-1), minlength=self.n_experts).to(self.topk_bias.dtype)
         self.pending_counts = counts if self.pending_counts is None else self.pending_counts + counts
-        self._counted_for = weakref.ref(pool.lora_B)
-        _PENDING.add(self)
-        global _HOOK
-        if _HOOK is None:
-            _HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
+
+    def after_optimizer_step(self, step: int, total_steps: int | None = None) -> None:
+        """After a step of an optimizer holding this layer's B (see ``moa.training_hooks``)."""
+        self.apply_balance_update()
 
     @torch.no_grad()
     def apply_balance_update(self) -> None:
         """``d += u * sign(mean(c) - c)`` with the counts since the last update, then reset them."""
         counts, self.pending_counts = self.pending_counts, None
-        _PENDING.discard(self)
         if counts is not None and self.bias_u > 0 and counts.sum() > 0:
             self.topk_bias += self.bias_u * torch.sign(counts.mean() - counts)
 

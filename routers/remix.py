@@ -8,9 +8,9 @@ variant ``alpha / sqrt(k r)``), so a fixed selection is exactly one rank-``k r``
 scaling and the router returns weight 1 per selected LoRA.
 
 The router never gets a gradient through the selection: its only learning signal is the RLOO estimator of
-:class:`moa.rloo.RLOOModule`, which reads :attr:`ReMixRouter.last_log_prob` (``log Q`` of the drawn selections,
-summed per sequence) after the forward pass. The log-probability is computed from the *detached* layer input,
-so the estimator's term trains P and nothing upstream.
+:class:`moa.rloo.RLOOModule`, which collects ``Routing.log_prob`` (``log Q`` of the drawn selections, summed per
+sequence) from every ReMix router's forward call. The log-probability is computed from the *detached* layer
+input, so the estimator's term trains P and nothing upstream.
 
 Granularity (the paper's notes say the router sees "each layer input" and are silent on the rest):
 
@@ -91,12 +91,13 @@ class ReMixRouter(Router):
         granularity: ``"token"`` or ``"sequence"``.
         init_std: std of the router's normal init (small: q starts near uniform).
 
-    After each training forward: ``last_log_prob`` ``[B]`` (``log Q`` of the draws per sequence, with gradient to
-    P), ``last_router_support`` (mean ``exp(entropy(q))``: how spread the router's distribution is, n = uniform, 1 =
+    In training the returned :class:`Routing` carries ``log_prob`` ``[B]`` (``log Q`` of the draws per sequence,
+    with gradient to P). After each forward, for logging: ``last_router_support`` (mean ``exp(entropy(q))``: how spread the router's distribution is, n = uniform, 1 =
     collapsed on one LoRA) and ``last_support_size`` (:func:`effective_support_size` of the weights: always k).
     """
 
     name = "remix"
+    sampling = True
 
     def __init__(
         self,
@@ -116,7 +117,6 @@ class ReMixRouter(Router):
         self.gate = nn.Linear(in_features, n_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=init_std)
         self.omega: float | None = None  # set by build_pool
-        self.last_log_prob: Tensor | None = None
         self.last_router_support: Tensor | None = None
         self.last_support_size: Tensor | None = None
 
@@ -170,10 +170,9 @@ class ReMixRouter(Router):
             if token_weight is not None:
                 log_prob = log_prob * token_weight
             log_prob = log_prob.view(n_seq, n_tok).sum(1)
-        self.last_log_prob = log_prob
         weights = x.new_ones(ids.shape)
         self.last_support_size = effective_support_size(weights, mask)
-        return Routing(ids, weights)
+        return Routing(ids, weights, log_prob=log_prob)
 
     def _token_mask(self, ctx: RoutingContext, lead: torch.Size) -> Tensor | None:
         if ctx.token_mask is None:

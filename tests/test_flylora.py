@@ -1,18 +1,26 @@
 """FlyLoRA: reduction to LoRA, rank-wise gradients, frozen reproducible A, loss-free load balancing, merging."""
 
 import copy
+import logging
+import warnings
 
+import lightning as L
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from torch.utils.data import DataLoader
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 import moa
 from moa.experts import LoRAPool, PoolSpec
+from moa.lightning import ClassificationHead, MoAModule
+from moa.training_hooks import follow_optimizer
 from moa.routers import RoutingContext, build_router
 from moa.routers.flylora import FlyLoRAPool, average_flylora, nonzeros_per_row, sparse_projection
 
 D_IN, D_OUT = 24, 20
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
 def tiny_bert(seed=0):
@@ -140,12 +148,17 @@ def test_frozen_sparse_A_is_reproducible_per_layer_saved_and_has_no_router_param
     torch.testing.assert_close(loaded(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)
 
 
-def test_bias_moves_by_u_once_per_optimizer_step_counting_real_tokens_in_training_only():
+def test_bias_moves_by_u_once_per_bound_optimizer_step_counting_real_tokens_in_training_only():
     torch.manual_seed(0)
     u = 0.01
     model = moa.attach(tiny_bert(), flylora_config(bias_u=u))
-    routers = [layer.router for layer in model.moa_layers().values()]
+    layers = list(model.moa_layers().values())
+    routers = [layer.router for layer in layers]
     optimizer = torch.optim.SGD(model.param_groups()["experts"], lr=0.1)
+    other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # trains nothing of these layers
+    first_only = torch.optim.SGD([layers[0].pool.lora_B], lr=0.0)  # trains the first layer alone
+    unbound = torch.optim.SGD(model.param_groups()["experts"], lr=0.0)
+    followers = [follow_optimizer(model, opt) for opt in (optimizer, other, first_only)]
     ids = torch.randint(1, 100, (3, 8))
     mask = torch.ones(3, 8, dtype=torch.long)
     mask[0, 5:] = 0
@@ -163,16 +176,53 @@ def test_bias_moves_by_u_once_per_optimizer_step_counting_real_tokens_in_trainin
     real = int(mask.sum())
     counts = [r.pending_counts.clone() for r in routers]
     assert all(int(c.sum()) == 2 * real * 2 for c in counts)  # 2 micro-batches x real tokens x k
-    other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     other.step()  # an optimizer that does not train these layers leaves them alone
-    assert all(r.pending_counts is not None for r in routers)
-    optimizer.step()
+    unbound.step()  # one that is not bound too
+    assert all(torch.equal(r.pending_counts, c) and (r.topk_bias == 0).all() for r, c in zip(routers, counts))
+    first_only.step()  # the first layer's update, and no other
+    torch.testing.assert_close(routers[0].topk_bias, u * torch.sign(counts[0].mean() - counts[0]))
+    assert routers[0].pending_counts is None
+    assert all(torch.equal(r.pending_counts, c) and (r.topk_bias == 0).all() for r, c in zip(routers[1:], counts[1:]))
+    optimizer.step()  # every layer: the first has nothing pending any more
     for r, c in zip(routers, counts):
         torch.testing.assert_close(r.topk_bias, u * torch.sign(c.mean() - c))
         assert r.pending_counts is None
     before = [r.topk_bias.clone() for r in routers]
     optimizer.step()  # no forward since: no update
     assert all(torch.equal(r.topk_bias, b) for r, b in zip(routers, before))
+    for follower in followers:
+        follower.remove()
+    model(input_ids=ids, attention_mask=mask)
+    optimizer.step()  # unbound now: the counts wait
+    assert all(r.pending_counts is not None and torch.equal(r.topk_bias, b) for r, b in zip(routers, before))
+
+
+def test_bias_moves_once_per_optimizer_step_under_lightning_with_gradient_accumulation():
+    torch.manual_seed(0)
+    u = 0.01
+    model = moa.attach(tiny_bert(), flylora_config(bias_u=u))
+    router = model.moa_layers()["encoder.layer.1.attention.self.value"].router
+    seen_bias, seen_counts = [], []
+    router.register_forward_pre_hook(lambda module, args: seen_bias.append(module.topk_bias.clone()))
+    router.register_forward_hook(lambda module, args, routing: seen_counts.append(
+        torch.bincount(routing.expert_ids.reshape(-1), minlength=8).float()))
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": t, "labels": int(t[0] % 2)} for t in torch.randint(1, 100, (24, 6), generator=g)]
+    trainer = L.Trainer(max_steps=3, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.fit(MoAModule(model, head=ClassificationHead(32, 2), lr=1e-2), DataLoader(rows, batch_size=4))
+    assert trainer.global_step == 3 and len(seen_bias) == 6
+    expected = torch.zeros(8)  # by hand: one update per step, with the counts of its two micro-batches
+    for step in range(3):
+        assert torch.equal(seen_bias[2 * step], expected) and torch.equal(seen_bias[2 * step + 1], expected)
+        c = seen_counts[2 * step] + seen_counts[2 * step + 1]
+        expected = expected + u * torch.sign(c.mean() - c)
+    torch.testing.assert_close(router.topk_bias, expected)
+    assert (expected != 0).any() and router.pending_counts is None
+    model.train()
+    model(input_ids=rows[0]["input_ids"][None])
+    trainer.optimizers[0].step()  # the fit is over: its optimizer no longer moves d
+    torch.testing.assert_close(router.topk_bias, expected)
 
 
 def test_bias_balances_rank_usage_over_training():

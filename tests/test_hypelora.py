@@ -23,6 +23,7 @@ import moa
 from moa.experts import HyperLoRAPool, LoRAHyperNetwork
 from moa.experts.hyper import parse_layer_path
 from moa.lightning import ClassificationHead, MoAModule
+from moa.training_hooks import follow_optimizer
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -253,7 +254,7 @@ def test_random_A_is_redrawn_each_training_pass_and_fixed_in_eval(bert):
     drawn = []
     for _ in range(2):
         model(input_ids=x, expert_ids=[0, 0])
-        drawn.append(pool.hypernet._cache[pool.name][0])
+        drawn.append(pool.A.detach())  # the call's factors (the same call: no new pass)
     assert not torch.equal(drawn[0], drawn[1])
     assert drawn[0].abs().max() <= HIDDEN ** -0.5
     model.eval()
@@ -285,36 +286,84 @@ def test_gradients_reach_the_hypernetwork_and_nothing_else(bert, arch, head_init
     assert {id(p) for p in model.param_groups()["experts"]} == trainable
 
 
-def test_one_hypernetwork_pass_per_training_forward_and_none_when_serving(bert):
+def test_one_hypernetwork_pass_per_forward_call_shared_by_layers_and_none_when_serving(bert):
     model = hyper_model(bert, arch="transformer", n_experts=2, router="topk")
     calls = count_hypernet_passes(model)
     x = ids()
+    pools = [layer.pool for layer in model.moa_layers().values()]
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(2):  # grad accumulation: two forwards, same parameters, two passes
+    for step in range(2):  # grad accumulation: two forward calls, same parameters, two passes
         model(input_ids=x).last_hidden_state.pow(2).mean().backward()
         assert calls[0] == step + 1  # 4 adapted layers, one pass
+        factors = [(pool.A, pool.B) for pool in pools]  # read again within the call: the call's pass, no new one
+        assert calls[0] == step + 1
     opt.step()
     model.eval()
+    with torch.enable_grad():  # eval with gradients wanted: still one pass per call, with a graph
+        out = model(input_ids=x).last_hidden_state
+        assert calls[0] == 3 and out.requires_grad
+    assert all(a.grad_fn is not None and b.grad_fn is not None for a, b in factors)
     with torch.no_grad():
         first = model(input_ids=x).last_hidden_state
         for _ in range(3):
             again = model(input_ids=x).last_hidden_state
-    assert calls[0] == 3 and torch.equal(first, again)  # eval: computed once, then cached
-    with torch.no_grad():  # serving reads the cache (with gradients wanted, eval builds a graph: a new pass)
-        model.moa_layers()["encoder.layer.0.attention.self.query"].pool.delta_weight(torch.tensor([1.0, 0.0]))
-    assert calls[0] == 3
-    # the cache follows the hypernetwork: a parameter update or a loaded state invalidates it
+    assert calls[0] == 4 and torch.equal(first, again)  # eval: computed once, then cached
+    with torch.no_grad():  # serving reads the cache
+        pools[0].delta_weight(torch.tensor([1.0, 0.0]))
+    assert calls[0] == 4
+    # an in-place edit under no_grad is not seen (documented): invalidate() is the explicit way
     with torch.no_grad():
-        next(model.shared["hypernet"].parameters()).add_(0.5)
+        next(model.shared["hypernet"].heads_B.parameters()).add_(0.5)
+        assert torch.equal(model(input_ids=x).last_hidden_state, first) and calls[0] == 4
+        model.shared["hypernet"].invalidate()
         changed = model(input_ids=x).last_hidden_state
-    assert calls[0] == 4 and not torch.equal(changed, first)
-    other = hyper_model(bert, arch="transformer", n_experts=2, router="topk", torch_seed=9)
-    model.shared.load_state_dict(other.shared.state_dict())
+    assert calls[0] == 5 and not torch.equal(changed, first)
+    model.train(), model.eval()  # a train/eval switch drops the cache
     with torch.no_grad():
         model(input_ids=x)
-        model(input_ids=x)
-    assert calls[0] == 5
+    assert calls[0] == 6
+    model.to(torch.float64)  # new storage and dtype: regenerated, in float64
+    with torch.no_grad():
+        assert model(input_ids=x).last_hidden_state.dtype == torch.float64
+    assert calls[0] == 7 and pools[0].B.dtype == torch.float64
+
+
+def test_eval_cache_follows_a_bound_optimizer_step_and_load_state_dict(bert):
+    model = hyper_model(bert, arch="mlp", n_experts=2, router="topk", noise="add", noise_alpha=0.5, anneal_steps=0).eval()
+    net = model.shared["hypernet"]
+    x = ids()
+    before = hidden(model, input_ids=x)
+
+    def fresh_output(m):  # an independent computation: a copy has no cache
+        return hidden(copy.deepcopy(m), input_ids=x)
+
+    # a step with no forward in between (gradients set by hand): only the bound optimizer can tell the cache
+    unbound = torch.optim.SGD(net.parameters(), lr=0.1)
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    unbound.step()
+    assert torch.equal(hidden(model, input_ids=x), before)  # not followed: stale (documented; see invalidate)
+    net.invalidate()
+    after_unbound = hidden(model, input_ids=x)
+    torch.testing.assert_close(after_unbound, fresh_output(model))
+    bound = torch.optim.SGD(net.parameters(), lr=0.1)
+    with follow_optimizer(model, bound):
+        bound.step()
+    stepped = hidden(model, input_ids=x)
+    assert not torch.equal(stepped, after_unbound)
+    torch.testing.assert_close(stepped, fresh_output(model))
+
+    other = hyper_model(bert, arch="mlp", n_experts=2, router="topk", noise="add", noise_alpha=0.5, anneal_steps=0,
+                        torch_seed=9, seed=5).eval()
+    model.load_state_dict(other.state_dict())  # hypernetwork and every pool's A_init
+    torch.testing.assert_close(hidden(model, input_ids=x), hidden(other, input_ids=x))
+    name = "encoder.layer.1.attention.self.value"
+    pool_state = {"A_init": torch.randn_like(other.moa_layers()[name].pool.A_init)}
+    model.moa_layers()[name].pool.load_state_dict(pool_state)  # one pool's A_init alone
+    loaded = hidden(model, input_ids=x)
+    assert not torch.equal(loaded, hidden(other, input_ids=x))
+    torch.testing.assert_close(loaded, fresh_output(model))
 
 
 def test_a_router_reading_A_and_B_costs_one_pass(bert):
@@ -322,11 +371,12 @@ def test_a_router_reading_A_and_B_costs_one_pass(bert):
     model = hyper_model(bert)
     calls = count_hypernet_passes(model)
     model.train()
+    model(input_ids=ids(), expert_ids=[0, 0])
     pools = [layer.pool for layer in model.moa_layers().values()]
     for pool in pools:
         pool.A, pool.B
     assert calls[0] == 1
-    pools[0].A  # read again: the next call of the model
+    model(input_ids=ids(), expert_ids=[0, 0])  # the next call of the model
     assert calls[0] == 2
 
 
@@ -345,17 +395,18 @@ def test_activation_checkpointing_reuses_the_forward_factors(bert):
     torch.testing.assert_close(grads[0], grads[1])
 
 
-def test_noise_annealing_counts_optimizer_steps_with_gradient_accumulation(bert):
+def record_noise_alpha(net: LoRAHyperNetwork) -> list[tuple[int, int, float]]:
+    """(step, total, noise alpha) at every hypernetwork pass."""
+    seen = []
+    net.trunk.register_forward_hook(
+        lambda *_: seen.append((int(net.optimizer_step), int(net.anneal_total), net.current_noise_alpha())))
+    return seen
+
+
+def test_noise_annealing_follows_optimizer_steps_under_lightning_with_gradient_accumulation(bert):
     model = hyper_model(bert, arch="mlp", noise="add", noise_alpha=0.8)
     net = model.shared["hypernet"]
-    seen = []
-    original = net.set_optimizer_step
-
-    def record(step, total=None):
-        original(step, total)
-        seen.append((int(net.optimizer_step), int(net.anneal_total), net.current_noise_alpha()))
-
-    net.set_optimizer_step = record
+    seen = record_noise_alpha(net)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(1, VOCAB, (32, 6), generator=g)
     rows = [{"input_ids": t, "expert_ids": 0, "labels": int(t[1] % 2)} for t in tokens]
@@ -363,14 +414,34 @@ def test_noise_annealing_counts_optimizer_steps_with_gradient_accumulation(bert)
     trainer = L.Trainer(max_epochs=2, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
     trainer.fit(module, DataLoader(rows, batch_size=8))  # 4 batches per epoch -> 2 optimizer steps per epoch
-    assert [s for s, _, _ in seen] == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert {t for _, t, _ in seen} == {4} and trainer.global_step == 4
+    assert [s for s, _, _ in seen] == [0, 0, 1, 1, 2, 2, 3, 3]  # one pass per batch, the step of its batch
+    assert [t for _, t, _ in seen][2:] == [4] * 6 and trainer.global_step == 4
     assert [a for _, _, a in seen][::2] == pytest.approx([0.8, 0.6, 0.4, 0.2])
-    net.set_optimizer_step(4)
-    assert net.current_noise_alpha() == 0.0
+    assert int(net.optimizer_step) == 4 and net.current_noise_alpha() == 0.0
     fixed = hyper_model(bert, noise="add", noise_alpha=0.8, anneal_steps=8).shared["hypernet"]
     fixed.set_optimizer_step(2, total_steps=100)  # an explicit anneal_steps wins over the loop's total
     assert fixed.current_noise_alpha() == pytest.approx(0.6)
+
+
+def test_noise_annealing_follows_a_bound_optimizer_in_a_plain_loop(bert):
+    model = hyper_model(bert, arch="mlp", noise="add", noise_alpha=0.8)
+    net = model.shared["hypernet"]
+    seen = record_noise_alpha(net)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # trains something else
+    model.train()
+    with follow_optimizer(model, opt, total_steps=4), follow_optimizer(model, other, total_steps=4):
+        for batch in range(8):
+            model(input_ids=ids(seed=batch), expert_ids=[0, 0]).last_hidden_state.pow(2).mean().backward()
+            other.step()  # does not hold the hypernetwork: no step for it
+            if batch % 2 == 1:  # gradient accumulation over 2 micro-batches
+                opt.step()
+                opt.zero_grad()
+    assert [s for s, _, _ in seen] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [a for _, _, a in seen][::2] == pytest.approx([0.8, 0.6, 0.4, 0.2])
+    assert int(net.optimizer_step) == 4 and net.current_noise_alpha() == 0.0
+    opt.step()  # unbound now
+    assert int(net.optimizer_step) == 4
 
 
 def test_annealing_state_is_saved(bert, tmp_path):

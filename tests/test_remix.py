@@ -173,13 +173,13 @@ def test_eval_routes_by_deterministic_top_k_and_padding_is_left_out_of_log_q():
     first, second = router(x, RoutingContext()), router(x, RoutingContext())
     assert torch.equal(first.expert_ids, second.expert_ids)
     assert torch.equal(first.expert_ids, router.gate(x.reshape(-1, 8)).topk(2).indices)
-    assert router.last_log_prob is None and torch.equal(first.weights, torch.ones(8, 2))
+    assert first.log_prob is None and torch.equal(first.weights, torch.ones(8, 2))
 
     router.train()
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
     routing = router(x, RoutingContext(token_mask=mask))
     per_token = ordered_log_prob(router.gate(x.reshape(-1, 8)).float(), routing.expert_ids).view(2, 4)
-    torch.testing.assert_close(router.last_log_prob, (per_token * mask).sum(1))
+    torch.testing.assert_close(routing.log_prob, (per_token * mask).sum(1))
     assert router.last_support_size == pytest.approx(2.0)
 
     router = build_router("remix", 8, n_experts=5, top_k=2, granularity="sequence").train()
@@ -187,7 +187,7 @@ def test_eval_routes_by_deterministic_top_k_and_padding_is_left_out_of_log_q():
     ids = routing.expert_ids.view(2, 4, 2)
     assert (ids == ids[:, :1]).all()  # one draw per sequence, for all its tokens
     pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-    torch.testing.assert_close(router.last_log_prob, ordered_log_prob(router.gate(pooled), ids[:, 0]))
+    torch.testing.assert_close(routing.log_prob, ordered_log_prob(router.gate(pooled), ids[:, 0]))
 
 
 def test_effective_support_size():
@@ -196,6 +196,27 @@ def test_effective_support_size():
     expected = (2.0 + 1.0 + (-(p * p.log()).sum()).exp()) / 3  # the empty row is left out
     torch.testing.assert_close(effective_support_size(weights), expected)
     torch.testing.assert_close(effective_support_size(weights, torch.tensor([1, 0, 1, 0])), torch.tensor(2.0))
+
+
+def test_rloo_step_sums_the_routing_log_prob_of_every_sampling_layer_once(monkeypatch):
+    """log Q [M, B] given to the objective == by hand, from each router call's input and draws, summed over layers."""
+    model = moa.attach(tiny_llama(), moa.MoAConfig(n_experts=4, r=2, top_k=2, router="remix"))
+    model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = []
+    for layer in model.moa_layers().values():  # every call of every router, the re-runs in backward included
+        layer.router.register_forward_hook(lambda router, args, routing: calls.append((router, args[0].detach(), routing.expert_ids)))
+    given = []
+    original = moa.rloo.rloo_objective
+    monkeypatch.setattr(moa.rloo, "rloo_objective", lambda losses, log_probs: given.append(log_probs) or original(losses, log_probs))
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    model.train()
+    RLOOModule(model, n_samples=3).training_step({"input_ids": ids, "labels": ids}, 0).backward()
+    n_layers = len(model.moa_layers())
+    assert len(calls) == 2 * n_layers  # forward, and the re-run of every checkpointed layer during backward
+    with torch.no_grad():
+        by_hand = sum(ordered_log_prob(router.gate(x.reshape(-1, 32)).float(), drawn).view(6, 6).sum(1)
+                      for router, x, drawn in calls[:n_layers])
+    torch.testing.assert_close(given[0].detach(), by_hand.view(3, 2))
 
 
 def test_rloo_step_under_activation_checkpointing_gives_the_same_gradients():
