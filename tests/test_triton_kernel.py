@@ -58,7 +58,12 @@ SCRIPT = textwrap.dedent(
         out = torch.einsum("nk,nkor,nkri,ni->no", w2 * scaling, B[ids2], A[ids2], x2)
         return out.reshape(*lead, B.shape[1])
 
-    TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}  # relative to the output's scale
+    # fp32: elementwise. Half: relative Frobenius-norm error against fp64 on the same rounded inputs (the grouped
+    # impls measure ~4e-4 fp16, ~3.5e-3 bf16); a 4 % scale error fails these bounds by an order of magnitude.
+    HALF_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+    def rel_err(got, want):
+        return float((got.double() - want).norm() / want.norm())
 
     def check_forward(shape, dtype=torch.float32, blocks=(64, 64, 64), skew=None, scaling=0.5):
         x, A, B, ids, w = make(*shape, dtype=dtype, skew=skew)
@@ -66,8 +71,10 @@ SCRIPT = textwrap.dedent(
         out = T.lora_triton(x, A, B, plan, w * scaling, block_m=blocks[0], block_k=blocks[1], block_n=blocks[2])
         assert out.dtype == dtype and out.shape == (shape[0], shape[2]), (out.dtype, out.shape)
         ref = reference(x, A, B, ids, w, scaling)
-        tol = TOL[dtype]
-        torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+        if dtype == torch.float32:
+            torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        else:
+            assert rel_err(out, ref) < HALF_TOL[dtype], (dtype, rel_err(out, ref))
 
     # N, d_in, d_out, E, r, k
     FWD_SHAPES = {
@@ -228,13 +235,25 @@ SCRIPT = textwrap.dedent(
     @case("fwd_atomic_combine")
     def _():
         # the atomic combine (CUDA's default) and the deterministic one agree with the fp64 reference
-        for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 3e-3)):
+        for dtype, tol in ((torch.float32, 1e-6), (torch.float16, HALF_TOL[torch.float16])):
             x, A, B, ids, w = make(37, 24, 20, 6, 4, 3, dtype=dtype, skew=1)
             want = reference(x, A, B, ids, w, 1.0)
             for atomic in (True, False):
                 out, _ = T.lora_triton_forward(x, A, B, ExpertPlan(ids, 6), w, atomic=atomic, block_m=16)
-                err = (out.double() - want).abs().max() / want.abs().max()
-                assert out.dtype == dtype and err < tol, (dtype, atomic, float(err))
+                assert out.dtype == dtype and rel_err(out, want) < tol, (dtype, atomic, rel_err(out, want))
+
+    @case("empty_input")
+    def _():
+        # N = 0 tokens: an empty result of the right shape; backward gives empty / zero gradients
+        x, A, B, ids, w = make(5, 16, 12, 4, 4, 2)
+        for lead in ((0,), (2, 0)):
+            leaves = [x.new_zeros(*lead, 16), A.clone(), B.clone(), w.new_zeros(*lead, 2)]
+            leaves = [t.requires_grad_() for t in leaves]
+            out = grouped_lora(*leaves[:3], ids.new_zeros(*lead, 2), leaves[3], 1.0, impl="triton")
+            assert out.shape == (*lead, 12), out.shape
+            out.sum().backward()
+            assert leaves[0].grad.shape == leaves[0].shape and leaves[3].grad.shape == leaves[3].shape
+            assert torch.count_nonzero(leaves[1].grad) == 0 and torch.count_nonzero(leaves[2].grad) == 0
 
     @case("compile_fused_op_fullgraph")
     def _():
@@ -301,6 +320,7 @@ CASE_NAMES = (
         "fwd_plan_reused_across_calls",
         "fwd_under_no_grad",
         "fwd_atomic_combine",
+        "empty_input",
         "compile_fused_op_fullgraph",
         "compile_forward_backward",
         "grad_ragged",
