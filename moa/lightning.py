@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .metrics import calibration_metrics
-from .model import MoAModel
+from .model import SHARED_PREFIX, MoAModel
 from .training_hooks import OptimizerFollower, follow_optimizer
 
 
@@ -77,6 +77,7 @@ class MoAModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "head", "loss_fn"])
         self._calibration: dict[str, list[tuple[Tensor, Tensor]]] = {}  # stage -> (probs, labels) of the epoch
         self._followers: list[OptimizerFollower] = []
+        self.strict_loading = False  # checkpoints hold the trainable part only (see on_save_checkpoint)
 
     def forward(self, batch: dict) -> Tensor:
         """Model output (no head) or the head's logits."""
@@ -103,6 +104,27 @@ class MoAModule(L.LightningModule):
         submodule's mode, so without this routers, routing noise and dropout would stay off for the whole fit.
         The evaluation loops switch to eval mode and restore this afterwards."""
         self.train()
+        if self.trainer.is_global_zero:
+            self.model.print_trainable_parameters()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Checkpoints hold what training changes (adapters, routers, heads, trainable modules), not the frozen base
+        model, which the module rebuilds from its backbone when it is constructed."""
+        keep = {f"model.model.{key}" for key in self.model.moa_state_dict() if not key.startswith(SHARED_PREFIX)}
+        keep |= {f"model.shared.{key}" for key in self.model.shared.state_dict()}
+        keep |= {name for name, p in self.named_parameters() if p.requires_grad}
+        if self.head is not None:
+            keep |= {f"head.{key}" for key in self.head.state_dict()}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint must carry every adapter and head weight; the frozen base comes from the backbone."""
+        state = checkpoint["state_dict"]
+        expected = {f"model.model.{key}" for key in self.model.moa_state_dict() if not key.startswith(SHARED_PREFIX)}
+        missing = sorted(expected - set(state))
+        if missing:
+            raise ValueError(f"the checkpoint lacks adapter weights of this model, e.g. {missing[:3]}: it was "
+                             "saved from another model configuration")
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss, _ = self._loss(batch)

@@ -131,6 +131,18 @@ class MoAModel(nn.Module):
                 groups["experts"].extend(p for p in module.parameters() if p.requires_grad)
         return {name: params for name, params in groups.items() if params}
 
+    def count_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts of the wrapped model (shared modules included)."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> str:
+        """Print and return PEFT's one-line summary: ``trainable params: ... || all params: ... || trainable%: ...``."""
+        trainable, total = self.count_parameters()
+        line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
+        print(line)
+        return line
+
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:
         """Run the base model alone inside the block."""
