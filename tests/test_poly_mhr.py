@@ -433,6 +433,23 @@ def test_load_peft_poly_refuses_every_mismatch_and_leaves_the_model_unchanged(wh
     assert_state_unchanged(model, before)
 
 
+def test_activation_checkpointing_recomputes_with_the_same_per_example_noise():
+    base = tiny_llama()
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = moa_poly(copy.deepcopy(base), n_heads=2, targets=["q_proj", "v_proj"])
+        randomize_skills(model)
+        if checkpointing:
+            model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        ids = torch.arange(30).view(3, 10) % 50
+        torch.manual_seed(5)
+        model(input_ids=ids, labels=ids, task_ids=[1, 1, 4]).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for group in model.param_groups().values() for p in group]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_training_noise_is_pytorch_relaxed_bernoulli_with_temperature_one():
     logits = TaskSkillLogits(n_tasks=3, n_heads=2, n_skills=4)
     with torch.no_grad():
