@@ -356,7 +356,11 @@ def test_eval_cache_follows_a_bound_optimizer_step_and_load_state_dict(bert):
 
     other = hyper_model(bert, arch="mlp", n_experts=2, router="topk", noise="add", noise_alpha=0.5, anneal_steps=0,
                         torch_seed=9, seed=5).eval()
-    model.load_state_dict(other.state_dict())  # hypernetwork and every pool's A_init
+    model.shared.load_state_dict(other.shared.state_dict())  # the hypernetwork alone (as moa.load does first)
+    shared_loaded = hidden(model, input_ids=x)
+    assert not torch.equal(shared_loaded, stepped)
+    torch.testing.assert_close(shared_loaded, fresh_output(model))
+    model.load_state_dict(other.state_dict())  # and every pool's A_init
     torch.testing.assert_close(hidden(model, input_ids=x), hidden(other, input_ids=x))
     name = "encoder.layer.1.attention.self.value"
     pool_state = {"A_init": torch.randn_like(other.moa_layers()[name].pool.A_init)}

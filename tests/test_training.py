@@ -118,3 +118,28 @@ def test_deepcopy_after_a_training_forward():
     clone = copy.deepcopy(model)
     model.eval(), clone.eval()
     torch.testing.assert_close(clone(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_the_optimizer_a_subclass_configures_is_followed_during_the_fit_only():
+    """MoAModule binds the Trainer's optimizers when training starts (moa.training_hooks), so the optimizer of a
+    subclass's own configure_optimizers drives FlyLoRA's bias update, once per step, and is unbound at the end."""
+
+    class OwnOptimizer(MoAModule):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.model.param_groups()["experts"], lr=1e-2)
+
+    u = 0.5
+    model = moa.attach(tiny_llama(), moa.MoAConfig(n_experts=8, r=8, top_k=2, router="flylora", target_modules=["q_proj"],
+                                                   router_options={"bias_u": u}))
+    router = next(iter(model.moa_layers().values())).router
+    counts = []
+    router.register_forward_hook(lambda m, args, routing: counts.append(torch.bincount(routing.expert_ids.reshape(-1), minlength=8)))
+    module = OwnOptimizer(model)
+    t = trainer(3)
+    t.fit(module, DataLoader(lm_batches(n=48), batch_size=16))
+    assert module._followers == [] and t.global_step == 3 and len(counts) == 3
+    expected = sum(u * torch.sign(c.float().mean() - c.float()) for c in counts)  # one update per step
+    torch.testing.assert_close(router.topk_bias, expected)
+    model(**{k: v[None] for k, v in lm_batches(n=1)[0].items()})
+    t.optimizers[0].step()  # after the fit: not followed any more
+    torch.testing.assert_close(router.topk_bias, expected)
