@@ -125,7 +125,7 @@ class MoALinear(nn.Module):
         y0, h, logits, x_alias = fused_shrink(x2, base.weight, base.bias, A if shrink_in_gemm else None, gate_w)
         if routing is None:
             routing = self._route(self.router.route_logits(logits, self._slot.current, x.shape[:-1], x.dtype))
-        ids, weights = routing.expert_ids, routing.weights.reshape(n, -1)
+        ids, weights = routing.expert_ids, routing.weights.reshape(n, routing.weights.shape[-1])
         if ids is not None and not isinstance(ids, ExpertPlan):  # top-k ids from our own gate are valid by construction
             ids = ExpertPlan(ids.reshape(n, weights.shape[1]), E, validate=gate_w is None)
         x_lora = x2 if no_dropout else pool.dropout(x2)

@@ -50,7 +50,8 @@ class TopKRouter(Router):
 
     def route_logits(self, logits: Tensor, ctx: RoutingContext, lead, dtype: torch.dtype) -> Routing:
         """The routing of tokens whose gate logits ``[N, E]`` are given (``lead``: the tokens' leading shape)."""
-        probs = F.softmax(logits.float(), dim=-1)
+        # at least fp32 (half-precision logits are upcast; fp64 stays fp64, so fp64 gradients check exactly)
+        probs = F.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
         if self.top_k == self.n_experts:
             weights, ids = probs, None  # soft routing over all experts: the dense path
         else:
