@@ -160,8 +160,6 @@ def init_skills_like_mttl(pool: LoRAPool) -> None:
 
 
 class _TaskSkillRouter(Router):
-    mixes_expert_outputs = False  # a task's adapter is (sum w A)(sum w B): merge / to_peft would be wrong
-    uses_top_k = False  # one mixed adapter per token, whatever MoAConfig.top_k says
     """Shared implementation of ``poly`` (one head) and ``mhr`` (``n_heads`` heads).
 
     Options (``MoAConfig.router_options``):
@@ -174,6 +172,9 @@ class _TaskSkillRouter(Router):
         average: route every task to the per-head average of the skills (uniform weights 1/K, mttl's
             ``AverageSelector``): the MHR-mu adaptation mode. ``task_ids`` are then optional.
     """
+
+    mixes_expert_outputs = False  # a task's adapter is (sum w A)(sum w B): merge / to_peft would be wrong
+    uses_top_k = False  # one mixed adapter per token, whatever MoAConfig.top_k says
 
     def __init__(
         self,
