@@ -33,6 +33,8 @@ class MoAConfig:
         expert_kind: registered expert kind of the pools (``"lora"``: free LoRA factors); a router that needs
             its own kind of expert (FlyLoRA) builds that instead.
         expert_options: keyword arguments of the expert kind.
+        modules_to_save: modules of the base model (names matched like ``target_modules``; e.g. a classifier or
+            ``lm_head``) that train in full and are saved with the adapters, as PEFT's ``modules_to_save``.
     """
 
     n_experts: int = 4
@@ -47,6 +49,7 @@ class MoAConfig:
     expert_names: list[str] | None = None
     expert_kind: str = "lora"
     expert_options: dict[str, Any] = field(default_factory=dict)
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self):
         if self.router not in ROUTERS:
@@ -81,6 +84,10 @@ class MoAConfig:
             raise ValueError(f"unknown expert_kind {self.expert_kind!r}; available: {sorted(EXPERT_KINDS)}")
         if not isinstance(self.expert_options, dict):
             raise ValueError(f"expert_options must be a dict, got {type(self.expert_options).__name__}")
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) and m for m in self.modules_to_save):
+                raise ValueError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+            self.modules_to_save = list(self.modules_to_save)
 
     @property
     def scaling(self) -> float:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .metrics import calibration_metrics
-from .model import SHARED_PREFIX, MoAModel
+from .model import SAVED_PREFIX, SHARED_PREFIX, MoAModel
 from .training_hooks import OptimizerFollower, follow_optimizer
 
 
@@ -110,18 +110,25 @@ class MoAModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Checkpoints hold what training changes (adapters, routers, heads, trainable modules), not the frozen base
         model, which the module rebuilds from its backbone when it is constructed."""
-        keep = {f"model.model.{key}" for key in self.model.moa_state_dict() if not key.startswith(SHARED_PREFIX)}
-        keep |= {f"model.shared.{key}" for key in self.model.shared.state_dict()}
-        keep |= {name for name, p in self.named_parameters() if p.requires_grad}
+        keep = self._adapter_keys() | {name for name, p in self.named_parameters() if p.requires_grad}
         if self.head is not None:
             keep |= {f"head.{key}" for key in self.head.state_dict()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
+    def _adapter_keys(self) -> set[str]:
+        """This module's state-dict keys of everything MoA adds (see :meth:`MoAModel.moa_state_dict`)."""
+        keys = set()
+        for key in self.model.moa_state_dict():
+            if key.startswith(SHARED_PREFIX):
+                keys.add(f"model.shared.{key[len(SHARED_PREFIX):]}")
+            else:
+                keys.add(f"model.model.{key.removeprefix(SAVED_PREFIX)}")
+        return keys
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A checkpoint must carry every adapter and head weight; the frozen base comes from the backbone."""
         state = checkpoint["state_dict"]
-        expected = {f"model.model.{key}" for key in self.model.moa_state_dict() if not key.startswith(SHARED_PREFIX)}
-        missing = sorted(expected - set(state))
+        missing = sorted(self._adapter_keys() - set(state))
         if missing:
             raise ValueError(f"the checkpoint lacks adapter weights of this model, e.g. {missing[:3]}: it was "
                              "saved from another model configuration")

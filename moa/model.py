@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import numbers
 import json
 import os
@@ -24,6 +26,7 @@ from .layer import ContextSlot, MoALinear, linear_shape
 
 WEIGHTS_NAME = "moa_model.safetensors"
 SHARED_PREFIX = "moa_shared."  # state-dict keys of the modules shared by all layers
+SAVED_PREFIX = "moa_saved."  # state-dict keys of the base modules trained in full (modules_to_save)
 FORMAT_VERSION = 1
 
 # Defaults for target_modules when the config gives none; PEFT's table where available, so both libraries
@@ -33,6 +36,18 @@ try:
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as _PEFT_TARGETS
 except ImportError:  # pragma: no cover - peft is a dependency, the table is an internal detail
     _PEFT_TARGETS = {}
+
+
+class _SignedForward:
+    """``MoAModel.forward``, seen with the wrapped model's signature plus the routing keywords, so that tools that
+    read it (HF ``Trainer`` with ``remove_unused_columns=True``) keep the model's and the routing's columns."""
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return MoAModel._forward
+        call = functools.partial(MoAModel._forward, obj)
+        call.__signature__ = obj.forward_signature()
+        return call
 
 
 class MoAModel(nn.Module):
@@ -59,9 +74,24 @@ class MoAModel(nn.Module):
         self._base_requires_grad = requires_grad  # the base parameters' flags before attach froze them
 
     # -- calling -------------------------------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
+    def _forward(self, *args, **kwargs):
         self._set_context(kwargs)
         return self.model(*args, **kwargs)
+
+    forward = _SignedForward()
+
+    def forward_signature(self) -> inspect.Signature:
+        """The wrapped model's ``forward`` signature plus the routing keywords (``task_ids``, ...)."""
+        cached = self.__dict__.get("_forward_signature")
+        if cached is None:
+            base = inspect.signature(self.model.forward).parameters.values()
+            params = [p for p in base if p.kind is not inspect.Parameter.VAR_KEYWORD]
+            names = {p.name for p in params}
+            params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in CONTEXT_KEYS
+                       if k not in names]
+            params += [p for p in base if p.kind is inspect.Parameter.VAR_KEYWORD]
+            cached = self.__dict__["_forward_signature"] = inspect.Signature(params)
+        return cached
 
     def generate(self, *args, **kwargs):
         """``generate`` with per-sample routing context (``[B]`` ids or ``[B, E]`` weights).
@@ -164,19 +194,33 @@ class MoAModel(nn.Module):
                     state[f"{name}.{key}"] = value
         for key, value in self.shared.state_dict().items():
             state[f"{SHARED_PREFIX}{key}"] = value
+        for name in self.saved_modules():
+            for key, value in self.model.get_submodule(name).state_dict().items():
+                state[f"{SAVED_PREFIX}{name}.{key}"] = value
         return state
 
+    def saved_modules(self) -> list[str]:
+        """The base modules that train in full and are saved with the adapters (``MoAConfig.modules_to_save``)."""
+        return find_modules_to_save(self.model, self.config.modules_to_save)
+
     # -- persistence ---------------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``moa_config.json`` and ``moa_model.safetensors`` (no pickle). Each file is replaced atomically."""
+    def save_pretrained(self, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+        """Write ``moa_config.json`` and ``moa_model.safetensors`` (no pickle). Each file is replaced atomically.
+
+        The config records where the base model comes from (``base_model_name_or_path``, by default the folder or
+        name it was loaded from with ``from_pretrained``) and its class, so :func:`load` can rebuild it.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        base_config = getattr(self.model, "config", None)
         meta = {
             "format": "moa",
             "format_version": FORMAT_VERSION,
             "config": self.config.to_dict(),
             "layers": sorted(self.moa_layers()),
-            "base_model_type": getattr(getattr(self.model, "config", None), "model_type", None),
+            "base_model_type": getattr(base_config, "model_type", None),
+            "base_model_class": type(self.model).__name__,
+            "base_model_name_or_path": base_model_name_or_path or getattr(base_config, "_name_or_path", None) or None,
         }
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.moa_state_dict().items()}
         atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
@@ -297,6 +341,21 @@ def find_targets(model: nn.Module, targets: list[str] | str | None) -> list[str]
     return found
 
 
+def find_modules_to_save(model: nn.Module, names: list[str] | None, targets: Sequence[str] = ()) -> list[str]:
+    """The modules ``modules_to_save`` selects (outermost matches only); errors name what does not fit."""
+    if not names:
+        return []
+    found = []
+    for name, module in model.named_modules():
+        if name and _matches(name, names) and not any(name.startswith(f + ".") for f in found):
+            if name in targets or isinstance(module, MoALinear) or any(t.startswith(name + ".") for t in targets):
+                raise ValueError(f"module {name!r} is both adapted (target_modules) and in modules_to_save")
+            found.append(name)
+    if not found:
+        raise ValueError(f"no module matches modules_to_save={names!r}")
+    return found
+
+
 def attach(model: nn.Module, config: MoAConfig, *, layers: list[str] | None = None) -> MoAModel:
     """Freeze ``model`` and replace each target linear layer by a :class:`MoALinear`; returns the wrapper.
 
@@ -318,8 +377,11 @@ def attach(model: nn.Module, config: MoAConfig, *, layers: list[str] | None = No
             param.requires_grad_(False)
         slot, shared = ContextSlot(), nn.ModuleDict()
         built = {name: _build_layer(base, config, name, names, slot, shared) for name, base in bases.items()}
+        to_save = find_modules_to_save(model, config.modules_to_save, names)
         for name, layer in built.items():
             _set_submodule(model, name, layer)
+        for name in to_save:
+            model.get_submodule(name).requires_grad_(True)
         shared.train(model.training)
         return MoAModel(model, config, slot, requires_grad, shared)
     except BaseException:
@@ -346,8 +408,12 @@ def _build_layer(
     return MoALinear(base, pool, router, slot).train(base.training)  # new modules follow the model's mode
 
 
-def load(directory: str | os.PathLike, base_model: nn.Module) -> MoAModel:
-    """Re-attach the MoA layers saved in ``directory`` to a fresh copy of their base model."""
+def load(directory: str | os.PathLike, base_model: nn.Module | None = None) -> MoAModel:
+    """Re-attach the MoA layers saved in ``directory`` to a fresh copy of their base model.
+
+    Without ``base_model``, the base is loaded with ``from_pretrained`` from the path recorded at save time (see
+    :meth:`MoAModel.save_pretrained`), with the class it had.
+    """
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for path in (config_path, weights_path):
@@ -357,6 +423,8 @@ def load(directory: str | os.PathLike, base_model: nn.Module) -> MoAModel:
     if meta.get("format") != "moa" or meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{config_path} is not a MoA config this version can read (format {meta.get('format_version')})")
     config = MoAConfig.from_dict(meta["config"])
+    if base_model is None:
+        base_model = load_recorded_base(meta, config_path)
     missing = [name for name in meta["layers"] if not _has_submodule(base_model, name)]
     if missing:
         raise ValueError(f"the base model has no modules {missing[:5]}: it is not the model these MoA layers were saved from")
@@ -370,6 +438,24 @@ def load(directory: str | os.PathLike, base_model: nn.Module) -> MoAModel:
     return moa_model
 
 
+def load_recorded_base(meta: dict[str, Any], config_path: Path) -> nn.Module:
+    """The base model named in a saved config (``base_model_name_or_path``, ``base_model_class``)."""
+    import transformers
+
+    path = meta.get("base_model_name_or_path")
+    if not path:
+        raise ValueError(f"{config_path} records no base model path (it was built from a config, not loaded with "
+                         "from_pretrained): pass the base model, moa.load(folder, base_model)")
+    cls = getattr(transformers, meta.get("base_model_class") or "", None)
+    if not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
+        cls = transformers.AutoModel
+    try:
+        return cls.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot load the base model {path!r} recorded in {config_path}: {error}; pass the base "
+                         "model, moa.load(folder, base_model)") from error
+
+
 def load_moa_state(moa_model: MoAModel, state: dict[str, Tensor], source: str = "state dict") -> None:
     expected = moa_model.moa_state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -381,6 +467,10 @@ def load_moa_state(moa_model: MoAModel, state: dict[str, Tensor], source: str = 
     with torch.no_grad():
         shared = {k[len(SHARED_PREFIX):]: v for k, v in state.items() if k.startswith(SHARED_PREFIX)}
         moa_model.shared.load_state_dict(shared, strict=True)
+        for name in moa_model.saved_modules():
+            prefix = f"{SAVED_PREFIX}{name}."
+            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            moa_model.model.get_submodule(name).load_state_dict(own, strict=True)
         for name, layer in moa_model.moa_layers().items():
             prefix = f"{name}."
             own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
