@@ -28,11 +28,11 @@ def tok():
 
 
 def rows(n=60):
-    """Varied lengths; task a has labels pos/neg, task b has 0/1/2 (numeric names), two domains."""
+    """Varied lengths; task a has labels pos/neg, task b has 2/10/7 (numeric names), two domains."""
     out = []
     for i in range(n):
         task = "a" if i % 3 else "b"
-        label = ("pos", "neg")[i % 2] if task == "a" else str((i // 3) % 3)
+        label = ("pos", "neg")[i % 2] if task == "a" else ("2", "10", "7")[(i // 3) % 3]
         words = " ".join(["movie", "night", "great", "plot"][(i + j) % 4] for j in range(1 + (i * 7) % 23))
         out.append({"text": f"{words} {i}", "label": label, "task": task, "dom": "x" if i % 2 else "y",
                     "answer": f"the answer is {label}"})
@@ -62,7 +62,7 @@ def test_formats_give_the_same_rows_vocab_and_batches(tmp_path, ext, tok):
     # vocabulary from the raw training rows (the 80 % kept), sorted; numeric labels in numeric order
     kept = data.rows("train")
     assert data.task_names == ["a", "b"] and data.domain_names == ["x", "y"]
-    assert data.label_names == {"a": ["neg", "pos"], "b": ["0", "1", "2"]}
+    assert data.label_names == {"a": ["neg", "pos"], "b": ["2", "7", "10"]}
     assert data.vocab() == json.loads(json.dumps(data.vocab()))
     assert data.vocab_size == len(tok) and data.pad_token_id == tok.pad_token_id == 0
     # batches: every training row once, ids recomputed from the raw records
@@ -161,6 +161,8 @@ def test_bucketing_groups_lengths_and_covers_each_row_once_per_epoch(tmp_path, t
     # within a pool of 50 batches (here: all 25), batches are runs of the length order
     spans = [max(lengths[r] for r in b) - min(lengths[r] for r in b) for b in epochs[0]]
     assert sum(spans) <= max(lengths) - min(lengths) + len(spans)
+    widths = [max(lengths[r] for r in b) for b in epochs[0]]
+    assert widths != sorted(widths, reverse=True)  # the batches themselves are shuffled
     # evaluation: sorted by length, longest first
     data = TextData(path, val=path, batch_size=8)
     flat = [r for batch in data.val_dataloader() for r in batch["row"].tolist()]
@@ -243,9 +245,10 @@ def test_every_bad_input_is_one_clear_error(tmp_path):
     cases = []
 
     def expect(pattern, **kwargs):
-        with pytest.raises(ValueError, match=pattern):
+        with pytest.raises(ValueError, match=pattern) as info:
             data = TextData(**{"train": good, "task_column": "task", **kwargs})
             data.setup("fit")
+        assert "\n" not in str(info.value)  # one line
         cases.append(pattern)
 
     expect(r"train: file not found: .*nope\.jsonl", train=str(tmp_path / "nope.jsonl"))
@@ -260,9 +263,9 @@ def test_every_bad_input_is_one_clear_error(tmp_path):
     expect(r"val\.jsonl row 1: task 'c' \(column 'task'\) does not appear in the training data, whose tasks are "
            r"\['a', 'b'\]", val=val)
     test = write(tmp_path / "test.csv", [{"text": "x", "label": "pos", "task": "a"},
-                                         {"text": "y", "label": "7", "task": "b"}])
-    expect(r"test\.csv row 1: label '7' \(column 'label'\) of task 'b' is not in the training set's labels "
-           r"\['0', '1', '2'\]", test=test)
+                                         {"text": "y", "label": "3", "task": "b"}])
+    expect(r"test\.csv row 1: label '3' \(column 'label'\) of task 'b' is not in the training set's labels "
+           r"\['2', '7', '10'\]", test=test)
     (tmp_path / "data.txt").write_text("hello")
     expect(r"data\.txt: unsupported file type '\.txt'; use one of \.jsonl", train=str(tmp_path / "data.txt"))
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
@@ -276,7 +279,6 @@ def test_every_bad_input_is_one_clear_error(tmp_path):
         TextData(good, target="labels")
     with pytest.raises(ValueError, match=r"prompt_template '\{txt\}'"):
         TextData(good, prompt_template="{txt}")
-    # each message is one line
     assert len(cases) == 13
 
 
