@@ -330,14 +330,14 @@ class TextData(L.LightningDataModule):
                                      f"rows is no row; give a {split} file or a larger fraction")
                 out[split] = frame.iloc[sorted(chosen[split])].reset_index(drop=True)
         if out["train"].empty:
-            raise ValueError(f"train: empty split: no training rows left after holding out val/test")
+            raise ValueError("train: empty split: no training rows left after holding out val/test")
         return out
 
-    def _check_known(self, split: str, frame: pd.DataFrame) -> None:
+    def _check_known(self, frame: pd.DataFrame) -> None:
         """Evaluation rows may only use tasks, domains and labels that the training rows have."""
         names = self._names
         tasks, domains = set(names["tasks"]), set(names["domains"])
-        for i, row in enumerate(frame.itertuples(index=False)):
+        for row in frame.itertuples(index=False):
             where = f"{row.file} row {row.file_row}"
             if row.task not in tasks:
                 raise ValueError(f"{where}: task {row.task!r} (column {self.task_column!r}) does not appear in the "
@@ -365,7 +365,7 @@ class TextData(L.LightningDataModule):
         self._label_sets = {t: set(names) for t, names in labels.items()}
         for split in ("val", "test", "predict"):
             if split in frames:
-                self._check_known(split, frames[split])
+                self._check_known(frames[split])
         self._frames = frames
 
     @property

@@ -6,7 +6,6 @@ ids recomputed from the raw rows, row coverage counted per epoch.
 
 import json
 import os
-import re
 from collections import Counter
 
 import pandas as pd
