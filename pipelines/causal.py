@@ -16,6 +16,7 @@ Batches follow the text data contract: ``input_ids``/``attention_mask`` (prompt 
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import re
 import sys
@@ -146,6 +147,8 @@ class MoACausalLM(MoAModule):
         self.backbone = backbone
         self.vocab_size = base.config.vocab_size
         self.max_new_tokens, self.generate_every_n_epochs = max_new_tokens, generate_every_n_epochs
+        self._budget = max_new_tokens or DEFAULT_MAX_NEW_TOKENS  # resolved against the data module in setup
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
         self.tokenizer = None  # the data module's, from setup (else the backbone folder's or MiniLM's)
         self.task_names: list[str] = []
         self.eos_token_id = getattr(base.generation_config, "eos_token_id", None)
@@ -161,8 +164,7 @@ class MoACausalLM(MoAModule):
                              f"{self.vocab_size} tokens")
         self.tokenizer = getattr(datamodule, "tokenizer", None) or self.tokenizer
         self.task_names = list(getattr(datamodule, "task_names", None) or self.task_names)
-        if self.max_new_tokens is None:
-            self.max_new_tokens = getattr(datamodule, "target_max_length", None) or DEFAULT_MAX_NEW_TOKENS
+        self._budget = self.max_new_tokens or getattr(datamodule, "target_max_length", None) or DEFAULT_MAX_NEW_TOKENS
         if getattr(datamodule, "pad_token_id", None) is not None:
             self.pad_token_id = datamodule.pad_token_id
         eos = getattr(datamodule, "eos_token_id", None)
@@ -184,14 +186,21 @@ class MoACausalLM(MoAModule):
         return self.task_names[task] if 0 <= task < len(self.task_names) else f"task_{task}"
 
     # -- loss --------------------------------------------------------------------------------------------------
-    def forward(self, batch: dict):
-        return self.model(**{key: batch[key] for key in MODEL_KEYS if batch.get(key) is not None})
+    def forward(self, batch: dict, **kwargs: Any):
+        return self.model(**{key: batch[key] for key in MODEL_KEYS if batch.get(key) is not None}, **kwargs)
 
     def token_losses(self, batch: dict) -> tuple[Tensor, Tensor]:
         """Per example: the summed cross-entropy of its target tokens and their number (``labels`` != -100,
         each predicted from the tokens before it)."""
-        logits = self(batch).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
+        labels = batch["labels"]
+        targets = labels != -100
+        # logits only from the position before the batch's first target token on: prompts are most of a row,
+        # and [B, T, vocab] logits most of the memory and time
+        first = int(targets.int().argmax(1)[targets.any(1)].min()) if bool(targets.any()) else 1
+        keep = labels.shape[1] - max(first, 1) + 1
+        extra = {"logits_to_keep": keep} if self._logits_to_keep else {}
+        logits = self(batch, **extra).logits[:, -keep:-1].float()
+        labels = labels[:, labels.shape[1] - keep + 1:]
         losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
         return losses.sum(1), (labels != -100).sum(1)
 
@@ -290,7 +299,7 @@ class MoACausalLM(MoAModule):
         """Greedy generation from the left-padded prompts, routed like the batch; cut at eos, decoded, stripped."""
         prompts = batch["prompt_input_ids"]
         context = {key: batch[key] for key in CONTEXT_KEYS if batch.get(key) is not None}
-        options = dict(do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+        options = dict(do_sample=False, num_beams=1, max_new_tokens=self._budget,
                        eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)
         options.update(generate_kwargs)
         out = self.model.generate(input_ids=prompts, attention_mask=batch["prompt_attention_mask"], **context,
