@@ -146,6 +146,8 @@ def with_routing(batch: dict, moa_model) -> dict:
 def train(method: str, seed: int, data: dict, steps: int, batch_size: int, lr: float):
     moa_model, head, module = build(method, seed, lr)
     optimizer = module.configure_optimizers()
+    if moa_model is not None:  # FlyLoRA's bias update follows this loop's optimizer steps
+        moa.follow_optimizer(moa_model, optimizer)
     (moa_model or module.model).train()
     times = []
     for batch in batches(data, batch_size, steps, seed):

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 # answer without loading torch and transformers).
 _EXPORTS = {
     "MoAConfig": "config", "MoALinear": "layer", "MoAModel": "model", "attach": "model", "load": "model",
-    "from_peft": "peft_bridge", "to_peft": "peft_bridge",
+    "from_peft": "peft_bridge", "to_peft": "peft_bridge", "follow_optimizer": "training_hooks",
 }
 
 
@@ -35,4 +35,4 @@ def merge(moa_model: "MoAModel", route) -> "object":
     return moa_model.merge(route)
 
 
-__all__ = ["MoAConfig", "MoALinear", "MoAModel", "attach", "from_peft", "load", "merge", "to_peft"]
+__all__ = ["MoAConfig", "MoALinear", "MoAModel", "attach", "follow_optimizer", "from_peft", "load", "merge", "to_peft"]

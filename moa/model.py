@@ -383,6 +383,9 @@ def attach(model: nn.Module, config: MoAConfig, *, layers: list[str] | None = No
         for name in to_save:
             model.get_submodule(name).requires_grad_(True)
         shared.train(model.training)
+        for module in shared.values():  # shared modules with per-call state (HypeLoRA's factors) follow the calls
+            if hasattr(module, "bind_context"):
+                module.bind_context(slot)
         return MoAModel(model, config, slot, requires_grad, shared)
     except BaseException:
         for name, base in bases.items():

@@ -104,7 +104,9 @@ def main(args: Sequence[str] | None = None) -> int:
         return 2
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        return _commands()[command](argv) if command in LIGHTNING_COMMANDS else _commands()[command](argv[1:]) or 0
+        if command in LIGHTNING_COMMANDS:  # None: Lightning reads sys.argv itself (and warns if given both)
+            return _commands()[command](None if args is None else argv)
+        return _commands()[command](argv[1:]) or 0
     except SystemExit as done:  # argparse / jsonargparse already printed their message
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
     except Exception as error:  # noqa: BLE001 - user errors become one line, anything else keeps its traceback
