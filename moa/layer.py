@@ -122,18 +122,21 @@ class MoALinear(nn.Module):
         no_dropout = isinstance(pool.dropout, nn.Identity) or not pool.dropout.training
         same = A.dtype == B.dtype == x.dtype and A.device == B.device == x.device
         shrink_in_gemm = impl == "dense" and no_dropout and same
-        y0, h, logits, x_alias = fused_shrink(x2, base.weight, base.bias, A if shrink_in_gemm else None, gate_w)
+        dense = impl == "dense" and same
+        # dense: the bias rides on the expand's copy of y0; otherwise on the base GEMM
+        shrink_bias = None if dense else base.bias
+        y0, h, logits, x_alias = fused_shrink(x2, base.weight, shrink_bias, A if shrink_in_gemm else None, gate_w)
         if routing is None:
             routing = self._route(self.router.route_logits(logits, self._slot.current, x.shape[:-1], x.dtype))
         ids, weights = routing.expert_ids, routing.weights.reshape(n, routing.weights.shape[-1])
         if ids is not None and not isinstance(ids, ExpertPlan):  # top-k ids from our own gate are valid by construction
             ids = ExpertPlan(ids.reshape(n, weights.shape[1]), E, validate=gate_w is None)
         x_lora = x2 if no_dropout else pool.dropout(x2)
-        if impl == "dense" and same:
+        if dense:
             gate = weights if ids is None else ids.dense_gate(weights)
             if not shrink_in_gemm:
                 h = x_lora @ A.reshape(E * r, -1).t()
-            y = dense_expand(y0, h, gate, B, pool.scaling)
+            y = dense_expand(y0, h, gate, B, pool.scaling, base.bias)
         elif impl == "grouped" and same:
             y = grouped_expand(y0, x_alias if no_dropout else x_lora, A, B, ids, weights * pool.scaling)
         else:  # the triton kernel (CUDA), or factors of another dtype: the routed update, then one add

@@ -5,7 +5,7 @@ Forward, with ``P = N * k`` pairs sorted by expert (``plan.order``) and ``tok`` 
     xs = x[tok]                       # [P, d_in]   gather
     h  = grouped_mm(xs, A^T, offs)    # [P, r]      shrink, one GEMM per expert group
     o  = grouped_mm(h * w, B^T, offs) # [P, d_out]  expand
-    y  = combine(o, tok)              # [N, d_out]  index_add_ (or torch-scatter)
+    y  = combine(o)                   # [N, d_out]  embedding_bag over each token's k rows (or torch-scatter)
 
 The backward is written out (a ``torch.autograd.Function``) so every gradient is itself a grouped GEMM:
 ``dA`` and ``dB`` are 2D x 2D grouped GEMMs with a ragged contraction, ``dx`` reuses the gather/combine.
@@ -80,12 +80,18 @@ def gmm_reduce(a: Tensor, b: Tensor, plan: ExpertPlan) -> Tensor:
     return out
 
 
-def combine_index_add(values: Tensor, token: Tensor, n_tokens: int) -> Tensor:
-    """Sum the per-row values into their tokens (deterministic on CPU)."""
-    return values.new_zeros(n_tokens, values.shape[1]).index_add_(0, token, values)
+def combine_bags(values: Tensor, plan: ExpertPlan) -> Tensor:
+    """Sum each token's k rows: one ``embedding_bag`` over the plan's ``pair_row`` bags (reads only real rows,
+    writes each output row once, fixed order: deterministic; about twice as fast as ``index_add_`` on the CPU)."""
+    return F.embedding_bag(plan.pair_row, values, mode="sum")
 
 
-Combine = Callable[[Tensor, Tensor, int], Tensor]
+def combine_index_add(values: Tensor, plan: ExpertPlan) -> Tensor:
+    """Sum the rows into their tokens with ``index_add_`` (padding rows must hold zeros)."""
+    return values.new_zeros(plan.n_tokens, values.shape[1]).index_add_(0, plan.row_token, values)
+
+
+Combine = Callable[[Tensor, ExpertPlan], Tensor]
 
 
 def row_weights(weights: Tensor, plan: ExpertPlan) -> Tensor:
@@ -103,9 +109,9 @@ class _GroupedLoRA(torch.autograd.Function):
         xs = x.index_select(0, tok)
         h = gmm(xs, A.transpose(1, 2), plan)
         hw = h * w_rows.unsqueeze(1)
-        out = combine(gmm(hw, B.transpose(1, 2), plan), tok, x.shape[0])
+        out = combine(gmm(hw, B.transpose(1, 2), plan), plan)
         ctx.save_for_backward(xs, A, B, h, w_rows)
-        ctx.plan, ctx.combine, ctx.n_tokens = plan, combine, x.shape[0]
+        ctx.plan, ctx.combine = plan, combine
         return out
 
     @staticmethod
@@ -113,7 +119,7 @@ class _GroupedLoRA(torch.autograd.Function):
     def backward(ctx, grad_out):
         xs, A, B, h, w_rows = ctx.saved_tensors
         needs = ctx.needs_input_grad[:4]
-        grads = grouped_backward(grad_out, xs, A, B, h, w_rows, ctx.plan, ctx.combine, ctx.n_tokens, needs)
+        grads = grouped_backward(grad_out, xs, A, B, h, w_rows, ctx.plan, ctx.combine, needs)
         return (*grads, None, None)
 
 
@@ -126,7 +132,6 @@ def grouped_backward(
     w_rows: Tensor,
     plan: ExpertPlan,
     combine: Combine,
-    n_tokens: int,
     needs: tuple[bool, bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients for (x, A, B, weights) of the routed LoRA, as grouped GEMMs over the plan's row layout.
@@ -152,12 +157,12 @@ def grouped_backward(
         if need_a:
             grad_a = gmm_reduce(dh.t(), x_rows, plan)  # [E, r, d_in]
         if need_x:
-            grad_x = combine(gmm(dh, A, plan), tok, n_tokens)
+            grad_x = combine(gmm(dh, A, plan), plan)
     return grad_x, grad_a, grad_b, grad_w
 
 
 def lora_grouped(
-    x: Tensor, A: Tensor, B: Tensor, plan: ExpertPlan, weights: Tensor, combine: Combine = combine_index_add
+    x: Tensor, A: Tensor, B: Tensor, plan: ExpertPlan, weights: Tensor, combine: Combine = combine_bags
 ) -> Tensor:
     """x: [N, d_in], A: [E, r, d_in], B: [E, d_out, r], weights: [N, k] (scaling folded in)."""
     return _GroupedLoRA.apply(x, A, B, weights, plan, combine)

@@ -113,6 +113,12 @@ class ExpertPlan:
         return valid.index_fill_(0, self.padded_destination, 1.0)
 
     @cached_property
+    def pair_row(self) -> Tensor:
+        """``[N, k]``: the layout row of each (token, slot) pair, the bags of an ``embedding_bag`` combine."""
+        rows = self.padded_destination if self.padded else torch.arange(self.n_pairs, device=self.order.device)
+        return torch.empty_like(self.order).index_copy_(0, self.order, rows).view(self.n_tokens, self.top_k)
+
+    @cached_property
     def row_token(self) -> Tensor:
         """Token of each row of the layout."""
         return torch.div(self.row_pair, self.top_k, rounding_mode="floor")

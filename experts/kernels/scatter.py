@@ -18,8 +18,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 AVAILABLE = torch_scatter is not None
 
 
-def combine_torch_scatter(values: Tensor, token: Tensor, n_tokens: int) -> Tensor:
-    return torch_scatter.scatter(values, token, dim=0, dim_size=n_tokens, reduce="sum")
+def combine_torch_scatter(values: Tensor, plan: ExpertPlan) -> Tensor:
+    return torch_scatter.scatter(values, plan.row_token, dim=0, dim_size=plan.n_tokens, reduce="sum")
 
 
 def lora_scatter(x: Tensor, A: Tensor, B: Tensor, plan: ExpertPlan, weights: Tensor) -> Tensor:

@@ -323,7 +323,7 @@ class _TritonLoRA(torch.autograd.Function):
                 h = h.new_zeros(plan.n_experts * plan.capacity, h.shape[1]).index_copy_(0, plan.padded_destination, h)
             _, grad_a, grad_b, grad_w = grouped_backward(
                 grad_out, x.index_select(0, plan.row_token), A.to(dtype), B.to(dtype), h,
-                row_weights(weights.to(dtype), plan), plan, combine_index_add, x.shape[0],
+                row_weights(weights.to(dtype), plan), plan, combine_index_add,
                 (False, need_a, need_b, need_w),
             )
         grad_a = grad_a.to(A.dtype) if grad_a is not None else None
