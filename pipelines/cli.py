@@ -26,7 +26,9 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from .tracking import MLflowSaveConfig, RoutingStats
+from lightning.pytorch.loggers import MLFlowLogger
+
+from .tracking import MLflowLogger, MLflowSaveConfig, ResumeState, RoutingStats, checkpoint_run_id, find_moa_model, run_name
 
 LOGGER_DEFAULT = {"class_path": "moa.pipelines.tracking.MLflowLogger", "init_args": {"experiment_name": "moa"}}
 
@@ -57,10 +59,44 @@ class ParquetPredictionWriter(BasePredictionWriter):
 
 
 class MoACLI(LightningCLI):
-    """LightningCLI with MLflow by default, the routing statistics callback and the MLflow-aware config saver."""
+    """LightningCLI with MLflow by default, the routing statistics callback, the MLflow-aware config saver and
+    exact resume (:class:`ResumeState`, always on).
+
+    MLflow runs: ``fit`` names its run after the adapters (:func:`run_name`, e.g. ``topk-E4-k2``) unless the
+    logger has a ``run_name``; resumed from a checkpoint (``--ckpt_path``) of a run in the same store, it continues
+    that run. ``validate`` / ``test`` log to a run of their own, nested under the checkpoint's run when the store
+    has it; ``predict`` makes no MLflow run.
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RoutingStats, "routing_stats")
+
+    def _instantiate_trainer(self, config, callbacks):
+        return super()._instantiate_trainer(config, [*callbacks, ResumeState()])
+
+    def _mlflow_run(self, stage: str) -> None:
+        logger = next((lg for lg in self.trainer.loggers if isinstance(lg, MLflowLogger)), None)
+        if logger is None:
+            return
+        source = checkpoint_run_id(self.config[self.subcommand].get("ckpt_path"))
+        model = find_moa_model(self.model)
+        name = run_name(model) if model is not None else None
+        if stage != "fit":
+            logger.stage_run(stage, source, name)
+        elif source is None or not logger.continue_run(source):
+            logger.name_by_default(name)
+
+    def before_fit(self) -> None:
+        self._mlflow_run("fit")
+
+    def before_validate(self) -> None:
+        self._mlflow_run("validate")
+
+    def before_test(self) -> None:
+        self._mlflow_run("test")
+
+    def before_predict(self) -> None:  # no metrics: no run
+        self.trainer.loggers = [lg for lg in self.trainer.loggers if not isinstance(lg, MLFlowLogger)]
 
 
 EPILOG = "more commands: 'moa --help' lists them all (register, serve, batch); MOA_DEBUG=1 shows tracebacks"
@@ -76,15 +112,15 @@ def run_cli(args: Sequence[str] | None = None, run: bool = True) -> MoACLI:
         subclass_mode_data=True,
         save_config_callback=MLflowSaveConfig,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"logger": LOGGER_DEFAULT},
+        trainer_defaults={"logger": LOGGER_DEFAULT, "enable_autolog_hparams": False},  # MLflowSaveConfig logs them
         parser_kwargs={"epilog": EPILOG},
         args=None if args is None else list(args),
         run=run,
     )
 
 
-def lightning_main(args: Sequence[str]) -> int:
-    """``moa fit|validate|test|predict ...``: the Lightning CLI."""
+def lightning_main(args: Sequence[str] | None) -> int:
+    """``moa fit|validate|test|predict ...``: the Lightning CLI (``None``: the arguments of ``sys.argv``)."""
     run_cli(args)
     return 0
 

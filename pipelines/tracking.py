@@ -7,8 +7,13 @@
 * :class:`MLflowSaveConfig` fixes ``SaveConfigCallback`` for loggers without a local log directory (MLflow on a
   database or server store, Lightning issue #19441): the resolved config goes to the run as ``config.yaml``; with
   a logger that has a log directory, it is also written there as usual.
+  It also logs the config as params prefixed by section (``model.<name>``, ``data.<name>``, ``trainer.<name>``;
+  Lightning's own unprefixed hparams logging is off in the CLI), the ``moa.*`` tags and the parameter counts.
 * :class:`RoutingStats` logs each epoch's expert usage (per expert, averaged over layers), the routing entropy
-  and the share of the busiest expert as metrics, and a layers x experts heat map of the usage as an image.
+  and the share of the busiest expert as metrics, and a layers x experts heat map of the usage as an image; at the
+  end of a fit of a Poly / MHR model, the task-skill matrix as an image.
+* :class:`ResumeState` puts the RNG states, the position in the epoch and the MLflow run id in every checkpoint,
+  so that a fit resumed from one (even mid-epoch) continues exactly, in the same MLflow run.
 """
 
 from __future__ import annotations
@@ -16,17 +21,25 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import warnings
+from argparse import Namespace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+import moa
 from moa import MoAModel
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+MAX_PARAM_LENGTH = 500  # MLflow's limit on param values since 1.28 (3.x stores take 6000; a team server may be older)
+RESUME_KEY = "moa_resume"  # the checkpoint entry of ResumeState
 
 
 def resolve_tracking_uri(explicit: str | None = None) -> str:
@@ -55,16 +68,147 @@ class MLflowLogger(MLFlowLogger):
             synchronous=synchronous,
         )
 
+    def name_by_default(self, name: str | None) -> None:
+        """Name the run ``name`` unless it was given a name (or a run) already; only before the run exists."""
+        if self._run_name is None and self._run_id is None and not self._initialized:
+            self._run_name = name
+
+    def continue_run(self, run_id: str) -> bool:
+        """Log to the existing run ``run_id`` (e.g. the run of the checkpoint a fit resumes from) if this logger's
+        store has it and no run was chosen or started yet; whether it will."""
+        if self._run_id is not None or self._initialized or self.stored_run(run_id) is None:
+            return False
+        self._run_id = run_id
+        return True
+
+    def stage_run(self, stage: str, parent_id: str | None, default_name: str | None) -> None:
+        """Set up a run of its own for ``validate`` / ``test``: ``<name>-<stage>``, nested under the run
+        ``parent_id`` (the checkpoint's) when the store has it; ``<name>``: the logger's, the parent's or
+        ``default_name``."""
+        if self._run_id is not None or self._initialized:
+            return
+        parent = self.stored_run(parent_id) if parent_id is not None else None
+        if parent is not None:
+            self.tags = {**(self.tags or {}), "mlflow.parentRunId": parent_id}
+        name = self._run_name or (parent.info.run_name if parent is not None else default_name) or "moa"
+        self._run_name = f"{name}-{stage}"
+
+    def stored_run(self, run_id: str):
+        """The run ``run_id`` of this logger's store, or None (without starting this logger's run)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self._mlflow_client.get_run(run_id)
+        except MlflowException:
+            return None
+
+    @rank_zero_only
+    def log_hyperparams(self, params: dict[str, Any] | Namespace) -> None:
+        """Log params (nested dicts flattened with ``/``), values cut to MLflow's limit. MLflow params are
+        immutable, so in a continued run (a resumed fit) only new params are logged; changed values are warned."""
+        from mlflow.entities import Param
+
+        params = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in _flatten_dict(_convert_params(params)).items()}
+        existing = self.experiment.get_run(self.run_id).data.params
+        changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
+        if changed:
+            rank_zero_warn(f"MLflow run {self.run_id} keeps its params {changed}; this fit's values differ: "
+                           + ", ".join(f"{k}={params[k]!r}" for k in changed))
+        new = [Param(k, v) for k, v in params.items() if k not in existing]
+        for i in range(0, len(new), 100):  # MLflow takes 100 params per batch
+            self.experiment.log_batch(run_id=self.run_id, params=new[i : i + 100], **self._log_batch_kwargs)
+
 
 def mlflow_logger(trainer: Trainer) -> MLFlowLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
 
 
+def run_name(model: MoAModel) -> str:
+    """A short name of the adapters, e.g. ``topk-E4-k2``, ``static-E4-key=task_ids``, ``poly-E4-hyper``."""
+    from moa.routers import ROUTERS
+
+    config = model.config
+    parts = [config.router, f"E{config.n_experts}"]
+    router = ROUTERS.get(config.router)
+    if router is None or router.uses_top_k:
+        parts.append(f"k{config.top_k}")
+    if config.expert_kind != "lora":
+        parts.append(config.expert_kind)
+    if "key" in config.router_options:
+        parts.append(f"key={config.router_options['key']}")
+    return "-".join(parts)
+
+
+def config_params(config: Namespace | dict) -> dict[str, Any]:
+    """A LightningCLI config as flat params prefixed by section: ``model.<arg>``, ``data.<arg>``, ``trainer.<arg>``
+    (``init_args`` collapsed, nested dicts joined with ``.``, class-path objects and lists of them by class name)
+    and ``seed_everything``."""
+    config = _as_dict(config)
+    out: dict[str, Any] = {}
+
+    def visit(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and "class_path" in value:
+            out[prefix] = value["class_path"]
+            for key, inner in (value.get("init_args") or {}).items():
+                visit(f"{prefix}.{key}", inner)
+        elif isinstance(value, dict) and value:
+            for key, inner in value.items():
+                visit(f"{prefix}.{key}", inner)
+        elif isinstance(value, list) and any(isinstance(v, dict) and "class_path" in v for v in value):
+            out[prefix] = ", ".join(v["class_path"].rsplit(".", 1)[-1] if isinstance(v, dict) else str(v) for v in value)
+        else:
+            out[prefix] = value
+
+    for section in ("model", "data", "trainer"):
+        if config.get(section) is not None:
+            value = config[section]
+            visit(section, value.get("init_args", {}) if isinstance(value, dict) and "class_path" in value else value)
+    out.pop("trainer.logger", None)  # the run itself
+    out = {k: v for k, v in out.items() if not k.startswith("trainer.logger.")}
+    if "seed_everything" in config:
+        out["seed_everything"] = config["seed_everything"]
+    return out
+
+
+def _as_dict(value: Any) -> Any:
+    if isinstance(value, Namespace):
+        value = vars(value)
+    if isinstance(value, dict):
+        return {k: _as_dict(v) for k, v in value.items() if not k.startswith("__")}
+    if isinstance(value, (list, tuple)):
+        return [_as_dict(v) for v in value]
+    return value
+
+
+def run_tags(pl_module: LightningModule, config: dict[str, Any]) -> dict[str, str]:
+    """``moa.*`` tags: version, model and data class paths, and router / expert kind / backbone of a MoA model."""
+    config = _as_dict(config)
+    tags = {"moa.version": moa.__version__}
+    for section in ("model", "data"):
+        value = config.get(section)
+        if isinstance(value, dict) and "class_path" in value:
+            tags[f"moa.{section}_class"] = value["class_path"]
+    model = find_moa_model(pl_module)
+    if model is not None:
+        tags["moa.router"], tags["moa.expert_kind"] = model.config.router, model.config.expert_kind
+        base = getattr(model.model, "config", None)  # the transformers config of the wrapped model
+        backbone = pl_module.hparams.get("backbone") or getattr(base, "name_or_path", "") or getattr(base, "model_type", "")
+        tags["moa.backbone"] = str(backbone)
+    return tags
+
+
 class MLflowSaveConfig(SaveConfigCallback):
     """Save the resolved LightningCLI config: to the MLflow run as ``config.yaml``, and to the log directory when
-    the logger has one (the stock callback asserts a log directory, which MLflow on a database store lacks)."""
+    the logger has one (the stock callback asserts a log directory, which MLflow on a database store lacks).
+
+    It also logs the config to every logger as params prefixed by section (:func:`config_params`), and to the
+    MLflow run the ``moa.*`` tags (:func:`run_tags`) and the params ``moa.trainable_params`` / ``moa.total_params``
+    (of the MoA model, as printed at fit start). Nothing for ``predict``, which makes no run.
+    """
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "predict":
+            return
         wants_log_dir = self.save_to_log_dir
         self.save_to_log_dir = wants_log_dir and trainer.log_dir is not None  # log_dir is broadcast: same on all ranks
         try:
@@ -73,9 +217,17 @@ class MLflowSaveConfig(SaveConfigCallback):
             self.save_to_log_dir = wants_log_dir
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        params = config_params(self.config)
+        model = find_moa_model(pl_module)
+        if model is not None:
+            params["moa.trainable_params"], params["moa.total_params"] = model.count_parameters()
+        for logger in trainer.loggers:
+            logger.log_hyperparams(params)
         logger = mlflow_logger(trainer)
         if logger is None:
             return
+        for key, value in run_tags(pl_module, self.config).items():
+            logger.experiment.set_tag(logger.run_id, key, value)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / self.config_filename
             self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)
@@ -118,6 +270,12 @@ class RoutingStats(Callback):
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._sums, self._counts = {}, 0
 
+    def state_dict(self) -> dict[str, Any]:  # the epoch so far, for a fit resumed mid-epoch
+        return {"sums": self._sums, "counts": self._counts}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._sums, self._counts = dict(state_dict["sums"]), state_dict["counts"]
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         if batch_idx % self.every_n_steps:
             return
@@ -144,19 +302,39 @@ class RoutingStats(Callback):
         if self.heatmap and trainer.is_global_zero:
             self._log_heatmap(trainer, usage, trainer.current_epoch)
 
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Poly / MHR: the learned task-skill weights of every layer, ``routing/task_skill_matrix.png``."""
+        from moa.transfer import plot_task_skill_matrix, task_routers
+
+        model = find_moa_model(pl_module)
+        if not (self.heatmap and trainer.is_global_zero and model is not None):
+            return
+        try:
+            task_routers(model)
+        except ValueError:  # not task-routed
+            return
+        tasks = (getattr(pl_module, "names", None) or {}).get("tasks")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = plot_task_skill_matrix(model, Path(tmp) / "task_skill_matrix.png", task_names=tasks)
+            _save_artifact(trainer, "routing/task_skill_matrix.png", path.read_bytes())
+
     def _log_heatmap(self, trainer: Trainer, usage: torch.Tensor, epoch: int) -> None:
         png = heatmap_png(usage, self.last_layers, title=f"expert usage, epoch {epoch}")
-        name = f"routing/usage_epoch{epoch:03d}.png"
-        logger = mlflow_logger(trainer)
-        if logger is not None:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / Path(name).name
-                path.write_bytes(png)
-                logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="routing")
-        elif trainer.log_dir is not None:
-            path = Path(trainer.log_dir) / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(png)
+        _save_artifact(trainer, f"routing/usage_epoch{epoch:03d}.png", png)
+
+
+def _save_artifact(trainer: Trainer, name: str, data: bytes) -> None:
+    """``name`` (``folder/file``) to the MLflow run, else to the log directory of other loggers."""
+    logger = mlflow_logger(trainer)
+    if logger is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(name).name
+            path.write_bytes(data)
+            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=str(Path(name).parent))
+    elif trainer.log_dir is not None:
+        path = Path(trainer.log_dir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
 
 
 def heatmap_png(usage: torch.Tensor, layers: list[str], title: str) -> bytes:
@@ -189,3 +367,98 @@ def _short_names(names: list[str]) -> list[str]:
     while split and all(len(p) > common + 1 and p[common] == split[0][common] for p in split):
         common += 1
     return [".".join(p[common:]) for p in split]
+
+
+class ResumeState(Callback):
+    """Exact resume, mid-epoch included, in the same MLflow run (always on in ``moa fit``).
+
+    Lightning checkpoints the weights, optimizers and loop counters but not the random state, and it restarts an
+    interrupted epoch's loader from its first batch unless the loader is stateful. This callback adds to every
+    checkpoint (entry ``moa_resume``) the torch (CPU and CUDA), numpy and Python RNG states, the RNG states the
+    epoch's train loader iterator was made from (its shuffle order and worker seeds come from them), the batches
+    done in the epoch, and the MLflow run id. Resuming, it remakes the epoch's iterator from those states, skips
+    the batches done (loading them: no sampler internals) and sets the checkpoint's RNG states, so the run goes
+    on as if it had not stopped; the CLI logs to the checkpoint's MLflow run when the store has it.
+
+    Assumes no hook draws random numbers between the start of an epoch and its first batch. Under DDP only rank
+    0's RNG states are saved (every rank resumes from them).
+    """
+
+    def __init__(self):
+        self._epoch_rng: dict[str, Any] | None = None  # RNG states the current epoch's train iterator came from
+        self._iterator_made = False  # the current epoch's iterator exists (made before on_train_epoch_start)
+        self._batches = 0
+        self._restore: dict[str, Any] | None = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning makes the first epoch's iterator after this hook (the sanity check keeps the RNG state)
+        self._epoch_rng, self._iterator_made = rng_states(), True
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        state, self._restore = self._restore, None
+        fetcher = trainer.fit_loop._data_fetcher
+        if state is None or fetcher is None:
+            return
+        mid_epoch = state["epoch"] == trainer.current_epoch and 0 < state["batches"] < trainer.num_training_batches
+        if mid_epoch:  # the epoch's iterator again, then past the batches done
+            set_rng_states(state["epoch_rng"])
+            iter(fetcher)
+            fetched = fetcher.fetched
+            for _ in range(state["batches"]):
+                next(fetcher)
+            fetcher.fetched = fetched  # Lightning adds the batches done itself
+            self._epoch_rng, self._batches = state["epoch_rng"], state["batches"]
+            set_rng_states(state["rng"])
+        else:  # at an epoch's end: the next epoch's iterator, as the run made it after the checkpoint
+            set_rng_states(state["rng"])
+            self._epoch_rng = rng_states()
+            iter(fetcher)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._iterator_made:  # Lightning makes this epoch's iterator after this hook
+            self._epoch_rng = rng_states()
+        self._iterator_made, self._batches = False, 0
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        self._batches += 1  # before ModelCheckpoint's hook: Lightning runs checkpoint callbacks last
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._iterator_made = False
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        logger = mlflow_logger(trainer)
+        checkpoint[RESUME_KEY] = {
+            "rng": rng_states(), "epoch_rng": self._epoch_rng, "epoch": trainer.current_epoch,
+            "batches": self._batches, "mlflow_run_id": logger.run_id if logger is not None else None,
+        }
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._restore = checkpoint.get(RESUME_KEY) if trainer.training else None
+        if self._restore is not None:  # this callback makes the epoch resumable
+            warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
+
+
+def rng_states() -> dict[str, Any]:
+    """The torch (CPU, CUDA), numpy and Python RNG states, in types ``torch.load(weights_only=True)`` reads
+    (LightningCLI reads checkpoints so): numpy's key array as a tensor."""
+    states = _collect_rng_states()
+    if "numpy" in states:
+        name, keys, *rest = states["numpy"]
+        states["numpy"] = (name, torch.from_numpy(keys.astype("int64")), *rest)
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    states = dict(states)
+    if "numpy" in states:
+        name, keys, *rest = states["numpy"]
+        states["numpy"] = (name, keys.numpy().astype("uint32"), *rest)
+    _set_rng_states(states)
+
+
+def checkpoint_run_id(ckpt_path: str | os.PathLike | None) -> str | None:
+    """The MLflow run id :class:`ResumeState` recorded in a checkpoint file (None without one)."""
+    if ckpt_path is None or not Path(ckpt_path).is_file():
+        return None
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    return (checkpoint.get(RESUME_KEY) or {}).get("mlflow_run_id")

@@ -70,29 +70,43 @@ def test_router_config_prints_and_trains_one_step(name, tmp_path, monkeypatch):
     assert torch.isfinite(loss)
 
 
-def test_fit_logs_to_mlflow_then_resume_validate_and_predict(tmp_path, monkeypatch):
+def test_fit_logs_to_mlflow_then_test_resume_validate_and_predict(tmp_path, monkeypatch):
     config = str(CONFIGS / "topk.yaml")
-    run_moa(["fit", "-c", config, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4", *SMALL],
-            cwd=tmp_path)
+    output = run_moa(["fit", "-c", config, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4",
+                      "--trainer.logger.init_args.run_name", "null", *SMALL], cwd=tmp_path)
 
     # embedded store in the working directory: sqlite database + ./mlruns artifacts
     assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "mlruns").is_dir()
     client, runs = runs_of(tmp_path / "mlflow.db", "moa-routers")
     assert len(runs) == 1
     run = runs[0]
-    params = run.data.params
-    assert params["router"] == "topk" and params["n_experts"] == "4" and params["n_tasks"] == "4"
+    assert run.info.run_name == "topk-E4-k2" and run.info.status == "FINISHED"  # named after the adapters
+    tags = run.data.tags
+    assert {k: tags[k] for k in ("moa.router", "moa.expert_kind", "moa.backbone", "moa.model_class", "moa.data_class")} \
+        == {"moa.router": "topk", "moa.expert_kind": "lora", "moa.backbone": "tiny-bert",
+            "moa.model_class": "moa.pipelines.modules.MoAClassifier", "moa.data_class": "moa.pipelines.data.MultiTaskTokens"}
+    import moa
+
+    assert tags["moa.version"] == moa.__version__
+    params = run.data.params  # the resolved config, prefixed by section; nothing unprefixed
+    assert params["model.router"] == "topk" and params["model.n_experts"] == "4" and params["data.n_tasks"] == "4"
+    assert params["model.router_options.aux_loss_coef"] == "0.01" and params["trainer.max_epochs"] == "2"
+    assert params["trainer.callbacks"] == "ModelCheckpoint, ModelCheckpoint" and params["seed_everything"] == "0"
+    assert not [k for k in params if "." not in k and k != "seed_everything"], sorted(params)
+    trainable, total = int(params["moa.trainable_params"]), int(params["moa.total_params"])
+    assert 0 < trainable < total
+    assert f"trainable params: {trainable:,} || all params: {total:,} || trainable%: " in output
     steps = client.get_metric_history(run.info.run_id, "train/loss")
-    assert len(steps) >= 6 and len({m.step for m in steps}) == len(steps)  # per step
+    assert len(steps) == 8 and len({m.step for m in steps}) == len(steps)  # per step
     assert len(client.get_metric_history(run.info.run_id, "val/loss")) == 2  # per epoch
-    assert len(client.get_metric_history(run.info.run_id, "train/loss_epoch")) == 2
+    assert len(client.get_metric_history(run.info.run_id, "train/loss_epoch")) == 2  # the epoch's mean
     usage = [run.data.metrics[f"routing/usage/expert_{e}"] for e in range(4)]
     assert sum(usage) == pytest.approx(1.0, abs=1e-4)
     assert 0 < run.data.metrics["routing/entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-6
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts
     heatmaps = [a.path for a in client.list_artifacts(run.info.run_id, "routing")]
-    assert heatmaps == ["routing/usage_epoch000.png", "routing/usage_epoch001.png"]
+    assert heatmaps == ["routing/usage_epoch000.png", "routing/usage_epoch001.png"]  # top-k: no task-skill matrix
     local = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path)))
     assert "moa.pipelines.modules.MoAClassifier" in local.read_text()
     png = Path(client.download_artifacts(run.info.run_id, heatmaps[0], str(tmp_path)))
@@ -103,22 +117,34 @@ def test_fit_logs_to_mlflow_then_resume_validate_and_predict(tmp_path, monkeypat
     assert last.is_file() and len(list(checkpoints.glob("best-epoch*.ckpt"))) == 1
     assert torch.load(last, weights_only=False)["global_step"] == 8
 
-    # resume for one more epoch, on a team store named by MLFLOW_TRACKING_URI (nothing new in ./mlflow.db)
+    # test (in-process: the same main() the console script calls): a run of its own, nested under the fit's run
+    from moa.pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["test", "-c", config, "--ckpt_path", str(last), "--trainer.limit_test_batches", "2", *SMALL]) == 0
+    runs = runs_of(tmp_path / "mlflow.db", "moa-routers")[1]
+    tested = next(r for r in runs if r.info.run_id != run.info.run_id)
+    assert len(runs) == 2 and tested.info.run_name == "topk-test" and tested.info.status == "FINISHED"
+    assert tested.data.tags["mlflow.parentRunId"] == run.info.run_id
+    assert {"test/loss", "test/accuracy"} <= set(tested.data.metrics) and tested.data.params["model.router"] == "topk"
+
+    # resume for one more epoch, on a team store named by MLFLOW_TRACKING_URI: a new run there (the checkpoint's
+    # run is not in that store), named by the config's run_name; nothing new in ./mlflow.db
     team = tmp_path / "team.db"
-    run_moa(["fit", "-c", config, "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "4",
-             "--ckpt_path", str(last), *SMALL], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{team}"})
-    assert len(runs_of(tmp_path / "mlflow.db", "moa-routers")[1]) == 1
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{team}")
+    assert main(["fit", "-c", config, "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "4",
+                 "--ckpt_path", str(last), *SMALL]) == 0
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert len(runs_of(tmp_path / "mlflow.db", "moa-routers")[1]) == 2
     team_client, team_runs = runs_of(team, "moa-routers")
-    assert len(team_runs) == 1
+    assert [(r.info.run_name, r.info.status) for r in team_runs] == [("topk", "FINISHED")]
     resumed = team_runs[0]
     assert [m.value for m in team_client.get_metric_history(resumed.info.run_id, "epoch")][-1] == 2
     resumed_last = tmp_path / "runs" / resumed.info.experiment_id / resumed.info.run_id / "checkpoints" / "last.ckpt"
     assert torch.load(resumed_last, weights_only=False)["global_step"] == 12
 
-    # validate and predict from the checkpoint (in-process: the same main() the console script calls)
-    from moa.pipelines.cli import main
-
-    monkeypatch.chdir(tmp_path)
+    # validate and predict from the checkpoint; predict makes no MLflow run
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         main(["validate", "-c", config, "--ckpt_path", str(resumed_last), "--trainer.logger", "false",
@@ -126,14 +152,29 @@ def test_fit_logs_to_mlflow_then_resume_validate_and_predict(tmp_path, monkeypat
     assert "val/loss" in out.getvalue() and "val/accuracy" in out.getvalue()
 
     predictions = tmp_path / "predictions.parquet"
-    main(["predict", "-c", config, "--ckpt_path", str(resumed_last), "--trainer.logger", "false",
-          "--trainer.callbacks+=moa.pipelines.cli.ParquetPredictionWriter",
+    main(["predict", "-c", config, "--ckpt_path", str(last), "--trainer.callbacks+=moa.pipelines.cli.ParquetPredictionWriter",
           f"--trainer.callbacks.output={predictions}", *SMALL])
+    assert len(runs_of(tmp_path / "mlflow.db", "moa-routers")[1]) == 2
     import pandas as pd
 
     frame = pd.read_parquet(predictions)
     assert len(frame) == 64 and set(frame.columns) == {"prediction", "probability"}
     assert frame["prediction"].isin([0, 1]).all() and (frame["probability"] >= 0.5 - 1e-6).all()
+
+
+def test_poly_fit_logs_the_task_skill_matrix(tmp_path, monkeypatch):
+    from moa.pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["fit", "-c", str(CONFIGS / "poly.yaml"), "--trainer.max_epochs", "1", "--trainer.limit_train_batches",
+                 "2", "--trainer.limit_val_batches", "1", "--trainer.logger.init_args.run_name", "null", *SMALL]) == 0
+    client, runs = runs_of(tmp_path / "mlflow.db", "moa-routers")
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("poly-E4", "FINISHED")]
+    artifacts = [a.path for a in client.list_artifacts(runs[0].info.run_id, "routing")]
+    assert "routing/task_skill_matrix.png" in artifacts
+    png = Path(client.download_artifacts(runs[0].info.run_id, "routing/task_skill_matrix.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_help_overrides_and_bad_values(tmp_path, monkeypatch, capsys):
