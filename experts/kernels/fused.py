@@ -130,6 +130,7 @@ class _GroupedExpand(torch.autograd.Function):
         w_rows = row_weights(weights, plan)
         xs = x.index_select(0, plan.row_token)
         h = gmm(xs, A.transpose(1, 2), plan)
+        B = B.contiguous()  # a pool's B is a strided view; both the expand and the backward's B-GEMM run faster on a copy
         out = combine_bags(gmm(h * w_rows.unsqueeze(1), B.transpose(1, 2), plan), plan).add_(y0)
         ctx.save_for_backward(xs, A, B, h, w_rows)
         ctx.plan = plan
