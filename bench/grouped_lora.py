@@ -5,7 +5,9 @@
 
 Layers compared (fp32, d_in = d_out = 768, N = 2048 tokens, k = 2, ``x`` requires grad as inside a model):
 ``base`` the frozen linear alone; ``peft`` a PEFT LoRA layer of rank r on it; ``moa[impl]`` a MoALinear (the
-same frozen base, a top-k softmax router, E experts of rank r) with each kernel implementation.
+same frozen base, a top-k softmax router, E experts of rank r) with each kernel implementation; ``moa[auto]`` is
+the layer's fused path (base GEMM with the gate and, for dense routing, the shrink; combine into its output),
+the others run the base layer, the router and the op ``grouped_lora(impl=...)`` one after another.
 Every repetition runs every layer once (round robin) so a noisy shared CPU hits them alike; medians are
 printed with the ratios the targets are stated in.
 """
@@ -123,7 +125,7 @@ def main() -> None:
         sweep(args.dim, 2, args.reps)
         return
     target_case(8, 8, args.tokens, args.dim, 2, args.reps, layer_target=1.15, speedup_target=1.5)
-    target_case(64, 16, args.tokens, args.dim, 2, args.reps, layer_target=1.3, speedup_target=3.0)
+    target_case(64, 16, args.tokens, args.dim, 2, args.reps, layer_target=1.3, speedup_target=5.0)
 
 
 if __name__ == "__main__":
