@@ -11,6 +11,9 @@ Implementations (all exact, all with autograd for x, A, B and the weights):
 * ``scatter``  ``grouped`` with the combine done by torch-scatter (only when it is installed)
 * ``triton``   one fused Triton kernel (gather, shrink, scale, expand) over the expert-sorted pairs, grouped-GEMM
   backward (only when triton is installed and can run here: a CUDA device, or ``TRITON_INTERPRET=1`` for CPU tensors)
+
+:mod:`.fused` is not an implementation of this op but the layer-level path ``MoALinear`` takes: the base GEMM
+with the router gate and the dense shrink folded in, the expand accumulated into the base output.
 """
 
 from __future__ import annotations
