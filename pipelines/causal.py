@@ -306,11 +306,11 @@ class MoACausalLM(MoAModule):
                                   **options)
         new = out[:, prompts.shape[1]:].tolist()
         tokenizer = self._tokenizer()
+        eos = {self.eos_token_id} if isinstance(self.eos_token_id, int) else set(self.eos_token_id or ())
         texts = []
         for ids in new:
-            if self.eos_token_id in ids:
-                ids = ids[: ids.index(self.eos_token_id)]
-            texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+            end = next((j for j, i in enumerate(ids) if i in eos), len(ids))  # eos may be one id or several
+            texts.append(tokenizer.decode(ids[:end], skip_special_tokens=True).strip())
         return texts
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
