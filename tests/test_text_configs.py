@@ -1,0 +1,70 @@
+"""The MiniLM text-classifier configs (``configs/text-*.yaml``, the ml-100k text tasks): each parses and trains 2 steps
+on a tiny generated dataset of the same shape (four tasks, named labels), and the expert weights change."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
+TEXT_CONFIGS = ["topk", "static", "poly", "mhr", "flylora", "remix", "hypelora"]
+BROKEN = {  # configs the modules cannot run yet (the reason is the failure seen)
+    "remix": "RLOOClassifier without n_classes: RLOOModule picks its per-example loss from a head that "
+             "MoAClassifier.configure_model builds only later (and its training_step calls the head without task ids)",
+}
+
+
+def tiny_tasks(folder: Path) -> None:
+    """Four tasks with the real tasks' names (columns text, label, task, target_text), two labels each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    words = {"genre": ("comedy", "drama"), "decade": ("1990s", "before_1970"), "age": ("under_25", "50_plus"),
+             "occupation": ("student", "technical")}
+    for split, n in (("train", 24), ("val", 8), ("test", 8)):
+        rows = []
+        for i in range(n):
+            task = list(words)[i % 4]
+            label = words[task][(i // 4) % 2]
+            rows.append({"text": f"title {i} about {label}", "label": label, "task": task, "target_text": label})
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def config_case(name: str):
+    marks = [pytest.mark.xfail(reason=BROKEN[name], strict=True)] if name in BROKEN else []
+    return pytest.param(name, marks=marks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [config_case(n) for n in TEXT_CONFIGS])
+def test_text_config_parses_and_trains_two_steps(name, tmp_path, monkeypatch):
+    from moa.pipelines.cli import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tiny_tasks(tmp_path / "data")
+    config = ROOT / "configs" / f"text-{name}.yaml"
+    text = config.read_text()
+    assert "class_path: moa.pipelines.text_data.TextData" in text and "n_classes" not in text
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cli = run_cli(["-c", str(config), "--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar", "false",
+                       "--trainer.enable_model_summary", "false",
+                       *(f"--data.init_args.{split}={tmp_path / 'data' / f'{split}.jsonl'}" for split in ("train", "val", "test")),
+                       "--data.init_args.batch_size", "4"], run=False)
+        assert cli.model.model.config.target_modules  # the MoA config came from the file
+        before = {n: p.detach().clone() for n, p in cli.model.named_parameters() if p.requires_grad}
+        frozen = {n: p.detach().clone() for n, p in cli.model.named_parameters() if not p.requires_grad}
+        cli.trainer.fit(cli.model, cli.datamodule)
+    finally:
+        torch.set_num_threads(threads)
+    after = dict(cli.model.named_parameters())
+    changed = [n for n, value in before.items() if not torch.equal(value, after[n])]
+    experts = [n for n in changed if ".pool." in n or ".shared." in n]  # LoRA pools; HypeLoRA's shared hypernetwork
+    assert experts, f"no expert weight changed; changed: {changed}"
+    assert all(torch.equal(value, after[n]) for n, value in frozen.items())  # the backbone stays frozen
+    assert cli.model.head.label_counts == [2, 2, 2, 2]  # one label set per task, from the data
+    assert torch.isfinite(cli.trainer.logged_metrics["train/loss"])
