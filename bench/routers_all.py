@@ -31,9 +31,10 @@ trained on the same shots for the same steps. The held-out task's test accuracy 
 
 Measured per run: test accuracy per task; trainable parameters (adapters and routers, heads excluded: every method
 has the same head); activated adapter parameters per token; the median wall time of a training step (Lightning's
-``on_train_batch_start`` to ``on_train_batch_end``: forward, backward, optimizer step; first 10 % of the steps
-dropped), all methods in one process, interleaved (each seed runs every method, in an order rotated per seed);
-and training memory beyond the frozen model at step 3: the bytes autograd saves for backward (every saved tensor's
+``on_train_batch_start`` to ``on_train_batch_end``: forward, backward, optimizer step; the memory-probe steps and the
+first 10 % dropped), all methods in one process, interleaved (each seed runs every method, in an order rotated per seed);
+and the peak training memory beyond the frozen model over the first 8 steps (the same batches for every method
+of a seed): the bytes autograd saves for backward (every saved tensor's
 storage once, parameters excluded, through ``torch.autograd.graph.saved_tensors_hooks``) plus the trainable
 parameters with their gradients and AdamW's two moments. RSS is not used: the allocator keeps freed memory, so
 in one process the later runs would see the earlier runs' peaks. Everything goes to one MLflow experiment
@@ -172,14 +173,14 @@ class _BoundHead(torch.nn.Module):
 
 # -- measurement --------------------------------------------------------------------------------------------------
 class StepProbe(L.Callback):
-    """Step wall times, and the training memory of one step (see the module doc)."""
+    """Step wall times, and the training memory of the first ``memory_steps`` steps (see the module doc)."""
 
-    def __init__(self, memory_step: int = 3):
+    def __init__(self, memory_steps: int = 8):
         self.times: list[float] = []
-        self.memory_step, self.saved_bytes, self._hooks, self._seen = memory_step, None, None, {}
+        self.memory_steps, self.saved_bytes, self._hooks, self._seen = memory_steps, 0, None, {}
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        if batch_idx == self.memory_step:
+        if trainer.global_step < self.memory_steps:
             params = {p.untyped_storage().data_ptr() for p in module.parameters()}
             self._seen = {}
 
@@ -197,10 +198,11 @@ class StepProbe(L.Callback):
         self.times.append(time.perf_counter() - self._t0)
         if self._hooks is not None:
             self._hooks.__exit__(None, None, None)
-            self._hooks, self.saved_bytes = None, sum(self._seen.values())
+            self._hooks, self.saved_bytes = None, max(self.saved_bytes, sum(self._seen.values()))
 
     def median_step(self) -> float:
-        return statistics.median(self.times[max(1, len(self.times) // 10):])
+        """The median over the steps after the memory probe and the first 10 %."""
+        return statistics.median(self.times[max(self.memory_steps, len(self.times) // 10):])
 
 
 def adapter_module(module) -> torch.nn.Module:
@@ -435,6 +437,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None, help="where to write the ml-100k text tasks (default: a temp folder)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     parser.add_argument("--out", default=None, help="the results file (default bench/results/routers_all[_quick].md)")
+    parser.add_argument("--save-json", default=None, help="also write the raw results of this process (for --merge)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="no training: build the table from --save-json files of processes that ran other seeds "
+                             "(each process interleaves every method within its seeds, so the step-time ratios stay "
+                             "within-process)")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.transfer_steps = args.seeds[:1], min(args.steps, 20), min(args.transfer_steps, 10)
@@ -443,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     command = "python bench/routers_all.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     started = time.perf_counter()
+    if args.merge:
+        return merge(args, command)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.data_dir or Path(tmp) / "ml100k-text")
         if not (folder / "train.jsonl").is_file():
@@ -456,11 +465,28 @@ def main(argv: list[str] | None = None) -> int:
         for i, seed in enumerate(args.seeds):
             data = text_data(args, folder, seed)
             tasks = data.task_names
-            order = args.methods[i % len(args.methods):] + args.methods[:i % len(args.methods)]
+            order = args.methods[seed % len(args.methods):] + args.methods[:seed % len(args.methods)]
             for method in order:
                 results[method].append(run_method(method, args, data, seed))
             if not args.no_transfer:
                 transfer.append(run_transfer(args, folder, seed, Path(tmp) / f"transfer-{seed}"))
+    if args.save_json:
+        Path(args.save_json).write_text(json.dumps({"results": results, "transfer": transfer, "tasks": tasks,
+                                                    "seconds": time.perf_counter() - started, "seeds": args.seeds}))
+    return report(args, command, results, transfer, tasks, time.perf_counter() - started)
+
+
+def merge(args, command: str) -> int:
+    parts = [json.loads(Path(f).read_text()) for f in args.merge]
+    results = {m: [r for p in parts for r in p["results"].get(m, [])] for m in parts[0]["results"]}
+    transfer = [t for p in parts for t in p["transfer"]]
+    args.seeds = [s for p in parts for s in p["seeds"]]
+    seconds = max(p["seconds"] for p in parts)
+    return report(args, command + f"   # merging {len(parts)} processes run side by side", results, transfer,
+                  parts[0]["tasks"], seconds)
+
+
+def report(args, command: str, results: dict, transfer: list, tasks: list[str], seconds: float) -> int:
     base = results["peft-lora"][0]
     body = table(results, transfer, tasks, args)
     notes = f"""
@@ -477,20 +503,20 @@ alpha = the expert rank (scale 1) everywhere. ReMix trains with RLOO, M={args.rl
 (the step runs M x the rows). Trainable: adapter and router parameters (heads excluded; every method has the same
 per-task head, {sum(HIDDEN * c + c for c in [4, 3, 4, 6]):,} parameters). Activated / token: the adapter parameters one token's output
 uses (see `active_params` in the bench). Step time: median training-step wall time (forward, backward, optimizer
-step; Lightning batch start to batch end, first 10 % dropped), all runs in one process, methods interleaved per
+step; Lightning batch start to batch end; the 8 memory-probe steps and the first 10 % dropped), all runs of a seed in one process, methods interleaved per
 seed, ratio of the medians over seeds to PEFT LoRA's ({1e3 * statistics.median(r['step_s'] for r in results['peft-lora']):.0f} ms).
-Memory: training memory beyond the frozen model at step 3 = bytes autograd saved for backward (unique storages,
+Memory: peak training memory beyond the frozen model over the first 8 steps = bytes autograd saved for backward (unique storages,
 parameters excluded) + trainable parameters, gradients and AdamW moments; ratio to PEFT LoRA's
 ({base['memory'] / 2**20:.1f} MiB: {base['saved_bytes'] / 2**20:.1f} MiB saved activations). Transfer: MHR trained
 on the other 3 tasks with the same budget, then `prepare_transfer(model, "z" | "mu", n_tasks=1)` and a fresh head
 for the held-out task, trained on {args.shots} rows per label for {args.transfer_steps} steps (batch
 {min(args.batch_size, 16)}); the PEFT LoRA row trains a fresh LoRA and head on the same rows and steps.
-Total {time.perf_counter() - started:.0f} s on this machine ({torch.get_num_threads()} torch threads)."""
-    report = f"```\n{command}\n```\n\n{body}\n{notes}\n"
-    print("\n" + report)
+Total {seconds:.0f} s on this machine ({torch.get_num_threads()} torch threads)."""
+    text = f"```\n{command}\n```\n\n{body}\n{notes}\n"
+    print("\n" + text)
     out = Path(args.out or Path(__file__).parent / "results" / ("routers_all_quick.md" if args.quick else "routers_all.md"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report)
+    out.write_text(text)
     print(f"written to {out}")
     return 0
 
