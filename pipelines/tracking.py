@@ -37,14 +37,15 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 import moa
 from moa import MoAModel
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MAX_PARAM_LENGTH = 500  # MLflow's limit on param values since 1.28 (3.x stores take 6000; a team server may be older)
 RESUME_KEY = "moa_resume"  # the checkpoint entry of ResumeState
 
 
 def resolve_tracking_uri(explicit: str | None = None) -> str:
-    """The store runs go to: ``explicit``, else ``$MLFLOW_TRACKING_URI``, else the embedded sqlite store."""
-    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The store runs go to: ``explicit``, else ``$MLFLOW_TRACKING_URI``, else the embedded sqlite store of the
+    working directory, by absolute path (MLflow caches stores by URI: a relative one would keep the first
+    directory's database in a process that changes directory)."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 class MLflowLogger(MLFlowLogger):

@@ -181,9 +181,10 @@ def test_item_table_must_cover_each_catalogue(world, tmp_path):
         write_bundle(tmp_path / "b", {"experts": world["model"]}, partial)
 
 
-def test_tracking_uri_resolution_and_routing_statistics(monkeypatch):
+def test_tracking_uri_resolution_and_routing_statistics(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert resolve_tracking_uri() == "sqlite:///mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.internal:5000")
     assert resolve_tracking_uri() == "http://tracking.internal:5000"
     assert resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
