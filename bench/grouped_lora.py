@@ -2,6 +2,7 @@
 
     python bench/grouped_lora.py                 # the two target shapes of issue 2 (about 2 minutes)
     python bench/grouped_lora.py --sweep         # dense vs grouped over (N, E*r): where ``auto`` switches
+    python bench/grouped_lora.py --cpu-time      # 1 thread, the thread's CPU time: steadier on a loaded machine
 
 Layers compared (fp32, d_in = d_out = 768, N = 2048 tokens, k = 2, ``x`` requires grad as inside a model):
 ``base`` the frozen linear alone; ``peft`` a PEFT LoRA layer of rank r on it; ``moa[impl]`` a MoALinear (the
@@ -43,20 +44,23 @@ def moa_layer(base: nn.Linear, E: int, r: int, k: int, impl: str) -> MoALinear:
     return MoALinear(base, pool, build_router("topk", base.in_features, E, k), ContextSlot())
 
 
+CLOCK = time.perf_counter
+
+
 def time_layers(layers: dict[str, nn.Module], x: torch.Tensor, backward: bool, reps: int) -> dict[str, float]:
     grad = torch.randn(x.shape[0], next(iter(layers.values()))(x).shape[-1])
     times: dict[str, list[float]] = {name: [] for name in layers}
     for rep in range(reps + 2):  # two warm-up rounds
         for name, layer in layers.items():
             x.grad = None
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             if backward:
                 layer(x).backward(grad)
             else:
                 with torch.no_grad():
                     layer(x)
             if rep >= 2:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(CLOCK() - t0)
     return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
@@ -67,7 +71,8 @@ def target_case(E: int, r: int, n_tokens: int, d: int, k: int, reps: int, layer_
     layers: dict[str, nn.Module] = {"base": base, "peft": peft_layer(base, r)}
     for impl in ["loop", *sorted(set(runnable_impls("cpu")) - {"loop"}), "auto"]:
         layers[f"moa[{impl}]"] = moa_layer(base, E, r, k, impl)
-    print(f"\n## E={E}, r={r}, k={k}, N={n_tokens}, d_in=d_out={d}, fp32, {torch.get_num_threads()} threads, median of {reps}")
+    clock = "thread CPU time" if CLOCK is time.thread_time else "wall time"
+    print(f"\n## E={E}, r={r}, k={k}, N={n_tokens}, d_in=d_out={d}, fp32, {torch.get_num_threads()} threads, {clock}, median of {reps}")
     for backward in (False, True):
         ms = time_layers(layers, x, backward, reps)
         mode = "forward+backward" if backward else "forward"
@@ -118,7 +123,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--cpu-time", action="store_true",
+        help="time with 1 thread and its CPU time (time.thread_time): other processes on a shared CPU inflate wall "
+        "time, and with 2 threads OpenMP's spin-waits, far more than they change the CPU time one thread needs",
+    )
     args = parser.parse_args()
+    if args.cpu_time:
+        global CLOCK
+        CLOCK, args.threads = time.thread_time, 1
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, impls {runnable_impls('cpu')}")
     if args.sweep:
