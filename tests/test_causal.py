@@ -262,7 +262,7 @@ def test_text_data_fit_then_moa_predict_writes_one_generation_per_row(tmp_path, 
     small = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--data.init_args.batch_size", "8",
              "--trainer.enable_model_summary", "false", *paths]
     config = str(ROOT / "configs" / "causal-static.yaml")
-    main(["fit", "-c", config, "--trainer.max_epochs", "3", "--trainer.log_every_n_steps", "1", *small])
+    main(["fit", "-c", config, "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1", *small])
     last = tmp_path / "runs" / "checkpoints" / "last.ckpt"
     assert last.is_file()
     output = tmp_path / "predictions.parquet"
