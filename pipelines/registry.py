@@ -7,16 +7,24 @@ as artifacts, a signature (``history``: list of item ids, ``domain``: str -> ``i
 and an input example. Each registered version carries its validation NDCG@10 as the tag ``val_ndcg_10``; the
 alias ``champion`` moves to the new version only when its NDCG@10 is strictly higher than the current
 champion's. The decision and its reason are recorded as version tags (``promotion``, ``promotion_reason``).
+A metric that is missing, NaN, infinite or not a number is refused before anything is logged; concurrent
+registrations on a local store are serialized by a file lock (:func:`promotion_lock`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
+import math
+import numbers
 import os
+import random
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import mlflow
 import pandas as pd
@@ -31,6 +39,7 @@ from .tracking import resolve_tracking_uri
 
 CHAMPION = "champion"
 METRIC = "val/ndcg_10"
+METRIC_TAG = "val_ndcg_10"
 MODEL_CODE = Path(__file__).with_name("recommender_model.py")
 
 
@@ -97,41 +106,132 @@ class Promotion:
     champion_version: str | None
 
 
-def register_and_gate(model_uri: str, name: str, metric: float, *, client: MlflowClient | None = None,
+def check_metric(metric: Any, what: str = "the gating metric") -> float:
+    """``metric`` as a finite float, or a ``ValueError`` saying why it cannot gate a promotion (NaN, infinite,
+    missing, or not a number: such a version is refused before anything is logged or registered)."""
+    if hasattr(metric, "item") and not isinstance(metric, numbers.Real):  # a one-element tensor or array
+        try:
+            metric = metric.item()
+        except (ValueError, RuntimeError):
+            pass
+    if metric is None:
+        raise ValueError(f"{what} is missing: a version without a metric cannot be gated")
+    if isinstance(metric, bool) or not isinstance(metric, numbers.Real):
+        raise ValueError(f"{what} must be a number, got {metric!r} ({type(metric).__name__})")
+    value = float(metric)
+    if not math.isfinite(value):
+        raise ValueError(f"{what} is {value}: only a finite number can gate a promotion")
+    return value
+
+
+def stored_metric(version) -> float | None:
+    """A version's gating metric tag, or ``None`` when it has none usable (then it never blocks a newer version)."""
+    try:
+        return check_metric(float(version.tags[METRIC_TAG]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _local_store(uri: str) -> Path | None:
+    """The file behind a local store URI (``sqlite:///x.db``, ``file:///dir``, a plain path); ``None`` for servers."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):].split("?")[0])
+    if uri.startswith("file:"):
+        return Path(uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):])
+    return None if "://" in uri else Path(uri)
+
+
+@contextlib.contextmanager
+def promotion_lock(registry_uri: str):
+    """An exclusive ``flock`` on ``<store>.promotion.lock`` next to a local store (held by one gate at a time across
+    processes; the kernel drops it if the holder dies). Yields whether a lock is held (``False`` for a server)."""
+    store = _local_store(registry_uri)
+    if store is None:
+        yield False
+        return
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with open(store.with_name(store.name + ".promotion.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _champion(client: MlflowClient, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def register_and_gate(model_uri: str, name: str, metric: Any, *, client: MlflowClient | None = None,
                       alias: str = CHAMPION) -> Promotion:
     """Register ``model_uri`` as a new version of ``name`` and move ``alias`` to it only if ``metric`` (validation
-    NDCG@10) beats the current holder's; the decision is recorded as version tags."""
+    NDCG@10) beats the current holder's; the decision is recorded as version tags.
+
+    The metric is checked first (:func:`check_metric`): a bad one registers nothing. The read-compare-set of the
+    alias runs under :func:`promotion_lock` on a local store, so concurrent registrations leave the best version
+    as the holder. Against a tracking server (no shared file to lock) it is a compare-and-set loop: after moving
+    the alias the gate re-reads it and takes it back from a worse version that overwrote it; a worse gate whose
+    stale read is still in flight after the better one's last check can win there (see docs/pipelines.md).
+    """
+    metric = check_metric(metric)
     client = client or MlflowClient()
-    version = mlflow.register_model(model_uri, name).version
-    client.set_model_version_tag(name, version, "val_ndcg_10", f"{metric:.6f}")
+    version = str(mlflow.register_model(model_uri, name).version)
+    client.set_model_version_tag(name, version, METRIC_TAG, f"{metric:.6f}")
+    registry_uri = getattr(client, "_registry_uri", None) or mlflow.get_registry_uri()
+    with promotion_lock(registry_uri) as locked:
+        current = _champion(client, name, alias)
+        best = stored_metric(current) if current is not None else None
+        holder = None if current is None else str(current.version)
+        if current is None:
+            promoted, reason = True, f"first version with a metric: val NDCG@10 {metric:.4f}"
+        elif best is None:
+            promoted, reason = True, f"val NDCG@10 {metric:.4f}; {alias} v{holder} has no usable metric"
+        else:
+            promoted = metric > best
+            reason = f"val NDCG@10 {metric:.4f} {'>' if promoted else '<='} {alias} v{holder}'s {best:.4f}"
+        if promoted:
+            _set_alias(client, name, alias, version)
+        client.set_model_version_tag(name, version, "promotion", "promoted" if promoted else "rejected")
+        client.set_model_version_tag(name, version, "promotion_reason", reason)
+    if promoted and not locked:
+        _reassert(client, name, alias, version, metric)
+    return Promotion(name, version, promoted, reason, metric, holder)
+
+
+def _reassert(client: MlflowClient, name: str, alias: str, version: str, metric: float, checks: int = 5) -> None:
+    """Compare-and-set without a lock: take ``alias`` back while a worse version holds it (a few jittered re-reads)."""
+    for _ in range(checks):
+        time.sleep(random.uniform(0.05, 0.2))
+        current = _champion(client, name, alias)
+        held = None if current is None else stored_metric(current)
+        if current is not None and str(current.version) != version and held is not None and held >= metric:
+            return  # a better (or equal) version holds it: it will defend it
+        if current is None or str(current.version) != version:
+            _set_alias(client, name, alias, version)
+
+
+def _set_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:
+    """Set the alias; once more if a concurrent first set of the same alias collided (unique constraint)."""
     try:
-        current = client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        current = None
-    if current is None:
-        promoted, reason, holder = True, f"first version with a metric: val NDCG@10 {metric:.4f}", None
-    else:
-        holder = str(current.version)
-        best = float(current.tags.get("val_ndcg_10", "-inf"))
-        promoted = metric > best
-        comparison = ">" if promoted else "<="
-        reason = f"val NDCG@10 {metric:.4f} {comparison} {alias} v{holder}'s {best:.4f}"
-    if promoted:
         client.set_registered_model_alias(name, alias, version)
-    client.set_model_version_tag(name, version, "promotion", "promoted" if promoted else "rejected")
-    client.set_model_version_tag(name, version, "promotion_reason", reason)
-    return Promotion(name, str(version), promoted, reason, metric, holder)
+    except MlflowException:
+        client.set_registered_model_alias(name, alias, version)
 
 
 def register_bundle(bundle: str | Path, name: str, *, run_id: str | None = None, experiment: str = "moa-recsys",
                     tracking_uri: str | None = None, metric: str = METRIC) -> Promotion:
-    """Log, register and gate a bundle in one step (what ``moa register`` does)."""
+    """Log, register and gate a bundle in one step (what ``moa register`` does). The bundle's metric is checked
+    before anything is logged: a missing, NaN, infinite or non-numeric one leaves no run and no version."""
     bundle = Path(bundle)
     metrics = json.loads((bundle / SERVICE_FILE).read_text()).get("metrics", {})
     if metric not in metrics:
         raise ValueError(f"the bundle's {SERVICE_FILE} has no metric {metric!r} to gate on; it has {sorted(metrics)}")
+    value = check_metric(metrics[metric], f"the bundle's {metric}")
     info = log_recommender(bundle, run_id=run_id, experiment=experiment, tracking_uri=tracking_uri)
-    return register_and_gate(info.model_uri, name, float(metrics[metric]))
+    return register_and_gate(info.model_uri, name, value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,139 @@
+"""The promotion gate on a real sqlite store: concurrent registrations from two processes, bad metrics refused
+before anything is logged, and the comparison with the current champion (not the previous version)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from moa.pipelines.registry import CHAMPION, register_and_gate, register_bundle
+from moa.pipelines.service import SERVICE_FILE
+
+MODEL_CODE = """
+import mlflow
+class Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input
+mlflow.models.set_model(Echo())
+"""
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A sqlite store with one logged (tiny) model whose URI every test registers."""
+    root = tmp_path_factory.mktemp("promotion")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    (root / "echo.py").write_text(MODEL_CODE)
+    experiment = mlflow.create_experiment("fixture", artifact_location=(root / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment):
+        info = mlflow.pyfunc.log_model(name="echo", python_model=str(root / "echo.py"))
+    yield {"root": root, "uri": uri, "model_uri": info.model_uri}
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+def champion(name):
+    version = MlflowClient().get_model_version_by_alias(name, CHAMPION)
+    return str(version.version), version.tags["val_ndcg_10"]
+
+
+def all_runs():
+    client = MlflowClient()
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids)
+
+
+def test_gate_compares_with_the_champion_not_the_previous_version(store):
+    uri = store["model_uri"]
+    assert register_and_gate(uri, "order", 0.5).promoted  # A
+    assert not register_and_gate(uri, "order", 0.2).promoted  # B, worse than A
+    between = register_and_gate(uri, "order", 0.3)  # C beats B (the previous version) but not A (the champion)
+    assert not between.promoted and between.champion_version == "1"
+    assert between.reason == "val NDCG@10 0.3000 <= champion v1's 0.5000"
+    assert champion("order") == ("1", "0.500000")
+
+
+WORKER = textwrap.dedent("""
+    import sys
+    from moa.pipelines.registry import register_and_gate
+    print("ready", flush=True)
+    for line in sys.stdin:
+        name, metric = line.split()
+        print(register_and_gate(sys.argv[1], name, float(metric)).version, flush=True)
+""")
+
+
+def test_concurrent_registrations_leave_the_better_version_as_champion(store):
+    """Two processes register into the same model at the same moment (released together through their stdin),
+    round after round; the better one must hold the alias every time. The unlocked read-then-set of the old gate
+    lost 2 of 16 rounds here (sqlite serializes the writes, narrowing the window), so 60 rounds."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"]}
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER, store["model_uri"]], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, env=env, cwd=store["root"]) for _ in range(2)]
+    try:
+        assert [w.stdout.readline().strip() for w in workers] == ["ready", "ready"]
+        rounds, wrong = 60, []
+        for r in range(rounds):
+            metrics = (0.3, 0.6) if r % 2 else (0.6, 0.3)  # which process has the better version alternates
+            for worker, metric in zip(workers, metrics):
+                worker.stdin.write(f"race-{r} {metric}\n")
+                worker.stdin.flush()
+            versions = [w.stdout.readline().strip() for w in workers]
+            assert all(versions), f"a worker died in round {r}"
+            best = versions[metrics.index(0.6)]
+            if champion(f"race-{r}") != (best, "0.600000"):
+                wrong.append(r)
+        assert wrong == [], f"{len(wrong)} of {rounds} rounds left the worse version as champion: {wrong}"
+    finally:
+        for worker in workers:
+            worker.stdin.close()
+            worker.wait(timeout=60)
+
+
+BAD = [("nan", float("nan")), ("inf", float("inf")), ("-inf", float("-inf")), ("none", None),
+       ("string", "0.7"), ("bool", True), ("list", [0.7])]
+
+
+@pytest.mark.parametrize("what, metric", BAD, ids=[b[0] for b in BAD])
+def test_bad_metric_registers_nothing(store, what, metric):
+    client = MlflowClient()
+    with pytest.raises(ValueError, match="gating metric"):
+        register_and_gate(store["model_uri"], f"bad-{what}", metric)
+    assert client.search_model_versions(f"name='bad-{what}'") == []
+
+
+@pytest.mark.parametrize("what, metric", [*BAD[:5], ("missing", ...)], ids=[*(b[0] for b in BAD[:5]), "missing"])
+def test_bundle_with_a_bad_metric_is_refused_before_anything_is_logged(store, tmp_path, what, metric):
+    """Only service.json exists: the refusal must come before logging reads (or logs) anything else."""
+    (tmp_path / SERVICE_FILE).write_text(json.dumps(
+        {"domains": ["comedy"], "item_id_type": "long", "metrics": {} if metric is ... else {"val/ndcg_10": metric}}))
+    runs = len(all_runs())
+    with pytest.raises(ValueError, match="val/ndcg_10"):
+        register_bundle(tmp_path, f"bundle-{what}")
+    assert len(all_runs()) == runs  # no orphan run
+    assert MlflowClient().search_model_versions(f"name='bundle-{what}'") == []
+
+
+@pytest.mark.parametrize("tag", ["nan", "inf", "garbage", None])
+def test_a_champion_without_a_usable_metric_does_not_block_later_versions(store, tag):
+    """A champion left by older code with a NaN, infinite, unparsable or missing metric tag is replaced."""
+    client, name = MlflowClient(), f"legacy-{tag}"
+    first = register_and_gate(store["model_uri"], name, 0.9)
+    if tag is None:
+        client.delete_model_version_tag(name, first.version, "val_ndcg_10")
+    else:
+        client.set_model_version_tag(name, first.version, "val_ndcg_10", tag)
+    later = register_and_gate(store["model_uri"], name, 0.1)
+    assert later.promoted and "no usable metric" in later.reason
+    assert champion(name) == (later.version, "0.100000")
+    assert not register_and_gate(store["model_uri"], name, 0.05).promoted  # and the gate works again
