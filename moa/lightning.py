@@ -81,13 +81,12 @@ class MoAModule(L.LightningModule):
 
     def forward(self, batch: dict) -> Tensor:
         """Model output (no head) or the head's logits."""
-        inputs = dict(batch)
-        labels = inputs.pop("labels", None) if self.head is not None else None
-        del labels
-        outputs = self.model(**inputs)
-        if self.head is None:
-            return outputs
-        return self.head(_last_hidden(outputs), inputs.get("attention_mask"))
+        outputs = self.model(**model_inputs(batch, keep_labels=self.head is None))
+        return outputs if self.head is None else self.apply_head(outputs, batch)
+
+    def apply_head(self, outputs, batch: dict) -> Tensor:
+        """The head's output on the model's last hidden states (subclasses may pass more of the batch)."""
+        return self.head(_last_hidden(outputs), batch.get("attention_mask"))
 
     def _loss(self, batch: dict) -> tuple[Tensor, Tensor | None]:
         out = self(batch)
@@ -205,6 +204,15 @@ class MoAModule(L.LightningModule):
             decay = self.weight_decay if name == "experts" else 0.0
             param_groups.append({"params": params, "lr": lrs[name], "weight_decay": decay, "name": name})
         return torch.optim.AdamW(param_groups)
+
+
+NOT_MODEL_INPUTS = ("row",)  # batch keys for the module (a row's position in its split), not for the model
+
+
+def model_inputs(batch: dict, keep_labels: bool) -> dict:
+    """The batch entries the model takes: without ``labels`` when a head computes the loss."""
+    drop = NOT_MODEL_INPUTS if keep_labels else (*NOT_MODEL_INPUTS, "labels")
+    return {k: v for k, v in batch.items() if k not in drop}
 
 
 def _last_hidden(outputs) -> Tensor:

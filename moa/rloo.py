@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lightning import MoAModule, _batch_size, _last_hidden
+from .lightning import MoAModule, _batch_size, model_inputs
 from .model import MoAModel
 
 SampleLoss = Callable[[Any, dict], Tensor]
@@ -100,6 +100,11 @@ def collect_log_probs(model: MoAModel) -> Iterator[list[tuple[str, Tensor]]]:
             handle.remove()
 
 
+def _is_causal_lm(model: MoAModel) -> bool:
+    name = type(model.model).__name__
+    return "CausalLM" in name or "LMHead" in name
+
+
 class RLOOModule(MoAModule):
     """:class:`MoAModule` whose training step runs ``n_samples`` routing draws per example (see the module doc).
 
@@ -123,27 +128,28 @@ class RLOOModule(MoAModule):
             raise ValueError(f"RLOO needs n_samples >= 2 draws per example, got {n_samples!r}")
         if not sampling_routers(model):
             raise ValueError("RLOOModule trains sampling routers (router='remix'); this model has none")
-        if sample_loss is None:
-            if self.head is not None:
-                sample_loss = classification_sample_loss
-            elif "CausalLM" in type(model.model).__name__ or "LMHead" in type(model.model).__name__:
-                sample_loss = causal_lm_sample_loss
-            else:
-                raise ValueError(
-                    f"no default per-example loss for {type(model.model).__name__} without a head: pass sample_loss=..."
-                )
-        self.n_samples, self.sample_loss = n_samples, sample_loss
+        # sample_loss None: chosen when training needs it (a head may still be built in configure_model)
+        self.n_samples, self._sample_loss = n_samples, sample_loss
+
+    @property
+    def sample_loss(self) -> SampleLoss:
+        """The per-example loss: the one given, else cross-entropy of the head, else the causal-LM token loss."""
+        if self._sample_loss is not None:
+            return self._sample_loss
+        if self.head is not None:
+            return classification_sample_loss
+        if _is_causal_lm(self.model):
+            return causal_lm_sample_loss
+        raise ValueError(f"no default per-example loss for {type(self.model.model).__name__} without a head: "
+                         "pass sample_loss=...")
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         size, copies = _batch_size(batch), self.n_samples
         repeated = repeat_batch(batch, copies)
-        inputs = dict(repeated)
-        if self.head is not None:
-            inputs.pop("labels", None)
         with collect_log_probs(self.model) as log_probs:
-            outputs = self.model(**inputs)
+            outputs = self.model(**model_inputs(repeated, keep_labels=self.head is None))
         if self.head is not None:
-            outputs = self.head(_last_hidden(outputs), inputs.get("attention_mask"))
+            outputs = self.apply_head(outputs, repeated)
         losses = self.sample_loss(outputs, repeated)
         if losses.shape != (copies * size,):
             raise ValueError(f"sample_loss must return one loss per example ({copies * size},), got {tuple(losses.shape)}")

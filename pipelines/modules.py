@@ -177,12 +177,10 @@ class MoAClassifier(MoAModule):
         if saved is not None and self.names is not None and saved != self.names:
             raise ValueError(f"the checkpoint was trained on tasks and labels {saved}; the data has {self.names}")
 
-    def forward(self, batch: dict) -> Tensor:
+    def apply_head(self, outputs, batch: dict) -> Tensor:
         if not isinstance(self.head, TaskLabelHead):
-            return super().forward({k: v for k, v in batch.items() if k != "row"})
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "row")}
-        hidden = self.model(**inputs).last_hidden_state
-        return self.head(hidden, inputs.get("attention_mask"), batch["task_ids"])
+            return super().apply_head(outputs, batch)
+        return self.head(outputs.last_hidden_state, batch.get("attention_mask"), batch["task_ids"])
 
     def _loss(self, batch: dict):
         loss, logits = super()._loss(batch)

@@ -272,8 +272,8 @@ def test_repeat_batch_and_errors():
     model = toy_model()
     with pytest.raises(ValueError, match="n_samples >= 2"):
         RLOOModule(model, n_samples=1, sample_loss=toy_loss)
-    with pytest.raises(ValueError, match="sample_loss"):
-        RLOOModule(model, n_samples=2)
+    with pytest.raises(ValueError, match="sample_loss"):  # no head, not a causal LM: refused when it would train
+        RLOOModule(model, n_samples=2).sample_loss
     with pytest.raises(ValueError, match="none"):
         RLOOModule(moa.attach(tiny_llama(), moa.MoAConfig(n_experts=2, r=2, top_k=1)), n_samples=2)
     with pytest.raises(ValueError, match="granularity"):

@@ -12,10 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
 TEXT_CONFIGS = ["topk", "static", "poly", "mhr", "flylora", "remix", "hypelora"]
-BROKEN = {  # configs the modules cannot run yet (the reason is the failure seen)
-    "remix": "RLOOClassifier without n_classes: RLOOModule picks its per-example loss from a head that "
-             "MoAClassifier.configure_model builds only later (and its training_step calls the head without task ids)",
-}
+BROKEN: dict[str, str] = {}  # configs the modules cannot run yet (the reason is the failure seen)
 
 
 def tiny_tasks(folder: Path) -> None:
