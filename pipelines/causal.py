@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
-import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,7 +30,7 @@ import moa
 from moa.lightning import MoAModule
 from moa.routers import CONTEXT_KEYS
 
-from .modules import minilm_dir
+from .modules import metric_name, minilm_dir
 
 MINILM_VOCAB = 30522
 MINILM_SPECIAL = dict(pad_token_id=0, bos_token_id=101, eos_token_id=102)  # [PAD], [CLS], [SEP] (eos of the data)
@@ -85,10 +84,6 @@ def rouge_l(prediction: str, reference: str) -> float:
     from torchmetrics.functional.text.rouge import rouge_score
 
     return float(rouge_score(prediction, reference, rouge_keys="rougeL")["rougeL_fmeasure"])
-
-
-def _metric_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.\- ]", "_", str(name))  # MLflow metric names; no '/' inside a task name
 
 
 class MoACausalLM(MoAModule):
@@ -289,7 +284,7 @@ class MoACausalLM(MoAModule):
 
         add(stage, slice(None))
         for task in range(n):
-            add(f"{stage}/{_metric_name(self._task_name(task))}", slice(task, task + 1))
+            add(f"{stage}/{metric_name(self._task_name(task))}", slice(task, task + 1))
         for name, value in metrics.items():
             self.log(name, value, prog_bar=name == f"{stage}/loss", sync_dist=False)
 

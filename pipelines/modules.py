@@ -8,6 +8,7 @@ model folder), attaches a MoA pool with the given router, and trains it with a c
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,11 @@ class TaskLabelHead(nn.Module):
         scores = self.scores(hidden, attention_mask)
         logits = scores.gather(1, self.index[task_ids])
         return logits.masked_fill(~self.valid[task_ids], torch.finfo(logits.dtype).min)
+
+
+def metric_name(name: str) -> str:
+    """A task or label name as a metric-name part: MLflow keeps ``[A-Za-z0-9_.- ]`` (and ``/``, which would nest)."""
+    return re.sub(r"[^A-Za-z0-9_.\- ]", "_", str(name))
 
 
 def macro_f1(pred: Tensor, target: Tensor) -> float:
@@ -215,8 +221,8 @@ class MoAClassifier(MoAModule):
             rows = tasks == index
             if rows.any():
                 f1s.append(macro_f1(preds[rows], labels[rows]))
-                self.log(f"{stage}/{task}/accuracy", (preds[rows] == labels[rows]).float().mean())
-                self.log(f"{stage}/{task}/macro_f1", f1s[-1])
+                self.log(f"{stage}/{metric_name(task)}/accuracy", (preds[rows] == labels[rows]).float().mean())
+                self.log(f"{stage}/{metric_name(task)}/macro_f1", f1s[-1])
         self.log(f"{stage}/macro_f1", sum(f1s) / len(f1s))
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:

@@ -125,12 +125,12 @@ def test_fit_logs_to_mlflow_then_test_resume_validate_and_predict(tmp_path, monk
     assert main(["test", "-c", config, "--ckpt_path", str(last), "--trainer.limit_test_batches", "2", *SMALL]) == 0
     runs = runs_of(tmp_path / "mlflow.db", "moa-routers")[1]
     tested = next(r for r in runs if r.info.run_id != run.info.run_id)
-    assert len(runs) == 2 and tested.info.run_name == "topk-test" and tested.info.status == "FINISHED"
+    assert len(runs) == 2 and tested.info.run_name == "topk-E4-k2-test" and tested.info.status == "FINISHED"
     assert tested.data.tags["mlflow.parentRunId"] == run.info.run_id
     assert {"test/loss", "test/accuracy"} <= set(tested.data.metrics) and tested.data.params["model.router"] == "topk"
 
     # resume for one more epoch, on a team store named by MLFLOW_TRACKING_URI: a new run there (the checkpoint's
-    # run is not in that store), named by the config's run_name; nothing new in ./mlflow.db
+    # run is not in that store), named after the adapters; nothing new in ./mlflow.db
     team = tmp_path / "team.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{team}")
     assert main(["fit", "-c", config, "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "4",
@@ -138,7 +138,7 @@ def test_fit_logs_to_mlflow_then_test_resume_validate_and_predict(tmp_path, monk
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert len(runs_of(tmp_path / "mlflow.db", "moa-routers")[1]) == 2
     team_client, team_runs = runs_of(team, "moa-routers")
-    assert [(r.info.run_name, r.info.status) for r in team_runs] == [("topk", "FINISHED")]
+    assert [(r.info.run_name, r.info.status) for r in team_runs] == [("topk-E4-k2", "FINISHED")]
     resumed = team_runs[0]
     assert [m.value for m in team_client.get_metric_history(resumed.info.run_id, "epoch")][-1] == 2
     resumed_last = tmp_path / "runs" / resumed.info.experiment_id / resumed.info.run_id / "checkpoints" / "last.ckpt"
