@@ -147,10 +147,7 @@ class RLOOModule(MoAModule):
         size, copies = _batch_size(batch), self.n_samples
         repeated = repeat_batch(batch, copies)
         with collect_log_probs(self.model) as log_probs:
-            outputs = self.model(**model_inputs(repeated, keep_labels=self.head is None))
-        if self.head is not None:
-            outputs = self.apply_head(outputs, repeated)
-        losses = self.sample_loss(outputs, repeated)
+            losses = self.example_losses(repeated)
         if losses.shape != (copies * size,):
             raise ValueError(f"sample_loss must return one loss per example ({copies * size},), got {tuple(losses.shape)}")
         losses = losses.view(copies, size)
@@ -167,6 +164,13 @@ class RLOOModule(MoAModule):
             if values:
                 self.log(f"train/{stat}", torch.stack(values).float().mean(), batch_size=size)
         return total
+
+    def example_losses(self, batch: dict) -> Tensor:
+        """``[B]``: each example's loss under this call's routing draws (subclasses with their own loss override)."""
+        outputs = self.model(**model_inputs(batch, keep_labels=self.head is None))
+        if self.head is not None:
+            outputs = self.apply_head(outputs, batch)
+        return self.sample_loss(outputs, batch)
 
     @staticmethod
     def _joint_log_prob(log_probs: list[tuple[str, Tensor]], copies: int, size: int) -> Tensor | None:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 import moa
 from moa.lightning import MoAModule
+from moa.rloo import RLOOModule
 from moa.routers import CONTEXT_KEYS
 
 from .modules import metric_name, minilm_dir
@@ -136,7 +137,7 @@ class MoACausalLM(MoAModule):
         torch.manual_seed(seed)
         model = moa.attach(base, config)
         super().__init__(model, lr=lr, router_lr=router_lr, group_lrs=group_lrs, weight_decay=weight_decay,
-                         aux_loss_weight=aux_loss_weight)
+                         aux_loss_weight=aux_loss_weight, **self._module_options())
         if generate_every_n_epochs < 0:
             raise ValueError(f"generate_every_n_epochs must be >= 0, got {generate_every_n_epochs}")
         self.backbone = backbone
@@ -321,6 +322,30 @@ class MoACausalLM(MoAModule):
         if batch.get("target_text") is not None:
             out["target"] = list(batch["target_text"])
         return out
+
+    def _module_options(self) -> dict[str, Any]:
+        return {}
+
+
+class RLOOCausalLM(MoACausalLM, RLOOModule):
+    """:class:`MoACausalLM` trained with RLOO (:class:`moa.rloo.RLOOModule`), for sampling routers (``remix``);
+    each draw's reward is minus the example's mean target-token loss.
+
+    Args:
+        n_samples: routing draws per example (M >= 2).
+        **kwargs: as for :class:`MoACausalLM`.
+    """
+
+    def __init__(self, n_samples: int = 4, **kwargs):
+        self._n_samples = n_samples
+        super().__init__(**kwargs)
+
+    def _module_options(self) -> dict[str, Any]:
+        return {"n_samples": self._n_samples}
+
+    def example_losses(self, batch: dict) -> Tensor:
+        sums, counts = self.token_losses(batch)
+        return sums / counts.clamp_min(1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
