@@ -234,7 +234,7 @@ class _TaskSkillRouter(Router):
         if spec.alpha is None:  # Poly / MHR scale the update by 1/r (alpha = 1) in mttl and PEFT
             spec = dataclasses.replace(spec, alpha=1.0)
         pool = build_pool(kind, spec, shared)
-        if not (hasattr(pool, "A") and hasattr(pool, "B")):
+        if not callable(getattr(type(pool), "factors", None)):  # the class, so generated factors are not built yet
             raise ValueError(f"router {self.name!r} mixes skill parameters: expert kind {kind!r} has no A and B factors")
         if isinstance(pool, LoRAPool):
             init_skills_like_mttl(pool)

@@ -746,3 +746,32 @@ def test_merge_and_peft_export_refuse_parameter_mixing_routers(tmp_path):
         moa.to_peft(model, tmp_path / "out", route=0)
     with pytest.raises(ValueError, match="mixes expert parameters"):
         model.merge(0)
+
+
+def test_poly_mixes_hypernetwork_generated_skills():
+    """Poly over HypeLoRA's generated experts: the layer computes W0 x + s B_t A_t x with the generated skills
+    mixed by the task's weights (checked by hand on one layer)."""
+    torch.manual_seed(0)
+    base = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64))
+    model = moa.attach(base, moa.MoAConfig(n_experts=3, r=4, router="poly", router_options={"n_tasks": 2},
+                                           expert_kind="hyper", target_modules=["query", "value"])).eval()
+    with torch.no_grad():  # the hypernetwork starts with B = 0 (PEFT's start): move it off zero
+        for p in model.shared.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.shared.apply(lambda m: getattr(m, "invalidate", lambda: None)())
+    name, layer = next(iter(model.moa_layers().items()))
+    seen = {}
+    handle = layer.register_forward_hook(lambda module, args, out: seen.update(x=args[0], y=out))
+    with torch.no_grad():
+        model(input_ids=torch.randint(1, 50, (2, 5)), task_ids=torch.tensor([1, 0]))
+    handle.remove()
+    A, B = layer.pool.A, layer.pool.B  # generated [K, r, d_in], [K, d_out, r]
+    s = torch.sigmoid(layer.router.logits_module.logits.detach())
+    w = s / (s.sum(-1, keepdim=True) + 1e-12)
+    for row, task in enumerate([1, 0]):
+        A_t, B_t = torch.einsum("k,kri->ri", w[task], A), torch.einsum("k,kor->or", w[task], B)
+        x = seen["x"][row]
+        update = layer.pool.scaling * x @ A_t.T @ B_t.T
+        assert update.abs().max() > 1e-4  # the generated skills are not zero: the check has teeth
+        torch.testing.assert_close(seen["y"][row], layer.base_layer(x) + update, rtol=1e-4, atol=1e-5)
