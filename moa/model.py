@@ -9,18 +9,18 @@ import numbers
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from moa.experts import PoolSpec
 from moa.routers import CONTEXT_KEYS, RoutingContext, build_router
 
+from .atomic import atomic_folder, atomic_write, read_json, read_safetensors, readable, verify  # noqa: F401 (atomic_write: re-exported)
 from .config import CONFIG_NAME, MoAConfig
 from .layer import ContextSlot, MoALinear, linear_shape
 
@@ -205,13 +205,14 @@ class MoAModel(nn.Module):
 
     # -- persistence ---------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
-        """Write ``moa_config.json`` and ``moa_model.safetensors`` (no pickle). Each file is replaced atomically.
+        """Write ``moa_config.json`` and ``moa_model.safetensors`` (no pickle), with their sha256 in
+        ``moa_manifest.json``. The folder is replaced as a whole (:func:`moa.atomic.atomic_folder`): a kill at any
+        moment leaves the old save or the new one; other files in it (a tokenizer) are kept.
 
         The config records where the base model comes from (``base_model_name_or_path``, by default the folder or
         name it was loaded from with ``from_pretrained``) and its class, so :func:`load` can rebuild it.
         """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         base_config = getattr(self.model, "config", None)
         meta = {
             "format": "moa",
@@ -223,8 +224,9 @@ class MoAModel(nn.Module):
             "base_model_name_or_path": base_model_name_or_path or getattr(base_config, "_name_or_path", None) or None,
         }
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.moa_state_dict().items()}
-        atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-        atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2)))
+        with atomic_folder(directory, keep_others=True) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         return directory
 
     # -- merging and unloading -----------------------------------------------------------------------------
@@ -276,19 +278,6 @@ def route_to_mixture(route: int | Sequence[float] | Tensor, n_experts: int) -> T
     if mixture.numel() != n_experts:
         raise ValueError(f"a fixed route needs one weight per expert ({n_experts}), got {mixture.numel()}")
     return mixture
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` into a temporary file next to ``path``, then rename it over ``path``: readers see the old
-    file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -417,12 +406,13 @@ def load(directory: str | os.PathLike, base_model: nn.Module | None = None) -> M
     Without ``base_model``, the base is loaded with ``from_pretrained`` from the path recorded at save time (see
     :meth:`MoAModel.save_pretrained`), with the class it had.
     """
-    directory = Path(directory)
+    directory = readable(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: {directory} is not a saved MoA model")
-    meta = json.loads(config_path.read_text())
+    verify(directory, [CONFIG_NAME, WEIGHTS_NAME])  # sha256 of each file recorded at save (older saves: none)
+    meta = read_json(config_path)
     if meta.get("format") != "moa" or meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{config_path} is not a MoA config this version can read (format {meta.get('format_version')})")
     config = MoAConfig.from_dict(meta["config"])
@@ -431,7 +421,7 @@ def load(directory: str | os.PathLike, base_model: nn.Module | None = None) -> M
     missing = [name for name in meta["layers"] if not _has_submodule(base_model, name)]
     if missing:
         raise ValueError(f"the base model has no modules {missing[:5]}: it is not the model these MoA layers were saved from")
-    state = load_file(str(weights_path))
+    state = read_safetensors(weights_path)
     moa_model = attach(base_model, config, layers=meta["layers"])
     try:
         load_moa_state(moa_model, state, source=str(weights_path))

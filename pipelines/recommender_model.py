@@ -20,7 +20,8 @@ class MoARecommender(mlflow.pyfunc.PythonModel):
 
         artifacts = context.artifacts
         self.service = RecommendationService.from_files(
-            artifacts["recommenders"], artifacts["items"], artifacts["service"], artifacts.get("item_tables"))
+            artifacts["recommenders"], artifacts["items"], artifacts["service"], artifacts.get("item_tables"),
+            artifacts.get("manifest"))
 
     def predict(self, context, model_input, params=None):
         """A DataFrame in and out, checked against the logged signature (no type hints: those would make MLflow

@@ -12,7 +12,8 @@ A *bundle* is a folder of plain files (no pickle):
   serving never runs the item encoder;
 * ``service.json``: domains and their recommender, limits (``max_history``, ``max_k``), the item-id type and the
   validation metrics;
-* ``config.yaml`` (optional): the training config.
+* ``config.yaml`` (optional): the training config;
+* ``moa_manifest.json``: the sha256 and size of every file, checked at load (a corrupted file is named).
 
 :class:`RecommendationService` answers rows ``(history of item ids, domain)`` with the ``k`` best unseen items of
 that domain and their scores. Rows of different domains in one call are grouped by domain, and each group goes
@@ -32,8 +33,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from moa.atomic import MANIFEST, atomic_folder, read_json, read_safetensors, readable, verify
 from moa.recsys.data import RecDataset, left_pad
 
 SERVICE_FILE, ITEMS_FILE, TABLES_FILE, RECOMMENDERS_DIR, CONFIG_FILE = (
@@ -59,11 +61,16 @@ def write_bundle(directory: str | Path, recommenders: Mapping[str, Any], items: 
                  metrics: Mapping[str, float] | None = None, config_yaml: str | Path | None = None,
                  max_history: int = MAX_HISTORY, max_k: int = MAX_K) -> Path:
     """Write the serving bundle of trained recommenders (``{key: recommender}``; a domain served by several goes
-    to the last one) and return the folder (see the module docstring)."""
-    directory = Path(directory)
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
+    to the last one) and return the folder (see the module docstring). The folder is replaced as a whole
+    (:func:`moa.atomic.atomic_folder`, with ``moa_manifest.json``): a kill at any moment leaves the old bundle or
+    the new one."""
+    target = Path(directory)
+    with atomic_folder(target) as directory:  # the whole bundle is swapped in at the end, or nothing
+        _write_bundle(directory, recommenders, items, metrics, config_yaml, max_history, max_k)
+    return target
+
+
+def _write_bundle(directory: Path, recommenders, items, metrics, config_yaml, max_history, max_k) -> None:
     routes: dict[str, str] = {}
     for key, recommender in recommenders.items():
         if not key or "/" in key or key.startswith("."):
@@ -90,14 +97,13 @@ def write_bundle(directory: str | Path, recommenders: Mapping[str, Any], items: 
     (directory / SERVICE_FILE).write_text(json.dumps(meta, indent=2))
     if config_yaml is not None:
         shutil.copyfile(config_yaml, directory / CONFIG_FILE)
-    return directory
 
 
 def bundle_artifacts(directory: str | Path) -> dict[str, str]:
     """The bundle's parts as MLflow pyfunc ``artifacts`` (name -> local path)."""
-    directory = Path(directory)
+    directory = readable(directory)
     parts = {"recommenders": RECOMMENDERS_DIR, "items": ITEMS_FILE, "item_tables": TABLES_FILE,
-             "service": SERVICE_FILE, "config": CONFIG_FILE}
+             "service": SERVICE_FILE, "config": CONFIG_FILE, "manifest": MANIFEST}
     return {name: str(directory / rel) for name, rel in parts.items() if (directory / rel).exists()}
 
 
@@ -136,19 +142,27 @@ class RecommendationService:
 
     @classmethod
     def from_files(cls, recommenders: str | Path, items: str | Path, service: str | Path,
-                   item_tables: str | Path | None = None) -> "RecommendationService":
-        """Load the bundle's parts (``recommenders`` is the folder of recommender folders)."""
+                   item_tables: str | Path | None = None, manifest: str | Path | None = None) -> "RecommendationService":
+        """Load the bundle's parts (``recommenders`` is the folder of recommender folders); with ``manifest`` (the
+        bundle's ``moa_manifest.json``, beside the parts) every file is first checked against its sha256."""
         from moa.recsys.models import load_recommender
 
-        meta = json.loads(Path(service).read_text())
+        if manifest is not None:
+            verify(Path(manifest).parent)
+        meta = read_json(service)
         models = {key: load_recommender(Path(recommenders) / key) for key in sorted(set(meta["routes"].values()))}
-        tables = load_file(str(item_tables)) if item_tables is not None else None
-        return cls(models, pd.read_parquet(items), meta, tables)
+        tables = read_safetensors(item_tables) if item_tables is not None else None
+        try:
+            frame = pd.read_parquet(items)
+        except Exception as error:  # noqa: BLE001 - re-raised with the file's name
+            raise ValueError(f"cannot read the item table {items}: {error}") from error
+        return cls(models, frame, meta, tables)
 
     @classmethod
     def from_bundle(cls, directory: str | Path) -> "RecommendationService":
         parts = bundle_artifacts(directory)
-        return cls.from_files(parts["recommenders"], parts["items"], parts["service"], parts.get("item_tables"))
+        return cls.from_files(parts["recommenders"], parts["items"], parts["service"], parts.get("item_tables"),
+                              parts.get("manifest"))
 
     def n_items(self, domain: str) -> int:
         return len(self.index_of[domain])

@@ -37,12 +37,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import moa
 from moa import MoAConfig, MoALinear
-from moa.model import atomic_write
+from moa.atomic import atomic_folder, read_json, read_safetensors, readable, verify
 
 from .baselines import TransformerBlock
 from .data import PAD, LeaveOneOut, left_pad
@@ -740,13 +740,13 @@ class TextSeqRecommender(nn.Module):
 
     # -- persistence
     def save(self, directory: str | os.PathLike, *, include_encoder: bool | None = None) -> Path:
-        """Write ``recommender.json`` and ``recommender.safetensors`` (catalogue token ids, adapters, user encoders).
+        """Write ``recommender.json`` and ``recommender.safetensors`` (catalogue token ids, adapters, user encoders)
+        with their sha256 in ``moa_manifest.json``, as one folder swapped in whole (:func:`moa.atomic.atomic_folder`).
 
         The pretrained encoder's weights are referenced by ``config.encoder`` (a path) and not copied, unless
         ``include_encoder`` (default: only when the encoder has no path, e.g. built from a config).
         """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         backbone = self.item_encoder.backbone
         if include_encoder is None:
             include_encoder = self.config.encoder is None and not _is_minilm(backbone)
@@ -768,8 +768,9 @@ class TextSeqRecommender(nn.Module):
             "catalogues": sorted(self.item_encoder.catalogues),
         }
         tensors = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
-        atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-        atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))
+        with atomic_folder(directory, keep_others=True) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         return directory
 
     @classmethod
@@ -829,16 +830,17 @@ def load_recommender(directory: str | os.PathLike, backbone: nn.Module | None = 
     The pretrained encoder comes from the saved weights when they were included, else from ``backbone`` or the
     saved ``config.encoder`` path (default: the installed all-MiniLM-L6-v2).
     """
-    directory = Path(directory)
+    directory = readable(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: {directory} is not a saved recommender")
-    meta = json.loads(config_path.read_text())
+    verify(directory, [CONFIG_FILE, WEIGHTS_FILE])  # sha256 recorded at save (folders saved before: none)
+    meta = read_json(config_path)
     if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{config_path} is not a recommender this version can read")
     config = RecommenderConfig.from_dict(meta["config"])
-    tensors = load_file(str(weights_path))
+    tensors = read_safetensors(weights_path)
     if backbone is None:
         if meta["encoder_included"]:
             from transformers import CONFIG_MAPPING, AutoModel

@@ -57,8 +57,9 @@ def ids_of(items, domain, n):
 def test_bundle_files_and_cached_item_tables(world):
     bundle = world["bundle"]
     names = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
-    assert names == {"service.json", "items.parquet", "item_tables.safetensors",
-                     "recommenders/experts/recommender.json", "recommenders/experts/recommender.safetensors"}
+    assert names == {"service.json", "items.parquet", "item_tables.safetensors", "moa_manifest.json",
+                     "recommenders/experts/recommender.json", "recommenders/experts/recommender.safetensors",
+                     "recommenders/experts/moa_manifest.json"}
     assert not [n for n in names if n.endswith((".pkl", ".pt", ".ckpt"))]
     meta = json.loads((bundle / SERVICE_FILE).read_text())
     assert meta["routes"] == {"comedy": "experts", "drama": "experts"} and meta["item_id_type"] == "long"
@@ -120,7 +121,8 @@ def test_logged_from_code_with_signature_and_no_pickle(world, store):
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
     assert {"artifacts/recommenders/experts/recommender.safetensors", "artifacts/items.parquet",
-            "artifacts/item_tables.safetensors", "artifacts/service.json", "input_example.json",
+            "artifacts/item_tables.safetensors", "artifacts/service.json", "artifacts/moa_manifest.json",
+            "input_example.json",
             "serving_input_example.json"} <= files
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     assert mlmodel["flavors"]["python_function"]["model_code_path"].endswith("recommender_model.py")
