@@ -30,9 +30,9 @@ rows per label (a fresh head for it trains too), for ``--transfer-steps`` steps;
 trained on the same shots for the same steps. The held-out task's test accuracy is reported.
 
 Measured per run: test accuracy per task; trainable parameters (adapters and routers, heads excluded: every method
-has the same head); activated adapter parameters per token; the median wall time of a training step (Lightning's
-``on_train_batch_start`` to ``on_train_batch_end``: forward, backward, optimizer step; the memory-probe steps and the
-first 10 % dropped), all methods in one process, interleaved (each seed runs every method, in an order rotated per seed);
+has the same head); activated adapter parameters per token; the median wall time of a training step (``training_step``, backward,
+AdamW step), the methods taking turns step by step on the same batches after the runs (``--timing-steps``), so a
+change of the machine's load hits all alike (each run's own median inside its fit goes to MLflow too);
 and the peak training memory beyond the frozen model over the first 8 steps (the same batches for every method
 of a seed): the bytes autograd saves for backward (every saved tensor's
 storage once, parameters excluded, through ``torch.autograd.graph.saved_tensors_hooks``) plus the trainable
@@ -202,7 +202,7 @@ class StepProbe(L.Callback):
 
     def median_step(self) -> float:
         """The median over the steps after the memory probe and the first 10 %."""
-        return statistics.median(self.times[max(self.memory_steps, len(self.times) // 10):])
+        return statistics.median(self.times[max(self.memory_steps, len(self.times) // 10):] or self.times)
 
 
 def adapter_module(module) -> torch.nn.Module:
@@ -331,6 +331,36 @@ def run_method(method: str, args, data: TextData, seed: int) -> dict:
     return result
 
 
+def time_interleaved(args, folder: Path, methods: list[str], steps: int) -> dict[str, float]:
+    """Median training-step time per method, interleaved step by step: each method is set up by a 1-step fit
+    (Lightning builds the per-task head and the optimizer groups), then the methods take turns on the same batches
+    (``training_step``, backward, AdamW step, as Lightning's automatic optimization does), so a change of the
+    machine's load hits every method alike. The first 3 rounds are dropped."""
+    data = text_data(args, folder, 0)
+    modules, optimizers = {}, {}
+    for method in methods:
+        module, _ = build(method, args, data, 0, len(data.task_names))
+        fit(module, data, 1, None)
+        module._trainer = None  # self.log outside a Trainer only warns
+        module.train()
+        modules[method], optimizers[method] = module, module.configure_optimizers()
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    loader = iter(data.train_dataloader())
+    for step in range(steps + 3):
+        batch = next(loader)
+        for method, module in modules.items():
+            t0 = time.perf_counter()
+            loss = module.training_step(dict(batch), step)
+            optimizers[method].zero_grad()
+            loss.backward()
+            optimizers[method].step()
+            if step >= 3:
+                times[method].append(time.perf_counter() - t0)
+    medians = {m: statistics.median(t) for m, t in times.items()}
+    print("  interleaved step times: " + ", ".join(f"{m} {1e3 * t:.0f} ms" for m, t in medians.items()), flush=True)
+    return medians
+
+
 def fewshot_files(folder: Path, out: Path, heldout: str, shots: int, seed: int) -> None:
     """``out/seen/`` (every task but ``heldout``) and ``out/shots/`` (``shots`` training rows per label of the
     held-out task, seeded; its full val and test)."""
@@ -388,9 +418,9 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
-def table(results: dict[str, list[dict]], transfer: list[dict], tasks: list[str], args) -> str:
+def table(results: dict[str, list[dict]], transfer: list[dict], tasks: list[str], args, timing: dict | None) -> str:
     base = results["peft-lora"]
-    base_step = statistics.median(r["step_s"] for r in base)
+    base_step = timing["peft-lora"] if timing else statistics.median(r["step_s"] for r in base)
     base_memory = statistics.median(r["memory"] for r in base)
     lines = ["| method | lr (router lr) | " + " | ".join(tasks) + " | mean | trainable | activated / token | "
              "step time / PEFT | memory / PEFT |", "|---" * (len(tasks) + 7) + "|"]
@@ -399,7 +429,7 @@ def table(results: dict[str, list[dict]], transfer: list[dict], tasks: list[str]
         mean = mean_sd([statistics.mean(r["accuracy"].values()) for r in runs])
         lr = runs[0]["lr"]
         rate = f"{lr['lr']:g}" if method == "peft-lora" or lr["router_lr"] == lr["lr"] else f"{lr['lr']:g} ({lr['router_lr']:g})"
-        step = statistics.median(r["step_s"] for r in runs) / base_step
+        step = (timing[method] if timing else statistics.median(r["step_s"] for r in runs)) / base_step
         memory = statistics.median(r["memory"] for r in runs) / base_memory
         lines.append(f"| {method} | {rate} | " + " | ".join(cells) + f" | {mean} | {runs[0]['trainable']:,} | "
                      f"{runs[0]['active']:,} | {step:.2f} | {memory:.2f} |")
@@ -419,7 +449,7 @@ def table(results: dict[str, list[dict]], transfer: list[dict], tasks: list[str]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, 20 steps, 10 transfer steps")
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--layers", type=int, default=2, help="adapt the top N MiniLM layers (query, value)")
@@ -433,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shots", type=int, default=8, help="training rows per label of the held-out task")
     parser.add_argument("--transfer-steps", type=int, default=40)
     parser.add_argument("--no-transfer", action="store_true")
+    parser.add_argument("--timing-steps", type=int, default=40,
+                        help="rounds of the interleaved step timing (0: none; the table then uses the per-run medians)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", default=None, help="where to write the ml-100k text tasks (default: a temp folder)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
@@ -445,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.transfer_steps = args.seeds[:1], min(args.steps, 20), min(args.transfer_steps, 10)
+        args.timing_steps = min(args.timing_steps, 10)
     if "peft-lora" not in args.methods:
         args.methods = ["peft-lora", *args.methods]
     torch.set_num_threads(args.threads)
@@ -470,10 +503,11 @@ def main(argv: list[str] | None = None) -> int:
                 results[method].append(run_method(method, args, data, seed))
             if not args.no_transfer:
                 transfer.append(run_transfer(args, folder, seed, Path(tmp) / f"transfer-{seed}"))
+        timing = time_interleaved(args, folder, args.methods, args.timing_steps) if args.timing_steps > 0 else None
     if args.save_json:
-        Path(args.save_json).write_text(json.dumps({"results": results, "transfer": transfer, "tasks": tasks,
+        Path(args.save_json).write_text(json.dumps({"results": results, "transfer": transfer, "tasks": tasks, "timing": timing,
                                                     "seconds": time.perf_counter() - started, "seeds": args.seeds}))
-    return report(args, command, results, transfer, tasks, time.perf_counter() - started)
+    return report(args, command, results, transfer, tasks, time.perf_counter() - started, timing)
 
 
 def merge(args, command: str) -> int:
@@ -482,13 +516,26 @@ def merge(args, command: str) -> int:
     transfer = [t for p in parts for t in p["transfer"]]
     args.seeds = [s for p in parts for s in p["seeds"]]
     seconds = max(p["seconds"] for p in parts)
+    timing = next((p["timing"] for p in parts if p.get("timing")), None)
     return report(args, command + f"   # merging {len(parts)} processes run side by side", results, transfer,
-                  parts[0]["tasks"], seconds)
+                  parts[0]["tasks"], seconds, timing)
 
 
-def report(args, command: str, results: dict, transfer: list, tasks: list[str], seconds: float) -> int:
+def report(args, command: str, results: dict, transfer: list, tasks: list[str], seconds: float,
+           timing: dict | None) -> int:
     base = results["peft-lora"][0]
-    body = table(results, transfer, tasks, args)
+    body = table(results, transfer, tasks, args, timing)
+    if timing:
+        step_note = (f"Step time: median training-step wall time (training_step, backward, AdamW step) with the methods "
+                     f"taking turns step by step on the same {args.timing_steps} batches (seed 0, after a 1-step "
+                     f"Lightning fit that sets each module up; first 3 rounds dropped), ratio to PEFT LoRA's "
+                     f"({1e3 * timing['peft-lora']:.0f} ms). The per-run medians inside the fits (MLflow "
+                     f"`step_time_ms`) are not compared: on this shared machine the load changes between runs.")
+    else:
+        step_note = (f"Step time: median training-step wall time inside each fit (Lightning batch start to batch end; "
+                     f"the 8 memory-probe steps and the first 10 % dropped), methods run one after the other per "
+                     f"seed; ratio of the medians over seeds to PEFT LoRA's "
+                     f"({1e3 * statistics.median(r['step_s'] for r in results['peft-lora']):.0f} ms).")
     notes = f"""
 Notes. MiniLM-L6 (pretrained, frozen, dropout on as in training mode), adapters on query and value of its top
 {args.layers} layers ({targets(args.layers)}), the same for every method; max_length {args.max_length}, batch
@@ -502,9 +549,7 @@ MHR: 4 x rank {args.rank}; FlyLoRA: rank {4 * args.rank} = 32 rank-1 experts, to
 alpha = the expert rank (scale 1) everywhere. ReMix trains with RLOO, M={args.rloo_samples} draws per example
 (the step runs M x the rows). Trainable: adapter and router parameters (heads excluded; every method has the same
 per-task head, {sum(HIDDEN * c + c for c in [4, 3, 4, 6]):,} parameters). Activated / token: the adapter parameters one token's output
-uses (see `active_params` in the bench). Step time: median training-step wall time (forward, backward, optimizer
-step; Lightning batch start to batch end; the 8 memory-probe steps and the first 10 % dropped), all runs of a seed in one process, methods interleaved per
-seed, ratio of the medians over seeds to PEFT LoRA's ({1e3 * statistics.median(r['step_s'] for r in results['peft-lora']):.0f} ms).
+uses (see `active_params` in the bench). {step_note}
 Memory: peak training memory beyond the frozen model over the first 8 steps = bytes autograd saved for backward (unique storages,
 parameters excluded) + trainable parameters, gradients and AdamW moments; ratio to PEFT LoRA's
 ({base['memory'] / 2**20:.1f} MiB: {base['saved_bytes'] / 2**20:.1f} MiB saved activations). Transfer: MHR trained
