@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from moa.experts import ExpertPlan, ExpertPool, choose_impl, grouped_lora
+from moa.experts.kernels.cpp import cpp_expand
 from moa.experts.kernels.fused import dense_expand, fused_shrink, grouped_expand
 from moa.routers import Router, Routing, RoutingContext
 
@@ -137,8 +138,9 @@ class MoALinear(nn.Module):
             if not shrink_in_gemm:
                 h = x_lora @ A.reshape(E * r, -1).t()
             y = dense_expand(y0, h, gate, B, pool.scaling, base.bias)
-        elif impl == "grouped" and same:
-            y = grouped_expand(y0, x_alias if no_dropout else x_lora, A, B, ids, weights * pool.scaling)
+        elif impl in ("grouped", "cpp") and same:  # cpp: the C++ kernel accumulates onto y0 (grouped for fp16/bf16)
+            expand = cpp_expand if impl == "cpp" else grouped_expand
+            y = expand(y0, x_alias if no_dropout else x_lora, A, B, ids, weights * pool.scaling)
         else:  # the triton kernel (CUDA), or factors of another dtype: the routed update, then one add
             y = y0 + grouped_lora(x_lora, A, B, ids, weights, pool.scaling, impl=impl).to(y0.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])

@@ -12,6 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 import moa.layer as layer_mod
 from moa.experts import LoRAPool
+from moa.experts.kernels import cpp as cpp_mod
 from moa.layer import ContextSlot, MoALinear
 from moa.routers import RoutingContext, build_router
 
@@ -35,6 +36,33 @@ def spy(monkeypatch):
 
     monkeypatch.setattr(layer_mod, "fused_shrink", recording)
     return calls
+
+
+class _Ran(list):
+    kind = ""
+
+
+@pytest.fixture(params=["cpp", "torch"])
+def kernel(request, monkeypatch):
+    """The sparse expand under test: the C++ kernel, or (the kernel made unavailable) the grouped PyTorch path.
+    Yields the list of expands that ran."""
+    if request.param == "cpp" and not cpp_mod.available():
+        pytest.skip(f"the C++ kernel is disabled or did not build ({cpp_mod.BUILD_ERROR})")
+    if request.param == "torch":
+        monkeypatch.setattr(cpp_mod, "_tried", True)
+        monkeypatch.setattr(cpp_mod, "_lib", None)
+    ran = _Ran()
+    for name in ("cpp_expand", "grouped_expand"):
+        real = getattr(layer_mod, name)
+        monkeypatch.setattr(layer_mod, name, lambda *a, _real=real, _name=name: (ran.append(_name), _real(*a))[1])
+    ran.kind = request.param
+    yield ran
+
+
+def check_expand(kernel, sparse):
+    """The sparse cases ran the expand of the kernel under test; dense ones neither."""
+    want = {"cpp": "cpp_expand", "torch": "grouped_expand"}[kernel.kind]
+    assert kernel == ([want] * len(kernel) if sparse else []) and (kernel or not sparse)
 
 
 def build(E, r, k, *, base=None, bias=True, dropout=0.0, seed=0, router="topk", **router_options):
@@ -95,7 +123,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("three_d", [False, True], ids=["2d", "3d"])
-def test_fused_layer_matches_loop_reference(case, three_d, spy):
+def test_fused_layer_matches_loop_reference(case, three_d, spy, kernel):
     E, r, k, N = CASES[case]
     layer = build(E, r, k)
     x = torch.randn(N, D_IN, dtype=torch.float64)
@@ -108,10 +136,11 @@ def test_fused_layer_matches_loop_reference(case, three_d, spy):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"output/grad #{i}: {m}")
     assert spy and all(c["gate"] for c in spy)
     assert spy[0]["A"] == case.startswith(("dense", "soft"))  # sparse routing keeps the shrink out of the GEMM
+    check_expand(kernel, case.startswith("grouped"))
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_fused_layer_gradcheck(case, spy):
+def test_fused_layer_gradcheck(case, spy, kernel):
     E, r, k, N = CASES[case]
     layer = build(E, r, k)
     names = ["pool.lora_A", "pool.lora_B", "router.gate.weight"]
@@ -124,10 +153,11 @@ def test_fused_layer_gradcheck(case, spy):
     inputs = [t.detach().clone().requires_grad_() for t in (x, *(params[n] for n in names))]
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=N > 50)
     assert spy
+    check_expand(kernel, case.startswith("grouped"))
 
 
 @pytest.mark.parametrize("impl_case", ["dense", "grouped"])
-def test_empty_experts_and_all_tokens_on_one_expert(impl_case, spy):
+def test_empty_experts_and_all_tokens_on_one_expert(impl_case, spy, kernel):
     E, r, N = (6, 4, 30) if impl_case == "dense" else (24, 8, 150)
     layer = build(E, r, 1)
     x = torch.randn(N, D_IN, dtype=torch.float64)
@@ -145,10 +175,11 @@ def test_empty_experts_and_all_tokens_on_one_expert(impl_case, spy):
     for grad in (grad_A, grad_B):
         assert torch.count_nonzero(grad[others]) == 0 and torch.count_nonzero(grad[2]) > 0
     assert spy[0]["A"] == (impl_case == "dense")
+    check_expand(kernel, impl_case == "grouped")
 
 
 @pytest.mark.parametrize("case", ["dense", "grouped"])
-def test_empty_input(case, spy):
+def test_empty_input(case, spy, kernel):
     E, r, k, _ = CASES[case]
     layer = build(E, r, k).train()
     for shape in ((0, D_IN), (2, 0, D_IN)):
@@ -214,7 +245,7 @@ def test_fallback_to_the_module_path(variant, spy):
 
 
 @pytest.mark.parametrize("case", ["dense", "grouped"])
-def test_lora_dropout_keeps_its_own_shrink_in_training_and_fuses_in_eval(case, spy):
+def test_lora_dropout_keeps_its_own_shrink_in_training_and_fuses_in_eval(case, spy, kernel):
     E, r, k, N = CASES[case]
     layer = build(E, r, k, dropout=0.3).train()
     x = torch.randn(N, D_IN, dtype=torch.float64)
@@ -248,7 +279,7 @@ def test_jitter_routes_through_the_router_then_fuses(spy):
     assert spy == [{"A": True, "gate": True}]
 
 
-def test_static_router_plan_goes_through_the_fused_expand(spy):
+def test_static_router_plan_goes_through_the_fused_expand(spy, kernel):
     layer = build(30, 8, 1, router="static")
     ids = torch.randint(-1, 30, (6,))
     layer._slot.current = RoutingContext(expert_ids=ids)
@@ -261,3 +292,4 @@ def test_static_router_plan_goes_through_the_fused_expand(spy):
         if e >= 0:
             want[b] += pool.scaling * x[b] @ pool.A[e].t() @ pool.B[e].t()
     torch.testing.assert_close(out, want)
+    check_expand(kernel, True)

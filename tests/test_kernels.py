@@ -4,18 +4,28 @@ import pytest
 import torch
 
 from moa.experts import IMPLS, ExpertPlan, LoRAPool, choose_impl, grouped_lora
+from moa.experts.kernels import cpp as cpp_mod
 from moa.experts.kernels import grouped as grouped_mod
 
 # Every CPU implementation by name, so one that is not installed shows as skipped rather than vanishing
 # (triton runs under the interpreter in tests/test_triton_kernel.py).
-IMPL_NAMES = ["loop", "dense", "grouped", "scatter"]
-NOT_INSTALLED = {"scatter": "torch-scatter is not installed (pip install '.[scatter]')"}
+IMPL_NAMES = ["loop", "dense", "grouped", "scatter", "cpp"]
+NOT_INSTALLED = {
+    "scatter": "torch-scatter is not installed (pip install '.[scatter]')",
+    "cpp": "the C++ kernel is disabled (MOA_NO_CPP=1)",
+}
+
+
+def skip_unavailable(name):
+    if name not in IMPLS:
+        pytest.skip(NOT_INSTALLED[name])
+    if name == "cpp" and not cpp_mod.available():
+        pytest.skip(f"the C++ kernel did not build: {cpp_mod.BUILD_ERROR}")
 
 
 @pytest.fixture(params=IMPL_NAMES)
 def impl(request):
-    if request.param not in IMPLS:
-        pytest.skip(NOT_INSTALLED[request.param])
+    skip_unavailable(request.param)
     return request.param
 
 
@@ -199,7 +209,7 @@ def test_shape_errors_name_the_problem():
 
 def test_auto_choice_follows_documented_crossover():
     assert choose_impl(2048, 8, 16, 2) == "dense"  # E*r = 128
-    assert choose_impl(2048, 64, 16, 2) == "grouped"  # E*r = 1024
+    assert choose_impl(2048, 64, 16, 2) == ("cpp" if cpp_mod.available() else "grouped")  # E*r = 1024
     assert choose_impl(4, 64, 16, 2) == "dense"  # a handful of tokens: no sort
     assert choose_impl(2048, 64, 16, None) == "dense"  # soft routing
 
@@ -228,3 +238,131 @@ def test_pool_is_packed_and_views_share_storage():
     expected = 2.0 * x @ pool.A[1].t() @ pool.B[1].t()
     torch.testing.assert_close(pool(x, ids, torch.ones(5, 1)), expected)
     torch.testing.assert_close(pool.delta_weight(torch.tensor([0.0, 1.0, 0.0])), 2.0 * pool.B[1] @ pool.A[1])
+
+
+# --- the C++ kernel (experts/kernels/lora_cpu.cpp) ---------------------------------------------------------------
+
+GRAD_CASES = {
+    # name: (N, d_in, d_out, E, r, k, skew)
+    "k1": (13, 9, 7, 4, 3, 1, None),
+    "empty_experts": (6, 8, 5, 7, 2, 2, None),  # 12 pairs over 7 experts, at least one empty
+    "one_expert": (10, 8, 6, 5, 3, 1, 2),  # every token on expert 2, the others empty
+    "one_expert_k2": (10, 8, 6, 5, 3, 2, 2),  # top-1 expert 2 for all, second slot spread
+}
+
+
+@pytest.mark.parametrize("case", GRAD_CASES)
+def test_gradcheck_edge_cases(impl, case):
+    N, d_in, d_out, E, r, k, skew = GRAD_CASES[case]
+    x, A, B, ids, w = make(N, d_in, d_out, E, r, k, dtype=torch.float64, seed=4, skew=skew)
+    if case == "one_expert":
+        assert (ids == 2).all()
+    if case == "empty_experts":
+        assert (torch.bincount(ids.reshape(-1), minlength=E) == 0).any()
+    inputs = [t.requires_grad_() for t in (x, A, B, w)]
+    assert torch.autograd.gradcheck(lambda x, A, B, w: grouped_lora(x, A, B, ids, w, 0.7, impl=impl), inputs)
+
+
+def test_gradcheck_three_d_and_empty(impl):
+    x, A, B, ids, w = make(2 * 5, 8, 6, 4, 3, 2, dtype=torch.float64, seed=5)
+    ids3 = ids.view(2, 5, 2)
+    inputs = [x.view(2, 5, 8).requires_grad_(), A.requires_grad_(), B.requires_grad_(), w.view(2, 5, 2).requires_grad_()]
+    assert torch.autograd.gradcheck(lambda x, A, B, w: grouped_lora(x, A, B, ids3, w, 0.7, impl=impl), inputs)
+    empty = [x.new_zeros(0, 8).requires_grad_(), A, B, w.new_zeros(0, 2).requires_grad_()]
+    assert torch.autograd.gradcheck(
+        lambda x, A, B, w: grouped_lora(x, A, B, ids.new_zeros(0, 2), w, 0.7, impl=impl), empty
+    )
+
+
+@pytest.fixture
+def cpp():
+    skip_unavailable("cpp")
+
+
+# sizes that exercise the vector chunks, the single-vector loop and the scalar tail of every kernel loop (fp64:
+# 8 lanes, chunks of 32; fp32: 16 lanes, chunks of 64), rank remainders of the 4-row tiles, tiles of fewer than 4
+# pairs, and the bench shape
+CPP_SHAPES = [
+    (70, 100, 70, 6, 5, 2),
+    (33, 64, 40, 4, 16, 3),
+    (9, 768, 768, 64, 16, 2),
+    (300, 768, 768, 64, 16, 2),
+    (41, 13, 130, 3, 1, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("shape", CPP_SHAPES)
+def test_cpp_matches_loop_forward_and_backward(cpp, shape, dtype):
+    x, A, B, ids, w = make(*shape, dtype=dtype, seed=6)
+    g = torch.randn(shape[0], shape[2], generator=torch.Generator().manual_seed(7), dtype=dtype)
+    results = {}
+    for impl in ("loop", "cpp"):
+        leaves = [t.clone().requires_grad_() for t in (x, A, B, w)]
+        out = grouped_lora(*leaves[:3], ids, leaves[3], 0.5, impl=impl)
+        out.backward(g)
+        results[impl] = [out.detach()] + [t.grad for t in leaves]
+    tol = {"rtol": 1e-11, "atol": 1e-11} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 2e-4}
+    for i, (got, want) in enumerate(zip(results["cpp"], results["loop"])):
+        torch.testing.assert_close(got, want, **tol, msg=lambda m: f"output/grad #{i}: {m}")
+
+
+def test_cpp_two_threads_bitwise_equal_one_thread(cpp):
+    """Each output row, dx row, dA / dB expert is computed by one thread in a fixed order: the result does not
+    depend on the thread count."""
+    x, A, B, ids, w = make(500, 96, 80, 12, 8, 2, seed=8)
+    g = torch.randn(500, 80, generator=torch.Generator().manual_seed(9))
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            leaves = [t.clone().requires_grad_() for t in (x, A, B, w)]
+            out = grouped_lora(*leaves[:3], ids, leaves[3], 0.5, impl="cpp")
+            out.backward(g)
+            results.append([out.detach()] + [t.grad for t in leaves])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_cpp_reads_strided_rows_and_pool_views(cpp):
+    """x with a row stride (a slice of a wider tensor) and the pool's strided B view, against the loop."""
+    pool = LoRAPool(48, 40, n_experts=6, r=4, alpha=8)
+    with torch.no_grad():
+        pool.lora_B.normal_()
+    wide = torch.randn(30, 64)
+    x = wide[:, 5:53]
+    assert x.stride() == (64, 1) and pool.B.stride(-1) == 1 and not pool.B.is_contiguous()
+    _, _, _, ids, w = make(30, 48, 40, 6, 4, 2, seed=10)
+    torch.testing.assert_close(
+        grouped_lora(x, pool.A, pool.B, ids, w, 2.0, impl="cpp"),
+        grouped_lora(x, pool.A, pool.B, ids, w, 2.0, impl="loop"),
+        rtol=1e-5, atol=1e-5,
+    )
+
+
+def test_cpp_falls_back_to_grouped_when_the_build_failed(monkeypatch):
+    if "cpp" not in IMPLS:
+        pytest.skip(NOT_INSTALLED["cpp"])
+    monkeypatch.setattr(cpp_mod, "_tried", True)
+    monkeypatch.setattr(cpp_mod, "_lib", None)
+    x, A, B, ids, w = make(40, 16, 12, 8, 4, 2)
+    out = grouped_lora(x, A, B, ids, w, 1.0, impl="cpp")
+    torch.testing.assert_close(out.double(), reference(x, A, B, ids, w, 1.0), rtol=1e-5, atol=1e-4)
+    assert choose_impl(2048, 64, 16, 2) == "grouped"
+
+
+def test_no_cpp_env_var_disables_the_kernel():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from moa.experts import IMPLS, choose_impl; from moa.experts.kernels import cpp;"
+        "assert 'cpp' not in IMPLS and not cpp.available() and cpp.BUILD_ERROR is None;"
+        "assert choose_impl(2048, 64, 16, 2) == 'grouped'"
+    )
+    env = {**os.environ, "MOA_NO_CPP": "1"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)

@@ -9,6 +9,9 @@ Implementations (all exact, all with autograd for x, A, B and the weights):
 * ``dense``    dense-masked: two GEMMs over the packed pool, zero weight for unrouted experts
 * ``grouped``  sort by expert, ``torch.nn.functional.grouped_mm``, weighted ``index_add_`` combine
 * ``scatter``  ``grouped`` with the combine done by torch-scatter (only when it is installed)
+* ``cpp``      a CPU C++ kernel (:mod:`.cpp`, built at first use): rows read by index, each token's k expert outputs
+  accumulated into its output row, no gathered copies, no padding, no combine buffer (fp32/fp64; other dtypes and
+  devices take the ``grouped`` path). Not registered under ``MOA_NO_CPP=1``
 * ``triton``   one fused Triton kernel (gather, shrink, scale, expand) over the expert-sorted pairs, grouped-GEMM
   backward (only when triton is installed and can run here: a CUDA device, or ``TRITON_INTERPRET=1`` for CPU tensors)
 
@@ -23,6 +26,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from . import cpp as _cpp
 from . import scatter as _scatter
 from . import triton_lora as _triton
 from .dense import lora_dense
@@ -35,6 +39,8 @@ Impl = Callable[[Tensor, Tensor, Tensor, "ExpertPlan | None", Tensor], Tensor]
 IMPLS: dict[str, Impl] = {"loop": lora_loop, "dense": lora_dense, "grouped": lora_grouped}
 if _scatter.AVAILABLE:
     IMPLS["scatter"] = _scatter.lora_scatter
+if _cpp.ENABLED:  # built on first use; falls back to ``grouped`` if the build fails (``_cpp.BUILD_ERROR``)
+    IMPLS["cpp"] = _cpp.lora_cpp
 if _triton.AVAILABLE and (_triton.INTERPRETED or torch.cuda.is_available()):
     IMPLS["triton"] = _triton.lora_triton
 
@@ -60,6 +66,8 @@ def choose_impl(n_tokens: int, n_experts: int, rank: int, top_k: int | None, dev
         return "dense"
     if device_type == "cuda" and "triton" in IMPLS:
         return "triton"
+    if device_type == "cpu" and "cpp" in IMPLS and _cpp.available():
+        return "cpp"
     return "grouped"
 
 

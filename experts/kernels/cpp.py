@@ -1,0 +1,193 @@
+"""``cpp``: the routed LoRA as a small CPU C++ kernel, without gathered copies or padding (fp32, fp64).
+
+``lora_cpu.cpp`` reads the rows of ``x`` (and, backward, of ``dy``) by index and accumulates each token's k expert
+outputs straight into its output row (or, in the fused layer path, onto the base output ``y0``): no ``[P, d_in]``
+gather, no ``[E, capacity]`` padding, no ``[P, d_out]`` buffer to combine. Pairs are ordered by (slot, expert,
+token) with a counting sort; within one slot every token appears once, so the passes over one slot's expert groups
+run in parallel (OpenMP, ``torch.get_num_threads()`` threads) with each output row written by one thread, no
+atomics; ``dA`` / ``dB`` are reduced per expert, in parallel over experts. See the header of ``lora_cpu.cpp``.
+
+The kernel is plain C (no torch headers, so the build takes seconds), built at first use with
+``torch.utils.cpp_extension.load`` (``-O3 -march=native -fopenmp``) into torch's extension directory
+(``TORCH_EXTENSIONS_DIR``), one build per CPU feature set (the name carries a hash of the CPU flags, so a shared
+cache never hands a binary to a CPU that cannot run it). ``MOA_NO_CPP=1`` disables it; a failed build is recorded in
+:data:`BUILD_ERROR` and everything falls back to the ``grouped`` PyTorch path. Other dtypes (fp16, bf16) and
+non-CPU tensors take that path too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .plan import ExpertPlan
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("lora_cpu.cpp")
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+DTYPES = (torch.float32, torch.float64)
+#: False when ``MOA_NO_CPP`` is set (to anything but "" or "0"): the ``cpp`` impl is then not registered.
+ENABLED = os.environ.get("MOA_NO_CPP", "") in ("", "0")
+BUILD_ERROR: BaseException | None = None
+BUILD_SECONDS: float | None = None  # wall time of the first load in this process (a cached build: well under 1 s)
+
+_lib = None
+_tried = False
+_lock = threading.Lock()
+
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_FWD_ARGS = [_P, _I64, _P, _P, _P, _P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64, _INT]
+_BWD_ARGS = [_P, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _INT]
+
+
+def _cpu_tag() -> str:
+    """A short hash of what ``-march=native`` compiles for: the CPU's feature flags (Linux) or the machine name."""
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), flags)
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
+def load():
+    """The loaded kernel library (built on the first call of the process if the cache has none), or None."""
+    global _lib, _tried, BUILD_ERROR, BUILD_SECONDS
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        if ENABLED:
+            t0 = time.perf_counter()
+            try:
+                from torch.utils.cpp_extension import load as load_extension
+
+                path = load_extension(
+                    name=f"moa_lora_cpu_{_cpu_tag()}",
+                    sources=[str(SOURCE)],
+                    extra_cflags=CFLAGS,
+                    extra_ldflags=["-fopenmp"],
+                    is_python_module=False,
+                    verbose=False,
+                )
+                lib = ctypes.CDLL(path)
+                for name, args in (("forward", _FWD_ARGS), ("backward", _BWD_ARGS)):
+                    for suffix in ("f32", "f64"):
+                        fn = getattr(lib, f"moa_lora_{name}_{suffix}")
+                        fn.argtypes, fn.restype = args, None
+                lib.moa_lora_schedule.argtypes = [_P, _I64, _I64, _I64, _P, _P]
+                lib.moa_lora_schedule.restype = None
+                _lib = lib
+            except Exception as exc:  # no compiler, no OpenMP, ...: the PyTorch path serves
+                BUILD_ERROR = exc
+                logger.info("moa: the cpp LoRA kernel is unavailable (%s); using the grouped PyTorch path", exc)
+            BUILD_SECONDS = time.perf_counter() - t0
+        _tried = True
+    return _lib
+
+
+def available() -> bool:
+    """Whether the kernel is built and loaded (builds it on the first call)."""
+    return load() is not None
+
+
+def supports(x: Tensor, A: Tensor, B: Tensor, weights: Tensor) -> bool:
+    """The kernel handles these tensors: CPU, one dtype among :data:`DTYPES`, and the library loads."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in DTYPES
+        and A.dtype == B.dtype == weights.dtype == x.dtype
+        and A.device == B.device == weights.device == x.device
+        and available()
+    )
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``t`` as rows of unit stride (any row stride)."""
+    return t if t.dim() == 2 and (t.stride(1) == 1 or t.shape[1] <= 1) else t.contiguous()
+
+
+def _ptr(t: Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+class _CppLoRA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y0, x, A, B, weights, ids):
+        lib = load()
+        n, d_in = x.shape
+        E, r, _ = A.shape
+        d_out, k = B.shape[1], ids.shape[1]
+        x, A = _rows(x), A.contiguous()
+        Bt = B.transpose(1, 2).contiguous()  # [E, r, d_out]: the expand and the backward's B-products run along d_out
+        w = weights.contiguous()
+        ids = ids.contiguous()
+        sched = torch.empty(n * k, dtype=torch.long)
+        starts = torch.empty(k * E + 1, dtype=torch.long)
+        lib.moa_lora_schedule(ids.data_ptr(), n, k, E, sched.data_ptr(), starts.data_ptr())
+        y = x.new_empty(n, d_out)
+        h = x.new_empty(n * k, r)
+        y0 = None if y0 is None else _rows(y0)
+        fwd = lib.moa_lora_forward_f32 if x.dtype == torch.float32 else lib.moa_lora_forward_f64
+        fwd(
+            x.data_ptr(), x.stride(0), A.data_ptr(), Bt.data_ptr(), sched.data_ptr(), starts.data_ptr(),
+            w.data_ptr(), _ptr(y0), 0 if y0 is None else y0.stride(0), y.data_ptr(), d_out, h.data_ptr(),
+            n, k, E, r, d_in, d_out, torch.get_num_threads(),
+        )
+        ctx.save_for_backward(x, A, Bt, w, h, sched, starts)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, A, Bt, w, h, sched, starts = ctx.saved_tensors
+        need_y0, need_x, need_a, need_b, need_w, _ = ctx.needs_input_grad
+        n, d_in = x.shape
+        E, r, d_out = Bt.shape
+        k = w.shape[1]
+        lib = load()
+        dy = _rows(dy)
+        dx = x.new_empty(n, d_in) if need_x else None
+        dA = torch.empty_like(A) if need_a else None  # every expert's rows are written (zeros for an empty expert)
+        dBt = torch.empty_like(Bt) if need_b else None
+        dw = w.new_empty(n, k) if need_w else None
+        bwd = lib.moa_lora_backward_f32 if x.dtype == torch.float32 else lib.moa_lora_backward_f64
+        bwd(
+            dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0), A.data_ptr(), Bt.data_ptr(), sched.data_ptr(),
+            starts.data_ptr(), w.data_ptr(), h.data_ptr(), _ptr(dx), _ptr(dA), _ptr(dBt), _ptr(dw),
+            n, k, E, r, d_in, d_out, torch.get_num_threads(),
+        )
+        return (dy if need_y0 else None), dx, dA, (None if dBt is None else dBt.transpose(1, 2)), dw, None
+
+
+def lora_cpp(x: Tensor, A: Tensor, B: Tensor, plan: ExpertPlan, weights: Tensor) -> Tensor:
+    """x: [N, d_in], A: [E, r, d_in], B: [E, d_out, r], weights: [N, k] (scaling folded in); the ``grouped`` path
+    for tensors the kernel does not take (see :func:`supports`)."""
+    if not supports(x, A, B, weights):
+        from .grouped import lora_grouped
+
+        return lora_grouped(x, A, B, plan, weights)
+    return _CppLoRA.apply(None, x, A, B, weights, plan.expert_ids)
+
+
+def cpp_expand(y0: Tensor, x: Tensor, A: Tensor, B: Tensor, plan: ExpertPlan, weights: Tensor) -> Tensor:
+    """``y0 + lora(x)`` with each token's expert outputs accumulated onto its row of ``y0`` (the fused layer path's
+    sparse expand); :func:`~.fused.grouped_expand` for tensors the kernel does not take."""
+    if not supports(x, A, B, weights) or y0.dtype != x.dtype:
+        from .fused import grouped_expand
+
+        return grouped_expand(y0, x, A, B, plan, weights)
+    return _CppLoRA.apply(y0, x, A, B, weights, plan.expert_ids)

@@ -1,0 +1,345 @@
+// Routed LoRA on the CPU without gathered copies or padding (the ``cpp`` implementation, see cpp.py).
+//
+// Pairs (token n, slot j) -> flat pair p = n * k + j, expert e = ids[p], weight w[p] (scaling folded in).
+// The schedule orders the pairs by slot, then expert, then token (a counting sort): within one slot every token
+// appears exactly once, so a pass over one slot's expert groups in parallel writes each output row from one thread
+// (no atomics), and slot 0's pass initialises every row (no zero fill).
+//
+//   forward   h[p]  = A[e] x[n]                      (dot form, rows of x read by index)
+//             y[n]  = y0[n] + sum_j w[p] Bt[e]^T h[p]  (axpy form into the output row)
+//   backward  g[p]  = Bt[e] dy[n],  dw[p] = h[p] . g[p],  dh[p] = w[p] g[p],  hw[p] = w[p] h[p]
+//             dx[n] = sum_j A[e]^T dh[p]
+//             dA[e] = sum_{p in e} dh[p] x[n]^T,  dBt[e] = sum_{p in e} hw[p] dy[n]^T   (parallel over experts)
+//
+// A is [E, r, d_in] and Bt = B^T is [E, r, d_out], both contiguous; the rows of x / y0 / y / dy / dx have unit
+// stride and a row stride of their own. Plain C entry points (no torch headers: the build takes seconds), float and
+// double. Vectors are GCC vector extensions sized for the target (-march=native): 64 bytes with AVX-512.
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <omp.h>
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int VBYTES = 64;
+#elif defined(__AVX__)
+constexpr int VBYTES = 32;
+#else
+constexpr int VBYTES = 16;
+#endif
+
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(VBYTES)));
+  static constexpr int W = VBYTES / 4;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(VBYTES)));
+  static constexpr int W = VBYTES / 8;
+};
+
+template <typename V, typename T>
+inline V vload(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T>
+inline void vstore(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+template <typename T>
+inline T hsum(const typename Vec<T>::type& v) {
+  T s = 0;
+  for (int l = 0; l < Vec<T>::W; ++l) s += v[l];
+  return s;
+}
+
+constexpr int MR = 4;  // pairs per tile
+constexpr int NR = 4;  // rows of A / Bt per dot tile
+constexpr int CH = 4;  // vectors per chunk of an axpy / outer-product tile
+
+// out[i * ldo + q] = rows[i][0:d] . M[q * ldm + 0:d]   (i < MR, q < NQ)
+template <typename T, int NQ>
+inline void dot_tile(const T* const* rows, const T* M, int64_t ldm, int64_t d, T* out, int64_t ldo) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  V acc[MR][NQ];
+  for (int i = 0; i < MR; ++i)
+    for (int q = 0; q < NQ; ++q) acc[i][q] = V{};
+  int64_t t = 0;
+  for (; t + W <= d; t += W) {
+    V m[NQ];
+    for (int q = 0; q < NQ; ++q) m[q] = vload<V>(M + q * ldm + t);
+    for (int i = 0; i < MR; ++i) {
+      V xv = vload<V>(rows[i] + t);
+      for (int q = 0; q < NQ; ++q) acc[i][q] += xv * m[q];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int q = 0; q < NQ; ++q) {
+      T s = hsum<T>(acc[i][q]);
+      for (int64_t u = t; u < d; ++u) s += rows[i][u] * M[q * ldm + u];
+      out[i * ldo + q] = s;
+    }
+}
+
+// tile[i * r + q] = rows[i] . M[q]  for all q < r
+template <typename T>
+inline void dots(const T* const* rows, const T* M, int64_t r, int64_t d, T* tile) {
+  int64_t q = 0;
+  for (; q + NR <= r; q += NR) dot_tile<T, NR>(rows, M + q * d, d, d, tile + q, r);
+  for (; q < r; ++q) dot_tile<T, 1>(rows, M + q * d, d, d, tile + q, r);
+}
+
+// ys[i][0:d] = (srcs[i] ? srcs[i][0:d] : 0) + sum_q c[i * r + q] * M[q * d + 0:d]   for i < NP
+template <typename T, int NP>
+inline void axpy_tile(T* const* ys, const T* const* srcs, const T* c, int64_t r, const T* M, int64_t d) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  int64_t t = 0;
+  for (; t + CH * W <= d; t += CH * W) {
+    V acc[NP][CH];
+    for (int i = 0; i < NP; ++i)
+      for (int u = 0; u < CH; ++u) acc[i][u] = srcs[i] ? vload<V>(srcs[i] + t + u * W) : V{};
+    for (int64_t q = 0; q < r; ++q) {
+      V m[CH];
+      for (int u = 0; u < CH; ++u) m[u] = vload<V>(M + q * d + t + u * W);
+      for (int i = 0; i < NP; ++i) {
+        const T ci = c[i * r + q];
+        for (int u = 0; u < CH; ++u) acc[i][u] += m[u] * ci;
+      }
+    }
+    for (int i = 0; i < NP; ++i)
+      for (int u = 0; u < CH; ++u) vstore(ys[i] + t + u * W, acc[i][u]);
+  }
+  for (; t + W <= d; t += W) {
+    V acc[NP];
+    for (int i = 0; i < NP; ++i) acc[i] = srcs[i] ? vload<V>(srcs[i] + t) : V{};
+    for (int64_t q = 0; q < r; ++q) {
+      V m = vload<V>(M + q * d + t);
+      for (int i = 0; i < NP; ++i) acc[i] += m * c[i * r + q];
+    }
+    for (int i = 0; i < NP; ++i) vstore(ys[i] + t, acc[i]);
+  }
+  for (; t < d; ++t)
+    for (int i = 0; i < NP; ++i) {
+      T s = srcs[i] ? srcs[i][t] : T(0);
+      for (int64_t q = 0; q < r; ++q) s += M[q * d + t] * c[i * r + q];
+      ys[i][t] = s;
+    }
+}
+
+// G[q * d + 0:d] = sum over the listed pairs p of c[p * r + q] * v[tok(p) * ldv + 0:d]   for q in [q0, q0 + NQ)
+template <typename T, int NQ>
+inline void outer_rows(const int64_t* pairs, int64_t np, int64_t k, const T* c, int64_t r, int64_t q0, const T* v,
+                       int64_t ldv, int64_t d, T* G) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  int64_t t = 0;
+  for (; t + CH * W <= d; t += CH * W) {
+    V acc[NQ][CH];
+    for (int q = 0; q < NQ; ++q)
+      for (int u = 0; u < CH; ++u) acc[q][u] = V{};
+    for (int64_t a = 0; a < np; ++a) {
+      const int64_t p = pairs[a];
+      const T* vr = v + (p / k) * ldv + t;
+      V xv[CH];
+      for (int u = 0; u < CH; ++u) xv[u] = vload<V>(vr + u * W);
+      for (int q = 0; q < NQ; ++q) {
+        const T cq = c[p * r + q0 + q];
+        for (int u = 0; u < CH; ++u) acc[q][u] += xv[u] * cq;
+      }
+    }
+    for (int q = 0; q < NQ; ++q)
+      for (int u = 0; u < CH; ++u) vstore(G + (q0 + q) * d + t + u * W, acc[q][u]);
+  }
+  for (; t + W <= d; t += W) {
+    V acc[NQ];
+    for (int q = 0; q < NQ; ++q) acc[q] = V{};
+    for (int64_t a = 0; a < np; ++a) {
+      const int64_t p = pairs[a];
+      V xv = vload<V>(v + (p / k) * ldv + t);
+      for (int q = 0; q < NQ; ++q) acc[q] += xv * c[p * r + q0 + q];
+    }
+    for (int q = 0; q < NQ; ++q) vstore(G + (q0 + q) * d + t, acc[q]);
+  }
+  for (; t < d; ++t)
+    for (int q = 0; q < NQ; ++q) {
+      T s = 0;
+      for (int64_t a = 0; a < np; ++a) {
+        const int64_t p = pairs[a];
+        s += v[(p / k) * ldv + t] * c[p * r + q0 + q];
+      }
+      G[(q0 + q) * d + t] = s;
+    }
+}
+
+// G[e] (r x d) = sum_{p in expert e} c[p] v[tok(p)]^T
+template <typename T>
+inline void outer(const int64_t* pairs, int64_t np, int64_t k, const T* c, int64_t r, const T* v, int64_t ldv,
+                  int64_t d, T* G) {
+  int64_t q = 0;
+  for (; q + NR <= r; q += NR) outer_rows<T, NR>(pairs, np, k, c, r, q, v, ldv, d, G);
+  for (; q < r; ++q) outer_rows<T, 1>(pairs, np, k, c, r, q, v, ldv, d, G);
+}
+
+// Counting sort of the pairs by (slot, expert), tokens ascending within a group. starts: k * E + 1 entries.
+void build_schedule(const int64_t* ids, int64_t n, int64_t k, int64_t E, int64_t* sched, int64_t* starts) {
+  std::vector<int64_t> fill(k * E + 1, 0);
+  for (int64_t p = 0; p < n * k; ++p) fill[(p % k) * E + ids[p] + 1]++;
+  for (int64_t g = 0; g < k * E; ++g) fill[g + 1] += fill[g];
+  std::memcpy(starts, fill.data(), sizeof(int64_t) * (k * E + 1));
+  for (int64_t p = 0; p < n * k; ++p) sched[fill[(p % k) * E + ids[p]]++] = p;
+}
+
+// Expert-major list of the pairs (slot groups of one expert concatenated) and its offsets: E + 1 entries.
+void by_expert(const int64_t* sched, const int64_t* starts, int64_t k, int64_t E, int64_t* list, int64_t* off) {
+  int64_t at = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    off[e] = at;
+    for (int64_t j = 0; j < k; ++j)
+      for (int64_t a = starts[j * E + e]; a < starts[j * E + e + 1]; ++a) list[at++] = sched[a];
+  }
+  off[E] = at;
+}
+
+template <typename T>
+void forward(const T* x, int64_t ldx, const T* A, const T* Bt, const int64_t* sched, const int64_t* starts,
+             const T* w, const T* y0, int64_t ld0, T* y, int64_t ldy, T* h, int64_t n, int64_t k, int64_t E,
+             int64_t r, int64_t d_in, int64_t d_out, int nthreads) {
+  (void)n;
+  for (int64_t j = 0; j < k; ++j) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t lo = starts[j * E + e], hi = starts[j * E + e + 1];
+      const T* Ae = A + e * r * d_in;
+      const T* Be = Bt + e * r * d_out;
+      std::vector<T> tile(MR * r), hw(MR * r);
+      for (int64_t a = lo; a < hi; a += MR) {
+        const int64_t m = hi - a < MR ? hi - a : MR;
+        const T* rows[MR];
+        T* ys[MR];
+        const T* srcs[MR];
+        for (int i = 0; i < MR; ++i) {
+          const int64_t tok = sched[a + (i < m ? i : m - 1)] / k;  // short tile: repeat the last row
+          rows[i] = x + tok * ldx;
+          ys[i] = y + tok * ldy;
+          srcs[i] = j ? ys[i] : (y0 ? y0 + tok * ld0 : nullptr);
+        }
+        dots<T>(rows, Ae, r, d_in, tile.data());
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t p = sched[a + i];
+          for (int64_t q = 0; q < r; ++q) {
+            h[p * r + q] = tile[i * r + q];
+            hw[i * r + q] = w[p] * tile[i * r + q];
+          }
+        }
+        if (m == MR) {
+          axpy_tile<T, MR>(ys, srcs, hw.data(), r, Be, d_out);
+        } else {
+          for (int64_t i = 0; i < m; ++i) axpy_tile<T, 1>(ys + i, srcs + i, hw.data() + i * r, r, Be, d_out);
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void backward(const T* dy, int64_t lddy, const T* x, int64_t ldx, const T* A, const T* Bt, const int64_t* sched,
+              const int64_t* starts, const T* w, const T* h, T* dx, T* dA, T* dBt, T* dw, int64_t n, int64_t k,
+              int64_t E, int64_t r, int64_t d_in, int64_t d_out, int nthreads) {
+  const int64_t P = n * k;
+  std::vector<T> dh(P * r), hw(P * r);
+  for (int64_t j = 0; j < k; ++j) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t lo = starts[j * E + e], hi = starts[j * E + e + 1];
+      const T* Ae = A + e * r * d_in;
+      const T* Be = Bt + e * r * d_out;
+      std::vector<T> tile(MR * r), c(MR * r);
+      for (int64_t a = lo; a < hi; a += MR) {
+        const int64_t m = hi - a < MR ? hi - a : MR;
+        const T* rows[MR];
+        T* xs[MR];
+        const T* srcs[MR];
+        int64_t ps[MR];
+        for (int i = 0; i < MR; ++i) {
+          ps[i] = sched[a + (i < m ? i : m - 1)];
+          const int64_t tok = ps[i] / k;
+          rows[i] = dy + tok * lddy;
+          if (dx) {
+            xs[i] = dx + tok * d_in;
+            srcs[i] = j ? xs[i] : nullptr;
+          }
+        }
+        dots<T>(rows, Be, r, d_out, tile.data());
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t p = ps[i];
+          T s = 0;
+          for (int64_t q = 0; q < r; ++q) {
+            const T g = tile[i * r + q];
+            s += h[p * r + q] * g;
+            dh[p * r + q] = w[p] * g;
+            hw[p * r + q] = w[p] * h[p * r + q];
+          }
+          if (dw) dw[p] = s;
+        }
+        if (dx) {
+          if (m == MR) {
+            for (int i = 0; i < MR; ++i) std::memcpy(&c[i * r], &dh[ps[i] * r], sizeof(T) * r);
+            axpy_tile<T, MR>(xs, srcs, c.data(), r, Ae, d_in);
+          } else {
+            for (int64_t i = 0; i < m; ++i) axpy_tile<T, 1>(xs + i, srcs + i, &dh[ps[i] * r], r, Ae, d_in);
+          }
+        }
+      }
+    }
+  }
+  if (!dA && !dBt) return;
+  std::vector<int64_t> list(P), off(E + 1);
+  by_expert(sched, starts, k, E, list.data(), off.data());
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t* pe = list.data() + off[e];
+    const int64_t np = off[e + 1] - off[e];
+    if (dA) outer<T>(pe, np, k, dh.data(), r, x, ldx, d_in, dA + e * r * d_in);
+    if (dBt) outer<T>(pe, np, k, hw.data(), r, dy, lddy, d_out, dBt + e * r * d_out);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int moa_lora_vector_bytes() { return VBYTES; }
+
+void moa_lora_schedule(const int64_t* ids, int64_t n, int64_t k, int64_t E, int64_t* sched, int64_t* starts) {
+  build_schedule(ids, n, k, E, sched, starts);
+}
+
+#define MOA_FORWARD(NAME, T)                                                                                      \
+  void NAME(const T* x, int64_t ldx, const T* A, const T* Bt, const int64_t* sched, const int64_t* starts,       \
+            const T* w, const T* y0, int64_t ld0, T* y, int64_t ldy, T* h, int64_t n, int64_t k, int64_t E,      \
+            int64_t r, int64_t d_in, int64_t d_out, int nthreads) {                                               \
+    forward<T>(x, ldx, A, Bt, sched, starts, w, y0, ld0, y, ldy, h, n, k, E, r, d_in, d_out, nthreads);           \
+  }
+MOA_FORWARD(moa_lora_forward_f32, float)
+MOA_FORWARD(moa_lora_forward_f64, double)
+
+#define MOA_BACKWARD(NAME, T)                                                                                     \
+  void NAME(const T* dy, int64_t lddy, const T* x, int64_t ldx, const T* A, const T* Bt, const int64_t* sched,   \
+            const int64_t* starts, const T* w, const T* h, T* dx, T* dA, T* dBt, T* dw, int64_t n, int64_t k,    \
+            int64_t E, int64_t r, int64_t d_in, int64_t d_out, int nthreads) {                                    \
+    backward<T>(dy, lddy, x, ldx, A, Bt, sched, starts, w, h, dx, dA, dBt, dw, n, k, E, r, d_in, d_out,          \
+                nthreads);                                                                                        \
+  }
+MOA_BACKWARD(moa_lora_backward_f32, float)
+MOA_BACKWARD(moa_lora_backward_f64, double)
+
+}  // extern "C"
