@@ -1,17 +1,20 @@
 """Serve a registered recommender over REST, or score a whole dataset in batch.
 
-    moa serve --name moa-recommender [--alias champion] [--port 5055]    # mlflow models serve on 127.0.0.1
+    moa serve --name moa-recommender [--alias champion] [--port 5055] [--timeout 30]   # on 127.0.0.1
     moa batch --model-uri models:/moa-recommender@champion --out recs.parquet [--k 10]
 
-REST requests go to ``POST /invocations`` as MLflow's ``dataframe_split`` / ``dataframe_records`` JSON::
+``moa serve`` runs moa's own scoring server (:mod:`moa.pipelines.server`: FastAPI + uvicorn, the registered pyfunc
+model loaded with ``mlflow.pyfunc.load_model``). REST requests go to ``POST /invocations`` as MLflow's
+``dataframe_split`` / ``dataframe_records`` JSON::
 
     {"dataframe_records": [{"history": [50, 172, 181], "domain": "action"},
                            {"history": [1, 71], "domain": "children"}],
      "params": {"k": 5}}
     -> {"predictions": [{"items": [...], "scores": [...]}, {"items": [...], "scores": [...]}]}
 
-Bad requests get HTTP 400 with ``{"error_code": "INVALID_PARAMETER_VALUE", "message": ...}`` (or MLflow's
-``BAD_REQUEST`` for JSON and schema errors); the server keeps serving.
+Errors are ``{"error_code", "message"}`` without traceback: 400 for bad requests (the message names the row and
+the problem), 413 over the body or row limit, 415 without a JSON Content-Type, 503 past the per-request timeout
+(the work is stopped); the server keeps serving.
 """
 
 from __future__ import annotations
@@ -50,24 +53,23 @@ def server_env(tracking_uri: str | None = None) -> dict[str, str]:
             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
-def mlflow_command() -> list[str]:
-    """The ``mlflow`` CLI of this interpreter's environment."""
-    script = Path(sys.executable).with_name("mlflow")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "mlflow"]
-
-
 class ModelServer:
-    """``mlflow models serve -m <uri> --env-manager local`` on a loopback port, as a context manager.
+    """moa's scoring server (:mod:`moa.pipelines.server`) for ``model_uri`` on a loopback port, as a context manager.
 
     ``start()`` returns once ``/ping`` answers (or raises with the server's log); ``stop()`` ends the server's
-    process group. The server runs in its own process group, with the tracking URI in its environment.
+    process group. The server runs in its own process group, with the tracking URI in its environment. ``limits``
+    (a :class:`moa.pipelines.server.Limits`) sets the body, row and time limits; ``docs`` turns on ``/docs``.
     """
 
     def __init__(self, model_uri: str, *, port: int | None = None, host: str = HOST, tracking_uri: str | None = None,
-                 workers: int = 1, log_path: str | Path | None = None, startup_timeout: float = 180.0):
+                 workers: int = 1, log_path: str | Path | None = None, startup_timeout: float = 180.0,
+                 limits=None, docs: bool = False):
+        from .server import Limits
+
         self.model_uri, self.host, self.port = model_uri, host, port or free_port(host)
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.workers, self.startup_timeout = workers, startup_timeout
+        self.limits, self.docs = limits or Limits(), docs
         self.log_path = Path(log_path) if log_path else None
         self.process: subprocess.Popen | None = None
         self._log = None
@@ -77,8 +79,11 @@ class ModelServer:
         return f"http://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
-        return [*mlflow_command(), "models", "serve", "-m", self.model_uri, "--env-manager", "local",
-                "-h", self.host, "-p", str(self.port), "-w", str(self.workers)]
+        limits = self.limits
+        return [sys.executable, "-m", "moa.pipelines.server", "--model-uri", self.model_uri, "--host", self.host,
+                "--port", str(self.port), "--workers", str(self.workers), "--tracking-uri", self.tracking_uri,
+                "--max-body-bytes", str(limits.max_body_bytes), "--max-rows", str(limits.max_rows),
+                "--timeout", str(limits.timeout), *(["--docs"] if self.docs else [])]
 
     def start(self) -> "ModelServer":
         env = server_env(self.tracking_uri)
@@ -156,23 +161,22 @@ def request_body(histories: Sequence[Sequence], domains: Sequence[str], k: int |
 
 
 def serve_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moa serve", description="Serve a registered recommender on 127.0.0.1 "
-                                     "(mlflow models serve --env-manager local) until interrupted.")
+    from . import server
+
+    parser = argparse.ArgumentParser(prog="moa serve", description="Serve a registered model on 127.0.0.1 with "
+                                     "moa's scoring server (see moa.pipelines.server) until interrupted.")
     parser.add_argument("--name", default="moa-recommender", help="registered model name")
     parser.add_argument("--alias", default="champion", help="alias to serve")
     parser.add_argument("--model-uri", default=None, help="serve this URI instead of models:/<name>@<alias>")
-    parser.add_argument("--host", default=HOST, help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
-    parser.add_argument("--port", type=int, default=5055)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--tracking-uri", default=None)
+    server.add_arguments(parser)
     args = parser.parse_args(argv)
     uri = args.model_uri or f"models:/{args.name}@{args.alias}"
-    env = server_env(args.tracking_uri)
-    command = [*mlflow_command(), "models", "serve", "-m", uri, "--env-manager", "local", "-h", args.host,
-               "-p", str(args.port), "-w", str(args.workers)]
-    print(" ".join(command), flush=True)
-    os.execvpe(command[0], command, env)
-    return 0  # pragma: no cover - exec does not return
+    os.environ.update(server_env(args.tracking_uri))
+    limits = server.limits_of(args)
+    print(f"serving {uri} on http://{args.host}:{args.port} ({limits}); POST /invocations, GET /ping", flush=True)
+    server.run(uri, host=args.host, port=args.port, workers=args.workers, tracking_uri=args.tracking_uri,
+               limits=limits, docs=args.docs)
+    return 0
 
 
 def user_histories(dataset, items: pd.DataFrame, max_history: int) -> pd.DataFrame:

@@ -1,12 +1,17 @@
-"""REST serving with ``mlflow models serve`` (a real server on a free loopback port) and the batch command.
+"""REST serving with moa's scoring server (a real server on a free loopback port) and the batch command.
 
 One server per module: the real recommender (tiny encoder) is registered in a sqlite store under tmp_path,
-promoted to ``@champion``, served with ``--env-manager local`` on 127.0.0.1, sent real HTTP requests (good and
-bad), and stopped.
+promoted to ``@champion``, served on 127.0.0.1 with small limits, sent real HTTP requests (good, bad, oversize,
+too slow), and stopped. Expected answers come from the bundle's recommender loaded and scored directly, not from
+the service object the server runs.
 """
 
+import http.client
 import json
+import math
 import os
+import time
+import urllib.request
 
 import pandas as pd
 import pytest
@@ -14,12 +19,14 @@ import torch
 
 from moa.pipelines.recommendation import tiny_encoder
 from moa.pipelines.registry import register_bundle
-from moa.pipelines.service import RecommendationService, item_table, write_bundle
+from moa.pipelines.server import Limits
+from moa.pipelines.service import item_table, write_bundle
 from moa.pipelines.serving import ModelServer, post, request_body
-from moa.recsys.data import ml100k
-from moa.recsys.models import RecommenderConfig, TextSeqRecommender
+from moa.recsys.data import left_pad, ml100k
+from moa.recsys.models import load_recommender, RecommenderConfig, TextSeqRecommender
 
-DOMAINS = ["comedy", "drama"]
+DOMAINS = ["comedy", "children"]  # children has 131 items: small enough to ask for more than the unseen ones
+LIMITS = Limits(max_body_bytes=2_000_000, max_rows=10_000, timeout=2.0)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +47,8 @@ def served(tmp_path_factory):
         bundle = write_bundle(root / "bundle", {"experts": model}, items, metrics={"val/ndcg_10": 0.05})
         promotion = register_bundle(bundle, "rec", tracking_uri=uri)
         assert promotion.promoted
-        with ModelServer("models:/rec@champion", tracking_uri=uri, log_path=root / "server.log") as server:
+        with ModelServer("models:/rec@champion", tracking_uri=uri, log_path=root / "server.log",
+                         limits=LIMITS) as server:
             yield {"server": server, "items": items, "bundle": bundle, "dataset": dataset, "root": root, "uri": uri}
         assert server.process.poll() is not None  # stopped
     finally:
@@ -60,21 +68,67 @@ def invoke(served, body, **kwargs):
     return post(f"{served['server'].url}/invocations", body, **kwargs)
 
 
+def raw(served, body: bytes, headers: dict, method="POST", path="/invocations"):
+    """A request with exactly these headers (urllib would add a Content-Type): (status, body text)."""
+    server = served["server"]
+    connection = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    connection.request(method, path, body=body, headers=headers)
+    response = connection.getresponse()
+    return response.status, response.read().decode(errors="replace")
+
+
+def health(served):
+    with urllib.request.urlopen(f"{served['server'].url}/health", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def expected_top(served, history, domain, k):
+    """Top-k unseen items of ``domain`` for ``history`` (source ids), from the bundle's recommender directly."""
+    items = served["items"]
+    if "direct" not in served:
+        served["direct"] = load_recommender(served["bundle"] / "recommenders" / "experts")
+    model = served["direct"]
+    part = items[items["domain"] == domain]
+    index = dict(zip(part["item_id"].astype(int), part["index"].astype(int)))
+    source = {v: k for k, v in index.items()}
+    local = [index[h] for h in history]
+    with torch.no_grad():
+        scores = model.score(left_pad([local], model.config.max_len), domain)[0].clone()
+    scores[[0, *local]] = -math.inf  # padding and every item of this row's history
+    top = scores.topk(k)
+    return [source[i] for i in top.indices.tolist()], top.values.tolist()
+
+
+def assert_good(served, histories, domains, k):
+    status, reply = invoke(served, request_body(histories, domains, k=k))
+    assert status == 200, reply
+    for history, domain, got in zip(histories, domains, reply["predictions"]):
+        items, scores = expected_top(served, history, domain, k)
+        assert got["items"] == items and not set(got["items"]) & set(history)
+        assert got["scores"] == pytest.approx(scores, abs=1e-5)
+
+
 def test_server_binds_loopback_and_answers_mixed_domain_batches(served):
     server, items = served["server"], served["items"]
-    assert server.host == "127.0.0.1" and "-h" in server.command() and "--env-manager" in server.command()
-    histories = [ids_of(items, "comedy", 3), ids_of(items, "drama", 2), ids_of(items, "comedy", 5)[3:]]
-    domains = ["comedy", "drama", "comedy"]
-    status, reply = invoke(served, request_body(histories, domains, k=4))
-    assert status == 200, reply
-    expected = RecommendationService.from_bundle(served["bundle"]).recommend(histories, domains, 4)
-    assert [row["items"] for row in reply["predictions"]] == expected.items
-    for row, got in zip(expected.scores, reply["predictions"]):
-        assert got["scores"] == pytest.approx(row, abs=1e-5)
+    assert server.host == "127.0.0.1" and "moa.pipelines.server" in server.command()
+    comedy = ids_of(items, "comedy", 8)
+    # row 1's history is row 0's unmasked favourites: masking another row's history would change row 0's answer
+    favourites, _ = expected_top(served, [comedy[0]], "comedy", 5)
+    histories = [comedy[:3], favourites, ids_of(items, "children", 2), comedy[3:8]]
+    assert_good(served, histories, ["comedy", "comedy", "children", "comedy"], 4)
     # dataframe_split works too, and k defaults to 10
-    split = {"dataframe_split": {"columns": ["history", "domain"], "data": [[histories[1], "drama"]]}}
+    split = {"dataframe_split": {"columns": ["history", "domain"], "data": [[histories[2], "children"]]}}
     status, reply = invoke(served, split)
-    assert status == 200 and len(reply["predictions"][0]["items"]) == 10
+    assert status == 200 and reply["predictions"][0]["items"] == expected_top(served, histories[2], "children", 10)[0]
+
+
+def test_k_larger_than_the_unseen_items_is_refused(served):
+    children = ids_of(served["items"], "children", 1000)
+    history = children[:-2]  # all but two of the domain's items
+    status, reply = invoke(served, request_body([history], ["children"], 5))
+    assert status == 400 and "k=5 is more than the 2 unseen items" in reply["message"], reply
+    status, reply = invoke(served, request_body([history], ["children"], 2))
+    assert status == 200 and sorted(reply["predictions"][0]["items"]) == sorted(children[-2:])
 
 
 BAD = [
@@ -86,6 +140,9 @@ BAD = [
     ("malformed JSON", '{"dataframe_records": [', "Invalid input"),
     ("wrong item type", request_body([["abc"]], ["comedy"], 3), "history"),
     ("missing column", {"dataframe_records": [{"history": [4]}]}, "missing inputs ['domain']"),
+    ("not a frame", {"rows": [1, 2]}, "dataframe_records"),
+    ("nested 10k deep", '{"a": ' + "[" * 10_000 + "]" * 10_000 + "}", "nested deeper than"),
+    ("row number of a later chunk", request_body([[4]] * 300 + [[999999]], ["comedy"] * 301, 3), "row 300: unknown"),
 ]
 
 
@@ -93,14 +150,46 @@ BAD = [
 def test_bad_requests_get_400_with_a_clear_message_and_the_server_keeps_serving(served, what, body, message):
     status, reply = invoke(served, body)
     assert status == 400, (what, status, reply)
-    assert message in reply["message"], reply["message"]
-    status, reply = invoke(served, request_body([ids_of(served["items"], "drama", 2)], ["drama"], 2))
-    assert status == 200 and len(reply["predictions"][0]["items"]) == 2
+    assert set(reply) == {"error_code", "message"} and message in reply["message"], reply
+    assert "Traceback" not in json.dumps(reply)
+    assert_good(served, [ids_of(served["items"], "children", 2)], ["children"], 2)
 
 
-def test_wrong_content_type_is_refused(served):
-    status, _ = invoke(served, "history,domain\n", content_type="text/plain")
-    assert status == 415
+@pytest.mark.parametrize("headers", [{}, {"Content-Type": "text/csv"}, {"Content-Type": "text/plain"}],
+                         ids=["none", "csv", "plain"])
+def test_wrong_or_missing_content_type_is_415_without_traceback(served, headers):
+    status, text = raw(served, b"history,domain\n4,comedy\n", headers)
+    assert status == 415 and "Traceback" not in text and "application/json" in json.loads(text)["message"]
+
+
+def test_oversize_body_and_too_many_rows_get_413(served):
+    padded = json.dumps(request_body([[4]], ["comedy"], 3)) + " " * LIMITS.max_body_bytes
+    status, reply = invoke(served, padded)
+    assert status == 413 and "limit of 2000000 bytes" in reply["message"], reply
+    status, reply = invoke(served, request_body([[4]] * (LIMITS.max_rows + 1), ["comedy"] * (LIMITS.max_rows + 1), 3))
+    assert status == 413 and "more than the limit of 10000 rows" in reply["message"], reply
+    assert_good(served, [ids_of(served["items"], "comedy", 3)], ["comedy"], 3)
+
+
+def test_timed_out_work_is_stopped_and_the_server_stays_responsive(served):
+    """10 000 rows (allowed) take longer than the 2 s limit: 503, the worker stops at a chunk boundary (counted
+    in /health by the worker itself), and the next request is answered in time."""
+    stopped = health(served)["stopped_at_chunk"]
+    history = ids_of(served["items"], "comedy", 20)
+    started = time.monotonic()
+    status, reply = invoke(served, request_body([history] * LIMITS.max_rows, ["comedy"] * LIMITS.max_rows, 10))
+    assert status == 503 and reply["error_code"] == "TIMEOUT", reply
+    assert time.monotonic() - started < LIMITS.timeout + 5
+    deadline = time.monotonic() + 30
+    while not (health(served)["stopped_at_chunk"] > stopped and health(served)["scoring"] == 0):
+        assert time.monotonic() < deadline, f"the timed-out work did not stop: {health(served)}"
+    assert_good(served, [history[:5]], ["comedy"], 3)
+
+
+def test_docs_are_off(served):
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        status, text = raw(served, None, {}, method="GET", path=path)
+        assert status == 404 and "Traceback" not in text
 
 
 def test_batch_command_scores_every_user_to_parquet(served, tmp_path, capsys):

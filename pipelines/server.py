@@ -1,0 +1,292 @@
+"""moa's REST scoring server: a registered pyfunc model behind a small, defensive ASGI app (FastAPI + uvicorn).
+
+    python -m moa.pipelines.server --model-uri models:/moa-recommender@champion [--port 5055] [--timeout 30]
+
+``POST /invocations`` takes MLflow's ``dataframe_records`` / ``dataframe_split`` JSON with optional ``params``
+and answers ``{"predictions": [...]}`` like ``mlflow models serve``; ``GET /ping`` and ``GET /health`` answer 200
+once the model is loaded. Every error is ``{"error_code", "message"}`` with no traceback (those go to the server's
+log): 415 without ``Content-Type: application/json``; 413 for a body over ``max_body_bytes`` (read in chunks,
+refused before it is all read or parsed) or more than ``max_rows`` rows; 400 for JSON that is invalid, nested
+deeper than ``max_depth`` (checked before parsing) or not the expected shape, and for requests the model refuses;
+503 when scoring takes longer than ``timeout`` seconds.
+
+Timeouts really stop the work: scoring runs in one worker thread per server process, ``chunk_rows`` rows at a
+time, and checks the request's deadline between chunks; a timed-out request stops at its next chunk boundary (a
+request still queued when its deadline passes never starts). ``/health`` counts the requests stopped that way.
+Interactive API docs (``/docs``, ``/openapi.json``) exist only with ``docs=True`` (``--docs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from starlette.requests import Request
+
+log = logging.getLogger("moa.server")
+JSON_TYPES = ("application/json",)
+DRAIN = 4  # a body over the limit is read to its end (discarded) up to DRAIN x the limit, so the client gets the 413
+ENV = "MOA_SERVE_CONFIG"  # the server settings of the uvicorn workers (JSON)
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 16 * 2**20
+    max_rows: int = 10_000
+    max_depth: int = 32
+    timeout: float = 30.0
+    chunk_rows: int = 256
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class TimedOut(Exception):
+    pass
+
+
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of ``[`` / ``{`` in a JSON text, strings skipped (vectorised, no parsing)."""
+    text = re.sub(rb'"(?:[^"\\]|\\.)*"', b"", body)
+    chars = np.frombuffer(text, dtype=np.uint8)
+    opens = (chars == ord("[")) | (chars == ord("{"))
+    closes = (chars == ord("]")) | (chars == ord("}"))
+    depth = np.cumsum(opens.astype(np.int64) - closes.astype(np.int64))
+    return int(depth.max()) if depth.size else 0
+
+
+def parse_request(body: bytes, limits: Limits):
+    """The request body -> (DataFrame, params), or an :class:`HTTPError`."""
+    import pandas as pd
+
+    if json_depth(body) > limits.max_depth:
+        raise HTTPError(400, "BAD_REQUEST", f"Invalid input: JSON nested deeper than {limits.max_depth} levels")
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError) as error:
+        raise HTTPError(400, "BAD_REQUEST", f"Invalid input: the body is not valid JSON ({error})") from None
+    if not isinstance(payload, dict) or not ({"dataframe_records", "dataframe_split"} & set(payload)):
+        raise HTTPError(400, "BAD_REQUEST", "Invalid input: send a JSON object with 'dataframe_records' (a list of "
+                        "rows) or 'dataframe_split' ({'columns': [...], 'data': [...]}), and optionally 'params'")
+    params = payload.get("params") or {}
+    if not isinstance(params, dict):
+        raise HTTPError(400, "BAD_REQUEST", "Invalid input: 'params' must be an object")
+    if "dataframe_records" in payload:
+        rows = payload["dataframe_records"]
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise HTTPError(400, "BAD_REQUEST", "Invalid input: 'dataframe_records' must be a list of objects")
+        make = lambda: pd.DataFrame.from_records(rows)  # noqa: E731
+    else:
+        split = payload["dataframe_split"]
+        if not isinstance(split, dict) or not isinstance(split.get("data"), list):
+            raise HTTPError(400, "BAD_REQUEST", "Invalid input: 'dataframe_split' needs 'columns' and 'data' lists")
+        rows = split["data"]
+        make = lambda: pd.DataFrame(rows, columns=split.get("columns"))  # noqa: E731
+    if len(rows) > limits.max_rows:
+        raise HTTPError(413, "REQUEST_TOO_LARGE", f"{len(rows)} rows is more than the limit of {limits.max_rows} "
+                        "rows per request; split the request")
+    if not rows:
+        raise HTTPError(400, "BAD_REQUEST", "Invalid input: no rows in the request")
+    try:
+        return make(), params
+    except (ValueError, TypeError) as error:
+        raise HTTPError(400, "BAD_REQUEST", f"Invalid input: {error}") from None
+
+
+def _shift_rows(message: str, offset: int) -> str:
+    return re.sub(r"^row (\d+)", lambda m: f"row {int(m.group(1)) + offset}", message) if offset else message
+
+
+def score(model, frame, params: dict, deadline: float, limits: Limits) -> list:
+    """``model.predict`` over ``chunk_rows`` rows at a time, stopping at a chunk boundary once ``deadline`` passed."""
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    outputs = []
+    for lo in range(0, len(frame), limits.chunk_rows):
+        if time.monotonic() > deadline:
+            raise TimedOut()
+        part = frame.iloc[lo:lo + limits.chunk_rows].reset_index(drop=True)
+        try:
+            outputs.append(model.predict(part, params=params or None))
+        except MlflowException as error:
+            status = error.get_http_status_code()
+            if status >= 500:
+                raise
+            raise HTTPError(status, error.error_code, _shift_rows(error.message, lo)) from None
+    result = pd.concat(outputs, ignore_index=True) if isinstance(outputs[0], pd.DataFrame) else sum(map(list, outputs), [])
+    return result.to_dict(orient="records") if isinstance(result, pd.DataFrame) else list(result)
+
+
+def _plain(value: Any):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def create_app(model, limits: Limits | None = None, *, docs: bool = False):
+    """The ASGI app serving ``model`` (a loaded ``mlflow.pyfunc`` model, or anything with ``predict(frame,
+    params=)``) under ``limits``."""
+    from fastapi import FastAPI
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.responses import JSONResponse, Response
+
+    limits = limits or Limits()
+    app = FastAPI(title="moa scoring server", docs_url="/docs" if docs else None, redoc_url=None,
+                  openapi_url="/openapi.json" if docs else None)
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moa-score")
+    stats = {"requests": 0, "timed_out": 0, "stopped_at_chunk": 0, "scoring": 0}
+    lock = threading.Lock()
+
+    def error(status: int, code: str, message: str) -> JSONResponse:
+        return JSONResponse({"error_code": code, "message": message}, status_code=status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):  # 404, 405, ... as JSON without details of the app
+        return error(exc.status_code, "NOT_FOUND" if exc.status_code == 404 else "BAD_REQUEST", str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc):
+        log.exception("internal error")
+        return error(500, "INTERNAL_ERROR", "internal error (details in the server's log)")
+
+    @app.get("/ping")
+    async def ping():
+        return Response("\n", media_type="text/plain")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **stats}
+
+    def job(body: bytes, deadline: float):
+        with lock:
+            stats["scoring"] += 1
+        try:
+            if time.monotonic() > deadline:
+                raise TimedOut()
+            frame, params = parse_request(body, limits)
+            return score(model, frame, params, deadline, limits)
+        except TimedOut:
+            with lock:
+                stats["stopped_at_chunk"] += 1
+            raise
+        finally:
+            with lock:
+                stats["scoring"] -= 1
+
+    @app.post("/invocations")
+    async def invocations(request: Request):
+        stats["requests"] += 1
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in JSON_TYPES:
+            return error(415, "UNSUPPORTED_MEDIA_TYPE", f"Content-Type must be application/json, got "
+                         f"{content_type or 'none'}; send dataframe_records or dataframe_split JSON")
+        declared = request.headers.get("content-length", "")
+        too_large = error(413, "REQUEST_TOO_LARGE", f"the body is over the limit of {limits.max_body_bytes} bytes; "
+                          "send fewer rows per request")
+        if declared.isdigit() and int(declared) > DRAIN * limits.max_body_bytes:
+            return too_large  # not worth reading to the end: the client may see the connection close instead
+        chunks, size = [], 0
+        async for chunk in request.stream():  # a body over the limit is read on (up to DRAIN x) but not kept
+            size += len(chunk)
+            if size <= limits.max_body_bytes:
+                chunks.append(chunk)
+            elif size > DRAIN * limits.max_body_bytes:
+                break
+        if size > limits.max_body_bytes:
+            return too_large
+        deadline = time.monotonic() + limits.timeout
+        future = asyncio.get_running_loop().run_in_executor(worker, job, b"".join(chunks), deadline)
+        try:
+            predictions = await asyncio.wait_for(asyncio.shield(future), limits.timeout + 0.05)
+        except (asyncio.TimeoutError, TimedOut):
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())  # its TimedOut is expected
+            stats["timed_out"] += 1
+            return error(503, "TIMEOUT", f"scoring took longer than the limit of {limits.timeout:g} s and was "
+                         "stopped; send fewer rows per request")
+        except HTTPError as failure:
+            return error(failure.status, failure.code, failure.message)
+        except Exception:  # noqa: BLE001 - the traceback goes to the log, never into the response
+            log.exception("scoring failed")
+            return error(500, "INTERNAL_ERROR", "internal error (details in the server's log)")
+        body = json.dumps({"predictions": predictions}, default=_plain)
+        return Response(body, media_type="application/json")
+
+    return app
+
+
+def load(model_uri: str, tracking_uri: str | None = None):
+    import mlflow
+
+    from .tracking import resolve_tracking_uri
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    return mlflow.pyfunc.load_model(model_uri)
+
+
+def app_from_env():
+    """uvicorn factory of each worker process: the settings of :func:`run` from ``$MOA_SERVE_CONFIG``."""
+    config = json.loads(os.environ[ENV])
+    return create_app(load(config["model_uri"], config.get("tracking_uri")), Limits(**config["limits"]),
+                      docs=config["docs"])
+
+
+def run(model_uri: str, *, host: str = "127.0.0.1", port: int = 5055, workers: int = 1,
+        tracking_uri: str | None = None, limits: Limits | None = None, docs: bool = False) -> None:
+    """Serve until interrupted (``workers`` uvicorn processes, each with its own copy of the model)."""
+    import uvicorn
+
+    os.environ[ENV] = json.dumps({"model_uri": model_uri, "tracking_uri": tracking_uri, "docs": docs,
+                                  "limits": asdict(limits or Limits())})
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uvicorn.run("moa.pipelines.server:app_from_env", factory=True, host=host, port=port, workers=workers,
+                log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = Limits()
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
+    parser.add_argument("--port", type=int, default=5055)
+    parser.add_argument("--workers", type=int, default=1, help="server processes, each with the model loaded")
+    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help="larger bodies get 413")
+    parser.add_argument("--max-rows", type=int, default=defaults.max_rows, help="more rows per request get 413")
+    parser.add_argument("--timeout", type=float, default=defaults.timeout,
+                        help="seconds of scoring per request; longer requests are stopped and get 503")
+    parser.add_argument("--docs", action="store_true", help="serve interactive API docs at /docs")
+
+
+def limits_of(args: argparse.Namespace) -> Limits:
+    return Limits(max_body_bytes=args.max_body_bytes, max_rows=args.max_rows, timeout=args.timeout)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moa.pipelines.server", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-uri", required=True)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    print(f"moa server: {args.model_uri} on http://{args.host}:{args.port} ({limits_of(args)})", flush=True)
+    run(args.model_uri, host=args.host, port=args.port, workers=args.workers, tracking_uri=args.tracking_uri,
+        limits=limits_of(args), docs=args.docs)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
