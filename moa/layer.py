@@ -124,8 +124,9 @@ class MoALinear(nn.Module):
         same = A.dtype == B.dtype == x.dtype and A.device == B.device == x.device
         shrink_in_gemm = impl == "dense" and no_dropout and same
         dense = impl == "dense" and same
-        # dense: the bias rides on the expand's copy of y0; otherwise on the base GEMM
-        shrink_bias = None if dense else base.bias
+        # dense: the bias rides on the expand's copy of y0, cpp: on the kernel's first pass over y0; else on the GEMM
+        bias_in_expand = dense or (impl == "cpp" and same)
+        shrink_bias = None if bias_in_expand else base.bias
         y0, h, logits, x_alias = fused_shrink(x2, base.weight, shrink_bias, A if shrink_in_gemm else None, gate_w)
         if routing is None:
             routing = self._route(self.router.route_logits(logits, self._slot.current, x.shape[:-1], x.dtype))
@@ -138,9 +139,10 @@ class MoALinear(nn.Module):
             if not shrink_in_gemm:
                 h = x_lora @ A.reshape(E * r, -1).t()
             y = dense_expand(y0, h, gate, B, pool.scaling, base.bias)
-        elif impl in ("grouped", "cpp") and same:  # cpp: the C++ kernel accumulates onto y0 (grouped for fp16/bf16)
-            expand = cpp_expand if impl == "cpp" else grouped_expand
-            y = expand(y0, x_alias if no_dropout else x_lora, A, B, ids, weights * pool.scaling)
+        elif impl == "cpp" and same:  # the C++ kernel accumulates onto y0 + bias (grouped for fp16/bf16)
+            y = cpp_expand(y0, x_alias if no_dropout else x_lora, A, B, ids, weights * pool.scaling, base.bias)
+        elif impl == "grouped" and same:
+            y = grouped_expand(y0, x_alias if no_dropout else x_lora, A, B, ids, weights * pool.scaling)
         else:  # the triton kernel (CUDA), or factors of another dtype: the routed update, then one add
             y = y0 + grouped_lora(x_lora, A, B, ids, weights, pool.scaling, impl=impl).to(y0.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])

@@ -211,11 +211,14 @@ def test_aux_loss_and_usage_match_the_module_path(case):
     torch.testing.assert_close(fused_usage, layer.last_usage)
 
 
-def test_bias_free_base(spy):
-    layer = build(4, 4, 2, bias=False)
-    x = torch.randn(9, D_IN, dtype=torch.float64)
+@pytest.mark.parametrize("case", ["dense", "grouped"])
+def test_bias_free_base(case, spy, kernel):
+    E, r, k, N = CASES[case]
+    layer = build(E, r, k, bias=False)
+    x = torch.randn(N, D_IN, dtype=torch.float64)
     torch.testing.assert_close(layer(x), reference(layer, x))
     assert spy
+    check_expand(kernel, case == "grouped")
 
 
 class ScaledLinear(nn.Linear):  # stands for a quantized / custom linear: its forward is not F.linear(x, W, b)

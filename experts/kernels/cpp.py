@@ -47,8 +47,9 @@ _tried = False
 _lock = threading.Lock()
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-_FWD_ARGS = [_P, _I64, _P, _P, _P, _P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64, _INT]
+_FWD_ARGS = [_P, _I64, _P, _P, _P, _P, _P, _P, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64, _INT]
 _BWD_ARGS = [_P, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _INT]
+_TRANSPOSE_ARGS = [_P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _INT, _INT]
 
 
 def _cpu_tag() -> str:
@@ -84,7 +85,7 @@ def load():
                     verbose=False,
                 )
                 lib = ctypes.CDLL(path)
-                for name, args in (("forward", _FWD_ARGS), ("backward", _BWD_ARGS)):
+                for name, args in (("forward", _FWD_ARGS), ("backward", _BWD_ARGS), ("transpose", _TRANSPOSE_ARGS)):
                     for suffix in ("f32", "f64"):
                         fn = getattr(lib, f"moa_lora_{name}_{suffix}")
                         fn.argtypes, fn.restype = args, None
@@ -124,15 +125,23 @@ def _ptr(t: Tensor | None):
     return None if t is None else t.data_ptr()
 
 
+def _suffix(t: Tensor) -> str:
+    return "f32" if t.dtype == torch.float32 else "f64"
+
+
 class _CppLoRA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y0, x, A, B, weights, ids):
+    def forward(ctx, y0, x, A, B, weights, ids, bias):
         lib = load()
         n, d_in = x.shape
         E, r, _ = A.shape
         d_out, k = B.shape[1], ids.shape[1]
+        nt = torch.get_num_threads()
         x, A = _rows(x), A.contiguous()
-        Bt = B.transpose(1, 2).contiguous()  # [E, r, d_out]: the expand and the backward's B-products run along d_out
+        # Bt = B^T [E, r, d_out]: the expand and the backward's B-products run along d_out. A blocked transpose in
+        # the kernel library: torch's copy of the pool's strided B view is several times slower.
+        Bt = x.new_empty(E, r, d_out)
+        getattr(lib, f"moa_lora_transpose_{_suffix(x)}")(B.data_ptr(), *B.stride(), Bt.data_ptr(), E, r, d_out, 1, nt)
         w = weights.contiguous()
         ids = ids.contiguous()
         sched = torch.empty(n * k, dtype=torch.long)
@@ -141,36 +150,40 @@ class _CppLoRA(torch.autograd.Function):
         y = x.new_empty(n, d_out)
         h = x.new_empty(n * k, r)
         y0 = None if y0 is None else _rows(y0)
-        fwd = lib.moa_lora_forward_f32 if x.dtype == torch.float32 else lib.moa_lora_forward_f64
-        fwd(
+        bias = None if bias is None else bias.contiguous()
+        getattr(lib, f"moa_lora_forward_{_suffix(x)}")(
             x.data_ptr(), x.stride(0), A.data_ptr(), Bt.data_ptr(), sched.data_ptr(), starts.data_ptr(),
-            w.data_ptr(), _ptr(y0), 0 if y0 is None else y0.stride(0), y.data_ptr(), d_out, h.data_ptr(),
-            n, k, E, r, d_in, d_out, torch.get_num_threads(),
+            w.data_ptr(), _ptr(y0), 0 if y0 is None else y0.stride(0), _ptr(bias), y.data_ptr(), d_out,
+            h.data_ptr(), n, k, E, r, d_in, d_out, nt,
         )
-        ctx.save_for_backward(x, A, Bt, w, h, sched, starts)
+        ctx.save_for_backward(x, A, B, Bt, w, h, sched, starts)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, A, Bt, w, h, sched, starts = ctx.saved_tensors
-        need_y0, need_x, need_a, need_b, need_w, _ = ctx.needs_input_grad
+        x, A, B, Bt, w, h, sched, starts = ctx.saved_tensors
+        need_y0, need_x, need_a, need_b, need_w, _, _ = ctx.needs_input_grad
         n, d_in = x.shape
         E, r, d_out = Bt.shape
         k = w.shape[1]
+        nt = torch.get_num_threads()
         lib = load()
         dy = _rows(dy)
         dx = x.new_empty(n, d_in) if need_x else None
         dA = torch.empty_like(A) if need_a else None  # every expert's rows are written (zeros for an empty expert)
         dBt = torch.empty_like(Bt) if need_b else None
         dw = w.new_empty(n, k) if need_w else None
-        bwd = lib.moa_lora_backward_f32 if x.dtype == torch.float32 else lib.moa_lora_backward_f64
-        bwd(
+        getattr(lib, f"moa_lora_backward_{_suffix(x)}")(
             dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0), A.data_ptr(), Bt.data_ptr(), sched.data_ptr(),
             starts.data_ptr(), w.data_ptr(), h.data_ptr(), _ptr(dx), _ptr(dA), _ptr(dBt), _ptr(dw),
-            n, k, E, r, d_in, d_out, torch.get_num_threads(),
+            n, k, E, r, d_in, d_out, nt,
         )
-        return (dy if need_y0 else None), dx, dA, (None if dBt is None else dBt.transpose(1, 2)), dw, None
+        dB = None
+        if need_b:  # in B's own layout (the pool's: rows of lora_B), so the gradient reaches lora_B without a copy
+            dB = torch.empty_like(B)
+            getattr(lib, f"moa_lora_transpose_{_suffix(x)}")(dB.data_ptr(), *dB.stride(), dBt.data_ptr(), E, r, d_out, 0, nt)
+        return (dy if need_y0 else None), dx, dA, dB, dw, None, None
 
 
 def lora_cpp(x: Tensor, A: Tensor, B: Tensor, plan: ExpertPlan, weights: Tensor) -> Tensor:
@@ -180,14 +193,18 @@ def lora_cpp(x: Tensor, A: Tensor, B: Tensor, plan: ExpertPlan, weights: Tensor)
         from .grouped import lora_grouped
 
         return lora_grouped(x, A, B, plan, weights)
-    return _CppLoRA.apply(None, x, A, B, weights, plan.expert_ids)
+    return _CppLoRA.apply(None, x, A, B, weights, plan.expert_ids, None)
 
 
-def cpp_expand(y0: Tensor, x: Tensor, A: Tensor, B: Tensor, plan: ExpertPlan, weights: Tensor) -> Tensor:
-    """``y0 + lora(x)`` with each token's expert outputs accumulated onto its row of ``y0`` (the fused layer path's
-    sparse expand); :func:`~.fused.grouped_expand` for tensors the kernel does not take."""
-    if not supports(x, A, B, weights) or y0.dtype != x.dtype:
+def cpp_expand(
+    y0: Tensor, x: Tensor, A: Tensor, B: Tensor, plan: ExpertPlan, weights: Tensor, bias: Tensor | None = None
+) -> Tensor:
+    """``y0 + bias + lora(x)`` with each token's expert outputs accumulated onto its row of ``y0`` (the fused layer
+    path's sparse expand; ``bias`` frozen, added in the same pass); :func:`~.fused.grouped_expand` for tensors the
+    kernel does not take."""
+    if not supports(x, A, B, weights) or y0.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         from .fused import grouped_expand
 
-        return grouped_expand(y0, x, A, B, plan, weights)
-    return _CppLoRA.apply(y0, x, A, B, weights, plan.expert_ids)
+        out = grouped_expand(y0, x, A, B, plan, weights)
+        return out if bias is None else out + bias
+    return _CppLoRA.apply(y0, x, A, B, weights, plan.expert_ids, bias)

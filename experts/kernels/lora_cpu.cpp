@@ -97,9 +97,11 @@ inline void dots(const T* const* rows, const T* M, int64_t r, int64_t d, T* tile
   for (; q < r; ++q) dot_tile<T, 1>(rows, M + q * d, d, d, tile + q, r);
 }
 
-// ys[i][0:d] = (srcs[i] ? srcs[i][0:d] : 0) + sum_q c[i * r + q] * M[q * d + 0:d]   for i < NP
+// ys[i][0:d] = (srcs[i] ? srcs[i][0:d] : 0) + (bias ? bias[0:d] : 0) + sum_q c[i * r + q] * M[q * d + 0:d]
+// for i < NP
 template <typename T, int NP>
-inline void axpy_tile(T* const* ys, const T* const* srcs, const T* c, int64_t r, const T* M, int64_t d) {
+inline void axpy_tile(T* const* ys, const T* const* srcs, const T* bias, const T* c, int64_t r, const T* M,
+                      int64_t d) {
   using V = typename Vec<T>::type;
   constexpr int W = Vec<T>::W;
   int64_t t = 0;
@@ -107,6 +109,11 @@ inline void axpy_tile(T* const* ys, const T* const* srcs, const T* c, int64_t r,
     V acc[NP][CH];
     for (int i = 0; i < NP; ++i)
       for (int u = 0; u < CH; ++u) acc[i][u] = srcs[i] ? vload<V>(srcs[i] + t + u * W) : V{};
+    if (bias)
+      for (int u = 0; u < CH; ++u) {
+        const V b = vload<V>(bias + t + u * W);
+        for (int i = 0; i < NP; ++i) acc[i][u] += b;
+      }
     for (int64_t q = 0; q < r; ++q) {
       V m[CH];
       for (int u = 0; u < CH; ++u) m[u] = vload<V>(M + q * d + t + u * W);
@@ -121,6 +128,8 @@ inline void axpy_tile(T* const* ys, const T* const* srcs, const T* c, int64_t r,
   for (; t + W <= d; t += W) {
     V acc[NP];
     for (int i = 0; i < NP; ++i) acc[i] = srcs[i] ? vload<V>(srcs[i] + t) : V{};
+    if (bias)
+      for (int i = 0; i < NP; ++i) acc[i] += vload<V>(bias + t);
     for (int64_t q = 0; q < r; ++q) {
       V m = vload<V>(M + q * d + t);
       for (int i = 0; i < NP; ++i) acc[i] += m * c[i * r + q];
@@ -130,6 +139,7 @@ inline void axpy_tile(T* const* ys, const T* const* srcs, const T* c, int64_t r,
   for (; t < d; ++t)
     for (int i = 0; i < NP; ++i) {
       T s = srcs[i] ? srcs[i][t] : T(0);
+      if (bias) s += bias[t];
       for (int64_t q = 0; q < r; ++q) s += M[q * d + t] * c[i * r + q];
       ys[i][t] = s;
     }
@@ -211,10 +221,11 @@ void by_expert(const int64_t* sched, const int64_t* starts, int64_t k, int64_t E
 
 template <typename T>
 void forward(const T* x, int64_t ldx, const T* A, const T* Bt, const int64_t* sched, const int64_t* starts,
-             const T* w, const T* y0, int64_t ld0, T* y, int64_t ldy, T* h, int64_t n, int64_t k, int64_t E,
-             int64_t r, int64_t d_in, int64_t d_out, int nthreads) {
+             const T* w, const T* y0, int64_t ld0, const T* bias, T* y, int64_t ldy, T* h, int64_t n, int64_t k,
+             int64_t E, int64_t r, int64_t d_in, int64_t d_out, int nthreads) {
   (void)n;
   for (int64_t j = 0; j < k; ++j) {
+    const T* bj = j ? nullptr : bias;  // slot 0 initialises every row: y0 + bias
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t e = 0; e < E; ++e) {
       const int64_t lo = starts[j * E + e], hi = starts[j * E + e + 1];
@@ -241,9 +252,9 @@ void forward(const T* x, int64_t ldx, const T* A, const T* Bt, const int64_t* sc
           }
         }
         if (m == MR) {
-          axpy_tile<T, MR>(ys, srcs, hw.data(), r, Be, d_out);
+          axpy_tile<T, MR>(ys, srcs, bj, hw.data(), r, Be, d_out);
         } else {
-          for (int64_t i = 0; i < m; ++i) axpy_tile<T, 1>(ys + i, srcs + i, hw.data() + i * r, r, Be, d_out);
+          for (int64_t i = 0; i < m; ++i) axpy_tile<T, 1>(ys + i, srcs + i, bj, hw.data() + i * r, r, Be, d_out);
         }
       }
     }
@@ -293,9 +304,9 @@ void backward(const T* dy, int64_t lddy, const T* x, int64_t ldx, const T* A, co
         if (dx) {
           if (m == MR) {
             for (int i = 0; i < MR; ++i) std::memcpy(&c[i * r], &dh[ps[i] * r], sizeof(T) * r);
-            axpy_tile<T, MR>(xs, srcs, c.data(), r, Ae, d_in);
+            axpy_tile<T, MR>(xs, srcs, nullptr, c.data(), r, Ae, d_in);
           } else {
-            for (int64_t i = 0; i < m; ++i) axpy_tile<T, 1>(xs + i, srcs + i, &dh[ps[i] * r], r, Ae, d_in);
+            for (int64_t i = 0; i < m; ++i) axpy_tile<T, 1>(xs + i, srcs + i, nullptr, &dh[ps[i] * r], r, Ae, d_in);
           }
         }
       }
@@ -313,6 +324,27 @@ void backward(const T* dy, int64_t lddy, const T* x, int64_t ldx, const T* A, co
   }
 }
 
+// to_bt: Bt[e, q, o] = B[e * sE + o * sO + q * sQ]; else the reverse (B in any strided layout, Bt contiguous).
+// Blocks of 64 outputs: the few cache lines of B a block touches serve every q.
+template <typename T>
+void transpose_b(T* B, int64_t sE, int64_t sO, int64_t sQ, T* Bt, int64_t E, int64_t r, int64_t d_out, bool to_bt,
+                 int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t o0 = 0; o0 < d_out; o0 += 64) {
+      const int64_t o1 = o0 + 64 < d_out ? o0 + 64 : d_out;
+      T* bt = Bt + e * r * d_out;
+      T* b = B + e * sE;
+      if (to_bt) {
+        for (int64_t q = 0; q < r; ++q)
+          for (int64_t o = o0; o < o1; ++o) bt[q * d_out + o] = b[o * sO + q * sQ];
+      } else {
+        for (int64_t o = o0; o < o1; ++o)
+          for (int64_t q = 0; q < r; ++q) b[o * sO + q * sQ] = bt[q * d_out + o];
+      }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -325,9 +357,9 @@ void moa_lora_schedule(const int64_t* ids, int64_t n, int64_t k, int64_t E, int6
 
 #define MOA_FORWARD(NAME, T)                                                                                      \
   void NAME(const T* x, int64_t ldx, const T* A, const T* Bt, const int64_t* sched, const int64_t* starts,       \
-            const T* w, const T* y0, int64_t ld0, T* y, int64_t ldy, T* h, int64_t n, int64_t k, int64_t E,      \
-            int64_t r, int64_t d_in, int64_t d_out, int nthreads) {                                               \
-    forward<T>(x, ldx, A, Bt, sched, starts, w, y0, ld0, y, ldy, h, n, k, E, r, d_in, d_out, nthreads);           \
+            const T* w, const T* y0, int64_t ld0, const T* bias, T* y, int64_t ldy, T* h, int64_t n, int64_t k,  \
+            int64_t E, int64_t r, int64_t d_in, int64_t d_out, int nthreads) {                                    \
+    forward<T>(x, ldx, A, Bt, sched, starts, w, y0, ld0, bias, y, ldy, h, n, k, E, r, d_in, d_out, nthreads);     \
   }
 MOA_FORWARD(moa_lora_forward_f32, float)
 MOA_FORWARD(moa_lora_forward_f64, double)
@@ -341,5 +373,13 @@ MOA_FORWARD(moa_lora_forward_f64, double)
   }
 MOA_BACKWARD(moa_lora_backward_f32, float)
 MOA_BACKWARD(moa_lora_backward_f64, double)
+
+#define MOA_TRANSPOSE(NAME, T)                                                                                    \
+  void NAME(T* B, int64_t sE, int64_t sO, int64_t sQ, T* Bt, int64_t E, int64_t r, int64_t d_out, int to_bt,     \
+            int nthreads) {                                                                                       \
+    transpose_b<T>(B, sE, sO, sQ, Bt, E, r, d_out, to_bt != 0, nthreads);                                         \
+  }
+MOA_TRANSPOSE(moa_lora_transpose_f32, float)
+MOA_TRANSPOSE(moa_lora_transpose_f64, double)
 
 }  // extern "C"
