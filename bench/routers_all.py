@@ -418,6 +418,19 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
+def majority_accuracy() -> dict[str, float]:
+    """Test accuracy of always predicting each task's most frequent training label (the floor to read the table by)."""
+    from moa.pipelines.ml100k_text import build_tasks
+
+    frames = build_tasks()
+    train, test = frames["train"], frames["test"]
+    out = {}
+    for task, rows in test.groupby("task"):
+        label = train[train["task"] == task]["label"].value_counts().idxmax()
+        out[task] = float((rows["label"] == label).mean())
+    return out
+
+
 def table(results: dict[str, list[dict]], transfer: list[dict], tasks: list[str], args, timing: dict | None) -> str:
     base = results["peft-lora"]
     base_step = timing["peft-lora"] if timing else statistics.median(r["step_s"] for r in base)
@@ -433,6 +446,9 @@ def table(results: dict[str, list[dict]], transfer: list[dict], tasks: list[str]
         memory = statistics.median(r["memory"] for r in runs) / base_memory
         lines.append(f"| {method} | {rate} | " + " | ".join(cells) + f" | {mean} | {runs[0]['trainable']:,} | "
                      f"{runs[0]['active']:,} | {step:.2f} | {memory:.2f} |")
+    floor = majority_accuracy()
+    lines.append("| majority label of the training rows (reference) | - | " + " | ".join(f"{floor[t]:.3f}" for t in tasks)
+                 + f" | {statistics.mean(floor[t] for t in tasks):.3f} | - | - | - | - |")
     if transfer:
         lines += ["", f"Few-shot transfer to the held-out task `{args.heldout}` ({args.shots} training rows per label, "
                   f"{args.transfer_steps} steps; test accuracy, mean ± sd over seeds):", "",
