@@ -1,4 +1,4 @@
-"""REST serving benchmark: latency p50/p99 and throughput of ``mlflow models serve`` on the registered recommender.
+"""REST serving benchmark: latency p50/p99 and throughput of ``moa serve`` (moa's scoring server) on the registered recommender.
 
     python bench/serving.py                                   # models:/moa-recommender@champion of ./mlflow.db
     python bench/serving.py --model-uri models:/rec@champion --requests 300
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     given = " ".join(argv if argv is not None else sys.argv[1:])
     print(f"command: python bench/serving.py {given}".rstrip() + f"   (in {Path.cwd()}, MLflow store {tracking})")
     print(f"model: {model_uri} ({note}); domains {service.domains}; k={args.k}; histories of up to 50 items")
-    print(f"server: mlflow models serve --env-manager local, 1 uvicorn worker, 127.0.0.1; start-up to /ping "
+    print(f"server: moa serve, 1 uvicorn worker, 127.0.0.1; start-up to /ping "
           f"{startup:.1f} s; client: keep-alive HTTP on the same machine; torch threads {torch.get_num_threads()}, "
           f"{os.cpu_count()} CPUs")
     print()

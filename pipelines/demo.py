@@ -9,7 +9,7 @@
 3. ``moa fit -c configs/recsys-xcross.yaml``: X-Cross for the target domain, integrating the frozen source experts
    layer by layer; the best epoch's bundle is logged as an MLflow pyfunc model, registered as
    ``moa-recommender`` and promoted to ``@champion`` when its validation NDCG@10 beats the champion's.
-4. ``mlflow models serve -m models:/moa-recommender@champion --env-manager local`` on 127.0.0.1: a mixed-domain
+4. moa's scoring server (``moa serve``) for ``models:/moa-recommender@champion`` on 127.0.0.1: a mixed-domain
    batch of real users' histories, and a bad request; then the server is stopped.
 5. Batch scoring of every user to Parquet, and the test metrics next to a popularity baseline.
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     for domain, model, ndcg, hr, pop_ndcg, pop_hr in rows:
         print(f"{domain:8s} {model:14s} {ndcg:8.4f} {hr:7.4f} | {pop_ndcg:18.4f} {pop_hr:7.4f}")
 
-    step(f"5. REST: mlflow models serve -m models:/{args.name}@champion --env-manager local (127.0.0.1)")
+    step(f"5. REST: moa serve --model-uri models:/{args.name}@champion (127.0.0.1)")
     import pandas as pd
 
     from moa.pipelines.serving import ModelServer, post, request_body, score_all_users

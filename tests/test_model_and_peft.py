@@ -28,6 +28,7 @@ from transformers.pytorch_utils import Conv1D
 import moa
 from moa import MoAConfig, MoALinear
 from moa.config import CONFIG_NAME
+from moa.atomic import MANIFEST
 from moa.model import WEIGHTS_NAME, load_moa_state
 
 VOCAB = 100
@@ -283,7 +284,7 @@ def test_save_load_round_trip(llama, tmp_path, router):
     expected = run(moa_model, **kwargs)
 
     out_dir = moa_model.save_pretrained(tmp_path / "saved")
-    assert sorted(p.name for p in out_dir.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, MANIFEST])
     assert CONFIG_NAME == "moa_config.json" and WEIGHTS_NAME == "moa_model.safetensors"
     meta = json.loads((out_dir / CONFIG_NAME).read_text())
     assert meta["config"] == config.to_dict()
@@ -312,7 +313,7 @@ def test_save_overwrites_previous_save(llama, tmp_path):
     moa_model.save_pretrained(tmp_path)
     randomize_experts(moa_model, seed=2)
     moa_model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])  # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, MANIFEST])  # no temp files left
     kwargs = {"input_ids": token_ids(), "expert_ids": [0, 1]}
     assert torch.equal(run(moa.load(tmp_path, fresh(llama)), **kwargs), run(moa_model, **kwargs))
 

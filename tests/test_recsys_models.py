@@ -17,6 +17,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from moa import MoALinear
+from moa.atomic import MANIFEST
 from moa.recsys.data import LeaveOneOut, left_pad
 from moa.recsys.evaluate import evaluate
 from moa.recsys.models import (
@@ -233,7 +234,7 @@ def test_save_and_load_round_trip_without_pickle(tmp_path, experts):
     histories = left_pad([[1, 2, 3], [7, 4]])
     expected = {d: model.score(histories, d) for d in ("a", "b")}
     model.save(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE, MANIFEST])
     meta = json.loads((tmp_path / CONFIG_FILE).read_text())
     assert meta["encoder_included"] and meta["domains"] == ["a", "b"]
     loaded = load_recommender(tmp_path)
