@@ -1,7 +1,7 @@
 """Grouped expert LoRA kernels: implementations timed side by side, interleaved, in one run.
 
     python bench/grouped_lora.py                 # the two target shapes of issue 2 (about 2 minutes)
-    python bench/grouped_lora.py --sweep         # dense vs grouped over (N, E*r): where ``auto`` switches
+    python bench/grouped_lora.py --sweep         # dense vs grouped / cpp over (N, E*r): where ``auto`` switches
     python bench/grouped_lora.py --cpu-time      # 1 thread, the thread's CPU time: steadier on a loaded machine
 
 Layers compared (fp32, d_in = d_out = 768, N = 2048 tokens, k = 2, ``x`` requires grad as inside a model):
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from moa.experts import LoRAPool, grouped_lora, runnable_impls
+from moa.experts.kernels import cpp as _cpp
 from moa.layer import ContextSlot, MoALinear
 from moa.routers import build_router
 
@@ -90,13 +91,14 @@ def target_case(E: int, r: int, n_tokens: int, d: int, k: int, reps: int, layer_
 
 
 def sweep(d: int, k: int, reps: int) -> None:
-    """Op-level dense vs grouped, forward+backward, to place the ``auto`` crossover."""
-    print(f"\n## sweep: grouped_lora op, forward+backward, d={d}, k={k}; ratio = dense / grouped (> 1: grouped wins)")
+    """Op-level dense vs the sparse impls (grouped, and cpp where it built), forward+backward: the ``auto`` crossover."""
+    sparse = ["grouped", *(["cpp"] if "cpp" in runnable_impls("cpu") and _cpp.available() else [])]
     Ns = [16, 64, 256, 1024, 4096]
     configs = [(4, 8), (8, 8), (8, 16), (16, 16), (32, 16), (64, 16)]
-    print("E x r (E*r)  " + "".join(f"N={n:<8d}" for n in Ns))
+    ratios: dict[str, dict[tuple[int, int], list[float]]] = {impl: {} for impl in sparse}
     for E, r in configs:
-        row = []
+        for impl in sparse:
+            ratios[impl][E, r] = []
         for n in Ns:
             g = torch.Generator().manual_seed(0)
             x = torch.randn(n, d, generator=g, requires_grad=True)
@@ -104,16 +106,21 @@ def sweep(d: int, k: int, reps: int) -> None:
             B = torch.randn(E, d, r, generator=g).requires_grad_()
             w, ids = torch.randn(n, E, generator=g).softmax(-1).topk(k)
             grad = torch.randn(n, d, generator=g)
-            fns = {impl: (lambda impl=impl: grouped_lora(x, A, B, ids, w, impl=impl)) for impl in ("dense", "grouped")}
+            fns = {impl: (lambda impl=impl: grouped_lora(x, A, B, ids, w, impl=impl)) for impl in ("dense", *sparse)}
             ts = {impl: [] for impl in fns}
             for rep in range(reps + 2):
                 for impl, fn in fns.items():
-                    t0 = time.perf_counter()
+                    t0 = CLOCK()
                     fn().backward(grad)
                     if rep >= 2:
-                        ts[impl].append(time.perf_counter() - t0)
-            row.append(statistics.median(ts["dense"]) / statistics.median(ts["grouped"]))
-        print(f"{E:3d} x {r:<3d}({E * r:5d}) " + "".join(f"{v:<10.2f}" for v in row))
+                        ts[impl].append(CLOCK() - t0)
+            for impl in sparse:
+                ratios[impl][E, r].append(statistics.median(ts["dense"]) / statistics.median(ts[impl]))
+    for impl in sparse:
+        print(f"\n## sweep: grouped_lora op, forward+backward, d={d}, k={k}; ratio = dense / {impl} (> 1: {impl} wins)")
+        print("E x r (E*r)  " + "".join(f"N={n:<8d}" for n in Ns))
+        for (E, r), row in ratios[impl].items():
+            print(f"{E:3d} x {r:<3d}({E * r:5d}) " + "".join(f"{v:<10.2f}" for v in row))
 
 
 def main() -> None:

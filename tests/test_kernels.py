@@ -208,8 +208,11 @@ def test_shape_errors_name_the_problem():
 
 
 def test_auto_choice_follows_documented_crossover():
-    assert choose_impl(2048, 8, 16, 2) == "dense"  # E*r = 128
-    assert choose_impl(2048, 64, 16, 2) == ("cpp" if cpp_mod.available() else "grouped")  # E*r = 1024
+    sparse = "cpp" if cpp_mod.available() else None
+    assert choose_impl(2048, 8, 16, 2) == (sparse or "dense")  # E*r = 128
+    assert choose_impl(2048, 8, 8, 2) == (sparse or "dense")  # E*r = 64: the cpp kernel's crossover
+    assert choose_impl(2048, 4, 8, 2) == "dense"  # E*r = 32
+    assert choose_impl(2048, 64, 16, 2) == (sparse or "grouped")  # E*r = 1024
     assert choose_impl(4, 64, 16, 2) == "dense"  # a handful of tokens: no sort
     assert choose_impl(2048, 64, 16, None) == "dense"  # soft routing
 
@@ -351,7 +354,7 @@ def test_cpp_falls_back_to_grouped_when_the_build_failed(monkeypatch):
     x, A, B, ids, w = make(40, 16, 12, 8, 4, 2)
     out = grouped_lora(x, A, B, ids, w, 1.0, impl="cpp")
     torch.testing.assert_close(out.double(), reference(x, A, B, ids, w, 1.0), rtol=1e-5, atol=1e-4)
-    assert choose_impl(2048, 64, 16, 2) == "grouped"
+    assert choose_impl(2048, 64, 16, 2) == "grouped" and choose_impl(2048, 8, 8, 2) == "dense"
 
 
 def test_no_cpp_env_var_disables_the_kernel():

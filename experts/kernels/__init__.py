@@ -49,25 +49,31 @@ if _triton.AVAILABLE and (_triton.INTERPRETED or torch.cuda.is_available()):
 # the sparse FLOPs but needs no sort, gather or scatter; it wins while E*r stays small or the batch is tiny.
 DENSE_MAX_EXPERT_ROWS = 128  # E * r at or below which dense won at every N we measured
 DENSE_MAX_PAIRS = 128  # N * k at or below which sorting costs more than the wasted FLOPs
+# With the ``cpp`` kernel (no sort in PyTorch, no gather, no padding, no combine buffer) the sparse path wins from a
+# much smaller pool: ``--sweep`` (1 thread, CPU time) measured dense / cpp = 1.1-1.5 at E*r = 64 for N = 16..4096 and
+# 1.2-7.5 above; at E*r = 32 cpp lost from N = 1024 (0.6-0.9). At the layer level (N = 2048, the fused paths) cpp
+# measured 1.03x PEFT against dense's 1.11x at E=8, r=8, 1.04x against 1.20x at E=8, r=16, equal at E=4, r=8.
+CPP_MIN_EXPERT_ROWS = 64  # E * r from which ``auto`` takes ``cpp`` on the CPU (when it built)
 
 
 def choose_impl(n_tokens: int, n_experts: int, rank: int, top_k: int | None, device_type: str = "cpu") -> str:
     """The implementation ``auto`` uses for this shape (``top_k=None``: dense soft routing) on this device type.
 
-    Decode-sized calls (``N * k <= DENSE_MAX_PAIRS``) take the dense form on every device. Otherwise, on CUDA, sparse
-    routing with ``E * r`` above the dense crossover goes to the fused ``triton`` kernel when it is registered (the
-    thresholds were measured on the CPU; the GPU crossover is not measured yet).
+    Decode-sized calls (``N * k <= DENSE_MAX_PAIRS``) take the dense form on every device. Otherwise, on the CPU,
+    sparse routing with ``E * r >= CPP_MIN_EXPERT_ROWS`` takes the ``cpp`` kernel when it built (else ``grouped`` above
+    the dense crossover); on CUDA, ``E * r`` above the dense crossover goes to the fused ``triton`` kernel when it is
+    registered (the thresholds were measured on the CPU; the GPU crossover is not measured yet).
     """
     if top_k is None or top_k >= n_experts:
         return "dense"
-    if n_experts * rank <= DENSE_MAX_EXPERT_ROWS:
-        return "dense"
     if n_tokens * top_k <= DENSE_MAX_PAIRS:  # decode: a few tokens; one GEMM pair beats sorting and launching
+        return "dense"
+    if device_type == "cpu" and n_experts * rank >= CPP_MIN_EXPERT_ROWS and "cpp" in IMPLS and _cpp.available():
+        return "cpp"
+    if n_experts * rank <= DENSE_MAX_EXPERT_ROWS:
         return "dense"
     if device_type == "cuda" and "triton" in IMPLS:
         return "triton"
-    if device_type == "cpu" and "cpp" in IMPLS and _cpp.available():
-        return "cpp"
     return "grouped"
 
 
