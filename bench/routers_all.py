@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
                 transfer.append(run_transfer(args, folder, seed, Path(tmp) / f"transfer-{seed}"))
         timing = time_interleaved(args, folder, args.methods, args.timing_steps) if args.timing_steps > 0 else None
     if args.save_json:
-        Path(args.save_json).write_text(json.dumps({"results": results, "transfer": transfer, "tasks": tasks, "timing": timing,
+        Path(args.save_json).write_text(json.dumps({"results": results, "transfer": transfer, "tasks": tasks, "timing": timing, "command": command,
                                                     "seconds": time.perf_counter() - started, "seeds": args.seeds}))
     return report(args, command, results, transfer, tasks, time.perf_counter() - started, timing)
 
@@ -533,7 +533,8 @@ def merge(args, command: str) -> int:
     args.seeds = [s for p in parts for s in p["seeds"]]
     seconds = max(p["seconds"] for p in parts)
     timing = next((p["timing"] for p in parts if p.get("timing")), None)
-    return report(args, command + f"   # merging {len(parts)} processes run side by side", results, transfer,
+    runs = "\n".join(p.get("command", "?") + " &" for p in parts)
+    return report(args, f"{runs}\n# the {len(parts)} processes above ran side by side (seed 0 also runs the timing phase), then:\n{command}", results, transfer,
                   parts[0]["tasks"], seconds, timing)
 
 
@@ -572,7 +573,7 @@ parameters excluded) + trainable parameters, gradients and AdamW moments; ratio 
 on the other 3 tasks with the same budget, then `prepare_transfer(model, "z" | "mu", n_tasks=1)` and a fresh head
 for the held-out task, trained on {args.shots} rows per label for {args.transfer_steps} steps (batch
 {min(args.batch_size, 16)}); the PEFT LoRA row trains a fresh LoRA and head on the same rows and steps.
-Total {seconds:.0f} s on this machine ({torch.get_num_threads()} torch threads)."""
+Total {seconds:.0f} s wall ({"the longest of the processes; " if args.merge else ""}{torch.get_num_threads()} torch thread(s) each; the shared 2-core machine had a load average of 4-10 from other jobs)."""
     text = f"```\n{command}\n```\n\n{body}\n{notes}\n"
     print("\n" + text)
     out = Path(args.out or Path(__file__).parent / "results" / ("routers_all_quick.md" if args.quick else "routers_all.md"))
