@@ -71,7 +71,6 @@ from moa.pipelines.ml100k_text import write_tasks  # noqa: E402
 from moa.pipelines.modules import MoAClassifier, RLOOClassifier, TaskLabelHead, minilm_dir  # noqa: E402
 from moa.pipelines.text_data import TextData  # noqa: E402
 from moa.pipelines.tracking import MLflowLogger  # noqa: E402
-from moa.rloo import classification_sample_loss  # noqa: E402
 from moa.transfer import prepare_transfer  # noqa: E402
 
 EXPERIMENT = "moa-routers-all"
@@ -140,35 +139,6 @@ class PeftClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr, weight_decay=0.0)
-
-
-class TextRLOOClassifier(RLOOClassifier):
-    """``RLOOClassifier`` on ``TextData`` (per-task heads), a workaround in this bench: as shipped, RLOOClassifier
-    without ``n_classes`` fails (``RLOOModule`` picks its per-example loss from a head that ``configure_model``
-    builds only later), and ``RLOOModule.training_step`` would pass the batch's ``row`` to the model and call the
-    head without the task ids ``TaskLabelHead`` needs. Here: the per-example cross-entropy is given, ``row`` is
-    dropped, and the head is bound to the repeated task ids for the step; the RLOO step itself is RLOOModule's."""
-
-    def _module_options(self) -> dict:
-        return {"n_samples": self._n_samples, "sample_loss": classification_sample_loss}
-
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        batch = {k: v for k, v in batch.items() if k != "row"}
-        head = self.head
-        self.head = _BoundHead(head, batch["task_ids"].repeat(self.n_samples))
-        try:
-            return super().training_step(batch, batch_idx)
-        finally:
-            self.head = head
-
-
-class _BoundHead(torch.nn.Module):
-    def __init__(self, head: TaskLabelHead, task_ids: Tensor):
-        super().__init__()
-        self.inner, self.task_ids = head, task_ids
-
-    def forward(self, hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
-        return self.inner(hidden, attention_mask, self.task_ids)
 
 
 # -- measurement --------------------------------------------------------------------------------------------------
@@ -263,7 +233,7 @@ def build(method: str, args, data: TextData, seed: int, n_tasks: int):
         counts = [len(data.label_names[t]) for t in data.task_names]
         return PeftClassifier(counts, args.rank, targets(args.layers), rates["lr"], seed), rates
     spec = dict(method_spec(method, args.rank, n_tasks), target_modules=targets(args.layers))
-    cls = TextRLOOClassifier if method == "remix" else MoAClassifier
+    cls = RLOOClassifier if method == "remix" else MoAClassifier
     extra = {"n_samples": args.rloo_samples} if method == "remix" else {}
     return cls(backbone="minilm", seed=seed, **spec, **rates, **extra), rates
 
