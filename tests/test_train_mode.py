@@ -98,6 +98,7 @@ def test_cli_classifier_on_minilm_trains_in_train_mode(one_thread):
 @pytest.mark.slow
 def test_model_and_data_seeds_are_separate_hyperparameters(tmp_path):
     """``seed`` (model) and ``data_seed`` (data) both reach the logged hparams; a shared name crashed the merge."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -111,6 +112,7 @@ def test_model_and_data_seeds_are_separate_hyperparameters(tmp_path):
          "--data.init_args.data_seed", "1", "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false",
          "--data.init_args.n_train", "64", "--data.init_args.n_val", "32", "--data.init_args.n_test", "32"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},  # the embedded store in tmp_path
     )
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
