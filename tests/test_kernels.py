@@ -291,6 +291,7 @@ CPP_SHAPES = [
     (9, 768, 768, 64, 16, 2),
     (300, 768, 768, 64, 16, 2),
     (41, 13, 130, 3, 1, 1),
+    (45, 40, 50, 3, 20, 2),  # rank above the 16 x 16 tiles of the B transpose: a second, partial rank block
 ]
 
 

@@ -325,24 +325,50 @@ void backward(const T* dy, int64_t lddy, const T* x, int64_t ldx, const T* A, co
 }
 
 // to_bt: Bt[e, q, o] = B[e * sE + o * sO + q * sQ]; else the reverse (B in any strided layout, Bt contiguous).
-// Blocks of 64 outputs: the few cache lines of B a block touches serve every q.
+// Tiles of TB outputs x TB ranks through a small buffer: every cache line of B or Bt a tile touches is used whole
+// while it is in L1 (the pool's B has a row stride of E*r elements, often a multiple of 4 KiB: a loop that walks
+// 64 rows of it per rank re-fetches lines that evicted each other from one cache set).
 template <typename T>
 void transpose_b(T* B, int64_t sE, int64_t sO, int64_t sQ, T* Bt, int64_t E, int64_t r, int64_t d_out, bool to_bt,
                  int nthreads) {
+  constexpr int64_t TB = 16, PF_TILES = 4;
+  const int64_t n_ob = (d_out + TB - 1) / TB;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t e = 0; e < E; ++e)
-    for (int64_t o0 = 0; o0 < d_out; o0 += 64) {
-      const int64_t o1 = o0 + 64 < d_out ? o0 + 64 : d_out;
-      T* bt = Bt + e * r * d_out;
-      T* b = B + e * sE;
-      if (to_bt) {
-        for (int64_t q = 0; q < r; ++q)
-          for (int64_t o = o0; o < o1; ++o) bt[q * d_out + o] = b[o * sO + q * sQ];
-      } else {
-        for (int64_t o = o0; o < o1; ++o)
-          for (int64_t q = 0; q < r; ++q) b[o * sO + q * sQ] = bt[q * d_out + o];
+  for (int64_t eb = 0; eb < E * n_ob; ++eb) {
+    const int64_t e = eb % E, o0 = (eb / E) * TB;  // along the rows of the pool layout: sequential reads
+    const int64_t o1 = o0 + TB < d_out ? o0 + TB : d_out;
+    T* bt = Bt + e * r * d_out;
+    T* b = B + e * sE;
+    T tmp[TB][TB];
+    {  // prefetch a later tile's lines: the strided ones are cold and no hardware prefetcher predicts them
+      const int64_t f = eb + PF_TILES;
+      if (f < E * n_ob) {
+        const int64_t fe = f % E, fo0 = (f / E) * TB;
+        const int64_t fo1 = fo0 + TB < d_out ? fo0 + TB : d_out;
+        if (to_bt) {
+          for (int64_t o = fo0; o < fo1; ++o) __builtin_prefetch(B + fe * sE + o * sO, 0);
+          for (int64_t q = 0; q < r; ++q) __builtin_prefetch(Bt + (fe * r + q) * d_out + fo0, 1);
+        } else {
+          for (int64_t o = fo0; o < fo1; ++o) __builtin_prefetch(B + fe * sE + o * sO, 1);
+          for (int64_t q = 0; q < r; ++q) __builtin_prefetch(Bt + (fe * r + q) * d_out + fo0, 0);
+        }
       }
     }
+    for (int64_t q0 = 0; q0 < r; q0 += TB) {
+      const int64_t q1 = q0 + TB < r ? q0 + TB : r;
+      if (to_bt) {
+        for (int64_t o = o0; o < o1; ++o)
+          for (int64_t q = q0; q < q1; ++q) tmp[q - q0][o - o0] = b[o * sO + q * sQ];
+        for (int64_t q = q0; q < q1; ++q)
+          for (int64_t o = o0; o < o1; ++o) bt[q * d_out + o] = tmp[q - q0][o - o0];
+      } else {
+        for (int64_t q = q0; q < q1; ++q)
+          for (int64_t o = o0; o < o1; ++o) tmp[o - o0][q - q0] = bt[q * d_out + o];
+        for (int64_t o = o0; o < o1; ++o)
+          for (int64_t q = q0; q < q1; ++q) b[o * sO + q * sQ] = tmp[o - o0][q - q0];
+      }
+    }
+  }
 }
 
 }  // namespace
