@@ -9,6 +9,21 @@ from torch import Tensor, nn
 from .base import Router, Routing, RoutingContext, register_router
 
 
+def top_ids(scores: Tensor, k: int) -> Tensor:
+    """Indices ``[N, k]`` of each row's k largest scores, largest first (``scores.topk(k).indices``); for small k by
+    k row maxima, each masking the previous one's index (a fraction of ``topk``'s cost on the CPU)."""
+    if k > 4:
+        return scores.topk(k, dim=-1).indices
+    first = scores.max(-1, keepdim=True).indices
+    if k == 1:
+        return first
+    ids, masked = [first], scores.clone()
+    for _ in range(k - 1):
+        masked.scatter_(-1, ids[-1], float("-inf"))
+        ids.append(masked.max(-1, keepdim=True).indices)
+    return torch.cat(ids, -1)
+
+
 @register_router
 class TopKRouter(Router):
     """``p = softmax(W_g x)``; each token goes to its top-k experts with weights ``p_topk / sum(p_topk)``.
@@ -51,15 +66,21 @@ class TopKRouter(Router):
     def route_logits(self, logits: Tensor, ctx: RoutingContext, lead, dtype: torch.dtype) -> Routing:
         """The routing of tokens whose gate logits ``[N, E]`` are given (``lead``: the tokens' leading shape)."""
         # at least fp32 (half-precision logits are upcast; fp64 stays fp64, so fp64 gradients check exactly)
-        probs = F.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        aux_loss = self.training and self.aux_loss_coef > 0
+        # the full softmax only where it is used: soft routing, unnormalised weights, the load-balancing loss
+        need_probs = self.top_k == self.n_experts or not self.renormalize or aux_loss
+        probs = F.softmax(logits, dim=-1) if need_probs else None
         if self.top_k == self.n_experts:
             weights, ids = probs, None  # soft routing over all experts: the dense path
         else:
-            weights, ids = probs.topk(self.top_k, dim=-1)
-            if self.renormalize:
-                weights = weights / weights.sum(-1, keepdim=True)
+            ids = top_ids(logits.detach(), self.top_k)  # softmax is monotonic: the top-k logits are the top-k probs
+            if self.renormalize:  # p_topk / sum(p_topk) is the softmax of the k selected logits (the others cancel)
+                weights = F.softmax(logits.gather(-1, ids), dim=-1)
+            else:
+                weights = probs.gather(-1, ids)
         aux = {}
-        if self.training and self.aux_loss_coef > 0:
+        if aux_loss:
             aux["load_balance"] = self.aux_loss_coef * self.load_balance_loss(probs, ids, ctx, lead)
         return Routing(ids, weights.to(dtype), aux)
 
