@@ -296,3 +296,34 @@ def test_static_router_plan_goes_through_the_fused_expand(spy, kernel):
             want[b] += pool.scaling * x[b] @ pool.A[e].t() @ pool.B[e].t()
     torch.testing.assert_close(out, want)
     check_expand(kernel, True)
+
+
+@pytest.mark.parametrize("with_aux", [False, True], ids=["output_only", "output_and_aux_loss"])
+def test_gate_gradient_sparse_and_dense_match_the_module_path(with_aux, monkeypatch):
+    """Without the load-balancing loss in the backward, d_logits is zero off the k selected experts and the gate's
+    backward takes the sparse kernel; with it, d_logits is dense and the kernel declines (the GEMMs run). Both give
+    the module path's gradients."""
+    import moa.experts.kernels.fused as fused_mod
+
+    if not cpp_mod.available():
+        pytest.skip(f"the C++ kernel is disabled or did not build ({cpp_mod.BUILD_ERROR})")
+    taken = []
+    real = fused_mod.sparse_gate_backward
+    monkeypatch.setattr(
+        fused_mod, "sparse_gate_backward", lambda *a: (lambda res: (taken.append(res[0]), res)[1])(real(*a))
+    )
+    E, r, k, N = CASES["grouped"]
+    layer = build(E, r, k).train()
+    x = torch.randn(N, D_IN, dtype=torch.float64)
+    g = torch.randn(N, D_OUT, dtype=torch.float64)
+    params = [layer.router.gate.weight, layer.pool.lora_A, layer.pool.lora_B]
+    grads = []
+    for impl in ("auto", "loop"):  # an explicit impl turns the fused path off
+        layer.pool.impl = impl
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        loss = (out * g).sum() + (10 * layer.aux_losses["load_balance"] if with_aux else 0)
+        grads.append(torch.autograd.grad(loss, [xi, *params]))
+    assert taken == [not with_aux]
+    for fused_grad, module_grad in zip(*grads):
+        torch.testing.assert_close(fused_grad, module_grad)

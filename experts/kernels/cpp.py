@@ -50,6 +50,7 @@ _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _FWD_ARGS = [_P, _I64, _P, _P, _P, _P, _P, _P, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64, _INT]
 _BWD_ARGS = [_P, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _INT]
 _TRANSPOSE_ARGS = [_P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _INT, _INT]
+_GATE_ARGS = [_P, _I64, _P, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _INT]
 
 
 def _cpu_tag() -> str:
@@ -89,6 +90,9 @@ def load():
                     for suffix in ("f32", "f64"):
                         fn = getattr(lib, f"moa_lora_{name}_{suffix}")
                         fn.argtypes, fn.restype = args, None
+                for suffix in ("f32", "f64"):
+                    fn = getattr(lib, f"moa_gate_backward_sparse_{suffix}")
+                    fn.argtypes, fn.restype = _GATE_ARGS, ctypes.c_int
                 lib.moa_lora_schedule.argtypes = [_P, _I64, _I64, _I64, _P, _P]
                 lib.moa_lora_schedule.restype = None
                 _lib = lib
@@ -184,6 +188,33 @@ class _CppLoRA(torch.autograd.Function):
             dB = torch.empty_like(B)
             getattr(lib, f"moa_lora_transpose_{_suffix(x)}")(dB.data_ptr(), *dB.stride(), dBt.data_ptr(), E, r, d_out, 0, nt)
         return (dy if need_y0 else None), dx, dA, dB, dw, None, None
+
+
+def sparse_gate_backward(d_logits: Tensor, x: Tensor, gate_w: Tensor, dx: Tensor | None, need_g: bool):
+    """The router gate's backward when ``d_logits`` ``[N, E]`` is mostly exact zeros (top-k routing with no
+    load-balancing loss in the backward: the renormalised weights depend on the k selected logits only):
+    ``dx += d_logits @ gate_w`` in place (``dx`` None: skipped) and ``d_logits^T x`` returned (``need_g``), with the
+    zero products left out. Returns ``(True, dW_gate or None)``, or ``(False, None)`` when the kernel does not take
+    these tensors or more than one entry in eight is nonzero (nothing written: the caller runs the dense GEMMs)."""
+    if (
+        d_logits.device.type != "cpu"
+        or d_logits.dtype not in DTYPES
+        or not (x.dtype == gate_w.dtype == d_logits.dtype and (dx is None or dx.dtype == x.dtype))
+        or d_logits.dim() != 2
+        or load() is None
+    ):
+        return False, None
+    d_logits, x, gate_w = _rows(d_logits), _rows(x), gate_w.contiguous()
+    if dx is not None and (dx.dim() != 2 or dx.stride(1) != 1):
+        return False, None
+    n, E = d_logits.shape
+    d = x.shape[1]
+    dwg = x.new_empty(E, d) if need_g else None
+    done = getattr(load(), f"moa_gate_backward_sparse_{_suffix(x)}")(
+        d_logits.data_ptr(), d_logits.stride(0), x.data_ptr(), x.stride(0), gate_w.data_ptr(), _ptr(dx),
+        0 if dx is None else dx.stride(0), _ptr(dwg), n, E, d, torch.get_num_threads(),
+    )
+    return (True, dwg) if done else (False, None)
 
 
 def lora_cpp(x: Tensor, A: Tensor, B: Tensor, plan: ExpertPlan, weights: Tensor) -> Tensor:

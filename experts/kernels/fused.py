@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .cpp import sparse_gate_backward
 from .grouped import combine_bags, gmm, grouped_backward, row_weights
 from .plan import ExpertPlan
 
@@ -52,6 +53,17 @@ class _FusedShrink(torch.autograd.Function):
         d_out, n_a = ctx.d_out, ctx.n_a
         need_x, _, _, need_a, need_g = ctx.needs_input_grad
         n, n_g = x.shape[0], weight.shape[0] - d_out - n_a
+        grad_x = grad_a = grad_g = None
+        if n_a == 0 and d_logits is not None and n_g and (need_x or need_g) and not need_a:
+            # top-k routing without the aux loss in the backward: d_logits is zero but for k entries per row
+            grad_x = d_x_alias if need_x else None
+            if need_x and d_y0 is not None:
+                grad_x = d_y0 @ weight[:d_out] if grad_x is None else grad_x.addmm_(d_y0, weight[:d_out])
+            if grad_x is not None or not need_x:
+                done, grad_g = sparse_gate_backward(d_logits, x, weight[d_out:], grad_x, need_g)
+                if done:
+                    return grad_x, None, None, None, grad_g
+            d_x_alias, d_y0 = grad_x, None  # dense GEMMs for the gate: dx already holds the rest
         parts = [g if g is not None else x.new_zeros(n, c) for g, c in ((d_h, n_a), (d_logits, n_g)) if c]
         d_extra = (torch.cat(parts, 1) if len(parts) > 1 else parts[0].contiguous()) if parts else None
         grad_x = grad_a = grad_g = None

@@ -371,6 +371,51 @@ void transpose_b(T* B, int64_t sE, int64_t sO, int64_t sQ, T* Bt, int64_t E, int
   }
 }
 
+// The gate's backward for a gradient of the logits that is zero but for a few entries per row (top-k routing
+// without the load-balancing loss in the backward: the weights are the softmax of the k selected logits only):
+//   dx[n] += sum_{e : dl[n, e] != 0} dl[n, e] Wg[e],   dWg[e] = sum_{n : dl[n, e] != 0} dl[n, e] x[n]
+// The products of the dense form d_logits @ Wg, d_logits^T x with the exact zeros left out. Returns 0 (and writes
+// nothing) when more than one entry in SPARSE_GATE_DIV is nonzero: the caller runs the dense GEMMs instead.
+constexpr int64_t SPARSE_GATE_DIV = 8;
+template <typename T>
+int gate_backward_sparse(const T* dl, int64_t ldl, const T* x, int64_t ldx, const T* Wg, T* dx, int64_t lddx,
+                         T* dWg, int64_t n, int64_t E, int64_t d, int nthreads) {
+  int64_t nnz = 0;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t e = 0; e < E; ++e) nnz += dl[i * ldl + e] != T(0);
+  if (nnz * SPARSE_GATE_DIV > n * E) return 0;
+  if (dx) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < n; ++i) {
+      T* __restrict__ row = dx + i * lddx;
+      for (int64_t e = 0; e < E; ++e) {
+        const T c = dl[i * ldl + e];
+        if (c == T(0)) continue;
+        const T* __restrict__ w = Wg + e * d;
+        for (int64_t t = 0; t < d; ++t) row[t] += c * w[t];
+      }
+    }
+  }
+  if (dWg) {  // experts split in blocks, one per thread; each reads the tokens in order (thread-count independent)
+    const int64_t nb = nthreads < E ? nthreads : E;
+#pragma omp parallel for schedule(static, 1) num_threads(nthreads)
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t e0 = b * E / nb, e1 = (b + 1) * E / nb;
+      std::memset(dWg + e0 * d, 0, sizeof(T) * (e1 - e0) * d);
+      for (int64_t i = 0; i < n; ++i) {
+        const T* __restrict__ xr = x + i * ldx;
+        for (int64_t e = e0; e < e1; ++e) {
+          const T c = dl[i * ldl + e];
+          if (c == T(0)) continue;
+          T* __restrict__ g = dWg + e * d;
+          for (int64_t t = 0; t < d; ++t) g[t] += c * xr[t];
+        }
+      }
+    }
+  }
+  return 1;
+}
+
 }  // namespace
 
 extern "C" {
@@ -407,5 +452,13 @@ MOA_BACKWARD(moa_lora_backward_f64, double)
   }
 MOA_TRANSPOSE(moa_lora_transpose_f32, float)
 MOA_TRANSPOSE(moa_lora_transpose_f64, double)
+
+#define MOA_GATE(NAME, T)                                                                                         \
+  int NAME(const T* dl, int64_t ldl, const T* x, int64_t ldx, const T* Wg, T* dx, int64_t lddx, T* dWg, int64_t n, \
+           int64_t E, int64_t d, int nthreads) {                                                                  \
+    return gate_backward_sparse<T>(dl, ldl, x, ldx, Wg, dx, lddx, dWg, n, E, d, nthreads);                       \
+  }
+MOA_GATE(moa_gate_backward_sparse_f32, float)
+MOA_GATE(moa_gate_backward_sparse_f64, double)
 
 }  // extern "C"
