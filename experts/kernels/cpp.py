@@ -48,7 +48,8 @@ _lock = threading.Lock()
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _FWD_ARGS = [_P, _I64, _P, _P, _P, _P, _P, _P, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64, _INT]
-_BWD_ARGS = [_P, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _INT]
+_BWD_ARGS = [_P, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64, _I64,
+             _I64, _INT]
 _TRANSPOSE_ARGS = [_P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _INT, _INT]
 _GATE_ARGS = [_P, _I64, _P, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _INT]
 
@@ -176,17 +177,15 @@ class _CppLoRA(torch.autograd.Function):
         dy = _rows(dy)
         dx = x.new_empty(n, d_in) if need_x else None
         dA = torch.empty_like(A) if need_a else None  # every expert's rows are written (zeros for an empty expert)
-        dBt = torch.empty_like(Bt) if need_b else None
+        # dB in B's own layout (the pool's: rows of lora_B), written by the kernel's reduction: the gradient reaches
+        # lora_B without a copy or a transpose
+        dB = torch.empty_like(B) if need_b else None
         dw = w.new_empty(n, k) if need_w else None
         getattr(lib, f"moa_lora_backward_{_suffix(x)}")(
             dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0), A.data_ptr(), Bt.data_ptr(), sched.data_ptr(),
-            starts.data_ptr(), w.data_ptr(), h.data_ptr(), _ptr(dx), _ptr(dA), _ptr(dBt), _ptr(dw),
-            n, k, E, r, d_in, d_out, nt,
+            starts.data_ptr(), w.data_ptr(), h.data_ptr(), _ptr(dx), _ptr(dA), _ptr(dB),
+            *(dB.stride() if need_b else (0, 0, 0)), _ptr(dw), n, k, E, r, d_in, d_out, nt,
         )
-        dB = None
-        if need_b:  # in B's own layout (the pool's: rows of lora_B), so the gradient reaches lora_B without a copy
-            dB = torch.empty_like(B)
-            getattr(lib, f"moa_lora_transpose_{_suffix(x)}")(dB.data_ptr(), *dB.stride(), dBt.data_ptr(), E, r, d_out, 0, nt)
         return (dy if need_y0 else None), dx, dA, dB, dw, None, None
 
 

@@ -9,7 +9,8 @@
 //             y[n]  = y0[n] + sum_j w[p] Bt[e]^T h[p]  (axpy form into the output row)
 //   backward  g[p]  = Bt[e] dy[n],  dw[p] = h[p] . g[p],  dh[p] = w[p] g[p],  hw[p] = w[p] h[p]
 //             dx[n] = sum_j A[e]^T dh[p]
-//             dA[e] = sum_{p in e} dh[p] x[n]^T,  dBt[e] = sum_{p in e} hw[p] dy[n]^T   (parallel over experts)
+//             dA[e] = sum_{p in e} dh[p] x[n]^T,  dB[e] = sum_{p in e} dy[n] hw[p]^T   (parallel over experts;
+//             dB written in B's own strided layout)
 //
 // A is [E, r, d_in] and Bt = B^T is [E, r, d_out], both contiguous; the rows of x / y0 / y / dy / dx have unit
 // stride and a row stride of their own. Plain C entry points (no torch headers: the build takes seconds), float and
@@ -199,6 +200,22 @@ inline void outer(const int64_t* pairs, int64_t np, int64_t k, const T* c, int64
   for (; q < r; ++q) outer_rows<T, 1>(pairs, np, k, c, r, q, v, ldv, d, G);
 }
 
+// The same sums written in B's own layout: b[o * sO + q * sQ] = sum_{p} c[p * r + q] v[tok(p) * ldv + o]. Blocks of
+// one chunk of columns through a small buffer G (r x CH*W): each block's rows of v stay in L1 for all r ranks, and
+// the gradient reaches the pool's lora_B layout without a dBt buffer and a transpose pass.
+template <typename T>
+inline void outer_to_b(const int64_t* pairs, int64_t np, int64_t k, const T* c, int64_t r, const T* v, int64_t ldv,
+                       int64_t d, T* b, int64_t sO, int64_t sQ, T* G) {
+  constexpr int64_t OB = CH * Vec<T>::W;
+  for (int64_t o0 = 0; o0 < d; o0 += OB) {
+    const int64_t w = d - o0 < OB ? d - o0 : OB;
+    for (int64_t o = o0 + OB; o < o0 + 2 * OB && o < d; ++o) __builtin_prefetch(b + o * sO, 1);  // next block's lines
+    outer<T>(pairs, np, k, c, r, v + o0, ldv, w, G);
+    for (int64_t o = 0; o < w; ++o)
+      for (int64_t q = 0; q < r; ++q) b[(o0 + o) * sO + q * sQ] = G[q * w + o];
+  }
+}
+
 // Counting sort of the pairs by (slot, expert), tokens ascending within a group. starts: k * E + 1 entries.
 void build_schedule(const int64_t* ids, int64_t n, int64_t k, int64_t E, int64_t* sched, int64_t* starts) {
   std::vector<int64_t> fill(k * E + 1, 0);
@@ -263,8 +280,8 @@ void forward(const T* x, int64_t ldx, const T* A, const T* Bt, const int64_t* sc
 
 template <typename T>
 void backward(const T* dy, int64_t lddy, const T* x, int64_t ldx, const T* A, const T* Bt, const int64_t* sched,
-              const int64_t* starts, const T* w, const T* h, T* dx, T* dA, T* dBt, T* dw, int64_t n, int64_t k,
-              int64_t E, int64_t r, int64_t d_in, int64_t d_out, int nthreads) {
+              const int64_t* starts, const T* w, const T* h, T* dx, T* dA, T* dB, int64_t sE, int64_t sO, int64_t sQ,
+              T* dw, int64_t n, int64_t k, int64_t E, int64_t r, int64_t d_in, int64_t d_out, int nthreads) {
   const int64_t P = n * k;
   std::vector<T> dh(P * r), hw(P * r);
   for (int64_t j = 0; j < k; ++j) {
@@ -312,7 +329,7 @@ void backward(const T* dy, int64_t lddy, const T* x, int64_t ldx, const T* A, co
       }
     }
   }
-  if (!dA && !dBt) return;
+  if (!dA && !dB) return;
   std::vector<int64_t> list(P), off(E + 1);
   by_expert(sched, starts, k, E, list.data(), off.data());
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
@@ -320,7 +337,10 @@ void backward(const T* dy, int64_t lddy, const T* x, int64_t ldx, const T* A, co
     const int64_t* pe = list.data() + off[e];
     const int64_t np = off[e + 1] - off[e];
     if (dA) outer<T>(pe, np, k, dh.data(), r, x, ldx, d_in, dA + e * r * d_in);
-    if (dBt) outer<T>(pe, np, k, hw.data(), r, dy, lddy, d_out, dBt + e * r * d_out);
+    if (dB) {
+      std::vector<T> G(r * CH * Vec<T>::W);
+      outer_to_b<T>(pe, np, k, hw.data(), r, dy, lddy, d_out, dB + e * sE, sO, sQ, G.data());
+    }
   }
 }
 
@@ -437,9 +457,10 @@ MOA_FORWARD(moa_lora_forward_f64, double)
 
 #define MOA_BACKWARD(NAME, T)                                                                                     \
   void NAME(const T* dy, int64_t lddy, const T* x, int64_t ldx, const T* A, const T* Bt, const int64_t* sched,   \
-            const int64_t* starts, const T* w, const T* h, T* dx, T* dA, T* dBt, T* dw, int64_t n, int64_t k,    \
-            int64_t E, int64_t r, int64_t d_in, int64_t d_out, int nthreads) {                                    \
-    backward<T>(dy, lddy, x, ldx, A, Bt, sched, starts, w, h, dx, dA, dBt, dw, n, k, E, r, d_in, d_out,          \
+            const int64_t* starts, const T* w, const T* h, T* dx, T* dA, T* dB, int64_t sE, int64_t sO,          \
+            int64_t sQ, T* dw, int64_t n, int64_t k, int64_t E, int64_t r, int64_t d_in, int64_t d_out,           \
+            int nthreads) {                                                                                       \
+    backward<T>(dy, lddy, x, ldx, A, Bt, sched, starts, w, h, dx, dA, dB, sE, sO, sQ, dw, n, k, E, r, d_in, d_out, \
                 nthreads);                                                                                        \
   }
 MOA_BACKWARD(moa_lora_backward_f32, float)
