@@ -103,6 +103,8 @@ def main(args: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if "" not in sys.path and os.getcwd() not in sys.path:  # class paths of the user's own modules next to them,
+        sys.path.insert(0, os.getcwd())                     # as `python -m` finds them
     try:
         if command in LIGHTNING_COMMANDS:  # None: Lightning reads sys.argv itself (and warns if given both)
             return _commands()[command](None if args is None else argv)

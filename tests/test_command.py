@@ -85,3 +85,21 @@ def test_moa_debug_shows_the_traceback(tmp_path):
     done = moa("fit", "-c", str(CONFIGS / "topk.yaml"), "--model.init_args.router", "nope", *SMALL, cwd=tmp_path,
                env={"MOA_DEBUG": "1"})
     assert done.returncode != 0 and "Traceback" in done.stderr and "unknown router 'nope'" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_users_own_data_module_next_to_them_plugs_in_by_class_path(tmp_path):
+    """``mydata.py`` in the working directory, named by class path: the real console script imports it."""
+    (tmp_path / "mydata.py").write_text(
+        "from moa.pipelines.data import MultiTaskTokens\n\n\n"
+        "class FewTokens(MultiTaskTokens):\n"
+        "    \"\"\"A user's module: the seeded tokens, fewer of them.\n\n"
+        "    Args:\n        rows: training rows.\n    \"\"\"\n\n"
+        "    def __init__(self, rows: int = 32):\n"
+        "        super().__init__(n_train=rows, n_val=16, n_test=16, batch_size=16)\n"
+    )
+    done = moa("fit", "-c", str(CONFIGS / "topk.yaml"), "--data.class_path", "mydata.FewTokens",
+               "--data.init_args.rows", "48", "--trainer.max_steps", "2", "--trainer.logger", "false",
+               "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "`Trainer.fit` stopped: `max_steps=2` reached" in done.stdout + done.stderr
