@@ -351,7 +351,7 @@ void backward(const T* dy, int64_t lddy, const T* x, int64_t ldx, const T* A, co
 template <typename T>
 void transpose_b(T* B, int64_t sE, int64_t sO, int64_t sQ, T* Bt, int64_t E, int64_t r, int64_t d_out, bool to_bt,
                  int nthreads) {
-  constexpr int64_t TB = 16, PF_TILES = 4;
+  constexpr int64_t TB = 16, PF_TILES = 8;
   const int64_t n_ob = (d_out + TB - 1) / TB;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t eb = 0; eb < E * n_ob; ++eb) {
