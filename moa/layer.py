@@ -140,7 +140,9 @@ class MoALinear(nn.Module):
                 h = x_lora @ A.reshape(E * r, -1).t()
             y = dense_expand(y0, h, gate, B, pool.scaling, base.bias)
         elif impl == "cpp" and same:  # the C++ kernel accumulates onto y0 + bias (grouped for fp16/bf16)
-            y = cpp_expand(y0, x_alias if no_dropout else x_lora, A, B, ids, weights * pool.scaling, base.bias)
+            y = cpp_expand(  # in place (the last True): y0 is the base GEMM's own output, read by nothing else
+                y0, x_alias if no_dropout else x_lora, A, B, ids, weights * pool.scaling, base.bias, True
+            )
         elif impl == "grouped" and same:
             y = grouped_expand(y0, x_alias if no_dropout else x_lora, A, B, ids, weights * pool.scaling)
         else:  # the triton kernel (CUDA), or factors of another dtype: the routed update, then one add

@@ -136,7 +136,7 @@ def _suffix(t: Tensor) -> str:
 
 class _CppLoRA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y0, x, A, B, weights, ids, bias):
+    def forward(ctx, y0, x, A, B, weights, ids, bias, inplace=False):
         lib = load()
         n, d_in = x.shape
         E, r, _ = A.shape
@@ -152,13 +152,17 @@ class _CppLoRA(torch.autograd.Function):
         sched = torch.empty(n * k, dtype=torch.long)
         starts = torch.empty(k * E + 1, dtype=torch.long)
         lib.moa_lora_schedule(ids.data_ptr(), n, k, E, sched.data_ptr(), starts.data_ptr())
-        y = x.new_empty(n, d_out)
         h = x.new_empty(n * k, r)
-        y0 = None if y0 is None else _rows(y0)
+        if inplace and y0 is not None and y0._base is None and y0.dim() == 2 and y0.stride(1) == 1:
+            y = y0  # accumulated onto y0's own rows (each row read, then written, by one tile)
+            ctx.mark_dirty(y0)
+        else:
+            y0 = None if y0 is None else _rows(y0)
+            y = x.new_empty(n, d_out)
         bias = None if bias is None else bias.contiguous()
         getattr(lib, f"moa_lora_forward_{_suffix(x)}")(
             x.data_ptr(), x.stride(0), A.data_ptr(), Bt.data_ptr(), sched.data_ptr(), starts.data_ptr(),
-            w.data_ptr(), _ptr(y0), 0 if y0 is None else y0.stride(0), _ptr(bias), y.data_ptr(), d_out,
+            w.data_ptr(), _ptr(y0), 0 if y0 is None else y0.stride(0), _ptr(bias), y.data_ptr(), y.stride(0),
             h.data_ptr(), n, k, E, r, d_in, d_out, nt,
         )
         ctx.save_for_backward(x, A, B, Bt, w, h, sched, starts)
@@ -168,7 +172,7 @@ class _CppLoRA(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, A, B, Bt, w, h, sched, starts = ctx.saved_tensors
-        need_y0, need_x, need_a, need_b, need_w, _, _ = ctx.needs_input_grad
+        need_y0, need_x, need_a, need_b, need_w = ctx.needs_input_grad[:5]
         n, d_in = x.shape
         E, r, d_out = Bt.shape
         k = w.shape[1]
@@ -186,7 +190,7 @@ class _CppLoRA(torch.autograd.Function):
             starts.data_ptr(), w.data_ptr(), h.data_ptr(), _ptr(dx), _ptr(dA), _ptr(dB),
             *(dB.stride() if need_b else (0, 0, 0)), _ptr(dw), n, k, E, r, d_in, d_out, nt,
         )
-        return (dy if need_y0 else None), dx, dA, dB, dw, None, None
+        return (dy if need_y0 else None), dx, dA, dB, dw, None, None, None
 
 
 def sparse_gate_backward(d_logits: Tensor, x: Tensor, gate_w: Tensor, dx: Tensor | None, need_g: bool):
@@ -227,14 +231,22 @@ def lora_cpp(x: Tensor, A: Tensor, B: Tensor, plan: ExpertPlan, weights: Tensor)
 
 
 def cpp_expand(
-    y0: Tensor, x: Tensor, A: Tensor, B: Tensor, plan: ExpertPlan, weights: Tensor, bias: Tensor | None = None
+    y0: Tensor,
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    plan: ExpertPlan,
+    weights: Tensor,
+    bias: Tensor | None = None,
+    inplace: bool = False,
 ) -> Tensor:
     """``y0 + bias + lora(x)`` with each token's expert outputs accumulated onto its row of ``y0`` (the fused layer
     path's sparse expand; ``bias`` frozen, added in the same pass); :func:`~.fused.grouped_expand` for tensors the
-    kernel does not take."""
+    kernel does not take. ``inplace``: the result is written into ``y0`` itself (rows of unit stride; a buffer the
+    caller owns and reads no more, such as the base GEMM's output) where the kernel runs."""
     if not supports(x, A, B, weights) or y0.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         from .fused import grouped_expand
 
         out = grouped_expand(y0, x, A, B, plan, weights)
         return out if bias is None else out + bias
-    return _CppLoRA.apply(y0, x, A, B, weights, plan.expert_ids, bias)
+    return _CppLoRA.apply(y0, x, A, B, weights, plan.expert_ids, bias, inplace)

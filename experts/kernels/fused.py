@@ -32,9 +32,18 @@ from .plan import ExpertPlan
 class _FusedShrink(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, bias, A, gate_w):
+        d_out = W.shape[0]
+        if A is None and gate_w is not None:
+            # the gate alone: two GEMMs (no concatenated weight to copy; as fast as one GEMM over [W; W_gate]) and
+            # a contiguous y0 that the sparse expand may accumulate into in place
+            y0 = x @ W.t() if bias is None else torch.addmm(bias, x, W.t())
+            logits = x @ gate_w.t()
+            ctx.save_for_backward(x, W, gate_w)
+            ctx.d_out, ctx.n_a, ctx.a_shape = d_out, 0, None
+            ctx.set_materialize_grads(False)
+            return y0, x.new_empty(x.shape[0], 0), logits, x.view_as(x)
         extras = [t.reshape(-1, x.shape[1]) for t in (A, gate_w) if t is not None]
         weight = torch.cat([W, *extras]) if extras else W
-        d_out = W.shape[0]
         if bias is None:
             z = x @ weight.t()
         else:
@@ -49,18 +58,19 @@ class _FusedShrink(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_y0, d_h, d_logits, d_x_alias):
-        x, weight = ctx.saved_tensors
+        x, *weights = ctx.saved_tensors
         d_out, n_a = ctx.d_out, ctx.n_a
+        w_base, w_extra = weights if len(weights) == 2 else (weights[0][:d_out], weights[0][d_out:])
         need_x, _, _, need_a, need_g = ctx.needs_input_grad
-        n, n_g = x.shape[0], weight.shape[0] - d_out - n_a
+        n, n_g = x.shape[0], w_extra.shape[0] - n_a
         grad_x = grad_a = grad_g = None
         if n_a == 0 and d_logits is not None and n_g and (need_x or need_g) and not need_a:
             # top-k routing without the aux loss in the backward: d_logits is zero but for k entries per row
             grad_x = d_x_alias if need_x else None
             if need_x and d_y0 is not None:
-                grad_x = d_y0 @ weight[:d_out] if grad_x is None else grad_x.addmm_(d_y0, weight[:d_out])
+                grad_x = d_y0 @ w_base if grad_x is None else grad_x.addmm_(d_y0, w_base)
             if grad_x is not None or not need_x:
-                done, grad_g = sparse_gate_backward(d_logits, x, weight[d_out:], grad_x, need_g)
+                done, grad_g = sparse_gate_backward(d_logits, x, w_extra, grad_x, need_g)
                 if done:
                     return grad_x, None, None, None, grad_g
             d_x_alias, d_y0 = grad_x, None  # dense GEMMs for the gate: dx already holds the rest
@@ -70,9 +80,9 @@ class _FusedShrink(torch.autograd.Function):
         if need_x:
             grad_x = d_x_alias  # the grouped backward's dx (a buffer of its own), or None
             if d_y0 is not None:
-                grad_x = d_y0 @ weight[:d_out] if grad_x is None else grad_x.addmm_(d_y0, weight[:d_out])
+                grad_x = d_y0 @ w_base if grad_x is None else grad_x.addmm_(d_y0, w_base)
             if d_extra is not None:
-                grad_x = d_extra @ weight[d_out:] if grad_x is None else grad_x.addmm_(d_extra, weight[d_out:])
+                grad_x = d_extra @ w_extra if grad_x is None else grad_x.addmm_(d_extra, w_extra)
         if (need_a or need_g) and d_extra is not None:
             grad_extra = d_extra.t() @ x  # [E*r + E, d_in]
             if need_a:
