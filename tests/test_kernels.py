@@ -370,3 +370,35 @@ def test_no_cpp_env_var_disables_the_kernel():
     )
     env = {**os.environ, "MOA_NO_CPP": "1"}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_cpp_sparse_gate_backward_matches_gemms_and_thread_count(cpp, dtype):
+    """The fused layer's sparse gate backward: the dense GEMMs' result, the same bits on 1 and 2 threads, and a
+    decline (nothing written) when d_logits is dense."""
+    from moa.experts.kernels.cpp import sparse_gate_backward
+
+    gen = torch.Generator().manual_seed(11)
+    n, E, d, k = 301, 24, 70, 2
+    x = torch.randn(n, d, generator=gen, dtype=dtype)
+    gate_w = torch.randn(E, d, generator=gen, dtype=dtype)
+    ids = torch.randn(n, E, generator=gen).topk(k).indices
+    dl = torch.zeros(n, E, dtype=dtype).scatter_(1, ids, torch.randn(n, k, generator=gen, dtype=dtype))
+    dx0 = torch.randn(n, d, generator=gen, dtype=dtype)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            dx = dx0.clone()
+            done, dwg = sparse_gate_backward(dl, x, gate_w, dx, True)
+            assert done
+            results.append((dx, dwg))
+            done, _ = sparse_gate_backward(torch.randn(n, E, generator=gen, dtype=dtype), x, gate_w, dx.clone(), True)
+            assert not done
+    finally:
+        torch.set_num_threads(threads)
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(results[0][0], dx0 + dl @ gate_w, **tol)
+    torch.testing.assert_close(results[0][1], dl.t() @ x, **tol)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
