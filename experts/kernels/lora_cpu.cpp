@@ -7,10 +7,11 @@
 //
 //   forward   h[p]  = A[e] x[n]                      (dot form, rows of x read by index)
 //             y[n]  = y0[n] + sum_j w[p] Bt[e]^T h[p]  (axpy form into the output row)
-//   backward  g[p]  = Bt[e] dy[n],  dw[p] = h[p] . g[p],  dh[p] = w[p] g[p],  hw[p] = w[p] h[p]
-//             dx[n] = sum_j A[e]^T dh[p]
-//             dA[e] = sum_{p in e} dh[p] x[n]^T,  dB[e] = sum_{p in e} dy[n] hw[p]^T   (parallel over experts;
-//             dB written in B's own strided layout)
+//   backward  pass 1, parallel over experts (each expert's pairs of all slots together, so its dy rows are read
+//             from memory once and are still in L2 for dB):
+//             g[p]  = Bt[e] dy[n],  dw[p] = h[p] . g[p],  dh[p] = w[p] g[p],  hw[p] = w[p] h[p]
+//             dB[e] = sum_{p in e} dy[n] hw[p]^T  (written in B's own strided layout),  dA[e] = sum_{p in e} dh[p] x[n]^T
+//             pass 2, slot by slot, parallel over the slot's experts:  dx[n] = sum_j A[e]^T dh[p]
 //
 // A is [E, r, d_in] and Bt = B^T is [E, r, d_out], both contiguous; the rows of x / y0 / y / dy / dx have unit
 // stride and a row stride of their own. Plain C entry points (no torch headers: the build takes seconds), float and
@@ -284,62 +285,65 @@ void backward(const T* dy, int64_t lddy, const T* x, int64_t ldx, const T* A, co
               T* dw, int64_t n, int64_t k, int64_t E, int64_t r, int64_t d_in, int64_t d_out, int nthreads) {
   const int64_t P = n * k;
   std::vector<T> dh(P * r), hw(P * r);
+  std::vector<int64_t> list(P), off(E + 1);
+  by_expert(sched, starts, k, E, list.data(), off.data());
+  // Pass 1, parallel over experts (all slots of one expert together): g, dw, dh, hw from the expert's dy rows, then
+  // dB from the same rows while they are still in L2, then dA from the x rows. Each expert's sums run over its
+  // pairs in the expert-major list order, whatever the thread count.
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t* pe = list.data() + off[e];
+    const int64_t np = off[e + 1] - off[e];
+    const T* Be = Bt + e * r * d_out;
+    std::vector<T> tile(MR * r);
+    for (int64_t a = 0; a < np; a += MR) {
+      const int64_t m = np - a < MR ? np - a : MR;
+      const T* rows[MR];
+      for (int i = 0; i < MR; ++i) rows[i] = dy + (pe[a + (i < m ? i : m - 1)] / k) * lddy;
+      dots<T>(rows, Be, r, d_out, tile.data());
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t p = pe[a + i];
+        T s = 0;
+        for (int64_t q = 0; q < r; ++q) {
+          const T g = tile[i * r + q];
+          s += h[p * r + q] * g;
+          dh[p * r + q] = w[p] * g;
+          hw[p * r + q] = w[p] * h[p * r + q];
+        }
+        if (dw) dw[p] = s;
+      }
+    }
+    if (dB) {
+      std::vector<T> G(r * CH * Vec<T>::W);
+      outer_to_b<T>(pe, np, k, hw.data(), r, dy, lddy, d_out, dB + e * sE, sO, sQ, G.data());
+    }
+    if (dA) outer<T>(pe, np, k, dh.data(), r, x, ldx, d_in, dA + e * r * d_in);
+  }
+  if (!dx) return;
+  // Pass 2, dx[n] = sum_j A[e]^T dh[p]: slot by slot (each token once per slot), parallel over the slot's experts.
   for (int64_t j = 0; j < k; ++j) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t e = 0; e < E; ++e) {
       const int64_t lo = starts[j * E + e], hi = starts[j * E + e + 1];
       const T* Ae = A + e * r * d_in;
-      const T* Be = Bt + e * r * d_out;
-      std::vector<T> tile(MR * r), c(MR * r);
+      std::vector<T> c(MR * r);
       for (int64_t a = lo; a < hi; a += MR) {
         const int64_t m = hi - a < MR ? hi - a : MR;
-        const T* rows[MR];
         T* xs[MR];
         const T* srcs[MR];
         int64_t ps[MR];
         for (int i = 0; i < MR; ++i) {
           ps[i] = sched[a + (i < m ? i : m - 1)];
-          const int64_t tok = ps[i] / k;
-          rows[i] = dy + tok * lddy;
-          if (dx) {
-            xs[i] = dx + tok * d_in;
-            srcs[i] = j ? xs[i] : nullptr;
-          }
+          xs[i] = dx + (ps[i] / k) * d_in;
+          srcs[i] = j ? xs[i] : nullptr;
         }
-        dots<T>(rows, Be, r, d_out, tile.data());
-        for (int64_t i = 0; i < m; ++i) {
-          const int64_t p = ps[i];
-          T s = 0;
-          for (int64_t q = 0; q < r; ++q) {
-            const T g = tile[i * r + q];
-            s += h[p * r + q] * g;
-            dh[p * r + q] = w[p] * g;
-            hw[p * r + q] = w[p] * h[p * r + q];
-          }
-          if (dw) dw[p] = s;
-        }
-        if (dx) {
-          if (m == MR) {
-            for (int i = 0; i < MR; ++i) std::memcpy(&c[i * r], &dh[ps[i] * r], sizeof(T) * r);
-            axpy_tile<T, MR>(xs, srcs, nullptr, c.data(), r, Ae, d_in);
-          } else {
-            for (int64_t i = 0; i < m; ++i) axpy_tile<T, 1>(xs + i, srcs + i, nullptr, &dh[ps[i] * r], r, Ae, d_in);
-          }
+        if (m == MR) {
+          for (int i = 0; i < MR; ++i) std::memcpy(&c[i * r], &dh[ps[i] * r], sizeof(T) * r);
+          axpy_tile<T, MR>(xs, srcs, nullptr, c.data(), r, Ae, d_in);
+        } else {
+          for (int64_t i = 0; i < m; ++i) axpy_tile<T, 1>(xs + i, srcs + i, nullptr, &dh[ps[i] * r], r, Ae, d_in);
         }
       }
-    }
-  }
-  if (!dA && !dB) return;
-  std::vector<int64_t> list(P), off(E + 1);
-  by_expert(sched, starts, k, E, list.data(), off.data());
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t* pe = list.data() + off[e];
-    const int64_t np = off[e + 1] - off[e];
-    if (dA) outer<T>(pe, np, k, dh.data(), r, x, ldx, d_in, dA + e * r * d_in);
-    if (dB) {
-      std::vector<T> G(r * CH * Vec<T>::W);
-      outer_to_b<T>(pe, np, k, hw.data(), r, dy, lddy, d_out, dB + e * sE, sO, sQ, G.data());
     }
   }
 }
