@@ -54,6 +54,8 @@ def time_layers(layers: dict[str, nn.Module], x: torch.Tensor, backward: bool, r
     for rep in range(reps + 2):  # two warm-up rounds
         for name, layer in layers.items():
             x.grad = None
+            for param in layer.parameters():  # as optimizer.zero_grad() leaves them (set_to_none, torch's default):
+                param.grad = None             # a step's backward writes fresh gradients, it does not add to old ones
             t0 = CLOCK()
             if backward:
                 layer(x).backward(grad)
