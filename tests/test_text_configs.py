@@ -12,7 +12,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
 TEXT_CONFIGS = ["topk", "static", "poly", "mhr", "flylora", "remix", "hypelora"]
-BROKEN: dict[str, str] = {}  # configs the modules cannot run yet (the reason is the failure seen)
 
 
 def tiny_tasks(folder: Path) -> None:
@@ -29,13 +28,8 @@ def tiny_tasks(folder: Path) -> None:
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def config_case(name: str):
-    marks = [pytest.mark.xfail(reason=BROKEN[name], strict=True)] if name in BROKEN else []
-    return pytest.param(name, marks=marks)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [config_case(n) for n in TEXT_CONFIGS])
+@pytest.mark.parametrize("name", TEXT_CONFIGS)
 def test_text_config_parses_and_trains_two_steps(name, tmp_path, monkeypatch):
     from moa.pipelines.cli import run_cli
 
