@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lightning import MoAModule, _batch_size, model_inputs
+from .lightning import MoAModule, _batch_size
 from .model import MoAModel
 
 SampleLoss = Callable[[Any, dict], Tensor]
@@ -167,10 +167,7 @@ class RLOOModule(MoAModule):
 
     def example_losses(self, batch: dict) -> Tensor:
         """``[B]``: each example's loss under this call's routing draws (subclasses with their own loss override)."""
-        outputs = self.model(**model_inputs(batch, keep_labels=self.head is None))
-        if self.head is not None:
-            outputs = self.apply_head(outputs, batch)
-        return self.sample_loss(outputs, batch)
+        return self.sample_loss(self(batch), batch)  # the model's output, or the head's
 
     @staticmethod
     def _joint_log_prob(log_probs: list[tuple[str, Tensor]], copies: int, size: int) -> Tensor | None:
