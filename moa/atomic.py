@@ -190,18 +190,3 @@ def read_safetensors(path: str | os.PathLike):
 
     path = Path(path)
     return _named(path, "the weights", lambda: load_file(str(path)))
-
-
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(tmp_path)`` into a temporary file next to ``path``, fsync it, then rename it over ``path``: readers
-    see the old file or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        _fsync(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 from moa.experts import PoolSpec
 from moa.routers import CONTEXT_KEYS, RoutingContext, build_router
 
-from .atomic import atomic_folder, atomic_write, read_json, read_safetensors, readable, verify  # noqa: F401 (atomic_write: re-exported)
+from .atomic import atomic_folder, read_json, read_safetensors, readable, verify
 from .config import CONFIG_NAME, MoAConfig
 from .layer import ContextSlot, MoALinear, linear_shape
 
