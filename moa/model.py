@@ -229,6 +229,20 @@ class MoAModel(nn.Module):
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         return directory
 
+    def save_base(self, directory: str | os.PathLike) -> Path:
+        """The base model without the MoA layers, with its own ``save_pretrained`` (safetensors): a folder
+        ``from_pretrained`` reads, for shipping the base next to the adapters. The MoA layers are swapped out
+        only while it is written."""
+        layers = self.moa_layers()
+        for name, layer in layers.items():
+            _set_submodule(self.model, name, layer.base_layer)
+        try:
+            self.model.save_pretrained(str(directory), safe_serialization=True)
+        finally:
+            for name, layer in layers.items():
+                _set_submodule(self.model, name, layer)
+        return Path(directory)
+
     # -- merging and unloading -----------------------------------------------------------------------------
     def unload(self) -> nn.Module:
         """Remove the MoA layers without merging: the base model as it was before :func:`attach`."""
@@ -404,7 +418,8 @@ def load(directory: str | os.PathLike, base_model: nn.Module | None = None) -> M
     """Re-attach the MoA layers saved in ``directory`` to a fresh copy of their base model.
 
     Without ``base_model``, the base is loaded with ``from_pretrained`` from the path recorded at save time (see
-    :meth:`MoAModel.save_pretrained`), with the class it had.
+    :meth:`MoAModel.save_pretrained`; a relative path is first looked up next to ``directory``), with the class
+    it had.
     """
     directory = readable(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
@@ -439,6 +454,9 @@ def load_recorded_base(meta: dict[str, Any], config_path: Path) -> nn.Module:
     if not path:
         raise ValueError(f"{config_path} records no base model path (it was built from a config, not loaded with "
                          "from_pretrained): pass the base model, moa.load(folder, base_model)")
+    beside = config_path.parent / path  # a relative path names a folder next to the save first (a bundle's base)
+    if not Path(path).is_absolute() and beside.is_dir():
+        path = str(beside)
     cls = getattr(transformers, meta.get("base_model_class") or "", None)
     if not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
         cls = transformers.AutoModel

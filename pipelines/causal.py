@@ -31,7 +31,7 @@ from moa.lightning import MoAModule
 from moa.rloo import RLOOModule
 from moa.routers import CONTEXT_KEYS
 
-from .modules import metric_name, minilm_dir
+from .modules import metric_name, minilm_dir, write_text_bundle_of
 
 MINILM_VOCAB = 30522
 MINILM_SPECIAL = dict(pad_token_id=0, bos_token_id=101, eos_token_id=102)  # [PAD], [CLS], [SEP] (eos of the data)
@@ -150,6 +150,8 @@ class MoACausalLM(MoAModule):
         self.eos_token_id = getattr(base.generation_config, "eos_token_id", None)
         self.pad_token_id = getattr(base.generation_config, "pad_token_id", None)
         self._sums: dict[str, dict[str, Tensor]] = {}  # stage -> per-task sums of the epoch
+
+    write_bundle = write_text_bundle_of
 
     # -- data --------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

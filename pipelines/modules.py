@@ -90,6 +90,14 @@ def macro_f1(pred: Tensor, target: Tensor) -> float:
     return sum(scores) / len(scores) if scores else 0.0
 
 
+def write_text_bundle_of(module, directory, datamodule=None, *, metrics=None, base: str = "include"):
+    """The module's serving bundle (:func:`moa.pipelines.text_bundle.write_text_bundle`); what
+    :class:`moa.pipelines.tracking.LogBundle` calls at the end of fit."""
+    from .text_bundle import write_text_bundle
+
+    return write_text_bundle(directory, module, datamodule, metrics=metrics, base=base)
+
+
 class MoAClassifier(MoAModule):
     """Sequence classification with a MoA-adapted encoder.
 
@@ -140,7 +148,7 @@ class MoAClassifier(MoAModule):
         head = ClassificationHead(base.config.hidden_size, n_classes, pooling) if n_classes else None
         super().__init__(model, head=head, lr=lr, router_lr=router_lr, group_lrs=group_lrs,
                          weight_decay=weight_decay, aux_loss_weight=aux_loss_weight, **self._module_options())
-        self.vocab_size = base.config.vocab_size
+        self.backbone, self.vocab_size = backbone, base.config.vocab_size
         self.hidden_size, self.pooling, self.seed = base.config.hidden_size, pooling, seed
         self.names: dict[str, Any] | None = None  # {"tasks", "domains", "labels"} of the data it was trained on
         self._outcomes: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}  # stage -> (task, prediction, label)
@@ -148,6 +156,8 @@ class MoAClassifier(MoAModule):
 
     def _module_options(self) -> dict[str, Any]:
         return {}
+
+    write_bundle = write_text_bundle_of
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -311,11 +311,11 @@ class RecommenderModule(L.LightningModule):
         if logger is not None:
             logger.log_metrics({"best/val_ndcg_10": self.best["ndcg_10"], "best/epoch": float(self.best.get("epoch", -1))})
         if self.register_as:
-            from .registry import check_metric, log_recommender, register_and_gate
+            from .registry import check_metric, log_bundle, register_and_gate
 
             metric = check_metric(self.best["ndcg_10"], "the best validation NDCG@10")  # before anything is logged
             run_id = logger.run_id if logger is not None else None
-            info = log_recommender(self.bundle_path, run_id=run_id, tracking_uri=logger._tracking_uri if logger else None)
+            info = log_bundle(self.bundle_path, run_id=run_id, tracking_uri=logger._tracking_uri if logger else None)
             self.promotion = register_and_gate(info.model_uri, self.register_as, metric)
 
 

@@ -1,14 +1,15 @@
-"""Log a recommender bundle as an MLflow pyfunc model, register it, and promote it through a gate.
+"""Log any moa bundle as an MLflow pyfunc model, register it, and promote it through a gate.
 
-    moa register --bundle outputs/bundle --name moa-recommender [--run-id RUN] [--experiment moa-recsys]
+    moa register --bundle outputs/bundle --name my-classifier [--metric val/accuracy --mode max] [--run-id RUN]
 
-The model is logged from code (:mod:`moa.pipelines.recommender_model`, nothing pickled) with the bundle's files
-as artifacts, a signature (``history``: list of item ids, ``domain``: str -> ``items``, ``scores``; param ``k``)
-and an input example. Each registered version carries its validation NDCG@10 as the tag ``val_ndcg_10``; the
-alias ``champion`` moves to the new version only when its NDCG@10 is strictly higher than the current
-champion's. The decision and its reason are recorded as version tags (``promotion``, ``promotion_reason``).
-A metric that is missing, NaN, infinite or not a number is refused before anything is logged; concurrent
-registrations on a local store are serialized by a file lock (:func:`promotion_lock`).
+The model is logged from code (:mod:`moa.pipelines.pyfunc_model`, nothing pickled) with the bundle folder as its
+one artifact, the signature and an input example of its kind (:mod:`moa.pipelines.bundle`), and requirements
+that pin the moa version that wrote it. Each registered version carries its gating metric as tags
+(``gate_metric``, ``gate_mode``, ``gate_value``); the alias ``champion`` moves to the new version only when its
+value is strictly better (higher for ``max``, lower for ``min``) than the current champion's. The decision and
+its reason are recorded as version tags (``promotion``, ``promotion_reason``). A metric that is missing, NaN,
+infinite or not a number is refused before anything is logged, and so is a gate on another metric than the
+champion's; concurrent registrations on a local store are serialized by a file lock (:func:`promotion_lock`).
 """
 
 from __future__ import annotations
@@ -27,43 +28,18 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import mlflow
-import pandas as pd
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-from mlflow.types.schema import Array
 
-from .service import ITEMS_FILE, SERVICE_FILE, bundle_artifacts
+import moa
+from moa.atomic import readable
+from mlflow.exceptions import MlflowException
+
+from .bundle import bundle_meta, default_gate, signature_and_example
 from .tracking import resolve_tracking_uri
 
 CHAMPION = "champion"
-METRIC = "val/ndcg_10"
-METRIC_TAG = "val_ndcg_10"
-MODEL_CODE = Path(__file__).with_name("recommender_model.py")
-
-
-def signature(item_id_type: str) -> ModelSignature:
-    """Inputs ``history`` (array of item ids), ``domain``; outputs ``items``, ``scores``; param ``k`` (default 10)."""
-    return ModelSignature(
-        inputs=Schema([ColSpec(Array(item_id_type), "history"), ColSpec("string", "domain")]),
-        outputs=Schema([ColSpec(Array(item_id_type), "items"), ColSpec(Array("double"), "scores")]),
-        params=ParamSchema([ParamSpec("k", "long", 10)]),
-    )
-
-
-def input_example(bundle: Path, rows_per_domain: int = 1) -> pd.DataFrame:
-    """One short history per domain from the bundle's item table."""
-    items = pd.read_parquet(bundle / ITEMS_FILE)
-    meta = json.loads((bundle / SERVICE_FILE).read_text())
-    cast = int if meta["item_id_type"] == "long" else str
-    histories, domains = [], []
-    for domain in meta["domains"]:
-        ids = items.loc[items["domain"] == domain, "item_id"].head(3 * rows_per_domain).tolist()
-        for r in range(rows_per_domain):
-            histories.append([cast(i) for i in ids[3 * r:3 * r + 3]])
-            domains.append(domain)
-    return pd.DataFrame({"history": histories, "domain": domains})
+METRIC_TAG, METRIC_NAME_TAG, MODE_TAG = "gate_value", "gate_metric", "gate_mode"
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 
 def _requirements() -> list[str]:
@@ -73,26 +49,29 @@ def _requirements() -> list[str]:
 
     return [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
             f"transformers=={transformers.__version__}", f"safetensors=={safetensors.__version__}", "pandas", "pyarrow",
-            "moa"]
+            f"moa=={moa.__version__}"]
 
 
-def log_recommender(bundle: str | Path, *, run_id: str | None = None, experiment: str = "moa-recsys",
-                    name: str = "recommender", tracking_uri: str | None = None) -> mlflow.models.model.ModelInfo:
-    """Log the bundle as a pyfunc model in run ``run_id`` (or a new run of ``experiment``); returns its info."""
-    bundle = Path(bundle)
-    meta = json.loads((bundle / SERVICE_FILE).read_text())
+def log_bundle(bundle: str | Path, *, run_id: str | None = None, experiment: str | None = None,
+               name: str = "model", tracking_uri: str | None = None) -> mlflow.models.model.ModelInfo:
+    """Log the bundle as a pyfunc model in run ``run_id`` (or a new run of ``experiment``, by default
+    ``moa-<kind>``); returns its info."""
+    bundle = readable(bundle)
+    meta = bundle_meta(bundle)
+    model_signature, example = signature_and_example(bundle)
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
     if run_id is None:
-        mlflow.set_experiment(experiment)
+        mlflow.set_experiment(experiment or f"moa-{meta['kind']}")
+    names = {key: meta[key] for key in ("tasks", "domains", "labels") if key in meta}
     with mlflow.start_run(run_id=run_id):
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(MODEL_CODE),
-            artifacts=bundle_artifacts(bundle),
-            signature=signature(meta["item_id_type"]),
-            input_example=(input_example(bundle), {"k": 5}),
+            artifacts={"bundle": str(bundle)},
+            signature=model_signature,
+            input_example=example,
             pip_requirements=_requirements(),
-            metadata={"domains": meta["domains"], "metrics": meta.get("metrics", {})},
+            metadata={"kind": meta["kind"], "moa_version": moa.__version__, **names, "metrics": meta.get("metrics", {})},
         )
 
 
@@ -125,11 +104,22 @@ def check_metric(metric: Any, what: str = "the gating metric") -> float:
 
 
 def stored_metric(version) -> float | None:
-    """A version's gating metric tag, or ``None`` when it has none usable (then it never blocks a newer version)."""
+    """A version's gating value tag, or ``None`` when it has none usable (then it never blocks a newer version)."""
     try:
         return check_metric(float(version.tags[METRIC_TAG]))
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def better(value: float, than: float, mode: str) -> bool:
+    """Whether ``value`` is strictly better than ``than`` under ``mode`` (``max`` or ``min``)."""
+    return value > than if mode == "max" else value < than
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in ("max", "min"):
+        raise ValueError(f"the gate's mode must be 'max' (accuracy, NDCG) or 'min' (loss, perplexity), got {mode!r}")
+    return mode
 
 
 def _local_store(uri: str) -> Path | None:
@@ -165,49 +155,65 @@ def _champion(client: MlflowClient, name: str, alias: str):
         return None
 
 
-def register_and_gate(model_uri: str, name: str, metric: Any, *, client: MlflowClient | None = None,
-                      alias: str = CHAMPION) -> Promotion:
-    """Register ``model_uri`` as a new version of ``name`` and move ``alias`` to it only if ``metric`` (validation
-    NDCG@10) beats the current holder's; the decision is recorded as version tags.
+def register_and_gate(model_uri: str, name: str, metric: Any, *, metric_name: str = "val/ndcg_10",
+                      mode: str = "max", client: MlflowClient | None = None, alias: str = CHAMPION) -> Promotion:
+    """Register ``model_uri`` as a new version of ``name`` and move ``alias`` to it only if ``metric`` (the value
+    of ``metric_name``) beats the current holder's under ``mode``; the decision is recorded as version tags.
 
-    The metric is checked first (:func:`check_metric`): a bad one registers nothing. The read-compare-set of the
-    alias runs under :func:`promotion_lock` on a local store, so concurrent registrations leave the best version
-    as the holder. Against a tracking server (no shared file to lock) it is a compare-and-set loop: after moving
-    the alias the gate re-reads it and takes it back from a worse version that overwrote it; a worse gate whose
-    stale read is still in flight after the better one's last check can win there (see docs/pipelines.md).
+    The metric is checked first (:func:`check_metric`), and so is the gate against the holder's (a champion gated
+    on another metric or direction cannot be compared): either failure registers nothing. The
+    read-compare-set of the alias runs under :func:`promotion_lock` on a local store, so concurrent
+    registrations leave the best version as the holder. Against a tracking server (no shared file to lock) it
+    is a compare-and-set loop: after moving the alias the gate re-reads it and takes it back from a worse version
+    that overwrote it; a worse gate whose stale read is still in flight after the better one's last check can win
+    there (see docs/pipelines.md).
     """
-    metric = check_metric(metric)
+    metric, mode = check_metric(metric), _check_mode(mode)
     client = client or MlflowClient()
+    _check_same_gate(_champion(client, name, alias), name, metric_name, mode)
     version = str(mlflow.register_model(model_uri, name).version)
-    client.set_model_version_tag(name, version, METRIC_TAG, f"{metric:.6f}")
+    for key, value in ((METRIC_NAME_TAG, metric_name), (MODE_TAG, mode), (METRIC_TAG, f"{metric:.6g}")):
+        client.set_model_version_tag(name, version, key, value)
     registry_uri = getattr(client, "_registry_uri", None) or mlflow.get_registry_uri()
+    shown = f"{metric_name} {metric:.4f}"
     with promotion_lock(registry_uri) as locked:
         current = _champion(client, name, alias)
         best = stored_metric(current) if current is not None else None
         holder = None if current is None else str(current.version)
         if current is None:
-            promoted, reason = True, f"first version with a metric: val NDCG@10 {metric:.4f}"
+            promoted, reason = True, f"first version with a metric: {shown}"
         elif best is None:
-            promoted, reason = True, f"val NDCG@10 {metric:.4f}; {alias} v{holder} has no usable metric"
+            promoted, reason = True, f"{shown}; {alias} v{holder} has no usable metric"
         else:
-            promoted = metric > best
-            reason = f"val NDCG@10 {metric:.4f} {'>' if promoted else '<='} {alias} v{holder}'s {best:.4f}"
+            promoted = better(metric, best, mode)
+            sign = (">" if mode == "max" else "<") if promoted else ("<=" if mode == "max" else ">=")
+            reason = f"{shown} {sign} {alias} v{holder}'s {best:.4f} ({mode})"
         if promoted:
             _set_alias(client, name, alias, version)
         client.set_model_version_tag(name, version, "promotion", "promoted" if promoted else "rejected")
         client.set_model_version_tag(name, version, "promotion_reason", reason)
     if promoted and not locked:
-        _reassert(client, name, alias, version, metric)
+        _reassert(client, name, alias, version, metric, mode)
     return Promotion(name, version, promoted, reason, metric, holder)
 
 
-def _reassert(client: MlflowClient, name: str, alias: str, version: str, metric: float, checks: int = 5) -> None:
+def _check_same_gate(champion, name: str, metric_name: str, mode: str) -> None:
+    if champion is None:
+        return
+    held = (champion.tags.get(METRIC_NAME_TAG, "val/ndcg_10"), champion.tags.get(MODE_TAG, "max"))
+    if held != (metric_name, mode):
+        raise ValueError(f"{name}'s champion v{champion.version} was gated on {held[0]} ({held[1]}); this version "
+                         f"on {metric_name} ({mode}): gate on the same metric to compare them")
+
+
+def _reassert(client: MlflowClient, name: str, alias: str, version: str, metric: float, mode: str,
+              checks: int = 5) -> None:
     """Compare-and-set without a lock: take ``alias`` back while a worse version holds it (a few jittered re-reads)."""
     for _ in range(checks):
         time.sleep(random.uniform(0.05, 0.2))
         current = _champion(client, name, alias)
         held = None if current is None else stored_metric(current)
-        if current is not None and str(current.version) != version and held is not None and held >= metric:
+        if current is not None and str(current.version) != version and held is not None and not better(metric, held, mode):
             return  # a better (or equal) version holds it: it will defend it
         if current is None or str(current.version) != version:
             _set_alias(client, name, alias, version)
@@ -221,33 +227,45 @@ def _set_alias(client: MlflowClient, name: str, alias: str, version: str) -> Non
         client.set_registered_model_alias(name, alias, version)
 
 
-def register_bundle(bundle: str | Path, name: str, *, run_id: str | None = None, experiment: str = "moa-recsys",
-                    tracking_uri: str | None = None, metric: str = METRIC) -> Promotion:
-    """Log, register and gate a bundle in one step (what ``moa register`` does). The bundle's metric is checked
-    before anything is logged: a missing, NaN, infinite or non-numeric one leaves no run and no version."""
-    bundle = Path(bundle)
-    metrics = json.loads((bundle / SERVICE_FILE).read_text()).get("metrics", {})
+def register_bundle(bundle: str | Path, name: str, *, metric: str | None = None, mode: str | None = None,
+                    run_id: str | None = None, experiment: str | None = None,
+                    tracking_uri: str | None = None) -> Promotion:
+    """Log, register and gate a bundle in one step (what ``moa register`` does). ``metric`` / ``mode`` default to
+    the kind's gate (:func:`moa.pipelines.bundle.default_gate`). The bundle's metric and the gate are checked
+    before anything is logged: a missing, NaN, infinite or non-numeric metric leaves no run and no version."""
+    meta = bundle_meta(bundle)
+    metric = metric or default_gate(meta["kind"])[0]
+    mode = _check_mode(mode or default_gate(meta["kind"])[1])
+    metrics = meta.get("metrics", {})
     if metric not in metrics:
-        raise ValueError(f"the bundle's {SERVICE_FILE} has no metric {metric!r} to gate on; it has {sorted(metrics)}")
+        raise ValueError(f"the bundle's service.json has no metric {metric!r} to gate on; it has {sorted(metrics)}")
     value = check_metric(metrics[metric], f"the bundle's {metric}")
-    info = log_recommender(bundle, run_id=run_id, experiment=experiment, tracking_uri=tracking_uri)
-    return register_and_gate(info.model_uri, name, value)
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    _check_same_gate(_champion(MlflowClient(), name, CHAMPION), name, metric, mode)
+    info = log_bundle(bundle, run_id=run_id, experiment=experiment, tracking_uri=tracking_uri)
+    return register_and_gate(info.model_uri, name, value, metric_name=metric, mode=mode)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moa register", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, required=True, help="serving bundle written by training")
-    parser.add_argument("--name", default="moa-recommender", help="registered model name")
+    parser.add_argument("--name", required=True, help="registered model name")
+    parser.add_argument("--metric", default=None, help="the gating metric in the bundle's service.json (default: "
+                        "the kind's: val/ndcg_10 for recommenders, val/accuracy for classifiers, val/loss for LMs)")
+    parser.add_argument("--mode", choices=("max", "min"), default=None, help="higher or lower is better "
+                        "(default: the kind's)")
     parser.add_argument("--run-id", default=None, help="log into this MLflow run (default: a new run)")
-    parser.add_argument("--experiment", default="moa-recsys", help="experiment of the new run")
+    parser.add_argument("--experiment", default=None, help="experiment of the new run (default: moa-<kind>)")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     args = parser.parse_args(argv)
-    if not (args.bundle / SERVICE_FILE).is_file():
-        parser.error(f"{args.bundle} is not a serving bundle ({SERVICE_FILE} missing)")
+    try:
+        bundle_meta(args.bundle)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
     os.environ.setdefault("MLFLOW_TRACKING_URI", resolve_tracking_uri(args.tracking_uri))
-    result = register_bundle(args.bundle, args.name, run_id=args.run_id, experiment=args.experiment,
-                             tracking_uri=args.tracking_uri)
+    result = register_bundle(args.bundle, args.name, metric=args.metric, mode=args.mode, run_id=args.run_id,
+                             experiment=args.experiment, tracking_uri=args.tracking_uri)
     print(json.dumps(asdict(result), indent=2))
     return 0

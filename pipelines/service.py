@@ -38,13 +38,11 @@ from safetensors.torch import save_file
 from moa.atomic import MANIFEST, atomic_folder, read_json, read_safetensors, readable, verify
 from moa.recsys.data import RecDataset, left_pad
 
+from .bundle import RequestError
+
 SERVICE_FILE, ITEMS_FILE, TABLES_FILE, RECOMMENDERS_DIR, CONFIG_FILE = (
     "service.json", "items.parquet", "item_tables.safetensors", "recommenders", "config.yaml")
 MAX_HISTORY, MAX_K = 200, 100
-
-
-class RequestError(ValueError):
-    """A request the service refuses (bad item ids, domain, k, ...); the message says why."""
 
 
 def item_table(dataset: RecDataset, domains: Sequence[str]) -> pd.DataFrame:
@@ -118,6 +116,8 @@ class Recommendations:
 
 class RecommendationService:
     """Validated, per-row-domain top-k recommendation from a bundle's files."""
+
+    KIND, GATE = "recommender", ("val/ndcg_10", "max")
 
     def __init__(self, recommenders: Mapping[str, Any], items: pd.DataFrame, meta: Mapping[str, Any],
                  tables: Mapping[str, torch.Tensor] | None = None):
@@ -235,6 +235,43 @@ class RecommendationService:
         histories = [_as_list(h) for h in frame["history"]]
         return self.recommend(histories, list(frame["domain"]), k).frame()
 
+    def predict(self, frame: pd.DataFrame, params: Mapping[str, Any] | None = None) -> pd.DataFrame:
+        """The served call (every kind's service has it): ``params`` may hold ``k``."""
+        params = dict(params or {})
+        unknown = sorted(set(params) - {"k"})
+        if unknown:
+            raise RequestError(f"unknown params {unknown}; this model takes k")
+        return self.predict_frame(frame, params.get("k", 10))
+
+
+
+def signature(meta: Mapping[str, Any]):
+    """Inputs ``history`` (array of item ids), ``domain``; outputs ``items``, ``scores``; param ``k`` (default 10)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+
+    item_id_type = meta["item_id_type"]
+    return ModelSignature(
+        inputs=Schema([ColSpec(Array(item_id_type), "history"), ColSpec("string", "domain")]),
+        outputs=Schema([ColSpec(Array(item_id_type), "items"), ColSpec(Array("double"), "scores")]),
+        params=ParamSchema([ParamSpec("k", "long", 10)]),
+    )
+
+
+def input_example(bundle: str | Path, rows_per_domain: int = 1) -> pd.DataFrame:
+    """One short history per domain from the bundle's item table."""
+    bundle = Path(bundle)
+    items = pd.read_parquet(bundle / ITEMS_FILE)
+    meta = json.loads((bundle / SERVICE_FILE).read_text())
+    cast = int if meta["item_id_type"] == "long" else str
+    histories, domains = [], []
+    for domain in meta["domains"]:
+        ids = items.loc[items["domain"] == domain, "item_id"].head(3 * rows_per_domain).tolist()
+        for r in range(rows_per_domain):
+            histories.append([cast(i) for i in ids[3 * r:3 * r + 3]])
+            domains.append(domain)
+    return pd.DataFrame({"history": histories, "domain": domains})
 
 
 def _is_int(value: Any) -> bool:

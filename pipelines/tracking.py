@@ -14,6 +14,8 @@
   end of a fit of a Poly / MHR model, the task-skill matrix as an image.
 * :class:`ResumeState` puts the RNG states, the position in the epoch and the MLflow run id in every checkpoint,
   so that a fit resumed from one (even mid-epoch) continues exactly, in the same MLflow run.
+* :class:`LogBundle` writes the trained model's serving bundle at the end of fit, logs it to the run as an
+  MLflow model and optionally registers and gates it.
 """
 
 from __future__ import annotations
@@ -463,3 +465,52 @@ def checkpoint_run_id(ckpt_path: str | os.PathLike | None) -> str | None:
         return None
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
     return (checkpoint.get(RESUME_KEY) or {}).get("mlflow_run_id")
+
+
+class LogBundle(Callback):
+    """At the end of fit: write the model's serving bundle, log it to the run as an MLflow pyfunc model and
+    optionally register and gate it (``moa register`` in one step, inside ``moa fit``).
+
+    The module says what its bundle is (``write_bundle(directory, datamodule, metrics=..., base=...)``,
+    :class:`MoAClassifier` and :class:`MoACausalLM` have it); the metrics are the last validation values of the
+    fit (``trainer.callback_metrics``), so the gate sees the figures of the weights it ships.
+
+    Args:
+        directory: where the bundle is written (replaced as a whole).
+        register_as: registered model name; ``None``: log to the run only.
+        metric, mode: the gate (``None``: the kind's default, e.g. ``val/accuracy`` max for classifiers).
+        base: ``"include"`` the base weights, or ``"reference"`` the backbone by name (see
+            :func:`moa.pipelines.text_bundle.write_text_bundle`).
+    """
+
+    def __init__(self, directory: str = "bundle", register_as: str | None = None, metric: str | None = None,
+                 mode: str | None = None, base: str = "include"):
+        if mode not in (None, "max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.directory, self.register_as, self.metric, self.mode, self.base = directory, register_as, metric, mode, base
+        self.promotion = None
+        self.model_uri: str | None = None
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        from .bundle import bundle_meta, default_gate
+        from .registry import check_metric, log_bundle, register_and_gate
+
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+        write = getattr(pl_module, "write_bundle", None)
+        if write is None:
+            raise TypeError(f"{type(pl_module).__name__} cannot write a serving bundle (it has no write_bundle)")
+        bundle = write(self.directory, getattr(trainer, "datamodule", None), metrics=metrics, base=self.base)
+        kind = bundle_meta(bundle)["kind"]
+        metric, mode = self.metric or default_gate(kind)[0], self.mode or default_gate(kind)[1]
+        value = None
+        if self.register_as:
+            value = check_metric(metrics.get(metric), f"the fit's {metric}")  # refused before anything is logged
+        logger = mlflow_logger(trainer)
+        run_id = getattr(logger, "run_id", None) if logger is not None else None
+        tracking_uri = getattr(logger, "_tracking_uri", None) if logger is not None else None
+        info = log_bundle(bundle, run_id=run_id, tracking_uri=tracking_uri)
+        self.model_uri = info.model_uri
+        if self.register_as:
+            self.promotion = register_and_gate(info.model_uri, self.register_as, value, metric_name=metric, mode=mode)

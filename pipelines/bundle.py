@@ -1,0 +1,81 @@
+"""Serving bundles of every model kind behind one interface.
+
+A bundle is a folder of plain files with a ``service.json`` naming its ``kind``; each kind has one service class
+(its serving flavour) with ``from_bundle(folder)``, ``predict(frame, params)`` and a default gate ``GATE``
+(metric, direction):
+
+=============  ================================================  ======================
+kind           service                                           default gate
+=============  ================================================  ======================
+recommender    :class:`moa.pipelines.service.RecommendationService`  ``val/ndcg_10``, max
+classifier     :class:`moa.pipelines.text_bundle.ClassifierService`  ``val/accuracy``, max
+causal-lm      :class:`moa.pipelines.text_bundle.GenerationService`  ``val/loss``, min
+=============  ================================================  ======================
+
+:class:`moa.pipelines.tracking.LogBundle` (a fit callback) writes, logs and registers a bundle at the end of fit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from moa.atomic import readable
+
+SERVICE_FILE = "service.json"
+KINDS = ("recommender", "classifier", "causal-lm")
+
+
+class RequestError(ValueError):
+    """A request a service refuses (unknown names or ids, bad settings, ...); the message names the row and the
+    problem. Served, it is a 400."""
+
+
+def bundle_meta(directory: str | Path) -> dict[str, Any]:
+    """The bundle's ``service.json`` (a recommender bundle written before kinds existed has no ``kind``)."""
+    path = Path(directory) / SERVICE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a moa bundle: {SERVICE_FILE} missing")
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    meta.setdefault("kind", "recommender")
+    if meta["kind"] not in KINDS:
+        raise ValueError(f"{path}: unknown model kind {meta['kind']!r}; moa serves {list(KINDS)}")
+    return meta
+
+
+def service_class(kind: str):
+    if kind == "recommender":
+        from .service import RecommendationService
+
+        return RecommendationService
+    from .text_bundle import ClassifierService, GenerationService
+
+    return {"classifier": ClassifierService, "causal-lm": GenerationService}[kind]
+
+
+def load_service(directory: str | Path):
+    """The service of any bundle (files checked against their manifest)."""
+    directory = readable(directory)
+    return service_class(bundle_meta(directory)["kind"]).from_bundle(directory)
+
+
+def signature_and_example(directory: str | Path) -> tuple[Any, pd.DataFrame]:
+    """The MLflow signature and an input example of a bundle, by kind."""
+    meta = bundle_meta(directory)
+    if meta["kind"] == "recommender":
+        from .service import input_example, signature
+
+        return signature(meta), input_example(directory)
+    from .text_bundle import input_example, signature
+
+    return signature(meta), input_example(meta)
+
+
+def default_gate(kind: str) -> tuple[str, str]:
+    return service_class(kind).GATE
