@@ -65,13 +65,13 @@ def load_service(directory: str | Path):
     return service_class(bundle_meta(directory)["kind"]).from_bundle(directory)
 
 
-def signature_and_example(directory: str | Path) -> tuple[Any, pd.DataFrame]:
-    """The MLflow signature and an input example of a bundle, by kind."""
+def signature_and_example(directory: str | Path) -> tuple[Any, Any]:
+    """The MLflow signature and an input example (a frame, or a frame and params) of a bundle, by kind."""
     meta = bundle_meta(directory)
     if meta["kind"] == "recommender":
         from .service import input_example, signature
 
-        return signature(meta), input_example(directory)
+        return signature(meta), (input_example(directory), {"k": 5})
     from .text_bundle import input_example, signature
 
     return signature(meta), input_example(meta)

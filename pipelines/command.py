@@ -18,9 +18,9 @@ LIGHTNING_COMMANDS = {
     "predict": "write predictions (add moa.pipelines.cli.ParquetPredictionWriter to the callbacks)",
 }
 OTHER_COMMANDS = {
-    "register": "log a trained recommender to MLflow, register it, promote it to @champion when it wins",
+    "register": "log a model bundle (any kind) to MLflow, register it, promote it to @champion when it wins",
     "serve": "REST server of a registered model on 127.0.0.1",
-    "batch": "score users with a registered model, to Parquet",
+    "batch": "score a file of rows (or every user) with a registered model",
 }
 # Kept in step with moa.routers.ROUTERS and moa.experts.EXPERT_KINDS by tests/test_command.py (listed here so
 # the help needs no torch import).

@@ -1,7 +1,8 @@
-"""Serve a registered recommender over REST, or score a whole dataset in batch.
+"""Serve a registered model (any kind) over REST, or score a file of rows in batch.
 
     moa serve --name moa-recommender [--alias champion] [--port 5055] [--timeout 30]   # on 127.0.0.1
-    moa batch --model-uri models:/moa-recommender@champion --out recs.parquet [--k 10]
+    moa batch --model-uri models:/my-classifier@champion --input rows.jsonl --out answers.parquet
+    moa batch --model-uri models:/moa-recommender@champion --out recs.parquet [--k 10]  # every user of ml-100k
 
 ``moa serve`` runs moa's own scoring server (:mod:`moa.pipelines.server`: FastAPI + uvicorn, the registered pyfunc
 model loaded with ``mlflow.pyfunc.load_model``). REST requests go to ``POST /invocations`` as MLflow's
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -220,19 +222,131 @@ def score_all_users(model_uri: str, out: str | Path, *, k: int = 10, dataset=Non
     return result
 
 
+def conform(frame: pd.DataFrame, model) -> pd.DataFrame:
+    """Rows read from a file, typed as the model's input schema wants: numbers from text cells (CSV), lists from
+    JSON text (``"[1, 2]"``) or space-separated ids; empty cells are missing."""
+    schema = model.metadata.get_input_schema()
+    if schema is None:
+        return frame
+    frame = frame.copy()
+    for spec in schema.inputs:
+        if spec.name not in frame.columns:
+            continue
+        column = frame[spec.name]
+        kind = str(getattr(spec.type, "name", spec.type))
+        if kind in ("double", "float", "long", "integer") and column.dtype == object:
+            frame[spec.name] = pd.to_numeric(column.replace("", None), errors="coerce")
+            if kind in ("long", "integer") and frame[spec.name].notna().all():
+                frame[spec.name] = frame[spec.name].astype("int64")
+        elif spec.type.__class__.__name__ == "Array":
+            frame[spec.name] = column.map(_as_sequence)
+    return frame
+
+
+def _as_sequence(value: Any):
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [int(v) if v.lstrip("-").isdigit() else v for v in text.split()]
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def write_table(frame: pd.DataFrame, path: Path) -> None:
+    """``.parquet``, ``.jsonl`` or ``.csv`` (lists as JSON text) by the file's extension; written whole or not at
+    all (a temporary file renamed into place)."""
+    ext = path.suffix.lower()
+    if ext not in (".parquet", ".jsonl", ".csv"):
+        raise ValueError(f"--out {path}: write .parquet, .jsonl or .csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if ext == ".parquet":
+        frame.to_parquet(tmp, index=False)
+    elif ext == ".jsonl":
+        frame.to_json(tmp, orient="records", lines=True, default_handler=str)
+    else:
+        plain = frame.apply(lambda c: c.map(lambda v: json.dumps(v.tolist() if hasattr(v, "tolist") else v)
+                                            if isinstance(v, (list, tuple)) or hasattr(v, "tolist") else v))
+        plain.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def score_rows(model, frame: pd.DataFrame, params: dict | None = None, *, batch_size: int = 256,
+               progress: bool = True) -> pd.DataFrame:
+    """The model's answers for every row, ``batch_size`` rows per call, with a progress bar on stderr; the
+    input columns are kept (an answer column whose name an input column has is written ``predicted_<name>``)."""
+    from tqdm.auto import tqdm
+
+    from mlflow.exceptions import MlflowException
+
+    outputs = []
+    with tqdm(total=len(frame), unit="row", desc="scoring", disable=not progress, file=sys.stderr,
+              mininterval=1.0) as bar:
+        for lo in range(0, len(frame), batch_size):
+            part = frame.iloc[lo:lo + batch_size].reset_index(drop=True)
+            try:
+                outputs.append(pd.DataFrame(model.predict(part, params=params or None)))
+            except MlflowException as error:
+                raise ValueError(re.sub(r"^row (\d+)", lambda m: f"row {int(m.group(1)) + lo}", error.message)) from None
+            bar.update(len(part))
+    answers = pd.concat(outputs, ignore_index=True)
+    answers.columns = [f"predicted_{c}" if c in frame.columns else c for c in answers.columns]
+    return pd.concat([frame.reset_index(drop=True), answers], axis=1)
+
+
+def _params(pairs: Sequence[str]) -> dict[str, Any]:
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param {pair!r}: write name=value, e.g. --param k=5")
+        try:
+            params[key] = json.loads(value)
+        except ValueError:
+            params[key] = value
+    return params
+
+
 def batch_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moa batch", description="Write top-k recommendations for every user "
-                                     "(and each domain the user has interacted with) to Parquet.")
+    parser = argparse.ArgumentParser(prog="moa batch", description="Score a file of rows with a registered model "
+                                     "(any kind) and write the answers beside the rows; for a recommender without "
+                                     "--input, the top-k for every user of a dataset.")
     parser.add_argument("--model-uri", default="models:/moa-recommender@champion")
-    parser.add_argument("--out", type=Path, default=Path("recommendations.parquet"))
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--data", default=None, help="folder with ml-100k.inter / ml-100k.item (default: the copy "
-                        "in the installed recbole wheel)")
+    parser.add_argument("--input", type=Path, default=None, help="rows to score: .jsonl, .json, .csv, .tsv or "
+                        ".parquet with the model's input columns (see the model's signature)")
+    parser.add_argument("--out", type=Path, default=Path("predictions.parquet"), help=".parquet, .jsonl or .csv")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="a request param for every row, e.g. k=10 or max_new_tokens=32 (repeatable)")
+    parser.add_argument("--batch-size", type=int, default=256, help="rows per model call")
+    parser.add_argument("--k", type=int, default=None, help="recommenders: the same as --param k=K")
+    parser.add_argument("--data", default=None, help="recommenders without --input: folder with ml-100k.inter / "
+                        "ml-100k.item (default: the copy in the installed recbole wheel)")
     parser.add_argument("--tracking-uri", default=None)
     args = parser.parse_args(argv)
-    from moa.recsys.data import ml100k
+    params = _params(args.param)
+    if args.k is not None:
+        params["k"] = args.k
+    if args.input is None:
+        from moa.recsys.data import ml100k
 
-    dataset = ml100k(args.data)
-    result = score_all_users(args.model_uri, args.out, k=args.k, dataset=dataset, tracking_uri=args.tracking_uri)
-    print(f"wrote {len(result)} rows ({result['user_id'].nunique()} users) to {args.out}")
+        result = score_all_users(args.model_uri, args.out, k=params.get("k", 10), dataset=ml100k(args.data),
+                                 tracking_uri=args.tracking_uri)
+        print(f"wrote {len(result)} rows ({result['user_id'].nunique()} users) to {args.out}")
+        return 0
+    import mlflow
+
+    from .text_data import read_table
+
+    if not args.input.is_file():
+        raise FileNotFoundError(f"--input {args.input}: no such file")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    frame = read_table(args.input)
+    if frame.empty:
+        raise ValueError(f"--input {args.input}: no rows")
+    mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri))
+    model = mlflow.pyfunc.load_model(args.model_uri)
+    result = score_rows(model, conform(frame, model), params, batch_size=args.batch_size)
+    write_table(result, args.out)
+    print(f"wrote {len(result)} rows to {args.out}")
     return 0

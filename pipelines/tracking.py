@@ -468,49 +468,54 @@ def checkpoint_run_id(ckpt_path: str | os.PathLike | None) -> str | None:
 
 
 class LogBundle(Callback):
-    """At the end of fit: write the model's serving bundle, log it to the run as an MLflow pyfunc model and
-    optionally register and gate it (``moa register`` in one step, inside ``moa fit``).
+    """At the end of fit: write the model's serving bundle and, with the MLflow logger, log it to the fit's run as
+    an MLflow pyfunc model and optionally register and gate it (``moa register`` inside ``moa fit``).
 
-    The module says what its bundle is (``write_bundle(directory, datamodule, metrics=..., base=...)``,
-    :class:`MoAClassifier` and :class:`MoACausalLM` have it); the metrics are the last validation values of the
-    fit (``trainer.callback_metrics``), so the gate sees the figures of the weights it ships.
+    The module says what its bundle is (``write_bundle(directory, datamodule, metrics=..., base=...)``;
+    :class:`MoAClassifier` and :class:`MoACausalLM` have it); the metrics are the fit's last validation values
+    (``trainer.callback_metrics``), so the gate sees the figures of the weights it ships.
 
     Args:
         directory: where the bundle is written (replaced as a whole).
         register_as: registered model name; ``None``: log to the run only.
-        metric, mode: the gate (``None``: the kind's default, e.g. ``val/accuracy`` max for classifiers).
+        metric, mode: the gate (``None``: the kind's default, e.g. ``val/accuracy`` max for classifiers,
+            ``val/loss`` min for causal LMs).
         base: ``"include"`` the base weights, or ``"reference"`` the backbone by name (see
             :func:`moa.pipelines.text_bundle.write_text_bundle`).
     """
 
     def __init__(self, directory: str = "bundle", register_as: str | None = None, metric: str | None = None,
-                 mode: str | None = None, base: str = "include"):
+                 mode: Literal["max", "min"] | None = None, base: Literal["include", "reference"] = "include"):
         if mode not in (None, "max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
         self.directory, self.register_as, self.metric, self.mode, self.base = directory, register_as, metric, mode, base
-        self.promotion = None
+        self.bundle: Path | None = None
         self.model_uri: str | None = None
+        self.promotion = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and getattr(pl_module, "write_bundle", None) is None:
+            raise TypeError(f"LogBundle: {type(pl_module).__name__} cannot write a serving bundle (no write_bundle)")
+        if stage == "fit" and self.register_as and mlflow_logger(trainer) is None:
+            raise ValueError(f"LogBundle(register_as={self.register_as!r}) needs the MLflow logger "
+                             "(moa.pipelines.tracking.MLflowLogger); trainer.logger is off")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or trainer.interrupted:
             return
         from .bundle import bundle_meta, default_gate
         from .registry import check_metric, log_bundle, register_and_gate
 
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
-        write = getattr(pl_module, "write_bundle", None)
-        if write is None:
-            raise TypeError(f"{type(pl_module).__name__} cannot write a serving bundle (it has no write_bundle)")
-        bundle = write(self.directory, getattr(trainer, "datamodule", None), metrics=metrics, base=self.base)
-        kind = bundle_meta(bundle)["kind"]
-        metric, mode = self.metric or default_gate(kind)[0], self.mode or default_gate(kind)[1]
-        value = None
-        if self.register_as:
-            value = check_metric(metrics.get(metric), f"the fit's {metric}")  # refused before anything is logged
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        self.bundle = pl_module.write_bundle(self.directory, getattr(trainer, "datamodule", None), metrics=metrics,
+                                             base=self.base)
         logger = mlflow_logger(trainer)
-        run_id = getattr(logger, "run_id", None) if logger is not None else None
-        tracking_uri = getattr(logger, "_tracking_uri", None) if logger is not None else None
-        info = log_bundle(bundle, run_id=run_id, tracking_uri=tracking_uri)
+        if logger is None:
+            return
+        kind = bundle_meta(self.bundle)["kind"]
+        metric, mode = self.metric or default_gate(kind)[0], self.mode or default_gate(kind)[1]
+        value = check_metric(metrics.get(metric), f"the fit's {metric}") if self.register_as else None
+        info = log_bundle(self.bundle, run_id=logger.run_id, tracking_uri=logger._tracking_uri)
         self.model_uri = info.model_uri
         if self.register_as:
             self.promotion = register_and_gate(info.model_uri, self.register_as, value, metric_name=metric, mode=mode)

@@ -16,7 +16,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from moa.pipelines.registry import CHAMPION, log_recommender, register_and_gate, register_bundle
+from moa.pipelines.registry import CHAMPION, log_bundle, register_and_gate, register_bundle
 from moa.pipelines.recommendation import tiny_encoder
 from moa.pipelines.service import (SERVICE_FILE, RecommendationService, RequestError, item_table,
                                    write_bundle)
@@ -116,16 +116,17 @@ def test_item_of_another_domain_is_named(world):
 
 
 def test_logged_from_code_with_signature_and_no_pickle(world, store):
-    info = log_recommender(world["bundle"], experiment="t")
+    info = log_bundle(world["bundle"], experiment="t")
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(store / "download")))
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
-    assert {"artifacts/recommenders/experts/recommender.safetensors", "artifacts/items.parquet",
-            "artifacts/item_tables.safetensors", "artifacts/service.json", "artifacts/moa_manifest.json",
+    assert {"artifacts/bundle/recommenders/experts/recommender.safetensors", "artifacts/bundle/items.parquet",
+            "artifacts/bundle/item_tables.safetensors", "artifacts/bundle/service.json",
+            "artifacts/bundle/moa_manifest.json",
             "input_example.json",
             "serving_input_example.json"} <= files
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
-    assert mlmodel["flavors"]["python_function"]["model_code_path"].endswith("recommender_model.py")
+    assert mlmodel["flavors"]["python_function"]["model_code_path"].endswith("pyfunc_model.py")
     inputs = json.loads(mlmodel["signature"]["inputs"])
     assert [(c["name"], c["type"]) for c in inputs] == [("history", "array"), ("domain", "string")]
     assert json.loads(mlmodel["signature"]["params"])[0]["name"] == "k"
@@ -155,9 +156,10 @@ def test_register_command_and_the_promotion_gate(world, store, capsys):
     uri = f"models:/rec/{first.version}"
     worse = register_and_gate(uri, "rec", 0.04)
     assert not worse.promoted and str(client.get_model_version_by_alias("rec", CHAMPION).version) == "1"
-    assert worse.reason == "val NDCG@10 0.0400 <= champion v1's 0.0500"
+    assert worse.reason == "val/ndcg_10 0.0400 <= champion v1's 0.0500 (max)"
     tags = client.get_model_version("rec", "2").tags
-    assert tags["promotion"] == "rejected" and tags["promotion_reason"] == worse.reason and tags["val_ndcg_10"] == "0.040000"
+    assert tags["promotion"] == "rejected" and tags["promotion_reason"] == worse.reason and tags["gate_value"] == "0.04"
+    assert (tags["gate_metric"], tags["gate_mode"]) == ("val/ndcg_10", "max")
     better = register_and_gate(uri, "rec", 0.20)
     assert better.promoted and better.champion_version == "1" and better.version == "3"
     assert {k: str(v) for k, v in client.get_registered_model("rec").aliases.items()} == {CHAMPION: "3"}

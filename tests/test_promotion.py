@@ -44,7 +44,7 @@ def store(tmp_path_factory):
 
 def champion(name):
     version = MlflowClient().get_model_version_by_alias(name, CHAMPION)
-    return str(version.version), version.tags["val_ndcg_10"]
+    return str(version.version), version.tags["gate_value"]
 
 
 def all_runs():
@@ -59,8 +59,8 @@ def test_gate_compares_with_the_champion_not_the_previous_version(store):
     assert not register_and_gate(uri, "order", 0.2).promoted  # B, worse than A
     between = register_and_gate(uri, "order", 0.3)  # C beats B (the previous version) but not A (the champion)
     assert not between.promoted and between.champion_version == "1"
-    assert between.reason == "val NDCG@10 0.3000 <= champion v1's 0.5000"
-    assert champion("order") == ("1", "0.500000")
+    assert between.reason == "val/ndcg_10 0.3000 <= champion v1's 0.5000 (max)"
+    assert champion("order") == ("1", "0.5")
 
 
 WORKER = textwrap.dedent("""
@@ -91,7 +91,7 @@ def test_concurrent_registrations_leave_the_better_version_as_champion(store):
             versions = [w.stdout.readline().strip() for w in workers]
             assert all(versions), f"a worker died in round {r}"
             best = versions[metrics.index(0.6)]
-            if champion(f"race-{r}") != (best, "0.600000"):
+            if champion(f"race-{r}") != (best, "0.6"):
                 wrong.append(r)
         assert wrong == [], f"{len(wrong)} of {rounds} rounds left the worse version as champion: {wrong}"
     finally:
@@ -130,10 +130,42 @@ def test_a_champion_without_a_usable_metric_does_not_block_later_versions(store,
     client, name = MlflowClient(), f"legacy-{tag}"
     first = register_and_gate(store["model_uri"], name, 0.9)
     if tag is None:
-        client.delete_model_version_tag(name, first.version, "val_ndcg_10")
+        client.delete_model_version_tag(name, first.version, "gate_value")
     else:
-        client.set_model_version_tag(name, first.version, "val_ndcg_10", tag)
+        client.set_model_version_tag(name, first.version, "gate_value", tag)
     later = register_and_gate(store["model_uri"], name, 0.1)
     assert later.promoted and "no usable metric" in later.reason
-    assert champion(name) == (later.version, "0.100000")
+    assert champion(name) == (later.version, "0.1")
     assert not register_and_gate(store["model_uri"], name, 0.05).promoted  # and the gate works again
+
+
+def test_min_gate_promotes_the_lower_value_against_the_champion(store):
+    """A loss gate: lower wins, compared with the champion (not the previous version); a tie keeps it."""
+    uri, name = store["model_uri"], "loss-gated"
+    first = register_and_gate(uri, name, 2.0, metric_name="val/loss", mode="min")
+    assert first.promoted
+    assert not register_and_gate(uri, name, 3.0, metric_name="val/loss", mode="min").promoted
+    assert not register_and_gate(uri, name, 2.5, metric_name="val/loss", mode="min").promoted  # beats 3.0, not 2.0
+    assert not register_and_gate(uri, name, 2.0, metric_name="val/loss", mode="min").promoted  # a tie
+    lower = register_and_gate(uri, name, 1.5, metric_name="val/loss", mode="min")
+    assert lower.promoted and lower.reason == "val/loss 1.5000 < champion v1's 2.0000 (min)"
+    assert champion(name) == (lower.version, "1.5")
+    tags = MlflowClient().get_model_version(name, lower.version).tags
+    assert (tags["gate_metric"], tags["gate_mode"]) == ("val/loss", "min")
+
+
+def test_a_gate_on_another_metric_than_the_champions_is_refused_before_registering(store, tmp_path):
+    uri, name = store["model_uri"], "one-gate"
+    register_and_gate(uri, name, 0.8, metric_name="val/accuracy", mode="max")
+    for metric, mode in (("val/loss", "min"), ("val/accuracy", "min"), ("val/macro_f1", "max")):
+        with pytest.raises(ValueError, match=r"gated on val/accuracy \(max\)"):
+            register_and_gate(uri, name, 0.9, metric_name=metric, mode=mode)
+    assert len(MlflowClient().search_model_versions(f"name='{name}'")) == 1
+    # the same refusal from a bundle comes before anything is logged
+    (tmp_path / SERVICE_FILE).write_text(json.dumps({"kind": "classifier", "metrics": {"val/loss": 0.3}}))
+    runs = len(all_runs())
+    with pytest.raises(ValueError, match=r"gated on val/accuracy \(max\)"):
+        register_bundle(tmp_path, name, metric="val/loss", mode="min")
+    assert len(all_runs()) == runs
+    with pytest.raises(ValueError, match="mode must be 'max'"):
+        register_and_gate(uri, "modes", 0.5, mode="up")
