@@ -38,3 +38,12 @@ def test_causal_config_parses_and_trains_two_steps(name, tmp_path, monkeypatch, 
                 "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
                 *(f"--data.init_args.{s}={tmp_path / 'data' / f'{s}.jsonl'}" for s in ("train", "val", "test")),
                 "--data.init_args.batch_size", "4"])
+    # the config's LogBundle wrote the serving bundle: it generates for rows of two tasks in one batch
+    import pandas as pd
+
+    from moa.pipelines.bundle import load_service
+
+    service = load_service(tmp_path / "runs" / "bundle")
+    tasks = service.tasks[:2]
+    answer = service.predict(pd.DataFrame({"prompt": ["a title", "a title"], "task": tasks, "max_new_tokens": [2.0, 3.0]}))
+    assert answer["text"].map(type).eq(str).all() and len(answer) == 2

@@ -225,3 +225,22 @@ def test_row_sampling_scales_and_cuts_each_row_by_hand():
     assert torch.isinf(out[0, [0, 2]]).all() and torch.isfinite(out[0, 1])
     assert torch.allclose(out[1, :2].softmax(-1), torch.tensor([0.5, 0.3]) / 0.8) and torch.isinf(out[1, 2])
     assert torch.allclose(out[2].softmax(-1), torch.tensor([0.2, 0.2, 0.6]))
+
+
+def test_causal_bundle_registers_with_a_loss_gate_and_generates_through_mlflow(causal, tmp_path, monkeypatch):
+    import mlflow
+
+    from moa.pipelines.registry import register_bundle
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    promotion = register_bundle(causal["bundle"], "lm")  # the kind's gate: val/loss, lower is better
+    assert promotion.promoted and promotion.reason.startswith("first version with a metric: val/loss 1.0000")
+    model = mlflow.pyfunc.load_model("models:/lm@champion")
+    assert model.metadata.metadata["kind"] == "causal-lm" and model.metadata.metadata["tasks"] == ["echo", "rev"]
+    prompts, tasks, expected = zip(*causal["expected"])
+    answer = model.predict(pd.DataFrame({"prompt": prompts, "task": tasks}))
+    assert list(answer["text"]) == list(expected)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="unknown task 'nope'") as error:
+        model.predict(pd.DataFrame({"prompt": ["say cat"], "task": ["nope"]}))
+    assert error.value.get_http_status_code() == 400

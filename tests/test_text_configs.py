@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,3 +43,10 @@ def test_text_config_parses_and_trains_two_steps(name, tmp_path, monkeypatch, fi
                       "--data.init_args.batch_size", "4"])
     assert cli.model.model.config.target_modules  # the MoA config came from the file
     assert cli.model.head.label_counts == [2, 2, 2, 2]  # one label set per task, from the data
+    # the config's LogBundle wrote the serving bundle: it answers in names
+    from moa.pipelines.bundle import load_service
+
+    answer = load_service(tmp_path / "runs" / "bundle").predict(
+        pd.DataFrame({"text": ["title 1 about drama", "title 2 about student"], "task": ["genre", "occupation"]}))
+    assert list(answer["labels"]) == [["comedy", "drama"], ["student", "technical"]]
+    assert answer.loc[0, "label"] in ("comedy", "drama") and answer.loc[1, "label"] in ("student", "technical")

@@ -1,0 +1,135 @@
+"""A text classifier the way a user runs it: ``moa fit`` (subprocess) with ``LogBundle`` registers it in a real
+MLflow store on disk, ``moa batch`` scores a CSV file, and moa's server answers requests in names over real HTTP;
+the expected answers are computed here from the bundle's files with moa's core API, not with the service."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from moa.pipelines.serving import ModelServer, post
+
+MOA = str(Path(sys.executable).with_name("moa"))
+WORDS = {"good": ("polarity", "pos"), "bad": ("polarity", "neg"), "cats": ("topic", "animals"),
+         "cars": ("topic", "vehicles"), "songs": ("topic", "music")}
+pytestmark = pytest.mark.slow
+
+
+def config(root: Path, train: Path) -> Path:
+    cfg = {
+        "seed_everything": 0,
+        "model": {"class_path": "moa.pipelines.modules.MoAClassifier",
+                  "init_args": {"backbone": "minilm", "router": "static", "n_experts": 2, "r": 4, "top_k": 1,
+                                "router_options": {"key": "task_ids"}, "target_modules": ["query", "value"],
+                                "lr": 0.005}},
+        "data": {"class_path": "moa.pipelines.text_data.TextData",
+                 "init_args": {"train": str(train), "val": str(train), "task_column": "task", "batch_size": 10,
+                               "max_length": 16}},
+        "trainer": {"max_epochs": 2, "enable_progress_bar": False, "enable_model_summary": False,
+                    "enable_checkpointing": False, "default_root_dir": str(root / "runs"),
+                    "logger": {"class_path": "moa.pipelines.tracking.MLflowLogger",
+                               "init_args": {"experiment_name": "text"}},
+                    "callbacks": [{"class_path": "moa.pipelines.tracking.LogBundle",
+                                   "init_args": {"directory": str(root / "bundle"), "register_as": "clf"}}]},
+    }
+    path = root / "fit.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    rows = [{"text": f"item {i % 7} is about {w}", "label": WORDS[w][1], "task": WORDS[w][0]}
+            for i in range(60) for w in [list(WORDS)[i % 5]]]
+    train = root / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([MOA, "fit", "-c", str(config(root, train))], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return {"root": root, "env": env, "bundle": root / "bundle"}
+
+
+def expected_answers(bundle: Path, texts, tasks):
+    """The bundle's classifier rebuilt from its files with moa's core API: adapters on the shipped base, the head."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    import moa
+    from moa.pipelines.modules import TaskLabelHead
+
+    meta = json.loads((bundle / "service.json").read_text())
+    model = moa.load(bundle / "adapter", AutoModel.from_pretrained(str(bundle / "base"))).eval()
+    head = TaskLabelHead(meta["head"]["hidden_size"], meta["head"]["label_counts"], meta["head"]["pooling"]).eval()
+    head.load_state_dict(load_file(str(bundle / "head.safetensors")))
+    tokenizer = AutoTokenizer.from_pretrained(str(bundle / "tokenizer"))
+    task_ids = torch.tensor([meta["tasks"].index(t) for t in tasks])
+    encoded = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**encoded, task_ids=task_ids).last_hidden_state
+        probs = head(hidden, encoded["attention_mask"], task_ids).softmax(-1)
+    out = []
+    for task, p in zip(tasks, probs):
+        labels = meta["labels"][task]
+        p = p[: len(labels)]
+        out.append((labels[int(p.argmax())], p.tolist()))
+    return out
+
+
+def test_fit_registers_the_classifier_with_its_kinds_gate(fitted):
+    from mlflow import MlflowClient
+
+    os.environ["MLFLOW_TRACKING_URI"] = fitted["env"]["MLFLOW_TRACKING_URI"]
+    try:
+        client = MlflowClient()
+        champion = client.get_model_version_by_alias("clf", "champion")
+        assert (champion.tags["gate_metric"], champion.tags["gate_mode"]) == ("val/accuracy", "max")
+        run = client.get_run(champion.run_id)  # the model was logged into the fit's own run
+        assert run.data.metrics["val/accuracy"] == pytest.approx(float(champion.tags["gate_value"]), abs=1e-5)
+        assert run.info.run_name.startswith("static")
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def test_moa_batch_scores_a_csv_file_of_named_rows(fitted):
+    root = fitted["root"]
+    texts = ["item 3 is about cats", "item 1 is about good", "item 2 is about songs"]
+    tasks = ["topic", "polarity", "topic"]
+    pd.DataFrame({"id": ["a", "b", "c"], "text": texts, "task": tasks}).to_csv(root / "rows.csv", index=False)
+    done = subprocess.run([MOA, "batch", "--model-uri", "models:/clf@champion", "--input", str(root / "rows.csv"),
+                           "--out", str(root / "answers.parquet"), "--batch-size", "2"], cwd=root, env=fitted["env"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "scoring" in done.stderr and "3/3" in done.stderr  # the progress bar
+    answers = pd.read_parquet(root / "answers.parquet")
+    assert list(answers["id"]) == ["a", "b", "c"]  # the user's columns are kept, in order
+    for (label, probs), got_label, got_probs in zip(expected_answers(fitted["bundle"], texts, tasks),
+                                                    answers["label"], answers["probabilities"]):
+        assert got_label == label and list(got_probs) == pytest.approx(probs, abs=1e-5)
+
+    done = subprocess.run([MOA, "batch", "--model-uri", "models:/clf@champion", "--input", str(root / "nope.csv")],
+                          cwd=root, env=fitted["env"], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "nope.csv" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_server_answers_named_rows_and_names_a_bad_task(fitted):
+    texts, tasks = ["item 4 is about cars", "item 6 is about bad"], ["topic", "polarity"]
+    expected = expected_answers(fitted["bundle"], texts, tasks)
+    with ModelServer("models:/clf@champion", tracking_uri=fitted["env"]["MLFLOW_TRACKING_URI"],
+                     log_path=fitted["root"] / "server.log") as server:
+        status, body = post(f"{server.url}/invocations",
+                            {"dataframe_records": [{"text": x, "task": t} for x, t in zip(texts, tasks)]})
+        assert status == 200, body
+        for (label, probs), answer in zip(expected, body["predictions"]):
+            assert answer["label"] == label and answer["probabilities"] == pytest.approx(probs, abs=1e-5)
+        status, body = post(f"{server.url}/invocations", {"dataframe_records": [{"text": "x", "task": "genre"}]})
+        assert status == 400 and "unknown task 'genre'" in body["message"] and "Traceback" not in json.dumps(body)
