@@ -90,7 +90,7 @@ def _write_bundle(directory: Path, recommenders, items, metrics, config_yaml, ma
     items.to_parquet(directory / ITEMS_FILE, index=False)
     save_file(tables, str(directory / TABLES_FILE))
     id_type = "long" if items["item_id"].astype(str).str.fullmatch(r"-?\d+").all() else "string"
-    meta = {"domains": list(routes), "routes": routes, "item_id_type": id_type, "max_history": max_history,
+    meta = {"kind": "recommender", "domains": list(routes), "routes": routes, "item_id_type": id_type, "max_history": max_history,
             "max_k": max_k, "metrics": {k: float(v) for k, v in (metrics or {}).items()}}
     (directory / SERVICE_FILE).write_text(json.dumps(meta, indent=2))
     if config_yaml is not None:
