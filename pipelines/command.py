@@ -21,6 +21,7 @@ OTHER_COMMANDS = {
     "register": "log a model bundle (any kind) to MLflow, register it, promote it to @champion when it wins",
     "serve": "REST server of a registered model on 127.0.0.1",
     "batch": "score a file of rows (or every user) with a registered model",
+    "expert": "expert library: register a LoRA adapter as an expert, assemble a served pool from registry URIs",
 }
 # Kept in step with moa.routers.ROUTERS and moa.experts.EXPERT_KINDS by tests/test_command.py (listed here so
 # the help needs no torch import).
@@ -58,11 +59,12 @@ def usage() -> str:
 
 
 def _commands() -> dict[str, Callable[[list[str]], int | None]]:
-    from . import cli, registry, serving
+    from . import cli, expert_library, registry, serving
 
     return {
         **{name: cli.lightning_main for name in LIGHTNING_COMMANDS},
         "register": registry.main, "serve": serving.serve_main, "batch": serving.batch_main,
+        "expert": expert_library.main,
     }
 
 

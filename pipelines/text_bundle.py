@@ -65,16 +65,28 @@ def write_text_bundle(directory: str | Path, module, datamodule=None, *, metrics
     if tokenizer is None:
         raise ValueError("a text bundle needs the tokenizer the model was trained with: pass the data module "
                          "(moa.pipelines.text_data.TextData)")
+    head = module.head if meta["kind"] == CLASSIFIER else None
+    return write_bundle_files(directory, module.model, tokenizer, meta, head=head, include_base=base == "include",
+                              config_yaml=config_yaml)
+
+
+def write_bundle_files(directory: str | Path, model: moa.MoAModel, tokenizer, meta: Mapping[str, Any], *,
+                       head: nn.Module | None = None, include_base: bool = True,
+                       config_yaml: str | Path | None = None) -> Path:
+    """The files of a text bundle from its parts (``meta``: the ``service.json``; without ``include_base`` it must
+    name ``base_reference``). The folder is replaced as a whole (:func:`moa.atomic.atomic_folder`)."""
+    if not include_base and not meta.get("base_reference"):
+        raise ValueError("a bundle without its base needs meta['base_reference'] (how to load the base)")
     target = Path(directory)
     with atomic_folder(target) as tmp:
         # the adapters name their base relative to themselves (moa.load(bundle / "adapter") finds it)
-        module.model.save_pretrained(tmp / ADAPTER_DIR, base_model_name_or_path=meta.get("base_reference") or f"../{BASE_DIR}")
-        if base == "include":
-            module.model.save_base(tmp / BASE_DIR)
+        model.save_pretrained(tmp / ADAPTER_DIR, base_model_name_or_path=meta.get("base_reference") or f"../{BASE_DIR}")
+        if include_base:
+            model.save_base(tmp / BASE_DIR)
         tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-        if meta["kind"] == CLASSIFIER:
-            save_file({k: v.detach().cpu().contiguous() for k, v in module.head.state_dict().items()}, str(tmp / HEAD_FILE))
-        (tmp / SERVICE_FILE).write_text(json.dumps(meta, indent=2))
+        if head is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(tmp / HEAD_FILE))
+        (tmp / SERVICE_FILE).write_text(json.dumps(dict(meta), indent=2))
         if config_yaml is not None:
             (tmp / CONFIG_FILE).write_bytes(Path(config_yaml).read_bytes())
     return target

@@ -1,0 +1,171 @@
+"""An expert library in the MLflow registry: each expert (one PEFT LoRA adapter) is a registered model version of
+its own, and a served pool is assembled from registry URIs (S-LoRA style): experts trained in different runs,
+combined without retraining any of them.
+
+    moa expert register --adapter runs/echo-lora --name echo             # a new version of the expert 'echo'
+    moa expert pool --base models/tiny-llama --expert models:/echo/1 --expert models:/reverse@champion \\
+        --out pool-bundle [--register-as my-pool]
+
+A pool is a causal-LM bundle (:mod:`moa.pipelines.text_bundle`) whose tasks are the experts: a request row
+``{"prompt": ..., "task": "echo"}`` is answered by the base with expert ``echo`` (static routing on ``task_ids``,
+rows of different experts in one batch through the grouped kernels). ``service.json`` records which registry
+version each expert came from. Adding an expert is assembling again with one more URI: the other experts'
+weights are copied, not retrained (tested bit for bit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import moa
+
+EXPERIMENT = "moa-experts"
+KIND_TAG = "moa.kind"
+
+
+def register_expert(adapter: str | Path, name: str, *, tracking_uri: str | None = None):
+    """Log a PEFT LoRA adapter folder to a run of the ``moa-experts`` experiment and register it as a new version
+    of ``name`` (tagged ``moa.kind=expert``, with its rank, targets and base); returns the model version. The
+    folder is checked first (a LoRA adapter moa can import): a bad one registers nothing."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from moa.peft_bridge import _read_adapter
+
+    from .tracking import resolve_tracking_uri
+
+    folder = Path(adapter)
+    config, factors = _read_adapter(folder)  # raises naming the folder and the problem
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    mlflow.set_experiment(EXPERIMENT)
+    client = MlflowClient()
+    tags = {KIND_TAG: "expert", "r": str(next(iter(factors.values()))[0].shape[0]),
+            "target_modules": ",".join(sorted(factors)), "base_model": str(config.base_model_name_or_path or "")}
+    with mlflow.start_run(run_name=f"expert-{name}") as run:
+        mlflow.log_artifacts(str(folder), "adapter")
+        mlflow.set_tags(tags)
+    try:
+        client.create_registered_model(name, tags={KIND_TAG: "expert"})
+    except MlflowException:
+        pass  # it exists: a new version of it
+    return client.create_model_version(name, source=f"{run.info.artifact_uri}/adapter", run_id=run.info.run_id,
+                                       tags=tags)
+
+
+def resolve_experts(uris: Sequence[str], *, tracking_uri: str | None = None,
+                    directory: str | Path | None = None) -> list[dict[str, Any]]:
+    """Download each expert's adapter folder: ``[{name, uri, version, folder}]`` in the order given. The name is
+    the registered model's (``<name>-v<version>`` when one model is given twice)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from .tracking import resolve_tracking_uri
+
+    if not uris:
+        raise ValueError("a pool needs at least one expert URI (models:/<name>/<version> or models:/<name>@<alias>)")
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    client = MlflowClient()
+    directory = Path(directory or tempfile.mkdtemp(prefix="moa-experts-"))
+    experts = []
+    for uri in uris:
+        match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", uri)
+        if match is None:
+            raise ValueError(f"expert URI {uri!r}: write models:/<name>/<version> or models:/<name>@<alias>")
+        name, number, alias = match.groups()
+        version = client.get_model_version(name, number) if number else client.get_model_version_by_alias(name, alias)
+        if version.tags.get(KIND_TAG) != "expert":
+            raise ValueError(f"{uri} is not an expert (version {version.version} of {name!r} has no tag "
+                             f"{KIND_TAG}=expert; register adapters with `moa expert register`)")
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source,
+                                                          dst_path=str(directory / f"{name}-v{version.version}")))
+        experts.append({"name": name, "uri": uri, "version": str(version.version), "folder": folder})
+    names = [e["name"] for e in experts]
+    for expert in experts:
+        if names.count(expert["name"]) > 1:
+            expert["name"] = f"{expert['name']}-v{expert['version']}"
+    if len({e["name"] for e in experts}) != len(experts):
+        raise ValueError(f"the same expert version is given twice: {list(uris)}")
+    return experts
+
+
+def assemble_pool(base_model, experts: Sequence[Mapping[str, Any]]) -> moa.MoAModel:
+    """The base with one expert per entry of :func:`resolve_experts`, routed by ``task_ids`` (expert i = task i)."""
+    return moa.from_peft(base_model, {e["name"]: str(e["folder"]) for e in experts}, router_options={"key": "task_ids"})
+
+
+def write_pool_bundle(directory: str | Path, base: str | Path, uris: Sequence[str], *, tokenizer: str | None = None,
+                      prompt_template: str = "{text}", max_length: int = 128, max_new_tokens: int = 32,
+                      tracking_uri: str | None = None) -> Path:
+    """A causal-LM serving bundle of the base (a local ``AutoModelForCausalLM`` folder) with the experts of
+    ``uris``; ``tokenizer``: a folder (default: the base's, else MiniLM's)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .modules import minilm_dir
+    from .text_bundle import CAUSAL_LM, write_bundle_files
+
+    base = Path(base)
+    if not (base / "config.json").is_file():
+        raise FileNotFoundError(f"--base {base}: not a model folder (no config.json)")
+    with tempfile.TemporaryDirectory() as tmp:
+        experts = resolve_experts(uris, tracking_uri=tracking_uri, directory=tmp)
+        model = assemble_pool(AutoModelForCausalLM.from_pretrained(str(base)).eval(), experts).eval()
+        source = Path(tokenizer) if tokenizer else (base if (base / "tokenizer_config.json").is_file() else minilm_dir())
+        tok = AutoTokenizer.from_pretrained(str(source))
+    generation = model.model.generation_config
+    eos = generation.eos_token_id if generation.eos_token_id is not None else (tok.eos_token_id or tok.sep_token_id)
+    pad = generation.pad_token_id if generation.pad_token_id is not None else (tok.pad_token_id or 0)
+    meta = {"format_version": 1, "moa_version": moa.__version__, "kind": CAUSAL_LM,
+            "tasks": [e["name"] for e in experts], "domains": ["default"], "prompt_template": prompt_template,
+            "max_length": max_length, "max_new_tokens": max_new_tokens, "eos_token_id": eos, "pad_token_id": pad,
+            "base_class": type(model.model).__name__, "metrics": {},
+            "experts": [{k: e[k] for k in ("name", "uri", "version")} for e in experts]}
+    return write_bundle_files(directory, model, tok, meta)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moa expert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="action", required=True)
+    reg = sub.add_parser("register", help="register a PEFT LoRA adapter folder as a new version of an expert")
+    reg.add_argument("--adapter", type=Path, required=True, help="PEFT LoRA adapter folder (adapter_config.json)")
+    reg.add_argument("--name", required=True)
+    pool = sub.add_parser("pool", help="assemble a served pool (a causal-LM bundle) from expert URIs")
+    pool.add_argument("--base", type=Path, required=True, help="local AutoModelForCausalLM folder")
+    pool.add_argument("--expert", action="append", required=True, metavar="URI",
+                      help="models:/<name>/<version> or models:/<name>@<alias> (repeat; order = task order)")
+    pool.add_argument("--out", type=Path, required=True, help="the bundle folder to write")
+    pool.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the base's, else MiniLM's)")
+    pool.add_argument("--prompt-template", default="{text}")
+    pool.add_argument("--max-new-tokens", type=int, default=32)
+    pool.add_argument("--register-as", default=None, help="also log the pool and register it as a new version "
+                      "of this model (not promoted: a pool has no validation metric; serve models:/<name>/<version>)")
+    for p in (reg, pool):
+        p.add_argument("--tracking-uri", default=None)
+    args = parser.parse_args(argv)
+    from .tracking import resolve_tracking_uri
+
+    os.environ.setdefault("MLFLOW_TRACKING_URI", resolve_tracking_uri(args.tracking_uri))
+    if args.action == "register":
+        version = register_expert(args.adapter, args.name, tracking_uri=args.tracking_uri)
+        print(json.dumps({"name": version.name, "version": str(version.version), "source": version.source}))
+        return 0
+    bundle = write_pool_bundle(args.out, args.base, args.expert, tokenizer=args.tokenizer,
+                               prompt_template=args.prompt_template, max_new_tokens=args.max_new_tokens,
+                               tracking_uri=args.tracking_uri)
+    out: dict[str, Any] = {"bundle": str(bundle), "experts": json.loads((bundle / "service.json").read_text())["experts"]}
+    if args.register_as:
+        import mlflow
+
+        from .registry import log_bundle
+
+        info = log_bundle(bundle, experiment=EXPERIMENT, tracking_uri=args.tracking_uri)
+        out["version"] = str(mlflow.register_model(info.model_uri, args.register_as).version)
+    print(json.dumps(out, indent=2))
+    return 0

@@ -1,0 +1,157 @@
+"""The expert library: PEFT LoRA adapters from separate "runs" registered as experts in a real MLflow store, pools
+assembled from registry URIs and served as causal-LM bundles; answers checked against PEFT generating with each
+adapter alone."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moa.pipelines.bundle import load_service
+from moa.pipelines.expert_library import register_expert, resolve_experts, write_pool_bundle
+
+PROMPTS = ["say cat", "say dog", "say sun"]
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from moa.pipelines.causal import save_preset
+
+    root = tmp_path_factory.mktemp("library")
+    base = save_preset("tiny-llama", root / "base")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    adapters = {}
+    for seed, name in enumerate(["echo", "reverse", "shout"]):  # three runs, each its own adapter
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)),
+                               LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+        model.save_pretrained(str(root / name))
+        adapters[name] = root / name
+    yield {"root": root, "base": base, "uri": uri, "adapters": adapters}
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+def peft_generations(base: Path, adapter: Path, prompts, service, max_new_tokens: int):
+    """Greedy generation with PEFT and one adapter, decoded as the service decodes (cut at eos)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(adapter)).eval()
+    eos, pad = service.meta["eos_token_id"], service.meta["pad_token_id"]
+    texts = []
+    for prompt in prompts:
+        ids = torch.tensor([service.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+        new = out[0, ids.shape[1]:].tolist()
+        new = new[: next((j for j, i in enumerate(new) if i == eos), len(new))]
+        texts.append(service.tokenizer.decode(new, skip_special_tokens=True).strip())
+    return texts
+
+
+def test_a_pool_from_registry_uris_serves_each_expert_like_peft_and_adding_one_retrains_none(library, tmp_path):
+    root = library["root"]
+    versions = {name: register_expert(folder, name) for name, folder in library["adapters"].items()}
+    from mlflow import MlflowClient
+
+    stored = [MlflowClient().get_model_version(name, v.version) for name, v in versions.items()]
+    assert all(str(v.version) == "1" and v.tags["moa.kind"] == "expert" for v in stored), stored
+    first = write_pool_bundle(tmp_path / "pool-1", library["base"], ["models:/echo/1", "models:/reverse/1"])
+    meta = json.loads((first / "service.json").read_text())
+    assert meta["tasks"] == ["echo", "reverse"]
+    assert meta["experts"] == [{"name": "echo", "uri": "models:/echo/1", "version": "1"},
+                               {"name": "reverse", "uri": "models:/reverse/1", "version": "1"}]
+
+    service = load_service(first)
+    rows = pd.DataFrame({"prompt": PROMPTS + PROMPTS, "task": ["echo"] * 3 + ["reverse"] * 3}).sample(frac=1, random_state=0)
+    answer = service.predict(rows.reset_index(drop=True), {"max_new_tokens": 5})
+    for name in ("echo", "reverse"):
+        expected = peft_generations(library["base"], library["adapters"][name], PROMPTS, service, 5)
+        got = dict(zip(answer["text"][rows["task"].to_numpy() == name],
+                       rows["prompt"][rows["task"] == name]))
+        assert {p: t for t, p in got.items()} == dict(zip(PROMPTS, expected)), name
+    assert len(set(answer["text"])) > 1  # the experts differ
+
+    # a third expert, from another run: the pool is assembled again, nothing is retrained
+    second = write_pool_bundle(tmp_path / "pool-2", library["base"],
+                               ["models:/echo/1", "models:/reverse/1", "models:/shout/1"])
+    old, new = load_file(str(first / "adapter" / "moa_model.safetensors")), load_file(str(second / "adapter" / "moa_model.safetensors"))
+    # experts stacked along the rank: A [E * r, in], B [out, E * r]; the first two experts' blocks are unchanged
+    a_keys, b_keys = [k for k in old if k.endswith("lora_A")], [k for k in old if k.endswith("lora_B")]
+    assert a_keys and len(a_keys) == len(b_keys) and all(new[k].shape[0] == old[k].shape[0] * 3 // 2 for k in a_keys)
+    assert all(torch.equal(old[k], new[k][: old[k].shape[0]]) for k in a_keys)
+    assert all(torch.equal(old[k], new[k][:, : old[k].shape[1]]) for k in b_keys)
+    shout = load_service(second).predict(pd.DataFrame({"prompt": PROMPTS, "task": ["shout"] * 3}), {"max_new_tokens": 5})
+    assert list(shout["text"]) == peft_generations(library["base"], library["adapters"]["shout"], PROMPTS, service, 5)
+
+
+def test_a_new_version_and_an_alias_resolve_and_bad_uris_are_refused(library, tmp_path):
+    from mlflow import MlflowClient
+
+    register_expert(library["adapters"]["echo"], "echo-lib")
+    v2 = register_expert(library["adapters"]["shout"], "echo-lib")  # a retrained expert: version 2
+    MlflowClient().set_registered_model_alias("echo-lib", "champion", v2.version)
+    experts = resolve_experts(["models:/echo-lib@champion", "models:/echo-lib/1"], directory=tmp_path)
+    assert [(e["name"], e["version"]) for e in experts] == [("echo-lib-v2", "2"), ("echo-lib-v1", "1")]
+    assert (experts[0]["folder"] / "adapter_config.json").is_file()
+    with pytest.raises(ValueError, match="write models:/<name>/<version>"):
+        resolve_experts(["runs:/abc/adapter"])
+    with pytest.raises(ValueError, match="given twice"):
+        resolve_experts(["models:/echo-lib/1", "models:/echo-lib/1"], directory=tmp_path / "twice")
+    with pytest.raises(ValueError, match="at least one expert"):
+        resolve_experts([])
+
+
+def test_a_folder_that_is_not_a_lora_adapter_registers_nothing(library, tmp_path):
+    from mlflow import MlflowClient
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a PEFT adapter folder"):
+        register_expert(tmp_path / "empty", "never")
+    assert MlflowClient().search_model_versions("name='never'") == []
+
+
+def test_expert_commands_register_and_pool_from_the_cli(library, tmp_path):
+    moa = str(Path(sys.executable).with_name("moa"))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": library["uri"]}
+    done = subprocess.run([moa, "expert", "register", "--adapter", str(library["adapters"]["reverse"]), "--name", "cli-rev"],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["version"] == "1"
+    done = subprocess.run([moa, "expert", "pool", "--base", str(library["base"]), "--expert", "models:/cli-rev/1",
+                           "--out", str(tmp_path / "pool"), "--register-as", "cli-pool"],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout[done.stdout.index("{"):])["version"] == "1"
+    import mlflow
+
+    model = mlflow.pyfunc.load_model("models:/cli-pool/1")
+    assert model.metadata.metadata["tasks"] == ["cli-rev"]
+    answer = model.predict(pd.DataFrame({"prompt": ["say cat"]}), params={"max_new_tokens": 3})  # one task: no column needed
+    assert isinstance(answer["text"][0], str)
+    done = subprocess.run([moa, "expert", "pool", "--base", str(tmp_path / "nope"), "--expert", "models:/cli-rev/1",
+                           "--out", str(tmp_path / "bad")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "no config.json" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "bad").exists()
