@@ -269,6 +269,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=defaults.timeout,
                         help="seconds of scoring per request; longer requests are stopped and get 503")
     parser.add_argument("--docs", action="store_true", help="serve interactive API docs at /docs")
+    parser.add_argument("--engine", choices=("uvicorn", "ray"), default="uvicorn",
+                        help="uvicorn worker processes on this machine, or Ray Serve replicas (see moa.pipelines.ray_engine)")
+    parser.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas (--engine ray)")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster to join (--engine ray; default: start a "
+                        "local one; 'auto': the cluster of this machine; ray://host:10001: a remote one)")
+
+
+def serve(model_uri: str, args: argparse.Namespace) -> None:
+    """Serve until interrupted with the engine, host, port and limits of the parsed ``args``."""
+    if args.engine == "ray":
+        from .ray_engine import serve_on_ray
+
+        serve_on_ray(model_uri, replicas=args.replicas, host=args.host, port=args.port, tracking_uri=args.tracking_uri,
+                     limits=limits_of(args), docs=args.docs, address=args.ray_address)
+    else:
+        run(model_uri, host=args.host, port=args.port, workers=args.workers, tracking_uri=args.tracking_uri,
+            limits=limits_of(args), docs=args.docs)
 
 
 def limits_of(args: argparse.Namespace) -> Limits:
@@ -282,9 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    print(f"moa server: {args.model_uri} on http://{args.host}:{args.port} ({limits_of(args)})", flush=True)
-    run(args.model_uri, host=args.host, port=args.port, workers=args.workers, tracking_uri=args.tracking_uri,
-        limits=limits_of(args), docs=args.docs)
+    print(f"moa server: {args.model_uri} on http://{args.host}:{args.port} ({args.engine}; {limits_of(args)})", flush=True)
+    serve(args.model_uri, args)
     return 0
 
 

@@ -60,18 +60,20 @@ class ModelServer:
 
     ``start()`` returns once ``/ping`` answers (or raises with the server's log); ``stop()`` ends the server's
     process group. The server runs in its own process group, with the tracking URI in its environment. ``limits``
-    (a :class:`moa.pipelines.server.Limits`) sets the body, row and time limits; ``docs`` turns on ``/docs``.
+    (a :class:`moa.pipelines.server.Limits`) sets the body, row and time limits; ``docs`` turns on ``/docs``;
+    ``engine="ray"`` serves with ``replicas`` Ray Serve replicas on a local Ray cluster the server starts.
     """
 
     def __init__(self, model_uri: str, *, port: int | None = None, host: str = HOST, tracking_uri: str | None = None,
                  workers: int = 1, log_path: str | Path | None = None, startup_timeout: float = 180.0,
-                 limits=None, docs: bool = False):
+                 limits=None, docs: bool = False, engine: str = "uvicorn", replicas: int = 2):
         from .server import Limits
 
         self.model_uri, self.host, self.port = model_uri, host, port or free_port(host)
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.workers, self.startup_timeout = workers, startup_timeout
         self.limits, self.docs = limits or Limits(), docs
+        self.engine, self.replicas = engine, replicas
         self.log_path = Path(log_path) if log_path else None
         self.process: subprocess.Popen | None = None
         self._log = None
@@ -85,7 +87,8 @@ class ModelServer:
         return [sys.executable, "-m", "moa.pipelines.server", "--model-uri", self.model_uri, "--host", self.host,
                 "--port", str(self.port), "--workers", str(self.workers), "--tracking-uri", self.tracking_uri,
                 "--max-body-bytes", str(limits.max_body_bytes), "--max-rows", str(limits.max_rows),
-                "--timeout", str(limits.timeout), *(["--docs"] if self.docs else [])]
+                "--timeout", str(limits.timeout), "--engine", self.engine, "--replicas", str(self.replicas),
+                *(["--docs"] if self.docs else [])]
 
     def start(self) -> "ModelServer":
         env = server_env(self.tracking_uri)
@@ -175,9 +178,9 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     uri = args.model_uri or f"models:/{args.name}@{args.alias}"
     os.environ.update(server_env(args.tracking_uri))
     limits = server.limits_of(args)
-    print(f"serving {uri} on http://{args.host}:{args.port} ({limits}); POST /invocations, GET /ping", flush=True)
-    server.run(uri, host=args.host, port=args.port, workers=args.workers, tracking_uri=args.tracking_uri,
-               limits=limits, docs=args.docs)
+    print(f"serving {uri} on http://{args.host}:{args.port} ({args.engine}; {limits}); POST /invocations, GET /ping",
+          flush=True)
+    server.serve(uri, args)
     return 0
 
 
@@ -321,6 +324,10 @@ def batch_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=None, help="recommenders: the same as --param k=K")
     parser.add_argument("--data", default=None, help="recommenders without --input: folder with ml-100k.inter / "
                         "ml-100k.item (default: the copy in the installed recbole wheel)")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="score in this process, or with Ray Data over a Ray cluster (see moa.pipelines.ray_engine)")
+    parser.add_argument("--workers", type=int, default=2, help="model copies scoring in parallel (--engine ray)")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster to join (--engine ray; default: a local one)")
     parser.add_argument("--tracking-uri", default=None)
     args = parser.parse_args(argv)
     params = _params(args.param)
@@ -344,9 +351,15 @@ def batch_main(argv: Sequence[str] | None = None) -> int:
     frame = read_table(args.input)
     if frame.empty:
         raise ValueError(f"--input {args.input}: no rows")
-    mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri))
-    model = mlflow.pyfunc.load_model(args.model_uri)
-    result = score_rows(model, conform(frame, model), params, batch_size=args.batch_size)
+    if args.engine == "ray":
+        from .ray_engine import score_rows_on_ray
+
+        result = score_rows_on_ray(args.model_uri, frame, params, workers=args.workers, batch_size=args.batch_size,
+                                   address=args.ray_address, tracking_uri=args.tracking_uri)
+    else:
+        mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri))
+        model = mlflow.pyfunc.load_model(args.model_uri)
+        result = score_rows(model, conform(frame, model), params, batch_size=args.batch_size)
     write_table(result, args.out)
     print(f"wrote {len(result)} rows to {args.out}")
     return 0

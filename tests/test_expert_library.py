@@ -34,6 +34,9 @@ def library(tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
     adapters = {}
     for seed, name in enumerate(["echo", "reverse", "shout"]):  # three runs, each its own adapter
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)),

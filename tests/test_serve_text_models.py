@@ -88,16 +88,13 @@ def expected_answers(bundle: Path, texts, tasks):
 def test_fit_registers_the_classifier_with_its_kinds_gate(fitted):
     from mlflow import MlflowClient
 
-    os.environ["MLFLOW_TRACKING_URI"] = fitted["env"]["MLFLOW_TRACKING_URI"]
-    try:
-        client = MlflowClient()
-        champion = client.get_model_version_by_alias("clf", "champion")
-        assert (champion.tags["gate_metric"], champion.tags["gate_mode"]) == ("val/accuracy", "max")
-        run = client.get_run(champion.run_id)  # the model was logged into the fit's own run
-        assert run.data.metrics["val/accuracy"] == pytest.approx(float(champion.tags["gate_value"]), abs=1e-5)
-        assert run.info.run_name.startswith("static")
-    finally:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    store = fitted["env"]["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    champion = client.get_model_version_by_alias("clf", "champion")
+    assert (champion.tags["gate_metric"], champion.tags["gate_mode"]) == ("val/accuracy", "max")
+    run = client.get_run(champion.run_id)  # the model was logged into the fit's own run
+    assert run.data.metrics["val/accuracy"] == pytest.approx(float(champion.tags["gate_value"]), abs=1e-5)
+    assert run.info.run_name.startswith("static")
 
 
 def test_moa_batch_scores_a_csv_file_of_named_rows(fitted):
