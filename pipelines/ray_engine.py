@@ -18,7 +18,6 @@ runs in each of ``replicas`` Ray Serve replicas behind Serve's HTTP proxy.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import asdict
 from typing import Any
@@ -101,7 +100,11 @@ def serve_on_ray(model_uri: str, *, replicas: int = 2, host: str = "127.0.0.1", 
         raise ValueError(f"--replicas must be >= 1, got {replicas}")
     init_ray(address, tracking_uri)
     serve.start(http_options={"host": host, "port": port})
-    builder = functools.partial(_app, model_uri, resolve_tracking_uri(tracking_uri), asdict(limits or Limits()), docs)
+    settings = (model_uri, resolve_tracking_uri(tracking_uri), asdict(limits or Limits()), docs)
+
+    def builder():  # a plain zero-argument function: Serve calls it on each replica (a partial would pass for an app)
+        return _app(*settings)
+
     deployment = serve.deployment(serve.ingress(builder)(), name="moa", num_replicas=replicas,
                                   ray_actor_options={"num_cpus": 1})
     serve.run(deployment.bind(), name="moa", route_prefix="/", blocking=blocking)

@@ -1,0 +1,85 @@
+"""Scale-out on Ray with a local Ray cluster started on this machine: ``moa batch --engine ray`` (Ray Data, as a
+subprocess) and ``moa serve --engine ray`` (two Ray Serve replicas, real HTTP) answer a registered MiniLM
+classifier's rows like the trained module itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pandas as pd
+import pytest
+import torch
+
+pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+MOA = str(Path(sys.executable).with_name("moa"))
+WORDS = {"good": ("polarity", "pos"), "bad": ("polarity", "neg"), "cats": ("topic", "animals"),
+         "cars": ("topic", "vehicles"), "songs": ("topic", "music")}
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    from moa.pipelines.modules import MoAClassifier
+    from moa.pipelines.registry import register_bundle
+    from moa.pipelines.text_data import TextData
+
+    root = tmp_path_factory.mktemp("ray")
+    rows = [{"text": f"item {i % 7} is about {w}", "label": WORDS[w][1], "task": WORDS[w][0]}
+            for i in range(60) for w in [list(WORDS)[i % 5]]]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = TextData(train=str(root / "train.jsonl"), val=str(root / "train.jsonl"), task_column="task",
+                    batch_size=10, max_length=16)
+    module = MoAClassifier(backbone="minilm", router="static", n_experts=2, r=4, top_k=1,
+                           router_options={"key": "task_ids"}, target_modules=["query", "value"], lr=5e-3)
+    torch.set_num_threads(1)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, default_root_dir=root, num_sanity_val_steps=0)
+    trainer.fit(module, data)
+    module.eval()
+    bundle = module.write_bundle(root / "bundle", data, metrics={"val/accuracy": 1.0})
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    register_bundle(bundle, "clf", tracking_uri=uri)
+    texts = [f"item {i % 7} is about {w}" for i in range(24) for w in [list(WORDS)[i % 5]]]
+    tasks = [WORDS[t.split()[-1]][0] for t in texts]
+    task_ids = {t: i for i, t in enumerate(data.task_names)}
+    encoded = data.tokenizer(texts, truncation=True, max_length=16, padding=True, return_tensors="pt")
+    with torch.no_grad():  # the trained module's own answers
+        probs = module({**encoded, "task_ids": torch.tensor([task_ids[t] for t in tasks]),
+                        "domain_ids": torch.zeros(len(texts), dtype=torch.long)}).softmax(-1)
+    expected = [data.label_names[t][int(p[: len(data.label_names[t])].argmax())] for t, p in zip(tasks, probs)]
+    return {"root": root, "uri": uri, "texts": texts, "tasks": tasks, "expected": expected}
+
+
+def test_ray_data_batch_scores_like_the_module_in_order(registered):
+    root = registered["root"]
+    pd.DataFrame({"row": range(len(registered["texts"])), "text": registered["texts"], "task": registered["tasks"]}) \
+        .to_parquet(root / "rows.parquet")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"], "RAY_USAGE_STATS_ENABLED": "0"}
+    done = subprocess.run([MOA, "batch", "--engine", "ray", "--workers", "2", "--batch-size", "5", "--model-uri",
+                           "models:/clf@champion", "--input", str(root / "rows.parquet"), "--out",
+                           str(root / "ray.parquet")], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    answers = pd.read_parquet(root / "ray.parquet")
+    assert list(answers["row"]) == list(range(len(registered["texts"])))  # order kept across blocks and actors
+    assert list(answers["label"]) == registered["expected"]
+    assert all(len(p) == len(labels) for p, labels in zip(answers["probabilities"], answers["labels"]))
+
+
+def test_ray_serve_replicas_answer_like_the_module(registered):
+    from moa.pipelines.serving import ModelServer, post
+
+    rows = [{"text": x, "task": t} for x, t in zip(registered["texts"], registered["tasks"])]
+    with ModelServer("models:/clf@champion", tracking_uri=registered["uri"], engine="ray", replicas=2,
+                     log_path=registered["root"] / "ray-serve.log", startup_timeout=400) as server:
+        status, body = post(f"{server.url}/invocations", {"dataframe_records": rows})
+        assert status == 200, body
+        assert [p["label"] for p in body["predictions"]] == registered["expected"]
+        status, body = post(f"{server.url}/invocations", {"dataframe_records": [{"text": "x", "task": "nope"}]})
+        assert status == 400 and "unknown task 'nope'" in body["message"]
+        status, body = post(f"{server.url}/invocations", b"{}", content_type="text/csv")
+        assert status == 415 and "Traceback" not in json.dumps(body)
