@@ -110,8 +110,33 @@ def _shift_rows(message: str, offset: int) -> str:
     return re.sub(r"^row (\d+)", lambda m: f"row {int(m.group(1)) + offset}", message) if offset else message
 
 
-def score(model, frame, params: dict, deadline: float, limits: Limits) -> list:
-    """``model.predict`` over ``chunk_rows`` rows at a time, stopping at a chunk boundary once ``deadline`` passed."""
+def direct_predict(model):
+    """``predict(frame, params)`` of a loaded model. For a moa pyfunc it is the service's own: the services check
+    every row and param themselves, so MLflow's schema enforcement and its frame copies (about 1.5 ms of a
+    one-row request) are skipped, and a refused request is the same 400. Any other pyfunc: ``model.predict``."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    try:
+        service = getattr(model.unwrap_python_model(), "service", None)
+    except Exception:  # noqa: BLE001 - not a python_model pyfunc
+        service = None
+    if not callable(getattr(service, "predict", None)):
+        return lambda frame, params: model.predict(frame, params=params or None)
+    from moa.pipelines.bundle import RequestError
+
+    def predict(frame, params):
+        try:
+            return service.predict(frame, {k: v for k, v in (params or {}).items() if v is not None})
+        except RequestError as error:
+            raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
+
+    return predict
+
+
+def score(predict, frame, params: dict, deadline: float, limits: Limits) -> list:
+    """``predict(frame, params)`` over ``chunk_rows`` rows at a time, stopping at a chunk boundary once ``deadline``
+    passed."""
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
@@ -121,7 +146,7 @@ def score(model, frame, params: dict, deadline: float, limits: Limits) -> list:
             raise TimedOut()
         part = frame.iloc[lo:lo + limits.chunk_rows].reset_index(drop=True)
         try:
-            outputs.append(model.predict(part, params=params or None))
+            outputs.append(predict(part, params))
         except MlflowException as error:
             status = error.get_http_status_code()
             if status >= 500:
@@ -147,6 +172,7 @@ def create_app(model, limits: Limits | None = None, *, docs: bool = False):
     from starlette.responses import JSONResponse, Response
 
     limits = limits or Limits()
+    predict = direct_predict(model)
     app = FastAPI(title="moa scoring server", docs_url="/docs" if docs else None, redoc_url=None,
                   openapi_url="/openapi.json" if docs else None)
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moa-score")
@@ -180,7 +206,7 @@ def create_app(model, limits: Limits | None = None, *, docs: bool = False):
             if time.monotonic() > deadline:
                 raise TimedOut()
             frame, params = parse_request(body, limits)
-            return score(model, frame, params, deadline, limits)
+            return score(predict, frame, params, deadline, limits)
         except TimedOut:
             with lock:
                 stats["stopped_at_chunk"] += 1
