@@ -86,6 +86,33 @@ class Client:
         return elapsed
 
 
+def bad_input_answers(url: str, good: dict) -> list[tuple[int, str]]:
+    """(status, body) for a set of malformed requests: bad JSON, types, ids, sizes, content types, nesting."""
+    from moa.pipelines.serving import post
+
+    history, domain = good["history"], good["domain"]
+    bodies = [
+        ({"dataframe_records": [{"history": [999999999], "domain": domain}]}, "application/json"),
+        ({"dataframe_records": [{"history": [], "domain": domain}]}, "application/json"),
+        ({"dataframe_records": [{"history": history, "domain": "nope"}]}, "application/json"),
+        ({"dataframe_records": [{"history": history, "domain": domain}], "params": {"k": 10**6}}, "application/json"),
+        ({"dataframe_records": [{"history": history, "domain": domain}], "params": {"k": "ten"}}, "application/json"),
+        ({"dataframe_records": [{"history": "1 2 3", "domain": domain}]}, "application/json"),
+        ({"dataframe_records": [{"history": [["nested"]], "domain": domain}]}, "application/json"),
+        ({"dataframe_records": [{"domain": domain}]}, "application/json"),
+        ({"dataframe_records": "rows"}, "application/json"),
+        ({"dataframe_split": {"columns": ["history"], "data": [[1, 2, 3]]}}, "application/json"),
+        ({"rows": []}, "application/json"),
+        ('{"dataframe_records": [', "application/json"),
+        ("[" * 100_000 + "]" * 100_000, "application/json"),
+        ("history,domain\n1,comedy\n", "text/csv"),
+        ("{}", ""),
+        ({"dataframe_records": [{"history": history, "domain": domain}] * 20_000}, "application/json"),
+        (b"\xff\xfe\x00garbage", "application/json"),
+    ]
+    return [post(f"{url}/invocations", body, content_type=kind) for body, kind in bodies]
+
+
 def percentiles(seconds: list[float]) -> tuple[float, float, float]:
     ms = np.asarray(seconds) * 1e3
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), float(ms.mean())
@@ -152,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         for t in threads:
             t.join()
         wall = time.perf_counter() - wall
+        bad = bad_input_answers(server.url, rows[0])
 
     import torch
 
@@ -175,6 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| {f'single user, {args.clients} concurrent clients':34s} | {p50:8.1f} | {p99:8.1f} | {mean:8.1f} | "
           f"{len(concurrent) / wall:10.1f} req/s |")
     print(f"\nmedian of single-user latencies: {statistics.median(single) * 1e3:.1f} ms")
+    fives = sum(status >= 500 for status, _ in bad)
+    tracebacks = sum("Traceback" in (text if isinstance(text, str) else json.dumps(text)) for _, text in bad)
+    print(f"bad-input set: {len(bad)} requests, {fives} answered 5xx, {tracebacks} with a traceback "
+          f"(statuses {sorted({status for status, _ in bad})})")
     if temporary is not None:
         temporary.cleanup()
 
