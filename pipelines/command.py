@@ -72,7 +72,7 @@ def root_cause(error: BaseException) -> BaseException:
     """The innermost exception of a chain (jsonargparse and Lightning wrap the error a user needs to see)."""
     seen = {id(error)}
     while True:
-        inner = error.__cause__ or error.__context__
+        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)  # `from None` ends it
         if inner is None or id(inner) in seen:
             return error
         seen.add(id(inner))

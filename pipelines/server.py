@@ -106,7 +106,8 @@ def parse_request(body: bytes, limits: Limits):
         raise HTTPError(400, "BAD_REQUEST", f"Invalid input: {error}") from None
 
 
-def _shift_rows(message: str, offset: int) -> str:
+def shift_rows(message: str, offset: int) -> str:
+    """A service's ``row i: ...`` message for a chunk starting at ``offset``, in the request's row numbers."""
     return re.sub(r"^row (\d+)", lambda m: f"row {int(m.group(1)) + offset}", message) if offset else message
 
 
@@ -151,7 +152,7 @@ def score(predict, frame, params: dict, deadline: float, limits: Limits) -> list
             status = error.get_http_status_code()
             if status >= 500:
                 raise
-            raise HTTPError(status, error.error_code, _shift_rows(error.message, lo)) from None
+            raise HTTPError(status, error.error_code, shift_rows(error.message, lo)) from None
     result = pd.concat(outputs, ignore_index=True) if isinstance(outputs[0], pd.DataFrame) else sum(map(list, outputs), [])
     return result.to_dict(orient="records") if isinstance(result, pd.DataFrame) else list(result)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -262,25 +261,29 @@ def write_table(frame: pd.DataFrame, path: Path) -> None:
     if ext not in (".parquet", ".jsonl", ".csv"):
         raise ValueError(f"--out {path}: write .parquet, .jsonl or .csv")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if ext == ".parquet":
-        frame.to_parquet(tmp, index=False)
-    elif ext == ".jsonl":
-        frame.to_json(tmp, orient="records", lines=True, default_handler=str)
-    else:
-        plain = frame.apply(lambda c: c.map(lambda v: json.dumps(v.tolist() if hasattr(v, "tolist") else v)
-                                            if isinstance(v, (list, tuple)) or hasattr(v, "tolist") else v))
-        plain.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if ext == ".parquet":
+            frame.to_parquet(tmp, index=False)
+        elif ext == ".jsonl":
+            frame.to_json(tmp, orient="records", lines=True, default_handler=str)
+        else:
+            plain = frame.apply(lambda c: c.map(lambda v: json.dumps(v.tolist() if hasattr(v, "tolist") else v)
+                                                if isinstance(v, (list, tuple)) or hasattr(v, "tolist") else v))
+            plain.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def score_rows(model, frame: pd.DataFrame, params: dict | None = None, *, batch_size: int = 256,
                progress: bool = True) -> pd.DataFrame:
     """The model's answers for every row, ``batch_size`` rows per call, with a progress bar on stderr; the
     input columns are kept (an answer column whose name an input column has is written ``predicted_<name>``)."""
+    from mlflow.exceptions import MlflowException
     from tqdm.auto import tqdm
 
-    from mlflow.exceptions import MlflowException
+    from .server import shift_rows
 
     outputs = []
     with tqdm(total=len(frame), unit="row", desc="scoring", disable=not progress, file=sys.stderr,
@@ -290,7 +293,7 @@ def score_rows(model, frame: pd.DataFrame, params: dict | None = None, *, batch_
             try:
                 outputs.append(pd.DataFrame(model.predict(part, params=params or None)))
             except MlflowException as error:
-                raise ValueError(re.sub(r"^row (\d+)", lambda m: f"row {int(m.group(1)) + lo}", error.message)) from None
+                raise ValueError(shift_rows(error.message, lo)) from None
             bar.update(len(part))
     answers = pd.concat(outputs, ignore_index=True)
     answers.columns = [f"predicted_{c}" if c in frame.columns else c for c in answers.columns]

@@ -116,6 +116,13 @@ def test_moa_batch_scores_a_csv_file_of_named_rows(fitted):
     done = subprocess.run([MOA, "batch", "--model-uri", "models:/clf@champion", "--input", str(root / "nope.csv")],
                           cwd=root, env=fitted["env"], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "nope.csv" in done.stderr and "Traceback" not in done.stderr
+    # a bad row is named in the request's row numbers (here in the second model call) and nothing is written
+    pd.DataFrame({"text": texts, "task": ["topic", "topic", "genre"]}).to_csv(root / "bad.csv", index=False)
+    done = subprocess.run([MOA, "batch", "--model-uri", "models:/clf@champion", "--input", str(root / "bad.csv"),
+                           "--out", str(root / "bad.parquet"), "--batch-size", "2"], cwd=root, env=fitted["env"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "row 2: unknown task 'genre'" in done.stderr, done.stderr[-2000:]
+    assert not (root / "bad.parquet").exists() and "Traceback" not in done.stderr
 
 
 def test_server_answers_named_rows_and_names_a_bad_task(fitted):
