@@ -21,7 +21,8 @@ METRICS = ("HR", "NDCG", "MRR")
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
-    """1-based rank of each row's target among that row's candidates (ties count against the target).
+    """1-based rank of each row's target among that row's candidates (ties and NaN scores count against the
+    target; a NaN target score is refused).
 
     Args:
         scores: ``[B, C]`` scores, higher is better.
@@ -39,7 +40,7 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, candidates: torch.
     if bool(((targets < 0) | (targets >= scores.shape[1])).any()):
         raise ValueError(f"targets must index the {scores.shape[1]} score columns")
     target_scores = scores.gather(1, targets[:, None])
-    at_least = scores >= target_scores
+    at_least = (scores >= target_scores) | torch.isnan(scores)  # a NaN candidate ranks above the target, never below
     if candidates is not None:
         if candidates.shape != scores.shape:
             raise ValueError(f"candidates must be [B, C] = {tuple(scores.shape)}, got {tuple(candidates.shape)}")

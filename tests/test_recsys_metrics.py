@@ -148,3 +148,12 @@ def test_evaluate_accepts_recmodels_sets_eval_mode_and_checks_shapes():
         evaluate(lambda h, d: torch.zeros(len(h), 5), tiny_stage())
     with pytest.raises(TypeError, match="RecModel"):
         evaluate(42, tiny_stage())
+
+
+def test_a_nan_candidate_ranks_above_the_target():
+    """Row 0: target 0.5 with one NaN and one higher candidate -> rank 3 (NaN counts against it); row 1: a NaN that
+    is not a candidate does not count -> rank 1."""
+    scores = torch.tensor([[0.5, float("nan"), 0.9, 0.1], [0.7, float("nan"), 0.2, 0.3]])
+    candidates = torch.tensor([[True, True, True, True], [True, False, True, True]])
+    assert target_ranks(scores, torch.tensor([0, 0]), candidates).tolist() == [3, 1]
+    assert target_ranks(scores[:1], torch.tensor([0])).tolist() == [3]
