@@ -237,6 +237,10 @@ def test_causal_bundle_registers_with_a_loss_gate_and_generates_through_mlflow(c
     promotion = register_bundle(causal["bundle"], "lm")  # the kind's gate: val/loss, lower is better
     assert promotion.promoted and promotion.reason.startswith("first version with a metric: val/loss 1.0000")
     model = mlflow.pyfunc.load_model("models:/lm@champion")
+    import moa
+
+    requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/lm@champion")).read_text().split()
+    assert f"moa=={moa.__version__}" in requirements  # pins the moa that wrote it
     assert model.metadata.metadata["kind"] == "causal-lm" and model.metadata.metadata["tasks"] == ["echo", "rev"]
     prompts, tasks, expected = zip(*causal["expected"])
     answer = model.predict(pd.DataFrame({"prompt": prompts, "task": tasks}))
