@@ -248,3 +248,25 @@ def test_causal_bundle_registers_with_a_loss_gate_and_generates_through_mlflow(c
     with pytest.raises(mlflow.exceptions.MlflowException, match="unknown task 'nope'") as error:
         model.predict(pd.DataFrame({"prompt": ["say cat"], "task": ["nope"]}))
     assert error.value.get_http_status_code() == 400
+
+
+def test_causal_model_served_over_http_generates_per_row(causal, tmp_path):
+    from moa.pipelines.registry import register_bundle
+    from moa.pipelines.serving import ModelServer, post
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    register_bundle(causal["bundle"], "lm-http", tracking_uri=uri)
+    prompts, tasks, expected = zip(*causal["expected"])
+    rows = [{"prompt": p, "task": t} for p, t in zip(prompts, tasks)]
+    with ModelServer("models:/lm-http@champion", tracking_uri=uri, log_path=tmp_path / "server.log") as server:
+        status, body = post(f"{server.url}/invocations", {"dataframe_records": rows})
+        assert status == 200, body
+        assert [p["text"] for p in body["predictions"]] == list(expected)  # the module's own greedy generations
+        sampled = {"dataframe_records": [{**rows[0], "temperature": 1.5, "top_p": 0.9}, {**rows[1], "max_new_tokens": 1}],
+                   "params": {"seed": 3}}
+        first, again = post(f"{server.url}/invocations", sampled), post(f"{server.url}/invocations", sampled)
+        assert first[0] == 200 and first == again  # seeded sampling repeats
+        status, body = post(f"{server.url}/invocations", {"dataframe_records": [{**rows[0], "top_p": 2}]})
+        assert status == 400 and "row 0: top_p must be a number in (0, 1]" in body["message"]
+        status, body = post(f"{server.url}/invocations", {"dataframe_records": rows[:1], "params": {"beams": 4}})
+        assert status == 400 and "unknown params ['beams']" in body["message"]
