@@ -9,7 +9,7 @@ Data: ml-100k from the installed recbole wheel, split into 4 genre domains (``mo
 each its own catalogue; time-ordered leave-one-out; full ranking over the domain's items, seen items masked
 (``moa.recsys.evaluate``); test metrics of the epoch with the best validation NDCG@10.
 
-Models (``moa.recsys.models`` / ``moa.recsys.xcross``), all on all-MiniLM-L6-v2 (frozen), MoA pools (rank r LoRA on
+Models (``moa.recsys.recommender`` / ``moa.recsys.xcross``), all on all-MiniLM-L6-v2 (frozen), MoA pools (rank r LoRA on
 query/value) in the top ``--adapted-layers`` layers, the layers below cached once per item:
 
 * text, frozen encoder: the cached MiniLM item vectors and a trained user encoder (phase 1 of every text model);
@@ -38,7 +38,8 @@ import torch
 from moa.recsys.baselines import SASRec, Popularity
 from moa.recsys.data import ml100k
 from moa.recsys.evaluate import evaluate, trainable_parameters
-from moa.recsys.models import RecommenderConfig, TextSeqRecommender, load_encoder, plain_copy, tokenize_items
+from moa.recsys.encoders import load_encoder, plain_copy, tokenize_items
+from moa.recsys.recommender import RecommenderConfig, TextSeqRecommender
 from moa.recsys.xcross import build_xcross
 
 METRICS = ("HR@10", "NDCG@10", "MRR@10")

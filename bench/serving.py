@@ -39,7 +39,7 @@ def stand_in(root: Path) -> tuple[str, str]:
     from moa.pipelines.registry import register_bundle
     from moa.pipelines.service import item_table, write_bundle
     from moa.recsys.data import ml100k
-    from moa.recsys.models import RecommenderConfig, TextSeqRecommender
+    from moa.recsys.recommender import RecommenderConfig, TextSeqRecommender
 
     uri = f"sqlite:///{root / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri

@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.cli import SaveConfigCallback
 from torch.utils.data import DataLoader, Dataset
 
-from moa.recsys.data import ML100K_DOMAINS, LeaveOneOut, RecDataset, left_pad, ml100k
+from moa.recsys.data import ML100K_DOMAINS, LeaveOneOut, RecDataset, left_pad, ml100k, training_windows
 from moa.recsys.evaluate import evaluate
 
 from .service import item_table, write_bundle
@@ -38,29 +38,12 @@ def _load_ml100k(path: str | None) -> RecDataset:
     return ml100k(path)
 
 
-def training_windows(sequences, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut each sequence, from its end, into windows of ``max_len + 1`` items: inputs ``[W, max_len]`` and the
-    next-item targets at every position (both left-padded)."""
-    xs, ys = [], []
-    for seq in sequences:
-        end = len(seq)
-        while end >= 2:
-            window = seq[max(0, end - max_len - 1):end]
-            xs.append(window[:-1])
-            ys.append(window[1:])
-            end -= max_len
-    if not xs:
-        empty = torch.empty(0, max_len, dtype=torch.long)
-        return empty, empty
-    return left_pad(xs, max_len), left_pad(ys, max_len)
-
-
 def tiny_encoder(directory: str | Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
     """Write a small random BERT with all-MiniLM-L6-v2's tokenizer to ``directory`` (for smoke runs and tests:
     ``--model.init_args.encoder <directory>``); returns the folder."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from moa.recsys.models import minilm_path
+    from moa.recsys.encoders import minilm_path
 
     directory = Path(directory)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
@@ -348,7 +331,7 @@ class DomainExpertRecommender(RecommenderModule):
         super().__init__(lr, encoder_lr, negatives, weight_decay, train_encoder, export_dir, register_as, k, seed,
                          verbose)
         self.save_hyperparameters()
-        from moa.recsys.models import RecommenderConfig
+        from moa.recsys.recommender import RecommenderConfig
 
         self.config = RecommenderConfig(
             encoder=encoder, adapted_layers=adapted_layers, r=r, alpha=alpha,
@@ -356,7 +339,7 @@ class DomainExpertRecommender(RecommenderModule):
             hidden=hidden, user_layers=user_layers, heads=heads, inner=inner, dropout=dropout, max_len=max_len)
 
     def build(self, data: MovieLensDomains) -> None:
-        from moa.recsys.models import TextSeqRecommender
+        from moa.recsys.recommender import TextSeqRecommender
 
         torch.manual_seed(self.seed)
         self.recommender = TextSeqRecommender.build(
@@ -390,7 +373,8 @@ class XCrossRecommender(RecommenderModule):
     def build(self, data: MovieLensDomains) -> None:
         from transformers import AutoTokenizer
 
-        from moa.recsys.models import load_recommender, minilm_path, tokenize_items
+        from moa.recsys.encoders import minilm_path, tokenize_items
+        from moa.recsys.loading import load_recommender
         from moa.recsys.xcross import build_xcross
 
         if len(data.domains) != 1:

@@ -145,7 +145,7 @@ class RecommendationService:
                    item_tables: str | Path | None = None, manifest: str | Path | None = None) -> "RecommendationService":
         """Load the bundle's parts (``recommenders`` is the folder of recommender folders); with ``manifest`` (the
         bundle's ``moa_manifest.json``, beside the parts) every file is first checked against its sha256."""
-        from moa.recsys.models import load_recommender
+        from moa.recsys.loading import load_recommender
 
         if manifest is not None:
             verify(Path(manifest).parent)

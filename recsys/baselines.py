@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import PAD, LeaveOneOut, left_pad
+from .data import PAD, LeaveOneOut, training_windows
 from .evaluate import evaluate
+from .layers import TransformerBlock, look_back_mask
 
 
 class Popularity:
@@ -38,29 +39,6 @@ class Popularity:
         if self.counts is None:
             raise RuntimeError("Popularity.score before fit(split)")
         return self.counts.expand(histories.shape[0], -1)
-
-
-class TransformerBlock(nn.Module):
-    """Pre-LayerNorm transformer block: masked multi-head self-attention and a GELU feed-forward (dropout on the
-    attention probabilities and on both residual branches, as RecBole; ``ff_dropout`` also inside the feed-forward).
-    ``allowed`` is the boolean attention mask. Shared by SASRec and the text recommender's user encoder."""
-
-    def __init__(self, hidden: int, heads: int, inner: int, dropout: float, ff_dropout: float = 0.0):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
-        self.qkv, self.out = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
-        self.ff = nn.Sequential(nn.Linear(hidden, inner), nn.GELU(), nn.Dropout(ff_dropout), nn.Linear(inner, hidden))
-        self.dropout = nn.Dropout(dropout)
-        self.attn_dropout = dropout
-
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        b, length, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
-                                              dropout_p=self.attn_dropout if self.training else 0.0)
-        x = x + self.dropout(self.out(attn.transpose(1, 2).reshape(b, length, d)))
-        return x + self.dropout(self.ff(self.norm2(x)))
 
 
 class SASRec(nn.Module):
@@ -111,9 +89,7 @@ class SASRec(nn.Module):
         length = histories.shape[1]
         positions = torch.arange(self.max_len - length, self.max_len, device=device)
         x = self.input_dropout(self.input_norm(self.item_embedding(histories) + self.position_embedding(positions)))
-        real = histories != PAD
-        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-        allowed = (causal & (real[:, None, :] | torch.eye(length, dtype=torch.bool, device=device)))[:, None]
+        allowed = look_back_mask(histories != PAD)
         for block in self.blocks:
             x = block(x, allowed)
         return self.output_norm(x)
@@ -178,17 +154,7 @@ class SASRec(nn.Module):
 
     def _windows(self, split: LeaveOneOut) -> tuple[torch.Tensor, torch.Tensor]:
         """Training windows: inputs and next-item targets ``[W, <= max_len]``, left-padded with 0."""
-        xs, ys = [], []
-        for seq in split.train_sequences:
-            end = len(seq)
-            while end >= 2:
-                window = seq[max(0, end - self.max_len - 1):end]
-                xs.append(window[:-1])
-                ys.append(window[1:])
-                end -= self.max_len
-        if not xs:
-            return torch.empty(0, self.max_len, dtype=torch.long), torch.empty(0, self.max_len, dtype=torch.long)
-        return left_pad(xs, self.max_len), left_pad(ys, self.max_len)
+        return training_windows(split.train_sequences, self.max_len)
 
     def _loss(self, hidden: torch.Tensor, targets: torch.Tensor, negatives: int | None) -> torch.Tensor:
         table = self.item_embedding.weight

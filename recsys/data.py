@@ -90,6 +90,29 @@ def left_pad(sequences: Sequence[torch.Tensor | Sequence[int]], max_len: int | N
     return out
 
 
+def training_windows(sequences: Iterable[torch.Tensor | Sequence[int]],
+                     max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-item training windows: inputs and targets ``[W, L]`` (``L = min(max_len, longest input)``), left-padded.
+
+    Each sequence is cut from its end into windows of ``max_len + 1`` items that overlap by one item (ends at
+    ``len, len - max_len, len - 2 max_len, ...`` while at least 2 items remain): the input is all but the window's
+    last item, the target at every position is the next item. So every transition of every sequence is predicted
+    exactly once; a sequence of fewer than 2 items gives none. No windows: two ``[0, max_len]`` tensors.
+    Shared by SASRec, the text recommender and the Lightning data module.
+    """
+    xs, ys = [], []
+    for seq in sequences:
+        end = len(seq)
+        while end >= 2:
+            window = seq[max(0, end - max_len - 1):end]
+            xs.append(window[:-1])
+            ys.append(window[1:])
+            end -= max_len
+    if not xs:
+        return torch.empty(0, max_len, dtype=torch.long), torch.empty(0, max_len, dtype=torch.long)
+    return left_pad(xs, max_len), left_pad(ys, max_len)
+
+
 def item_text(title: str, categories: Sequence[str] = (), year: str | int | None = None) -> str:
     """The text that represents an item: ``"Toy Story (1995). Animation, Children's, Comedy."``.
 

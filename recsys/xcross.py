@@ -21,9 +21,9 @@ of the target domain trains too; it is the recommender's scoring head). ``W_l, b
 ``w = 1/n``, so training starts from the average of the n source models; with ``W = 0`` and ``w`` one-hot on
 source m the output is exactly source m's own model (tested).
 
-The lower encoder layers carry no experts (see :class:`moa.recsys.models.ItemEncoder`): all streams are identical
+The lower encoder layers carry no experts (see :class:`moa.recsys.encoders.ItemEncoder`): all streams are identical
 there, so the integration runs at every layer where the streams differ (the adapted layers), on top of the cached
-frozen layers.
+frozen layers. A saved X-Cross recommender is read back by :func:`moa.recsys.loading.load_recommender`.
 """
 
 from __future__ import annotations
@@ -34,9 +34,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from .models import (
-    ITEM_ENCODER_BUILDERS, ItemEncoder, RecommenderConfig, TextSeqRecommender, mean_pool, plain_copy, replace_config,
-)
+from .encoders import ItemEncoder, mean_pool, plain_copy
+from .recommender import TextSeqRecommender, replace_config
 
 
 class XCrossIntegrator(nn.Module):
@@ -172,21 +171,13 @@ class XCrossItemEncoder(ItemEncoder):
         self.integrator.load_state_dict(integrator, strict=True)
 
 
-def _build_xcross_encoder(backbone, config: RecommenderConfig, domains: list[str], description: dict) -> ItemEncoder:
-    return XCrossItemEncoder(backbone, description["sources"], config.adapted_layers, config.r, config.alpha,
-                             config.target_modules, config.impl, description["beta"], description["gamma"])
-
-
-ITEM_ENCODER_BUILDERS["xcross"] = _build_xcross_encoder
-
-
 def build_xcross(model: TextSeqRecommender, target: str, sources: Sequence[str] | None = None,
                  catalogue: tuple[Tensor, Tensor] | None = None, *, beta: float = 1.0, gamma: float = 1.0,
                  head_from: str | None = None) -> TextSeqRecommender:
     """An X-Cross recommender for domain ``target`` from the frozen experts of ``sources`` in ``model``.
 
     ``sources`` default to every domain of ``model`` except ``target``. ``catalogue`` is the target's token ids
-    ``(input_ids, attention_mask)`` (see :func:`moa.recsys.models.tokenize_items`); it may be omitted when
+    ``(input_ids, attention_mask)`` (see :func:`moa.recsys.encoders.tokenize_items`); it may be omitted when
     ``model`` already has a catalogue named ``target``. The target's user encoder starts fresh, or as a copy of
     source ``head_from``'s. Train it with ``fit`` (the integrator and the user encoder train).
     """

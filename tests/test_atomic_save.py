@@ -17,7 +17,8 @@ from moa.atomic import MANIFEST
 from moa.pipelines.recommendation import tiny_encoder
 from moa.pipelines.service import TABLES_FILE, RecommendationService, item_table, write_bundle
 from moa.recsys.data import ml100k
-from moa.recsys.models import RecommenderConfig, TextSeqRecommender, load_recommender
+from moa.recsys.loading import load_recommender
+from moa.recsys.recommender import RecommenderConfig, TextSeqRecommender
 
 DOMAINS = ["comedy", "drama"]
 

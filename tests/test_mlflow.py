@@ -22,7 +22,7 @@ from moa.pipelines.service import (SERVICE_FILE, RecommendationService, RequestE
                                    write_bundle)
 from moa.pipelines.tracking import heatmap_png, resolve_tracking_uri, usage_entropy
 from moa.recsys.data import ml100k
-from moa.recsys.models import RecommenderConfig, TextSeqRecommender
+from moa.recsys.recommender import RecommenderConfig, TextSeqRecommender
 
 DOMAINS = ["comedy", "drama"]
 

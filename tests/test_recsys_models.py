@@ -19,11 +19,11 @@ from transformers import BertConfig, BertModel
 from moa import MoALinear
 from moa.atomic import MANIFEST
 from moa.recsys.data import LeaveOneOut, left_pad
+from moa.recsys.encoders import ItemEncoder, mean_pool, plain_copy, tokenize_items
 from moa.recsys.evaluate import evaluate
-from moa.recsys.models import (
-    CONFIG_FILE, WEIGHTS_FILE, ItemEncoder, RecommenderConfig, TextSeqRecommender, load_recommender, mean_pool,
-    plain_copy, tokenize_items,
-)
+from moa.recsys.loading import load_recommender
+from moa.recsys.persistence import CONFIG_FILE, WEIGHTS_FILE
+from moa.recsys.recommender import RecommenderConfig, TextSeqRecommender
 
 VOCAB = 100
 

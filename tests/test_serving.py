@@ -23,7 +23,8 @@ from moa.pipelines.server import Limits
 from moa.pipelines.service import item_table, write_bundle
 from moa.pipelines.serving import ModelServer, post, request_body
 from moa.recsys.data import left_pad, ml100k
-from moa.recsys.models import load_recommender, RecommenderConfig, TextSeqRecommender
+from moa.recsys.loading import load_recommender
+from moa.recsys.recommender import RecommenderConfig, TextSeqRecommender
 
 DOMAINS = ["comedy", "children"]  # children has 131 items: small enough to ask for more than the unseen ones
 # The timeout test sends max_rows rows: about 5x the work this machine scores in the 2 s limit when idle.

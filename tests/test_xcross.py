@@ -17,8 +17,10 @@ from transformers import BertConfig, BertModel
 import moa
 from moa import MoAConfig
 from moa.recsys.data import LeaveOneOut, left_pad
+from moa.recsys.encoders import mean_pool, plain_copy
 from moa.recsys.evaluate import evaluate
-from moa.recsys.models import RecommenderConfig, TextSeqRecommender, load_recommender, mean_pool, plain_copy
+from moa.recsys.loading import load_recommender
+from moa.recsys.recommender import RecommenderConfig, TextSeqRecommender
 from moa.recsys.xcross import XCrossIntegrator, XCrossItemEncoder, build_xcross
 from moa.routers import ROUTERS
 
