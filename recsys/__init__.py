@@ -1,4 +1,4 @@
-"""Recommendation on top of moa (cross-domain sequential recommendation): see issue 6. Imports moa core only.
+"""Cross-domain sequential recommendation on top of moa (imports moa core only, never the pipelines).
 
 Modules, each importing only those above it in this list (``tests/test_recsys_layout.py`` checks the graph):
 
@@ -8,7 +8,8 @@ Modules, each importing only those above it in this list (``tests/test_recsys_la
   :class:`Stage` objects). :func:`left_pad` batches histories (:data:`PAD` = 0), :func:`training_windows` cuts
   training sequences into next-item windows.
 * :mod:`~moa.recsys.metrics`: :func:`ranking_metrics` (HR, NDCG, MRR at k) of :func:`target_ranks`.
-* :mod:`~moa.recsys.evaluate`: :func:`evaluate`, the shared harness (full ranking, seen items masked) for any
+* :mod:`~moa.recsys.evaluate`: :func:`~moa.recsys.evaluate.evaluate` (the name of its module: import it from
+  there), the shared harness (full ranking, seen items masked) for any
   model with ``score(histories, domain)``; :func:`trainable_parameters` counts what a model trains.
 * :mod:`~moa.recsys.layers`: :class:`TransformerBlock` and :func:`look_back_mask`, the user encoders' parts.
 * :mod:`~moa.recsys.baselines`: :class:`Popularity` and the ID-based :class:`SASRec`.
@@ -29,8 +30,6 @@ stays cheap (no torch, pandas or transformers until a name is used).
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 _EXPORTS = {
     # data
@@ -39,7 +38,7 @@ _EXPORTS = {
     "read_atomic": "data", "load_amazon": "data",
     # metrics and the harness
     "target_ranks": "metrics", "ranking_metrics": "metrics",
-    "evaluate": "evaluate", "EvalResult": "evaluate", "trainable_parameters": "evaluate",
+    "EvalResult": "evaluate", "trainable_parameters": "evaluate",  # the harness: moa.recsys.evaluate.evaluate
     # baselines and their parts
     "TransformerBlock": "layers", "look_back_mask": "layers",
     "Popularity": "baselines", "SASRec": "baselines",
@@ -50,23 +49,6 @@ _EXPORTS = {
     # X-Cross
     "build_xcross": "xcross", "XCrossItemEncoder": "xcross",
 }
-
-
-
-
-class _Package(types.ModuleType):
-    """This package's module type: the import system binds every loaded submodule as an attribute of its package,
-    and ``evaluate`` the submodule would hide ``evaluate`` the function (the public name) once anything imported
-    :mod:`moa.recsys.evaluate`. That one binding is skipped (the submodule stays in ``sys.modules``, so
-    ``from moa.recsys.evaluate import ...`` works as always); every other attribute is set as usual."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):
