@@ -1,7 +1,9 @@
 """Lightning wrappers of the recommenders of :mod:`moa.recsys`, for ``moa fit`` and the main job.
 
-* :class:`MovieLensDomains`: MovieLens-100K split into genre domains (each its own catalogue), time-ordered
-  leave-one-out per domain, training windows of ``max_len + 1`` items, validation/test per domain.
+* :class:`RecBoleDomains`: any RecBole atomic dataset (``.inter`` + ``.item`` with text and a domain column or a
+  category -> domain map) in domains; :class:`MovieLensDomains`: MovieLens-100K in genre domains. Each domain is
+  its own catalogue, time-ordered leave-one-out per domain, training windows of ``max_len + 1`` items,
+  validation/test per domain.
 * :class:`DomainExpertRecommender`: the text-based sequential recommender with one LoRA expert per domain in the
   item encoder (static routing on the domain) and one user encoder per domain.
 * :class:`XCrossRecommender`: X-Cross for a target domain, integrating the frozen experts of a trained
@@ -16,6 +18,7 @@ to ``@champion`` when its validation NDCG@10 beats the champion's.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -76,39 +79,35 @@ def _group_by_domain(windows):
     return collate
 
 
-class MovieLensDomains(L.LightningDataModule):
-    """MovieLens-100K in genre domains (see :data:`moa.recsys.data.ML100K_DOMAINS`), leave-one-out per domain.
+class SequenceDomains(L.LightningDataModule):
+    """A :class:`moa.recsys.data.RecDataset` in domains, leave-one-out per domain (subclasses say which dataset).
 
     Training batches are ``{domain: (inputs [b, max_len], targets [b, max_len])}`` (windows of several domains
     mixed); validation and test batches name one domain each (the model ranks that domain's whole catalogue).
-
-    Args:
-        domains: the domains to train and evaluate on (default all four: children, comedy, action, drama).
-        path: folder with ``ml-100k.inter`` / ``.item`` (default: the copy in the installed recbole wheel).
-        max_len: history length of the model (training windows have ``max_len + 1`` items).
-        batch_size: training windows per batch.
-        train_fraction: share of each domain's users whose sequences train (validation/test use all users).
-        data_seed: the seed of ``train_fraction``'s draw (not ``seed``: the model module has one).
     """
 
-    def __init__(self, domains: list[str] | None = None, path: str | None = None, max_len: int = 50,
-                 batch_size: int = 128, train_fraction: float = 1.0, data_seed: int = 0):
+    def __init__(self, domains: list[str] | None = None, max_len: int = 50, batch_size: int = 128,
+                 train_fraction: float = 1.0, data_seed: int = 0):
         super().__init__()
-        unknown = sorted(set(domains or []) - set(ML100K_DOMAINS))
-        if unknown:
-            raise ValueError(f"unknown ml-100k domains {unknown}; available: {list(ML100K_DOMAINS)}")
-        self.save_hyperparameters()
-        self.domains = list(domains or ML100K_DOMAINS)
-        self.path, self.max_len, self.batch_size = path, max_len, batch_size
+        self.requested = list(domains) if domains else None
+        self.domains = list(domains or [])
+        self.max_len, self.batch_size = max_len, batch_size
         self.train_fraction, self.data_seed = train_fraction, data_seed
         self.dataset: RecDataset | None = None
         self.splits: dict[str, LeaveOneOut] = {}
         self.texts: dict[str, list[str]] = {}
 
+    def load_dataset(self) -> RecDataset:
+        raise NotImplementedError
+
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
             return
-        self.dataset = _load_ml100k(self.path)
+        dataset = self.load_dataset()
+        unknown = sorted(set(self.requested or []) - set(dataset.domains))
+        if unknown:
+            raise ValueError(f"unknown domains {unknown} in {dataset.name}; it has {list(dataset.domains)}")
+        self.dataset, self.domains = dataset, list(self.requested or dataset.domains)
         for domain in self.domains:
             part = self.dataset.domain(domain)
             split = part.leave_one_out()
@@ -130,6 +129,76 @@ class MovieLensDomains(L.LightningDataModule):
         return DataLoader(list(range(len(self.domains))), batch_size=1)
 
     val_dataloader = test_dataloader = predict_dataloader = _domain_loader
+
+
+class MovieLensDomains(SequenceDomains):
+    """MovieLens-100K in genre domains (see :data:`moa.recsys.data.ML100K_DOMAINS`), leave-one-out per domain.
+
+    Args:
+        domains: the domains to train and evaluate on (default all four: children, comedy, action, drama).
+        path: folder with ``ml-100k.inter`` / ``.item`` (default: the copy in the installed recbole wheel).
+        max_len: history length of the model (training windows have ``max_len + 1`` items).
+        batch_size: training windows per batch.
+        train_fraction: share of each domain's users whose sequences train (validation/test use all users).
+        data_seed: the seed of ``train_fraction``'s draw (not ``seed``: the model module has one).
+    """
+
+    def __init__(self, domains: list[str] | None = None, path: str | None = None, max_len: int = 50,
+                 batch_size: int = 128, train_fraction: float = 1.0, data_seed: int = 0):
+        unknown = sorted(set(domains or []) - set(ML100K_DOMAINS))
+        if unknown:
+            raise ValueError(f"unknown ml-100k domains {unknown}; available: {list(ML100K_DOMAINS)}")
+        super().__init__(list(domains or ML100K_DOMAINS), max_len, batch_size, train_fraction, data_seed)
+        self.save_hyperparameters()
+        self.path = path
+
+    def load_dataset(self) -> RecDataset:
+        return _load_ml100k(self.path)
+
+
+class RecBoleDomains(SequenceDomains):
+    """Any RecBole atomic dataset in domains: ``<folder>/<name>.inter`` (``user_id``, ``item_id``, ``timestamp``)
+    and ``<name>.item`` with the items' text (a title field) and their domains (a domain column, or categories
+    mapped to domains), leave-one-out per domain. Requests and answers of the served model use the dataset's item
+    tokens.
+
+    Args:
+        folder: the dataset's folder.
+        name: the files' stem (default: the folder's name, RecBole's habit).
+        domains: the domains to train and evaluate on (default: every domain of the dataset).
+        domain_field: the ``.item`` column naming each item's domain.
+        domain_map: without ``domain_field``: ``{domain: [categories]}`` (first match wins), or the path of a JSON
+            file holding it; without either, an item's first category is its domain.
+        title_field, category_field: the ``.item`` columns of the title and the categories (default: RecBole's
+            usual names, see :func:`moa.recsys.data.load_atomic`).
+        max_len, batch_size, train_fraction, data_seed: as for :class:`MovieLensDomains`.
+    """
+
+    def __init__(self, folder: str, name: str | None = None, domains: list[str] | None = None,
+                 domain_field: str | None = None, domain_map: dict[str, list[str]] | str | None = None,
+                 title_field: str | None = None, category_field: str | None = None, max_len: int = 50,
+                 batch_size: int = 128, train_fraction: float = 1.0, data_seed: int = 0):
+        super().__init__(domains, max_len, batch_size, train_fraction, data_seed)
+        self.save_hyperparameters()
+        if isinstance(domain_map, str):
+            path = Path(domain_map)
+            if not path.is_file():
+                raise FileNotFoundError(f"domain_map: no file {path}")
+            try:
+                domain_map = json.loads(path.read_text())
+            except ValueError as error:
+                raise ValueError(f"domain_map {path}: not JSON ({error})") from None
+        if domain_map is not None and not (isinstance(domain_map, dict) and
+                                           all(isinstance(v, list) for v in domain_map.values())):
+            raise ValueError("domain_map must map each domain to a list of categories")
+        self.folder, self.name, self.domain_field, self.domain_map = folder, name, domain_field, domain_map
+        self.title_field, self.category_field = title_field, category_field
+
+    def load_dataset(self) -> RecDataset:
+        from moa.recsys.data import load_atomic
+
+        return load_atomic(self.folder, self.name, domains=self.domain_map, title_field=self.title_field,
+                           category_field=self.category_field, domain_field=self.domain_field)
 
 
 class RecommenderModule(L.LightningModule):
@@ -165,7 +234,7 @@ class RecommenderModule(L.LightningModule):
         self._train_loss = (0.0, 0)
 
     # -- building
-    def build(self, data: MovieLensDomains) -> None:  # pragma: no cover - interface
+    def build(self, data: SequenceDomains) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
     def bundle_models(self) -> dict[str, Any]:
@@ -174,8 +243,9 @@ class RecommenderModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.recommender is None:
             data = self.trainer.datamodule
-            if not isinstance(data, MovieLensDomains):
-                raise TypeError(f"{type(self).__name__} needs the MovieLensDomains data module, got {type(data).__name__}")
+            if not isinstance(data, SequenceDomains):
+                raise TypeError(f"{type(self).__name__} needs a recommendation data module (MovieLensDomains, "
+                                f"RecBoleDomains), got {type(data).__name__}")
             data.setup()
             self.build(data)
             if self.recommender.config.max_len != data.max_len:
@@ -184,7 +254,7 @@ class RecommenderModule(L.LightningModule):
             self._generator = torch.Generator().manual_seed(self.seed)
 
     @property
-    def data(self) -> MovieLensDomains:
+    def data(self) -> SequenceDomains:
         return self.trainer.datamodule
 
     def _encoder_params(self) -> list:
@@ -338,7 +408,7 @@ class DomainExpertRecommender(RecommenderModule):
             target_modules=list(target_modules or ["query", "value"]), impl=impl, max_tokens=max_tokens,
             hidden=hidden, user_layers=user_layers, heads=heads, inner=inner, dropout=dropout, max_len=max_len)
 
-    def build(self, data: MovieLensDomains) -> None:
+    def build(self, data: SequenceDomains) -> None:
         from moa.recsys.recommender import TextSeqRecommender
 
         torch.manual_seed(self.seed)
@@ -370,7 +440,7 @@ class XCrossRecommender(RecommenderModule):
         self.beta, self.gamma, self.head_from = beta, gamma, head_from
         self.source_model = None
 
-    def build(self, data: MovieLensDomains) -> None:
+    def build(self, data: SequenceDomains) -> None:
         from transformers import AutoTokenizer
 
         from moa.recsys.encoders import minilm_path, tokenize_items

@@ -199,7 +199,8 @@ def user_histories(dataset, items: pd.DataFrame, max_history: int) -> pd.DataFra
 def score_all_users(model_uri: str, out: str | Path, *, k: int = 10, dataset=None, batch_size: int = 512,
                     tracking_uri: str | None = None) -> pd.DataFrame:
     """Top-``k`` recommendations for every (user, domain) of ``dataset`` (default: ml-100k) with the registered
-    model, written to Parquet (columns user_id, domain, items, scores)."""
+    model, written to Parquet (columns user_id, domain, items, scores). Items take their domain from the model's
+    item table, so any dataset of the items the model serves works."""
     import mlflow
 
     from moa.recsys.data import ml100k
@@ -325,8 +326,9 @@ def batch_main(argv: Sequence[str] | None = None) -> int:
                         help="a request param for every row, e.g. k=10 or max_new_tokens=32 (repeatable)")
     parser.add_argument("--batch-size", type=int, default=256, help="rows per model call")
     parser.add_argument("--k", type=int, default=None, help="recommenders: the same as --param k=K")
-    parser.add_argument("--data", default=None, help="recommenders without --input: folder with ml-100k.inter / "
-                        "ml-100k.item (default: the copy in the installed recbole wheel)")
+    parser.add_argument("--data", default=None, help="recommenders without --input: the RecBole atomic dataset "
+                        "folder whose users to score (<name>.inter; default: ml-100k from the installed recbole wheel)")
+    parser.add_argument("--data-name", default=None, help="the dataset files' stem (default: the folder's name)")
     parser.add_argument("--engine", choices=("local", "ray"), default="local",
                         help="score in this process, or with Ray Data over a Ray cluster (see moa.pipelines.ray_engine)")
     parser.add_argument("--workers", type=int, default=2, help="model copies scoring in parallel (--engine ray)")
@@ -337,9 +339,14 @@ def batch_main(argv: Sequence[str] | None = None) -> int:
     if args.k is not None:
         params["k"] = args.k
     if args.input is None:
-        from moa.recsys.data import ml100k
+        from moa.recsys.data import load_atomic, ml100k
 
-        result = score_all_users(args.model_uri, args.out, k=params.get("k", 10), dataset=ml100k(args.data),
+        folder = Path(args.data) if args.data else None
+        if folder is None or (args.data_name in (None, "ml-100k") and (folder / "ml-100k.inter").is_file()):
+            dataset = ml100k(folder)
+        else:  # any atomic dataset: each item's domain comes from the served bundle's item table
+            dataset = load_atomic(folder, args.data_name)
+        result = score_all_users(args.model_uri, args.out, k=params.get("k", 10), dataset=dataset,
                                  tracking_uri=args.tracking_uri)
         print(f"wrote {len(result)} rows ({result['user_id'].nunique()} users) to {args.out}")
         return 0

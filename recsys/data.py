@@ -463,15 +463,17 @@ def _first_present(columns: Iterable[str], candidates: Sequence[str], given: str
 
 def load_atomic(directory: str | Path, name: str | None = None, *,
                 domains: Mapping[str, Iterable[str]] | None = None, default_domain: str = "unknown",
-                title_field: str | None = None, category_field: str | None = None) -> RecDataset:
+                title_field: str | None = None, category_field: str | None = None,
+                domain_field: str | None = None) -> RecDataset:
     """Load RecBole atomic files ``<directory>/<name>.inter`` (required), ``.item`` and ``.user`` (optional).
 
     ``.inter`` needs ``user_id``, ``item_id`` and ``timestamp`` fields (RecBole's defaults); ``rating`` is kept
     when present. From ``.item``: the title (``title_field``, default the first of movie_title/title/item_name/
     name), a ``release_year``/``year`` field, and categories (``category_field``, default the first of class/genre/
     genres/categories/category; token_seq or token). Without ``.item`` the item token is its text.
-    Each item's domain is :func:`assign_domain` of its categories with ``domains`` and ``default_domain``.
-    ``.user`` (needs ``user_id``) becomes ``dataset.users``.
+    Each item's domain is the value of its ``domain_field`` column when given (empty: ``default_domain``), else
+    :func:`assign_domain` of its categories with ``domains`` (a mapping domain -> categories) and
+    ``default_domain``. ``.user`` (needs ``user_id``) becomes ``dataset.users``.
     """
     directory = Path(directory)
     name = name or directory.name
@@ -506,7 +508,14 @@ def load_atomic(directory: str | Path, name: str | None = None, *,
     items = pd.DataFrame({"item_id": meta["item_id"].to_numpy(), "title": titles.to_numpy(),
                           "categories": [tuple(x for x in cs if x not in _NO_CATEGORY) for cs in cats]})
     items["text"] = [item_text(ti, cs, yr) for ti, cs, yr in zip(items["title"], items["categories"], years)]
-    items["domain"] = [assign_domain(cs, domains, default_domain) for cs in items["categories"]]
+    if domain_field is not None:
+        if not item_path.is_file() or domain_field not in meta.columns:
+            have = list(meta.columns) if item_path.is_file() else "no .item file"
+            raise ValueError(f"{item_path.name}: no domain field {domain_field!r} (has {have})")
+        items["domain"] = [(" ".join(v) if isinstance(v, tuple) else str(v)) or default_domain
+                           for v in meta[domain_field]]
+    else:
+        items["domain"] = [assign_domain(cs, domains, default_domain) for cs in items["categories"]]
     user_path = directory / f"{name}.user"
     users = read_atomic(user_path) if user_path.is_file() else None
     return RecDataset.from_frames(name, inter, items, list(domains) if domains else None, users)
