@@ -136,25 +136,28 @@ def test_a_folder_that_is_not_a_lora_adapter_registers_nothing(library, tmp_path
     assert MlflowClient().search_model_versions("name='never'") == []
 
 
-def test_expert_commands_register_and_pool_from_the_cli(library, tmp_path):
+def test_expert_commands_register_and_pool_from_the_cli(library, tmp_path, capsys):
     moa = str(Path(sys.executable).with_name("moa"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": library["uri"]}
     done = subprocess.run([moa, "expert", "register", "--adapter", str(library["adapters"]["reverse"]), "--name", "cli-rev"],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # the real CLI
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["version"] == "1"
-    done = subprocess.run([moa, "expert", "pool", "--base", str(library["base"]), "--expert", "models:/cli-rev/1",
-                           "--out", str(tmp_path / "pool"), "--register-as", "cli-pool"],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout[done.stdout.index("{"):])["version"] == "1"
+    from moa.pipelines.command import main  # the rest through the command's entry point, in process
+
+    assert main(["expert", "pool", "--base", str(library["base"]), "--expert", "models:/cli-rev/1", "--out",
+                 str(tmp_path / "pool"), "--register-as", "cli-pool", "--tracking-uri", library["uri"]]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{"):])["version"] == "1"
     import mlflow
 
+    mlflow.set_tracking_uri(library["uri"])
     model = mlflow.pyfunc.load_model("models:/cli-pool/1")
     assert model.metadata.metadata["tasks"] == ["cli-rev"]
     answer = model.predict(pd.DataFrame({"prompt": ["say cat"]}), params={"max_new_tokens": 3})  # one task: no column needed
     assert isinstance(answer["text"][0], str)
-    done = subprocess.run([moa, "expert", "pool", "--base", str(tmp_path / "nope"), "--expert", "models:/cli-rev/1",
-                           "--out", str(tmp_path / "bad")], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "no config.json" in done.stderr and "Traceback" not in done.stderr
+    assert main(["expert", "pool", "--base", str(tmp_path / "nope"), "--expert", "models:/cli-rev/1",
+                 "--out", str(tmp_path / "bad"), "--tracking-uri", library["uri"]]) == 2
+    error = capsys.readouterr().err
+    assert "no config.json" in error and "Traceback" not in error
     assert not (tmp_path / "bad").exists()

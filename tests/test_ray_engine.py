@@ -1,14 +1,11 @@
-"""Scale-out on Ray with a local Ray cluster started on this machine: ``moa batch --engine ray`` (Ray Data, as a
-subprocess) and ``moa serve --engine ray`` (two Ray Serve replicas, real HTTP) answer a registered MiniLM
-classifier's rows like the trained module itself."""
+"""Scale-out on Ray with one local Ray cluster started on this machine for the module: batch scoring with Ray Data
+(``moa batch --engine ray``'s function) and two Ray Serve replicas (``moa serve --engine ray``'s, real HTTP) answer a
+registered MiniLM classifier's rows like the trained module itself."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import lightning as L
 import pandas as pd
@@ -17,7 +14,6 @@ import torch
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
-MOA = str(Path(sys.executable).with_name("moa"))
 WORDS = {"good": ("polarity", "pos"), "bad": ("polarity", "neg"), "cats": ("topic", "animals"),
          "cars": ("topic", "vehicles"), "songs": ("topic", "music")}
 
@@ -55,31 +51,43 @@ def registered(tmp_path_factory):
     return {"root": root, "uri": uri, "texts": texts, "tasks": tasks, "expected": expected}
 
 
-def test_ray_data_batch_scores_like_the_module_in_order(registered):
-    root = registered["root"]
-    pd.DataFrame({"row": range(len(registered["texts"])), "text": registered["texts"], "task": registered["tasks"]}) \
-        .to_parquet(root / "rows.parquet")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"], "RAY_USAGE_STATS_ENABLED": "0"}
-    done = subprocess.run([MOA, "batch", "--engine", "ray", "--workers", "2", "--batch-size", "5", "--model-uri",
-                           "models:/clf@champion", "--input", str(root / "rows.parquet"), "--out",
-                           str(root / "ray.parquet")], env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    answers = pd.read_parquet(root / "ray.parquet")
+@pytest.fixture(scope="module")
+def cluster(registered):
+    import ray
+
+    from moa.pipelines.ray_engine import init_ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    init_ray(None, registered["uri"])
+    yield
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def test_ray_data_batch_scores_like_the_module_in_order(registered, cluster):
+    from moa.pipelines.ray_engine import score_rows_on_ray
+
+    frame = pd.DataFrame({"row": range(len(registered["texts"])), "text": registered["texts"], "task": registered["tasks"]})
+    answers = score_rows_on_ray("models:/clf@champion", frame, workers=2, batch_size=5, tracking_uri=registered["uri"])
     assert list(answers["row"]) == list(range(len(registered["texts"])))  # order kept across blocks and actors
     assert list(answers["label"]) == registered["expected"]
     assert all(len(p) == len(labels) for p, labels in zip(answers["probabilities"], answers["labels"]))
 
 
-def test_ray_serve_replicas_answer_like_the_module(registered):
-    from moa.pipelines.serving import ModelServer, post
+def test_ray_serve_replicas_answer_like_the_module(registered, cluster):
+    from moa.pipelines.ray_engine import serve_on_ray
+    from moa.pipelines.serving import free_port, post
 
+    port = free_port()
+    serve_on_ray("models:/clf@champion", replicas=2, port=port, tracking_uri=registered["uri"], blocking=False)
+    url = f"http://127.0.0.1:{port}"
     rows = [{"text": x, "task": t} for x, t in zip(registered["texts"], registered["tasks"])]
-    with ModelServer("models:/clf@champion", tracking_uri=registered["uri"], engine="ray", replicas=2,
-                     log_path=registered["root"] / "ray-serve.log", startup_timeout=400) as server:
-        status, body = post(f"{server.url}/invocations", {"dataframe_records": rows})
-        assert status == 200, body
-        assert [p["label"] for p in body["predictions"]] == registered["expected"]
-        status, body = post(f"{server.url}/invocations", {"dataframe_records": [{"text": "x", "task": "nope"}]})
-        assert status == 400 and "unknown task 'nope'" in body["message"]
-        status, body = post(f"{server.url}/invocations", b"{}", content_type="text/csv")
-        assert status == 415 and "Traceback" not in json.dumps(body)
+    status, body = post(f"{url}/invocations", {"dataframe_records": rows})
+    assert status == 200, body
+    assert [p["label"] for p in body["predictions"]] == registered["expected"]
+    status, body = post(f"{url}/invocations", {"dataframe_records": [{"text": "x", "task": "nope"}]})
+    assert status == 400 and "unknown task 'nope'" in body["message"]
+    status, body = post(f"{url}/invocations", b"{}", content_type="text/csv")
+    assert status == 415 and "Traceback" not in json.dumps(body)
