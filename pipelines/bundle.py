@@ -17,13 +17,12 @@ causal-lm      :class:`moa.pipelines.text_bundle.GenerationService`  ``val/loss`
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from moa.atomic import readable
+from moa.atomic import read_json, readable
 
 SERVICE_FILE = "service.json"
 KINDS = ("recommender", "classifier", "causal-lm")
@@ -39,10 +38,7 @@ def bundle_meta(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / SERVICE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a moa bundle: {SERVICE_FILE} missing")
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    meta = read_json(path)
     meta.setdefault("kind", "recommender")
     if meta["kind"] not in KINDS:
         raise ValueError(f"{path}: unknown model kind {meta['kind']!r}; moa serves {list(KINDS)}")

@@ -18,7 +18,6 @@ to ``@champion`` when its validation NDCG@10 beats the champion's.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import tempfile
 from pathlib import Path
@@ -30,6 +29,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from torch.utils.data import DataLoader, Dataset
 
 from moa.recsys.data import ML100K_DOMAINS, LeaveOneOut, RecDataset, left_pad, ml100k, training_windows
+from moa.atomic import read_json
 from moa.recsys.evaluate import evaluate
 
 from .service import item_table, write_bundle
@@ -181,13 +181,7 @@ class RecBoleDomains(SequenceDomains):
         super().__init__(domains, max_len, batch_size, train_fraction, data_seed)
         self.save_hyperparameters()
         if isinstance(domain_map, str):
-            path = Path(domain_map)
-            if not path.is_file():
-                raise FileNotFoundError(f"domain_map: no file {path}")
-            try:
-                domain_map = json.loads(path.read_text())
-            except ValueError as error:
-                raise ValueError(f"domain_map {path}: not JSON ({error})") from None
+            domain_map = read_json(domain_map)  # errors name the file
         if domain_map is not None and not (isinstance(domain_map, dict) and
                                            all(isinstance(v, list) for v in domain_map.values())):
             raise ValueError("domain_map must map each domain to a list of categories")

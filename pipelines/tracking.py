@@ -512,8 +512,8 @@ class LogBundle(Callback):
         logger = mlflow_logger(trainer)
         if logger is None:
             return
-        kind = bundle_meta(self.bundle)["kind"]
-        metric, mode = self.metric or default_gate(kind)[0], self.mode or default_gate(kind)[1]
+        metric, mode = default_gate(bundle_meta(self.bundle)["kind"])
+        metric, mode = self.metric or metric, self.mode or mode
         value = check_metric(metrics.get(metric), f"the fit's {metric}") if self.register_as else None
         info = log_bundle(self.bundle, run_id=logger.run_id, tracking_uri=logger._tracking_uri)
         self.model_uri = info.model_uri

@@ -29,7 +29,7 @@ stays cheap (no torch, pandas or transformers until a name is used).
 
 from __future__ import annotations
 
-import importlib
+from moa import lazy_exports
 
 _EXPORTS = {
     # data
@@ -51,16 +51,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'moa.recsys' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = sorted(_EXPORTS)
