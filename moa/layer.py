@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from moa.experts import ExpertPlan, ExpertPool, choose_impl, grouped_lora
-from moa.experts.kernels.cpp import cpp_expand
+from moa.experts.kernels.cpp import cpp_expand, cpp_expand_routed
 from moa.experts.kernels.fused import dense_expand, fused_shrink, grouped_expand
 from moa.routers import Router, Routing, RoutingContext
 
@@ -139,6 +139,10 @@ class MoALinear(nn.Module):
             if not shrink_in_gemm:
                 h = x_lora @ A.reshape(E * r, -1).t()
             y = dense_expand(y0, h, gate, B, pool.scaling, base.bias)
+        elif impl == "cpp" and same and no_dropout and gate_w is not None and self._sparse_softmax():
+            # the weights are the softmax of the k selected logits x . gate_w[e]: the kernel's backward takes their
+            # gradient to the gate and x (no pass of the gate's own); in place onto y0 (the GEMM's, read by no other)
+            y = cpp_expand_routed(y0, x_alias, A, B, ids, weights, pool.scaling, gate_w, base.bias, True)
         elif impl == "cpp" and same:  # the C++ kernel accumulates onto y0 + bias (grouped for fp16/bf16)
             y = cpp_expand(  # in place (the last True): y0 is the base GEMM's own output, read by nothing else
                 y0, x_alias if no_dropout else x_lora, A, B, ids, weights * pool.scaling, base.bias, True
@@ -148,6 +152,9 @@ class MoALinear(nn.Module):
         else:  # the triton kernel (CUDA), or factors of another dtype: the routed update, then one add
             y = y0 + grouped_lora(x_lora, A, B, ids, weights, pool.scaling, impl=impl).to(y0.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
+
+    def _sparse_softmax(self) -> bool:
+        return getattr(self.router, "sparse_softmax_weights", bool)()
 
     @torch.no_grad()
     def _record_usage(self, routing: Routing) -> None:

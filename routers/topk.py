@@ -63,6 +63,11 @@ class TopKRouter(Router):
             return None
         return self.gate.weight
 
+    def sparse_softmax_weights(self) -> bool:
+        """Whether :meth:`route_logits`' weights are exactly the softmax of each row's k selected logits (sparse
+        routing, renormalised): a kernel given the gate weight may then apply their backward itself."""
+        return self.renormalize and self.top_k < self.n_experts and type(self).route_logits is TopKRouter.route_logits
+
     def route_logits(self, logits: Tensor, ctx: RoutingContext, lead, dtype: torch.dtype) -> Routing:
         """The routing of tokens whose gate logits ``[N, E]`` are given (``lead``: the tokens' leading shape)."""
         # at least fp32 (half-precision logits are upcast; fp64 stays fp64, so fp64 gradients check exactly)

@@ -10,6 +10,7 @@ from torch import nn
 from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
+import moa.experts.kernels.fused as fused_mod
 import moa.layer as layer_mod
 from moa.experts import LoRAPool
 from moa.experts.kernels import cpp as cpp_mod
@@ -45,16 +46,17 @@ class _Ran(list):
 @pytest.fixture(params=["cpp", "torch"])
 def kernel(request, monkeypatch):
     """The sparse expand under test: the C++ kernel, or (the kernel made unavailable) the grouped PyTorch path.
-    Yields the list of expands that ran."""
+    Yields the list of expands that ran (their autograd functions: "cpp_expand" the kernel's, "grouped_expand" the
+    PyTorch one)."""
     if request.param == "cpp" and not cpp_mod.available():
         pytest.skip(f"the C++ kernel is disabled or did not build ({cpp_mod.BUILD_ERROR})")
     if request.param == "torch":
         monkeypatch.setattr(cpp_mod, "_tried", True)
         monkeypatch.setattr(cpp_mod, "_lib", None)
     ran = _Ran()
-    for name in ("cpp_expand", "grouped_expand"):
-        real = getattr(layer_mod, name)
-        monkeypatch.setattr(layer_mod, name, lambda *a, _real=real, _name=name: (ran.append(_name), _real(*a))[1])
+    for name, fn in (("cpp_expand", cpp_mod._CppLoRA), ("grouped_expand", fused_mod._GroupedExpand)):
+        real = fn.apply
+        monkeypatch.setattr(fn, "apply", lambda *a, _real=real, _name=name: (ran.append(_name), _real(*a))[1])
     ran.kind = request.param
     yield ran
 
@@ -324,6 +326,33 @@ def test_gate_gradient_sparse_and_dense_match_the_module_path(with_aux, monkeypa
         out = layer(xi)
         loss = (out * g).sum() + (10 * layer.aux_losses["load_balance"] if with_aux else 0)
         grads.append(torch.autograd.grad(loss, [xi, *params]))
-    assert taken == [not with_aux]
+    # without the aux loss no gradient reaches the logits: the routed kernel took the gate's (see the next test)
+    assert taken == ([False] if with_aux else [])
     for fused_grad, module_grad in zip(*grads):
         torch.testing.assert_close(fused_grad, module_grad)
+
+
+@pytest.mark.parametrize("wants", [("x", "gate", "A", "B"), ("x", "A"), ("gate",), ("x",)])
+def test_routed_kernel_takes_the_gate_gradient(wants, monkeypatch):
+    """Top-k softmax routing through the C++ kernel: its backward turns the weights' gradient into that of the
+    selected logits (the softmax's backward) and adds dW_gate and the gate's share of dx in its own passes; the fused
+    GEMM's backward gets no d_logits. Whichever inputs want a gradient, each equals the module path's."""
+    if not cpp_mod.available():
+        pytest.skip(f"the C++ kernel is disabled or did not build ({cpp_mod.BUILD_ERROR})")
+    routed = []
+    real = layer_mod.cpp_expand_routed
+    monkeypatch.setattr(layer_mod, "cpp_expand_routed", lambda *a: (routed.append(1), real(*a))[1])
+    E, r, k, N = CASES["grouped"]
+    layer = build(E, r, k).train()
+    x = torch.randn(N, D_IN, dtype=torch.float64)
+    g = torch.randn(N, D_OUT, dtype=torch.float64)
+    named = {"gate": layer.router.gate.weight, "A": layer.pool.lora_A, "B": layer.pool.lora_B}
+    grads = []
+    for impl in ("auto", "loop"):
+        layer.pool.impl = impl
+        xi = x.clone().requires_grad_("x" in wants)
+        out = layer(xi)
+        grads.append(torch.autograd.grad((out * g).sum(), [xi if w == "x" else named[w] for w in wants]))
+    assert routed == [1]
+    for fused_grad, module_grad in zip(*grads):
+        torch.testing.assert_close(fused_grad, module_grad, rtol=1e-10, atol=1e-10)

@@ -48,8 +48,8 @@ _lock = threading.Lock()
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _FWD_ARGS = [_P, _I64, _P, _P, _P, _P, _P, _P, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64, _INT]
-_BWD_ARGS = [_P, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64, _I64,
-             _I64, _INT]
+_BWD_ARGS = [_P, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _INT, _I64,
+             _I64, _I64, _I64, _I64, _I64, _INT]
 _TRANSPOSE_ARGS = [_P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _INT, _INT]
 _GATE_ARGS = [_P, _I64, _P, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _INT]
 
@@ -136,7 +136,9 @@ def _suffix(t: Tensor) -> str:
 
 class _CppLoRA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y0, x, A, B, weights, ids, bias, inplace=False):
+    def forward(ctx, y0, x, A, B, weights, ids, bias, inplace=False, gate_w=None, probs=None, scaling=1.0):
+        # gate_w given: weights = probs * scaling, probs (no graph) the softmax of the k selected logits x . gate_w[e];
+        # the backward takes their gradient to gate_w and x itself (see cpp_expand_routed)
         lib = load()
         n, d_in = x.shape
         E, r, _ = A.shape
@@ -165,32 +167,49 @@ class _CppLoRA(torch.autograd.Function):
             w.data_ptr(), _ptr(y0), 0 if y0 is None else y0.stride(0), _ptr(bias), y.data_ptr(), y.stride(0),
             h.data_ptr(), n, k, E, r, d_in, d_out, nt,
         )
-        ctx.save_for_backward(x, A, B, Bt, w, h, sched, starts)
+        ctx.save_for_backward(x, A, B, Bt, w, h, sched, starts, gate_w, probs)
+        ctx.scaling = scaling
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, A, B, Bt, w, h, sched, starts = ctx.saved_tensors
+        x, A, B, Bt, w, h, sched, starts, gate_w, probs = ctx.saved_tensors
         need_y0, need_x, need_a, need_b, need_w = ctx.needs_input_grad[:5]
+        need_g = gate_w is not None and ctx.needs_input_grad[8]
         n, d_in = x.shape
         E, r, d_out = Bt.shape
         k = w.shape[1]
         nt = torch.get_num_threads()
-        lib = load()
+        fn = getattr(load(), f"moa_lora_backward_{_suffix(x)}")
         dy = _rows(dy)
         dx = x.new_empty(n, d_in) if need_x else None
         dA = torch.empty_like(A) if need_a else None  # every expert's rows are written (zeros for an empty expert)
         # dB in B's own layout (the pool's: rows of lora_B), written by the kernel's reduction: the gradient reaches
         # lora_B without a copy or a transpose
         dB = torch.empty_like(B) if need_b else None
-        dw = w.new_empty(n, k) if need_w else None
-        getattr(lib, f"moa_lora_backward_{_suffix(x)}")(
-            dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0), A.data_ptr(), Bt.data_ptr(), sched.data_ptr(),
-            starts.data_ptr(), w.data_ptr(), h.data_ptr(), _ptr(dx), _ptr(dA), _ptr(dB),
-            *(dB.stride() if need_b else (0, 0, 0)), _ptr(dw), n, k, E, r, d_in, d_out, nt,
-        )
-        return (dy if need_y0 else None), dx, dA, dB, dw, None, None, None
+        gate = gate_w is not None and (need_x or need_g)
+        dw = w.new_empty(n, k) if need_w or gate else None
+        dB_strides = dB.stride() if need_b else (0, 0, 0)
+
+        def run(phase, dx, dA, dB, dw, dh=None, dl=None, dWg=None):
+            fn(
+                dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0), A.data_ptr(), Bt.data_ptr(), sched.data_ptr(),
+                starts.data_ptr(), w.data_ptr(), h.data_ptr(), _ptr(dx), _ptr(dA), _ptr(dB), *dB_strides, _ptr(dw),
+                _ptr(dh), _ptr(dl), _ptr(gate_w if dl is not None else None), _ptr(dWg), phase, n, k, E, r, d_in,
+                d_out, nt,
+            )
+
+        if not gate:
+            run(0, dx, dA, dB, dw)
+            return (dy if need_y0 else None), dx, dA, dB, dw, None, None, None, None, None, None
+        dh = x.new_empty(n * k, r)
+        run(1, None, None, dB, dw, dh)
+        grad_p = dw * ctx.scaling  # d loss / d probs; the softmax's backward gives that of the selected logits:
+        dl = (probs * (grad_p - (probs * grad_p).sum(-1, keepdim=True))).contiguous()
+        dWg = torch.empty_like(gate_w) if need_g else None
+        run(2, dx, dA, None, None, dh, dl, dWg)
+        return (dy if need_y0 else None), dx, dA, dB, (dw if need_w else None), None, None, None, dWg, None, None
 
 
 def sparse_gate_backward(d_logits: Tensor, x: Tensor, gate_w: Tensor, dx: Tensor | None, need_g: bool):
@@ -250,3 +269,34 @@ def cpp_expand(
         out = grouped_expand(y0, x, A, B, plan, weights)
         return out if bias is None else out + bias
     return _CppLoRA.apply(y0, x, A, B, weights, plan.expert_ids, bias, inplace)
+
+
+def cpp_expand_routed(
+    y0: Tensor,
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    plan: ExpertPlan,
+    probs: Tensor,
+    scaling: float,
+    gate_w: Tensor,
+    bias: Tensor | None = None,
+    inplace: bool = False,
+) -> Tensor:
+    """:func:`cpp_expand` with weights ``probs * scaling`` where ``probs`` ``[N, k]`` is the softmax of each row's k
+    selected gate logits ``x @ gate_w[ids]^T`` (a top-k router with renormalised weights). Where the kernel runs it
+    takes the gradient of ``probs`` to ``gate_w`` and ``x`` itself (``dW_gate[e] = sum dl x``, ``dx += dl W_gate[e]``
+    in its passes over the pairs, ``dl`` the softmax's backward), so ``probs``' own graph is not used: the gate's
+    backward costs no pass of its own. Elsewhere ``probs`` keeps its graph (the plain :func:`cpp_expand`)."""
+    if (
+        not supports(x, A, B, probs)
+        or y0.dtype != x.dtype
+        or (bias is not None and bias.dtype != x.dtype)
+        or gate_w.dtype != x.dtype
+        or gate_w.device != x.device
+    ):
+        return cpp_expand(y0, x, A, B, plan, probs * scaling, bias, inplace)
+    probs = probs.detach()
+    return _CppLoRA.apply(
+        y0, x, A, B, probs * scaling, plan.expert_ids, bias, inplace, gate_w.contiguous(), probs.contiguous(), scaling
+    )

@@ -63,6 +63,8 @@ class _FusedShrink(torch.autograd.Function):
         w_base, w_extra = weights if len(weights) == 2 else (weights[0][:d_out], weights[0][d_out:])
         need_x, _, _, need_a, need_g = ctx.needs_input_grad
         n, n_g = x.shape[0], w_extra.shape[0] - n_a
+        if d_logits is None and n_g:  # no gradient reached the logits (a routed kernel took the gate's): no gate GEMMs
+            w_extra, n_g, need_g = w_extra[:n_a], 0, False
         grad_x = grad_a = grad_g = None
         if n_a == 0 and d_logits is not None and n_g and (need_x or need_g) and not need_a:
             # top-k routing without the aux loss in the backward: d_logits is zero but for k entries per row

@@ -12,6 +12,8 @@
 //             g[p]  = Bt[e] dy[n],  dw[p] = h[p] . g[p],  dh[p] = w[p] g[p],  hw[p] = w[p] h[p]
 //             dB[e] = sum_{p in e} dy[n] hw[p]^T  (written in B's own strided layout),  dA[e] = sum_{p in e} dh[p] x[n]^T
 //             pass 2, slot by slot, parallel over the slot's experts:  dx[n] = sum_j A[e]^T dh[p]
+//   routed gate (optional): the weights are the softmax of the k selected logits Wg[e] . x[n]; given their gradient
+//             dl[p], dWg[e] = sum_{p in e} dl[p] x[n] (with dA, one read of the x rows) and dx[n] += sum_j dl[p] Wg[e]
 //
 // A is [E, r, d_in] and Bt = B^T is [E, r, d_out], both contiguous; the rows of x / y0 / y / dy / dx have unit
 // stride and a row stride of their own. Plain C entry points (no torch headers: the build takes seconds), float and
@@ -62,6 +64,39 @@ inline T hsum(const typename Vec<T>::type& v) {
   return s;
 }
 
+
+// s[j] = hsum(v[j]) for 16 vectors: with 16 float lanes (AVX-512), four levels of pairwise shuffles and adds (45
+// vector ops instead of 240 scalar adds; lane L of the result holds the sum of v[bitreverse4(L)]); else scalar sums.
+template <typename T>
+inline void reduce16(const typename Vec<T>::type* v, T* s) {
+  for (int j = 0; j < 16; ++j) s[j] = hsum<T>(v[j]);
+}
+
+#if defined(__AVX512F__)
+template <>
+inline void reduce16<float>(const Vec<float>::type* v, float* s) {
+  typedef Vec<float>::type V;
+  typedef int32_t I __attribute__((vector_size(64)));
+  const I lo1 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const I hi1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+  const I lo2 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
+  const I hi2 = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
+  const I lo3 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+  const I hi3 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
+  const I lo4 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
+  const I hi4 = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
+  V u[8], w[4], z[2];
+  for (int m = 0; m < 8; ++m)
+    u[m] = __builtin_shuffle(v[2 * m], v[2 * m + 1], lo1) + __builtin_shuffle(v[2 * m], v[2 * m + 1], hi1);
+  for (int m = 0; m < 4; ++m)
+    w[m] = __builtin_shuffle(u[2 * m], u[2 * m + 1], lo2) + __builtin_shuffle(u[2 * m], u[2 * m + 1], hi2);
+  for (int m = 0; m < 2; ++m)
+    z[m] = __builtin_shuffle(w[2 * m], w[2 * m + 1], lo3) + __builtin_shuffle(w[2 * m], w[2 * m + 1], hi3);
+  const V R = __builtin_shuffle(z[0], z[1], lo4) + __builtin_shuffle(z[0], z[1], hi4);
+  for (int L = 0; L < 16; ++L) s[((L & 1) << 3) | ((L & 2) << 1) | ((L & 4) >> 1) | ((L & 8) >> 3)] = R[L];
+}
+#endif
+
 constexpr int MR = 4;  // pairs per tile
 constexpr int NR = 4;  // rows of A / Bt per dot tile
 constexpr int CH = 4;  // vectors per chunk of an axpy / outer-product tile
@@ -82,6 +117,17 @@ inline void dot_tile(const T* const* rows, const T* M, int64_t ldm, int64_t d, T
       V xv = vload<V>(rows[i] + t);
       for (int q = 0; q < NQ; ++q) acc[i][q] += xv * m[q];
     }
+  }
+  if constexpr (MR * NQ == 16) {  // 16 sums at once: a shuffle tree (lane L holds sum bitrev4(L))
+    T sums[16];
+    reduce16<T>(&acc[0][0], sums);
+    for (int i = 0; i < MR; ++i)
+      for (int q = 0; q < NQ; ++q) {
+        T s = sums[i * NQ + q];
+        for (int64_t u = t; u < d; ++u) s += rows[i][u] * M[q * ldm + u];
+        out[i * ldo + q] = s;
+      }
+    return;
   }
   for (int i = 0; i < MR; ++i)
     for (int q = 0; q < NQ; ++q) {
@@ -279,48 +325,68 @@ void forward(const T* x, int64_t ldx, const T* A, const T* Bt, const int64_t* sc
   }
 }
 
+// phase 0: everything below in one call. Routed gate (the weights are the softmax of the k selected gate logits
+// l[p] = Wg[e] . x[n], their gradient dl[p] computed by the caller from dw between two calls): phase 1 is pass 1
+// without dA (dh into the caller's buffer), phase 2 the expert pass dA[e] = sum dh[p] x[n]^T, dWg[e] = sum dl[p] x[n]
+// (the x rows read once for both) and pass 2 with dx[n] += dl[p] Wg[e] for each of its pairs.
 template <typename T>
 void backward(const T* dy, int64_t lddy, const T* x, int64_t ldx, const T* A, const T* Bt, const int64_t* sched,
               const int64_t* starts, const T* w, const T* h, T* dx, T* dA, T* dB, int64_t sE, int64_t sO, int64_t sQ,
-              T* dw, int64_t n, int64_t k, int64_t E, int64_t r, int64_t d_in, int64_t d_out, int nthreads) {
+              T* dw, T* dh_buf, const T* dl, const T* Wg, T* dWg, int phase, int64_t n, int64_t k, int64_t E,
+              int64_t r, int64_t d_in, int64_t d_out, int nthreads) {
   const int64_t P = n * k;
-  std::vector<T> dh(P * r), hw(P * r);
+  std::vector<T> dh_own(dh_buf ? 0 : P * r), hw(phase == 2 ? 0 : P * r);
+  T* dh = dh_buf ? dh_buf : dh_own.data();
   std::vector<int64_t> list(P), off(E + 1);
   by_expert(sched, starts, k, E, list.data(), off.data());
   // Pass 1, parallel over experts (all slots of one expert together): g, dw, dh, hw from the expert's dy rows, then
   // dB from the same rows while they are still in L2, then dA from the x rows. Each expert's sums run over its
   // pairs in the expert-major list order, whatever the thread count.
+  if (phase != 2) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t* pe = list.data() + off[e];
-    const int64_t np = off[e + 1] - off[e];
-    const T* Be = Bt + e * r * d_out;
-    std::vector<T> tile(MR * r);
-    for (int64_t a = 0; a < np; a += MR) {
-      const int64_t m = np - a < MR ? np - a : MR;
-      const T* rows[MR];
-      for (int i = 0; i < MR; ++i) rows[i] = dy + (pe[a + (i < m ? i : m - 1)] / k) * lddy;
-      dots<T>(rows, Be, r, d_out, tile.data());
-      for (int64_t i = 0; i < m; ++i) {
-        const int64_t p = pe[a + i];
-        T s = 0;
-        for (int64_t q = 0; q < r; ++q) {
-          const T g = tile[i * r + q];
-          s += h[p * r + q] * g;
-          dh[p * r + q] = w[p] * g;
-          hw[p * r + q] = w[p] * h[p * r + q];
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t* pe = list.data() + off[e];
+      const int64_t np = off[e + 1] - off[e];
+      const T* Be = Bt + e * r * d_out;
+      std::vector<T> tile(MR * r);
+      for (int64_t a = 0; a < np; a += MR) {
+        const int64_t m = np - a < MR ? np - a : MR;
+        const T* rows[MR];
+        for (int i = 0; i < MR; ++i) rows[i] = dy + (pe[a + (i < m ? i : m - 1)] / k) * lddy;
+        dots<T>(rows, Be, r, d_out, tile.data());
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t p = pe[a + i];
+          T s = 0;
+          for (int64_t q = 0; q < r; ++q) {
+            const T g = tile[i * r + q];
+            s += h[p * r + q] * g;
+            dh[p * r + q] = w[p] * g;
+            hw[p * r + q] = w[p] * h[p * r + q];
+          }
+          if (dw) dw[p] = s;
         }
-        if (dw) dw[p] = s;
       }
+      if (dB) {
+        std::vector<T> G(r * CH * Vec<T>::W);
+        outer_to_b<T>(pe, np, k, hw.data(), r, dy, lddy, d_out, dB + e * sE, sO, sQ, G.data());
+      }
+      if (dA && phase == 0) outer<T>(pe, np, k, dh, r, x, ldx, d_in, dA + e * r * d_in);
     }
-    if (dB) {
-      std::vector<T> G(r * CH * Vec<T>::W);
-      outer_to_b<T>(pe, np, k, hw.data(), r, dy, lddy, d_out, dB + e * sE, sO, sQ, G.data());
+  }
+  if (phase == 1) return;
+  if (phase == 2 && (dA || dWg)) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t* pe = list.data() + off[e];
+      const int64_t np = off[e + 1] - off[e];
+      if (dA) outer<T>(pe, np, k, dh, r, x, ldx, d_in, dA + e * r * d_in);
+      if (dWg) outer_rows<T, 1>(pe, np, k, dl, 1, 0, x, ldx, d_in, dWg + e * d_in);
     }
-    if (dA) outer<T>(pe, np, k, dh.data(), r, x, ldx, d_in, dA + e * r * d_in);
   }
   if (!dx) return;
-  // Pass 2, dx[n] = sum_j A[e]^T dh[p]: slot by slot (each token once per slot), parallel over the slot's experts.
+  const bool gate = phase == 2 && dl && Wg;
+  // Pass 2, dx[n] = sum_j A[e]^T dh[p] (+ dl[p] Wg[e]): slot by slot (each token once per slot), parallel over the
+  // slot's experts.
   for (int64_t j = 0; j < k; ++j) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t e = 0; e < E; ++e) {
@@ -343,6 +409,9 @@ void backward(const T* dy, int64_t lddy, const T* x, int64_t ldx, const T* A, co
         } else {
           for (int64_t i = 0; i < m; ++i) axpy_tile<T, 1>(xs + i, srcs + i, nullptr, &dh[ps[i] * r], r, Ae, d_in);
         }
+        if (gate)  // the gate row of the pair's expert, onto the row just written (still in L1)
+          for (int64_t i = 0; i < m; ++i)
+            axpy_tile<T, 1>(xs + i, xs + i, nullptr, dl + ps[i], 1, Wg + e * d_in, d_in);
       }
     }
   }
@@ -462,10 +531,10 @@ MOA_FORWARD(moa_lora_forward_f64, double)
 #define MOA_BACKWARD(NAME, T)                                                                                     \
   void NAME(const T* dy, int64_t lddy, const T* x, int64_t ldx, const T* A, const T* Bt, const int64_t* sched,   \
             const int64_t* starts, const T* w, const T* h, T* dx, T* dA, T* dB, int64_t sE, int64_t sO,          \
-            int64_t sQ, T* dw, int64_t n, int64_t k, int64_t E, int64_t r, int64_t d_in, int64_t d_out,           \
-            int nthreads) {                                                                                       \
-    backward<T>(dy, lddy, x, ldx, A, Bt, sched, starts, w, h, dx, dA, dB, sE, sO, sQ, dw, n, k, E, r, d_in, d_out, \
-                nthreads);                                                                                        \
+            int64_t sQ, T* dw, T* dh, const T* dl, const T* Wg, T* dWg, int phase, int64_t n, int64_t k,          \
+            int64_t E, int64_t r, int64_t d_in, int64_t d_out, int nthreads) {                                    \
+    backward<T>(dy, lddy, x, ldx, A, Bt, sched, starts, w, h, dx, dA, dB, sE, sO, sQ, dw, dh, dl, Wg, dWg, phase, \
+                n, k, E, r, d_in, d_out, nthreads);                                                               \
   }
 MOA_BACKWARD(moa_lora_backward_f32, float)
 MOA_BACKWARD(moa_lora_backward_f64, double)
