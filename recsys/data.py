@@ -343,6 +343,8 @@ class LeaveOneOut:
     domain: str | None = None
     train_users: tuple[int, ...] | None = field(default=None)
     """Positions (into ``users``) of the users whose training data is used; None = all."""
+    cold_items: tuple[int, ...] = ()
+    """Items removed from every training sequence (cold start, :meth:`with_cold_items`)."""
 
     def __post_init__(self):
         if len(self.users) != len(self.sequences):
@@ -362,13 +364,16 @@ class LeaveOneOut:
     @cached_property
     def train_sequences(self) -> tuple[torch.Tensor, ...]:
         """Training sequences (each training user's items except the last two), in user order."""
-        return tuple(self.sequences[u][:-2] for u in self.train_user_positions)
+        sequences = tuple(self.sequences[u][:-2] for u in self.train_user_positions)
+        if not self.cold_items:
+            return sequences
+        cold = torch.tensor(self.cold_items, dtype=torch.long)
+        return tuple(s[~torch.isin(s, cold)] for s in sequences)
 
     @cached_property
     def train(self) -> Stage:
         users, histories, targets = [], [], []
-        for u in self.train_user_positions:
-            seq = self.sequences[u][:-2]
+        for u, seq in zip(self.train_user_positions, self.train_sequences):
             for t in range(1, len(seq)):
                 users.append(self.users[u])
                 histories.append(seq[:t])
@@ -405,6 +410,23 @@ class LeaveOneOut:
         order = np.random.default_rng(seed).permutation(self.n_users)
         keep = max(1, round(fraction * self.n_users))
         return replace(self, train_users=tuple(sorted(order[:keep].tolist())))
+
+    def with_cold_items(self, fraction: float = 0.2, seed: int = 0) -> "LeaveOneOut":
+        """The same split with ``round(fraction * n_items)`` items (drawn with ``seed``) removed from every training
+        sequence: no model sees them in training, yet they stay in the catalogue, in validation and test targets
+        and in histories (model input). :attr:`cold_test` is the test on the users whose target is such an item."""
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        order = np.random.default_rng(seed).permutation(np.arange(1, self.n_items + 1))
+        return replace(self, cold_items=tuple(sorted(order[:round(fraction * self.n_items)].tolist())))
+
+    @cached_property
+    def cold_test(self) -> Stage:
+        """The test examples whose target is a cold item (empty without :meth:`with_cold_items`)."""
+        test = self.test
+        rows = torch.isin(test.targets, torch.tensor(self.cold_items, dtype=torch.long)).nonzero().squeeze(1).tolist()
+        return Stage("cold test", tuple(test.users[r] for r in rows), tuple(test.histories[r] for r in rows),
+                     test.targets[rows], self.n_items, self.domain)
 
     def summary(self) -> str:
         where = self.domain or "catalogue"

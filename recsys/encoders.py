@@ -293,13 +293,14 @@ class UserEncoder(nn.Module):
     """
 
     def __init__(self, item_dim: int, hidden: int = 64, n_layers: int = 2, heads: int = 2, inner: int = 256,
-                 dropout: float = 0.2, max_len: int = 50):
+                 dropout: float = 0.2, max_len: int = 50, id_dropout: float = 0.0):
         super().__init__()
-        self.max_len = max_len
+        self.max_len, self.id_dropout = max_len, id_dropout
         self.project = nn.Linear(item_dim, hidden)
+        self.item_ids: nn.Embedding | None = None  # ID + text fusion (use_item_ids): one ID vector per item
         self.position = nn.Embedding(max_len, hidden)
         self.input_norm, self.input_dropout = nn.LayerNorm(hidden), nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(hidden, heads, inner, dropout, ff_dropout=dropout) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(TransformerBlock(hidden, heads, inner, dropout) for _ in range(n_layers))
         self.output_norm = nn.LayerNorm(hidden)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -307,9 +308,35 @@ class UserEncoder(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def item_vectors(self, item_reps: Tensor) -> Tensor:
-        """Item-encoder outputs ``[..., d_text]`` -> item vectors ``[..., hidden]`` (inputs and scoring targets)."""
-        return self.project(item_reps)
+    def use_item_ids(self, n_items: int) -> None:
+        """Fuse an item-ID embedding with the text: ``vector(i) = project(text(i)) + id(i)`` (UniSRec's
+        transductive setting). Only the items marked by :meth:`mark_trained_items` (those in the training data)
+        use their ID; any other item (cold start) is scored by its text alone. Training drops each item's ID with
+        probability ``id_dropout``, so the text learns to stand alone.
+        """
+        if self.item_ids is None or self.item_ids.num_embeddings != n_items + 1:
+            device = self.project.weight.device
+            self.item_ids = nn.Embedding(n_items + 1, self.project.out_features).to(device)
+            nn.init.normal_(self.item_ids.weight, std=0.02)
+            self.register_buffer("id_known", torch.zeros(n_items + 1, dtype=torch.bool, device=device))
+
+    def mark_trained_items(self, known: Tensor) -> None:
+        """Bool ``[n_items + 1]``: the items whose ID is learnt (seen in training); the others use text only."""
+        if self.item_ids is not None:
+            self.id_known.copy_(known.to(self.id_known.device))
+
+    def item_vectors(self, item_reps: Tensor, items: Tensor | None = None) -> Tensor:
+        """Item-encoder outputs ``[M, d_text]`` of items ``[M]`` (default ``0..M-1``) -> item vectors
+        ``[M, hidden]`` (the history's inputs and the scoring targets)."""
+        vectors = self.project(item_reps)
+        if self.item_ids is None:
+            return vectors
+        if items is None:
+            items = torch.arange(len(item_reps), device=vectors.device)
+        keep = self.id_known[items]
+        if self.training and self.id_dropout:
+            keep = keep & (torch.rand(len(items), device=keep.device) >= self.id_dropout)
+        return vectors + self.item_ids(items) * keep.unsqueeze(-1)
 
     def forward(self, vectors: Tensor, real: Tensor) -> Tensor:
         """States ``[B, L, hidden]`` for item vectors ``[B, L, hidden]`` and the real-item mask ``[B, L]``."""

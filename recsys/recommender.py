@@ -52,10 +52,14 @@ class RecommenderConfig:
     inner: int = 256
     dropout: float = 0.2
     max_len: int = 50
+    item_ids: bool = False
+    id_dropout: float = 0.0
 
     def __post_init__(self):
         if self.adapted_layers < 0:
             raise ValueError(f"adapted_layers must be >= 0, got {self.adapted_layers}")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         self.target_modules = list(self.target_modules)
@@ -93,7 +97,7 @@ class TextSeqRecommender(nn.Module):
         self.item_encoder = item_encoder
         self.heads = nn.ModuleList(  # one user encoder per domain, in the order of ``domains``
             UserEncoder(item_encoder.hidden_size, config.hidden, config.user_layers, config.heads, config.inner,
-                        config.dropout, config.max_len)
+                        config.dropout, config.max_len, config.id_dropout)
             for _ in self.domains
         )
         self._tables: dict[str, Tensor] = {}
@@ -152,16 +156,18 @@ class TextSeqRecommender(nn.Module):
                 for name, layer in source.item_encoder.top.moa_layers().items():
                     layers[name].pool.lora_A[e * r:(e + 1) * r].copy_(layer.pool.lora_A)
                     layers[name].pool.lora_B[:, e * r:(e + 1) * r].copy_(layer.pool.lora_B)
-                merged.heads[e].load_state_dict(source.heads[0].state_dict())
                 merged.add_catalogue(domain, *source.item_encoder.catalogues[domain])
+                merged.heads[e].load_state_dict(source.heads[0].state_dict())
                 encoder.share_cache(source.item_encoder, domain)
         return merged.train(first.training)
 
     # -- catalogues and item vectors
     def add_catalogue(self, domain: str, input_ids: Tensor, attention_mask: Tensor) -> None:
         """Token ids ``[n_items + 1, T]`` of ``domain``'s items (see :func:`tokenize_items`)."""
-        self._domain_index(domain)
+        index = self._domain_index(domain)
         self.item_encoder.add_catalogue(domain, input_ids, attention_mask)
+        if self.config.item_ids:
+            self.heads[index].use_item_ids(self.item_encoder.n_items(domain))
         self.clear_cache()
 
     def _domain_index(self, domain: str | int | None) -> int:

@@ -56,6 +56,8 @@ def fit(model: TextSeqRecommender, splits: LeaveOneOut | Mapping[str, LeaveOneOu
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     windows = {d: training_windows(s.train_sequences, model.config.max_len) for d, s in splits.items()}
+    for domain, split in splits.items():  # item IDs (ID + text fusion) are learnt for the items trained on
+        model.head(domain).mark_trained_items(split.item_counts() > 0)
     if not any(len(w[0]) for w in windows.values()):
         raise ValueError("no training transitions: every training sequence has fewer than 2 items")
     encoder_params = model.item_encoder.trainable_parameters() if train_encoder else []
@@ -66,7 +68,6 @@ def fit(model: TextSeqRecommender, splits: LeaveOneOut | Mapping[str, LeaveOneOu
         groups.append({"params": encoder_params, "lr": encoder_lr or lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
     rows = [(d, i) for d, (x, _) in windows.items() for i in range(len(x))]
-    lengths = torch.cat([(x != PAD).sum(1) for x, _ in windows.values()])
     ramp = warmup * math.ceil(len(rows) / batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (ramp + 1)))
     start, stale = time.perf_counter(), 0
@@ -81,7 +82,8 @@ def fit(model: TextSeqRecommender, splits: LeaveOneOut | Mapping[str, LeaveOneOu
     for epoch in range(1, epochs + 1):
         model.train()
         total, count = 0.0, 0
-        for chunk in bucketed_batches(lengths, batch_size, generator):
+        order = torch.randperm(len(rows), generator=generator).tolist()
+        for chunk in (order[lo:lo + batch_size] for lo in range(0, len(order), batch_size)):
             batch: dict[str, list[int]] = {}
             for j in chunk:
                 batch.setdefault(rows[j][0], []).append(rows[j][1])
@@ -123,9 +125,12 @@ def batch_loss(model: TextSeqRecommender, batch: dict[str, list[int]], windows, 
         width = int((x != PAD).sum(1).max())  # drop the columns that are padding in every window
         x, y = x[:, -width:].to(device), y[:, -width:].to(device)
         n_items = model.item_encoder.n_items(domain)
-        drawn = torch.randint(1, n_items + 1, (min(negatives, n_items),), generator=generator).to(device)
-        candidates = torch.unique(torch.cat([x.reshape(-1), y.reshape(-1), drawn]))
-        candidates = candidates[candidates != PAD]
+        if negatives is None:  # full softmax over the catalogue
+            candidates = torch.arange(1, n_items + 1, device=device)
+        else:
+            drawn = torch.randint(1, n_items + 1, (min(negatives, n_items),), generator=generator).to(device)
+            candidates = torch.unique(torch.cat([x.reshape(-1), y.reshape(-1), drawn]))
+            candidates = candidates[candidates != PAD]
         lookup = torch.zeros(n_items + 1, dtype=torch.long, device=device)
         lookup[candidates] = torch.arange(len(candidates), device=device)
         plan.append((domain, x, y, candidates, lookup))
@@ -135,25 +140,13 @@ def batch_loss(model: TextSeqRecommender, batch: dict[str, list[int]], windows, 
         reps = [model.item_table(d)[c] for d, _, _, c, _ in plan]
     losses, count = [], 0
     for (domain, x, y, candidates, lookup), rep in zip(plan, reps):
-        vectors = model.head(domain).item_vectors(rep)
+        vectors = model.head(domain).item_vectors(rep, candidates)
         states = model.user_states(domain, x, vectors, lookup)
         target = y != PAD
         logits = states[target] @ vectors.T
         losses.append(F.cross_entropy(logits, lookup[y[target]], reduction="sum"))
         count += int(target.sum())
     return torch.stack(losses).sum() / max(count, 1), count
-
-
-def bucketed_batches(lengths: Tensor, batch_size: int, generator: torch.Generator, pool: int = 16):
-    """Random batches of windows of similar length (less padding to compute): shuffle, sort by length within
-    pools of ``pool`` batches, cut into batches, shuffle the batches."""
-    order = torch.randperm(len(lengths), generator=generator)
-    batches = []
-    for lo in range(0, len(order), batch_size * pool):
-        part = order[lo:lo + batch_size * pool]
-        part = part[torch.sort(lengths[part], stable=True).indices]
-        batches.extend(part[i:i + batch_size].tolist() for i in range(0, len(part), batch_size))
-    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 def check_splits(model: TextSeqRecommender, splits: LeaveOneOut | Mapping[str, LeaveOneOut]) -> dict[str, LeaveOneOut]:

@@ -23,7 +23,7 @@ from moa.recsys.encoders import ItemEncoder, mean_pool, plain_copy, tokenize_ite
 from moa.recsys.evaluate import evaluate
 from moa.recsys.loading import load_recommender
 from moa.recsys.persistence import CONFIG_FILE, WEIGHTS_FILE
-from moa.recsys.recommender import RecommenderConfig, TextSeqRecommender
+from moa.recsys.recommender import RecommenderConfig, TextSeqRecommender, replace_config
 
 VOCAB = 100
 
@@ -294,3 +294,69 @@ def test_keep_start_false_always_returns_trained_adapters():
     assert result["best_epoch"] >= 1 and result["history"][0]["epoch"] == 0
     r = CONFIG.r
     assert all(layer.pool.lora_B[:, :r].abs().sum() > 0 for layer in model.item_encoder.top.moa_layers().values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ID + text fusion (item_ids=True), full softmax training, the cold-start split
+
+FUSED = replace_config(CONFIG, item_ids=True, adapted_layers=0)
+
+
+
+def test_cold_items_leave_every_training_sequence_but_stay_in_valid_and_test():
+    split = cyclic_split(12, users=30).with_cold_items(0.25, seed=1)
+    cold = set(split.cold_items)
+    assert len(cold) == 3 and cold <= set(range(1, 13))
+    trained = set(torch.cat(split.train_sequences).tolist()) | set(split.train.targets.tolist())
+    assert not trained & cold
+    assert split.item_counts()[list(cold)].sum() == 0
+    # cold_test = the test rows whose target is cold, found here by a plain loop
+    want = [u for u, t in zip(split.test.users, split.test.targets.tolist()) if t in cold]
+    assert list(split.cold_test.users) == want and len(want) > 0
+    assert set(split.cold_test.targets.tolist()) <= cold
+    assert len(split.valid) == len(split.test) == 30  # every user is still validated and tested
+    with pytest.raises(ValueError, match="fraction"):
+        split.with_cold_items(1.0)
+
+
+def test_fused_item_vector_is_the_projected_text_plus_the_id_of_a_trained_item_only():
+    model = model_for(("a",), (12,), experts=False, config=FUSED).eval()
+    head = model.head("a")
+    table = model.item_table("a")
+    text_only = table @ head.project.weight.T + head.project.bias
+    assert torch.allclose(head.item_vectors(table), text_only, atol=1e-6)  # nothing trained yet: text alone
+    known = torch.zeros(13, dtype=torch.bool)
+    known[[2, 5, 7]] = True
+    head.mark_trained_items(known)
+    want = text_only + head.item_ids.weight * known[:, None]
+    assert torch.allclose(head.item_vectors(table), want, atol=1e-6)
+    assert torch.allclose(head.item_vectors(table[[5, 6]], torch.tensor([5, 6])), want[[5, 6]], atol=1e-6)
+
+
+def test_full_softmax_training_learns_and_never_uses_the_id_of_an_item_unseen_in_training():
+    split = cyclic_split(12, users=40).with_cold_items(0.2, seed=0)
+    model = model_for(("a",), (12,), experts=False, config=FUSED)
+    before = model.head("a").item_ids.weight.detach().clone()
+    result = model.fit(split, train_encoder=False, epochs=15, lr=1e-2, negatives=None, patience=15, seed=0)
+    assert result["best_valid"] > 0.5  # the +1 walk is learnt (chance is ~0.1)
+    head = model.head("a")
+    cold = list(split.cold_items)
+    assert head.id_known.tolist() == [False] + [i not in cold for i in range(1, 13)]
+    assert torch.equal(head.item_ids.weight[cold], before[cold])  # no gradient ever reached a cold item's ID
+    table = model.item_table("a")
+    assert torch.allclose(head.item_vectors(table)[cold], head.project(table[cold]), atol=1e-6)
+    warm = [i for i in range(1, 13) if i not in cold]
+    assert not torch.equal(head.item_ids.weight[warm], before[warm])
+
+
+def test_a_fused_recommender_saves_and_loads_its_ids(tmp_path):
+    model = model_for(("a", "b"), (12, 9), config=replace_config(CONFIG, item_ids=True)).eval()
+    with torch.no_grad():
+        for head in model.heads:
+            head.item_ids.weight.normal_()
+            head.id_known[1::2] = True
+    histories = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    model.save(tmp_path / "fused")
+    loaded = load_recommender(tmp_path / "fused", backbone=tiny_bert(0))
+    for domain in ("a", "b"):
+        assert torch.allclose(loaded.score(histories, domain)[:, 1:], model.score(histories, domain)[:, 1:], atol=1e-5)
