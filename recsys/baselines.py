@@ -121,6 +121,9 @@ class SASRec(nn.Module):
             raise ValueError("no training transitions: every training sequence has fewer than 2 items")
         optimizer = torch.optim.Adam(self.parameters(), lr=lr, weight_decay=weight_decay)
         device = self.item_embedding.weight.device
+        # the softmax ranges over the items of the training data: held-out (cold-start) items keep their initial
+        # embedding, as a new item would
+        trained = (split.item_counts() > 0).to(device)
         best, best_state, stale, history = -1.0, None, 0, []
         for epoch in range(epochs):
             start = time.perf_counter()
@@ -132,7 +135,7 @@ class SASRec(nn.Module):
                 x, y = inputs[rows].to(device), targets[rows].to(device)
                 hidden = self(x)[y != PAD]
                 y = y[y != PAD]
-                loss = self._loss(hidden, y, negatives)
+                loss = self._loss(hidden, y, negatives, trained)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -156,11 +159,13 @@ class SASRec(nn.Module):
         """Training windows: inputs and next-item targets ``[W, <= max_len]``, left-padded with 0."""
         return training_windows(split.train_sequences, self.max_len)
 
-    def _loss(self, hidden: torch.Tensor, targets: torch.Tensor, negatives: int | None) -> torch.Tensor:
+    def _loss(self, hidden: torch.Tensor, targets: torch.Tensor, negatives: int | None,
+              trained: torch.Tensor) -> torch.Tensor:
         table = self.item_embedding.weight
-        if negatives is None:   # all real items 1..n (column j is item j + 1)
-            return F.cross_entropy(hidden @ table[1:].T, targets - 1)
-        sampled = torch.randint(1, self.n_items + 1, (negatives,), device=hidden.device)
+        if negatives is None:   # the trained items of 1..n (column j is item j + 1)
+            return F.cross_entropy((hidden @ table[1:].T).masked_fill(~trained[1:], -math.inf), targets - 1)
+        pool = trained.nonzero().squeeze(1)
+        sampled = pool[torch.randint(0, len(pool), (negatives,), device=hidden.device)]
         positive = (hidden * table[targets]).sum(-1, keepdim=True)
         negative = hidden @ table[sampled].T
         negative = negative.masked_fill(sampled[None, :] == targets[:, None], -math.inf)

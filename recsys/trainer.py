@@ -56,8 +56,9 @@ def fit(model: TextSeqRecommender, splits: LeaveOneOut | Mapping[str, LeaveOneOu
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     windows = {d: training_windows(s.train_sequences, model.config.max_len) for d, s in splits.items()}
-    for domain, split in splits.items():  # item IDs (ID + text fusion) are learnt for the items trained on
-        model.head(domain).mark_trained_items(split.item_counts() > 0)
+    trained = {d: s.item_counts() > 0 for d, s in splits.items()}  # items of the training data (cold ones: not)
+    for domain, known in trained.items():  # item IDs (ID + text fusion) are learnt for these only
+        model.head(domain).mark_trained_items(known)
     if not any(len(w[0]) for w in windows.values()):
         raise ValueError("no training transitions: every training sequence has fewer than 2 items")
     encoder_params = model.item_encoder.trainable_parameters() if train_encoder else []
@@ -87,7 +88,7 @@ def fit(model: TextSeqRecommender, splits: LeaveOneOut | Mapping[str, LeaveOneOu
             batch: dict[str, list[int]] = {}
             for j in chunk:
                 batch.setdefault(rows[j][0], []).append(rows[j][1])
-            loss, n = model.batch_loss(batch, windows, negatives, encoder_params, generator)
+            loss, n = model.batch_loss(batch, windows, negatives, encoder_params, generator, trained)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -114,10 +115,12 @@ def fit(model: TextSeqRecommender, splits: LeaveOneOut | Mapping[str, LeaveOneOu
             "seconds": time.perf_counter() - start, "history": history}
 
 
-def batch_loss(model: TextSeqRecommender, batch: dict[str, list[int]], windows, negatives: int, encoder_params,
-               generator):
-    """Summed softmax loss over in-batch and ``negatives`` sampled items, and the number of predictions, for the
-    windows ``batch`` selects per domain (what :func:`fit` and the Lightning module minimise per step)."""
+def batch_loss(model: TextSeqRecommender, batch: dict[str, list[int]], windows, negatives: int | None,
+               encoder_params, generator, trained: Mapping[str, Tensor] | None = None):
+    """Mean softmax loss and the number of predictions, for the windows ``batch`` selects per domain (what
+    :func:`fit` and the Lightning module minimise per step): over every item of the domain (``negatives=None``)
+    or over the in-batch items and ``negatives`` sampled ones. ``trained[domain]`` (bool ``[n_items + 1]``) limits
+    the candidates to the items of the training data: items held out (cold start) are not in the catalogue yet."""
     device = model.item_encoder.device
     plan = []
     for domain, idx in batch.items():
@@ -131,6 +134,8 @@ def batch_loss(model: TextSeqRecommender, batch: dict[str, list[int]], windows, 
             drawn = torch.randint(1, n_items + 1, (min(negatives, n_items),), generator=generator).to(device)
             candidates = torch.unique(torch.cat([x.reshape(-1), y.reshape(-1), drawn]))
             candidates = candidates[candidates != PAD]
+        if trained is not None and domain in trained:
+            candidates = candidates[trained[domain].to(device)[candidates]]
         lookup = torch.zeros(n_items + 1, dtype=torch.long, device=device)
         lookup[candidates] = torch.arange(len(candidates), device=device)
         plan.append((domain, x, y, candidates, lookup))

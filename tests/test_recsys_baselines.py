@@ -98,3 +98,16 @@ def test_sasrec_early_stopping_and_checks(cycle):
         tiny_sasrec(5).fit(split, epochs=1)
     small = split.with_train_fraction(0.25, seed=0)
     assert len(tiny_sasrec(20)._windows(small)[0]) == len(small.train_sequences)   # one window per short sequence
+
+
+@pytest.mark.parametrize("negatives", [None, 8])
+def test_sasrec_never_trains_on_items_held_out_for_cold_start(cycle, negatives):
+    split = cycle.leave_one_out().with_cold_items(0.2, seed=0)
+    model = tiny_sasrec(split.n_items)
+    before = model.item_embedding.weight.detach().clone()
+    model.fit(split, epochs=3, lr=1e-2, batch_size=32, negatives=negatives, patience=3)
+    cold = list(split.cold_items)
+    warm = [i for i in range(1, split.n_items + 1) if i not in cold]
+    # a held-out item is neither a target nor a negative: its embedding stays where a new item's would start
+    assert torch.equal(model.item_embedding.weight[cold], before[cold])
+    assert not torch.equal(model.item_embedding.weight[warm], before[warm])

@@ -360,3 +360,20 @@ def test_a_fused_recommender_saves_and_loads_its_ids(tmp_path):
     loaded = load_recommender(tmp_path / "fused", backbone=tiny_bert(0))
     for domain in ("a", "b"):
         assert torch.allclose(loaded.score(histories, domain)[:, 1:], model.score(histories, domain)[:, 1:], atol=1e-5)
+
+
+def test_full_softmax_ranges_over_the_items_of_the_training_data_only():
+    model = model_for(("a",), (12,), experts=False, config=FUSED).eval()
+    x, y = torch.tensor([[0, 1, 2, 3]]), torch.tensor([[0, 2, 3, 4]])
+    trained = torch.ones(13, dtype=torch.bool)
+    trained[[0, 5, 6, 7]] = False
+    loss, n = model.batch_loss({"a": [0]}, {"a": (x, y)}, None, [], None, {"a": trained})
+    # by hand: item j's vector is row j; the candidates are the trained items, in index order
+    vectors = model.head("a").item_vectors(model.item_table("a"))
+    states = model.user_states("a", x, vectors)[0, 1:]
+    candidates = trained.nonzero().squeeze(1)
+    want = torch.nn.functional.cross_entropy(states @ vectors[candidates].T,
+                                             torch.searchsorted(candidates, y[0, 1:]))
+    assert n == 3 and torch.allclose(loss, want, atol=1e-6)
+    everything, _ = model.batch_loss({"a": [0]}, {"a": (x, y)}, None, [], None)
+    assert everything > loss  # more candidates, larger loss
