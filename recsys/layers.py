@@ -1,5 +1,7 @@
-"""Transformer building blocks shared by the sequential user encoders (SASRec and the text recommender's).
+"""The sequence encoder shared by the sequential recommenders (SASRec and the text recommender's user encoder).
 
+* :class:`SequenceEncoder`: item vectors of a left-padded history -> causal states (positions from the right,
+  input LayerNorm and dropout, pre-LayerNorm blocks, output LayerNorm).
 * :class:`TransformerBlock`: a pre-LayerNorm self-attention + feed-forward block taking a boolean mask.
 * :func:`look_back_mask`: the causal (look-back) attention mask of a left-padded history.
 """
@@ -44,3 +46,47 @@ class TransformerBlock(nn.Module):
                                               dropout_p=self.attn_dropout if self.training else 0.0)
         x = x + self.dropout(self.out(attn.transpose(1, 2).reshape(b, length, d)))
         return x + self.dropout(self.ff(self.norm2(x)))
+
+
+class SequenceEncoder(nn.Module):
+    """Causal transformer over the item vectors of left-padded histories (SASRec's architecture).
+
+    Positions are absolute from the right (the most recent item always sits at ``max_len - 1``); position t
+    attends to the real items at positions <= t. Linear and embedding weights start at N(0, 0.02), biases at 0
+    (RecBole's SASRec); subclasses add how items become vectors.
+    """
+
+    def __init__(self, hidden: int = 64, n_layers: int = 2, heads: int = 2, inner: int = 256, dropout: float = 0.2,
+                 max_len: int = 50):
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"hidden ({hidden}) must be divisible by the number of heads ({heads})")
+        self.max_len = max_len
+        self.position = nn.Embedding(max_len, hidden)
+        self.input_norm, self.input_dropout = nn.LayerNorm(hidden), nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(hidden, heads, inner, dropout) for _ in range(n_layers))
+        self.output_norm = nn.LayerNorm(hidden)
+        self.apply(init_weights)
+
+    def encode(self, vectors: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """States ``[B, L, hidden]`` for item vectors ``[B, L, hidden]`` and the real-item mask ``[B, L]``."""
+        length = vectors.shape[1]
+        if length > self.max_len:
+            raise ValueError(f"histories longer than max_len={self.max_len}; keep the most recent items")
+        positions = torch.arange(self.max_len - length, self.max_len, device=vectors.device)
+        x = self.input_dropout(self.input_norm(vectors + self.position(positions)))
+        allowed = look_back_mask(real)
+        for block in self.blocks:
+            x = block(x, allowed)
+        return self.output_norm(x)
+
+
+def init_weights(module: nn.Module) -> None:
+    """N(0, 0.02) for linear and embedding weights, zero biases and padding rows (RecBole's SASRec init)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        with torch.no_grad():
+            module.weight[module.padding_idx].zero_()

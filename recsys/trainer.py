@@ -1,17 +1,16 @@
-"""Training of :class:`moa.recsys.recommender.TextSeqRecommender`: the fit loop and the per-batch loss.
+"""Training of the sequential recommenders: one loop, and the text recommender's step.
 
-* :func:`fit` (the recommender's ``fit``): next-item prediction at every position of each training window
-  (:func:`moa.recsys.data.training_windows`), softmax over the batch's own items (in-batch negatives) plus
-  ``negatives`` uniformly sampled items of the domain; validation NDCG@10 (the shared harness, full ranking)
-  after each epoch keeps the best weights. When nothing in the item encoder trains, item vectors come from a
-  cache (one encoder pass per catalogue).
-* :func:`batch_loss` (the recommender's ``batch_loss``): the loss of one batch of windows, mixed domains; what
+* :func:`train`: the one next-item training loop (windows, random batches, AdamW with warmup, validation NDCG@10
+  after each epoch, the best weights kept, early stopping), used by SASRec (:mod:`moa.recsys.baselines`) and the
+  text recommender.
+* :func:`fit` (the text recommender's ``fit``): its optimiser groups (user encoders, item-encoder adapters) and
+  step on :func:`train`. When nothing in the item encoder trains, item vectors come from a cache (one encoder pass
+  per catalogue).
+* :func:`batch_loss` (the text recommender's ``batch_loss``): the loss of one batch of windows, mixed domains; what
   :func:`fit` and the Lightning module of :mod:`moa.pipelines.recommendation` minimise per step.
-* :func:`bucketed_batches`: random batches of windows of similar length; :func:`check_splits`,
-  :func:`trainable_state` / :func:`load_trainable_state`: the bookkeeping around them.
+* :func:`check_splits`, :func:`trainable_state` / :func:`load_trainable_state`: the bookkeeping around them.
 
-The functions take the recommender as their first argument and only use its public surface (item encoder,
-heads, item tables, user states); this module imports no model class.
+The functions only use the models' public surface; this module imports no model class.
 """
 
 from __future__ import annotations
@@ -31,42 +30,29 @@ if TYPE_CHECKING:  # annotations only (the recommender imports this module)
     from .recommender import TextSeqRecommender
 
 
-def fit(model: TextSeqRecommender, splits: LeaveOneOut | Mapping[str, LeaveOneOut], *, epochs: int = 20,
-        train_encoder: bool = True, lr: float = 1e-3, encoder_lr: float | None = None, batch_size: int = 128,
-        negatives: int = 256, weight_decay: float = 0.0, warmup: float = 0.0, patience: int = 5, seed: int = 0,
-        keep_start: bool = True, max_seconds: float | None = None,
-        log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train on the splits' training sequences (one split per domain, or one split of a one-domain model).
+def train(model: nn.Module, splits: Mapping[str | None, LeaveOneOut], groups: list[dict], step_loss: Callable,
+          *, max_len: int, epochs: int, batch_size: int, weight_decay: float = 0.0, warmup: float = 0.0,
+          patience: int = 5, seed: int = 0, keep_start: bool = True, max_seconds: float | None = None,
+          after_step: Callable[[], None] | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The one next-item training loop (SASRec and the text recommender).
 
-    Every epoch cuts each training sequence, from its end, into windows of ``max_len + 1`` items (input = all
-    but the last; target at every position = the next item). The loss at each position is a softmax over the
-    batch's own items (in-batch negatives) plus ``negatives`` items drawn uniformly from the domain (all of
-    them when the domain has fewer). With ``train_encoder`` the item-encoder parameters that require grad
-    (LoRA experts, an X-Cross integrator) train with ``encoder_lr`` (default ``lr``) and the batch's items
-    are re-encoded through the top layers at every step; otherwise item vectors come from the cache.
-    The learning rates ramp up linearly over the first ``warmup`` epochs (fine-tuning a trained model: a fresh Adam's first
-    steps are as large as later ones and would knock the trained user encoder off its optimum).
-    Before training and after each epoch, validation NDCG@10 (harness, full ranking, seen items masked;
-    averaged over domains) selects the best weights (epoch 0, the starting point, included unless
-    ``keep_start=False``, which makes sure the adapters really train); ``patience``
-    epochs without improvement stop training, as does ``max_seconds``.
-    Returns ``{"epochs", "best_epoch", "best_valid", "seconds", "history"}``.
+    Every epoch cuts each training sequence, from its end, into windows of ``max_len + 1`` items
+    (:func:`moa.recsys.data.training_windows`; input = all but the last, target at every position = the next
+    item) and visits them in random batches of ``batch_size`` (domains mixed). One step is
+    ``step_loss(batch {domain: window rows}, windows, generator, trained {domain: bool [n_items + 1]})`` ->
+    ``(mean loss, predictions)``, minimised by AdamW over ``groups`` whose learning rates ramp up linearly over the
+    first ``warmup`` epochs; ``trained`` marks the items of the training data (held-out cold-start items are not
+    candidates). Before training (when ``keep_start``) and after each epoch, validation NDCG@10 (the harness, full
+    ranking, seen items masked; averaged over domains) selects the best weights; ``patience`` epochs without
+    improvement stop training, as does ``max_seconds``. Returns ``{"epochs", "best_epoch", "best_valid",
+    "seconds", "history"}`` (``history[0]`` is the start).
     """
-    splits = check_splits(model, splits)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    windows = {d: training_windows(s.train_sequences, model.config.max_len) for d, s in splits.items()}
-    trained = {d: s.item_counts() > 0 for d, s in splits.items()}  # items of the training data (cold ones: not)
-    for domain, known in trained.items():  # item IDs (ID + text fusion) are learnt for these only
-        model.head(domain).mark_trained_items(known)
+    windows = {d: training_windows(s.train_sequences, max_len) for d, s in splits.items()}
     if not any(len(w[0]) for w in windows.values()):
         raise ValueError("no training transitions: every training sequence has fewer than 2 items")
-    encoder_params = model.item_encoder.trainable_parameters() if train_encoder else []
-    if train_encoder and not encoder_params:
-        raise ValueError("train_encoder=True, but the item encoder has no trainable parameters")
-    groups = [{"params": [p for p in model.heads.parameters() if p.requires_grad], "lr": lr}]
-    if encoder_params:
-        groups.append({"params": encoder_params, "lr": encoder_lr or lr})
+    trained = {d: s.item_counts() > 0 for d, s in splits.items()}
     optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
     rows = [(d, i) for d, (x, _) in windows.items() for i in range(len(x))]
     ramp = warmup * math.ceil(len(rows) / batch_size)
@@ -74,27 +60,26 @@ def fit(model: TextSeqRecommender, splits: LeaveOneOut | Mapping[str, LeaveOneOu
     start, stale = time.perf_counter(), 0
 
     def validate() -> float:
-        return sum(evaluate(model, s.valid, ks=(10,), max_len=model.config.max_len)["NDCG@10"]
-                   for s in splits.values()) / len(splits)
+        return sum(evaluate(model, s.valid, ks=(10,), max_len=max_len)["NDCG@10"] for s in splits.values()) / len(splits)
 
-    initial = validate()  # epoch 0: the starting point (e.g. the cached-encoder model before its adapters train)
+    initial = validate() if keep_start else math.nan  # epoch 0: the starting point (e.g. a trained user encoder)
     best, best_state = (initial, trainable_state(model)) if keep_start else (-math.inf, None)
     history = [{"epoch": 0, "loss": math.nan, "valid_NDCG@10": initial, "seconds": time.perf_counter() - start}]
     for epoch in range(1, epochs + 1):
         model.train()
         total, count = 0.0, 0
         order = torch.randperm(len(rows), generator=generator).tolist()
-        for chunk in (order[lo:lo + batch_size] for lo in range(0, len(order), batch_size)):
-            batch: dict[str, list[int]] = {}
-            for j in chunk:
+        for lo in range(0, len(order), batch_size):
+            batch: dict[str | None, list[int]] = {}
+            for j in order[lo:lo + batch_size]:
                 batch.setdefault(rows[j][0], []).append(rows[j][1])
-            loss, n = model.batch_loss(batch, windows, negatives, encoder_params, generator, trained)
+            loss, n = step_loss(batch, windows, generator, trained)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            if encoder_params:
-                model.clear_cache()
+            if after_step:
+                after_step()
             total, count = total + loss.item() * n, count + n
         valid = validate()
         seconds = time.perf_counter() - start
@@ -108,11 +93,49 @@ def fit(model: TextSeqRecommender, splits: LeaveOneOut | Mapping[str, LeaveOneOu
         if stale >= patience or (max_seconds is not None and seconds >= max_seconds):
             break
     load_trainable_state(model, best_state)
-    model.clear_cache()
     model.eval()
     best_epoch = max(history[0 if keep_start else 1:], key=lambda h: h["valid_NDCG@10"])["epoch"]
     return {"epochs": len(history) - 1, "best_epoch": best_epoch, "best_valid": best,
             "seconds": time.perf_counter() - start, "history": history}
+
+
+def fit(model: TextSeqRecommender, splits: LeaveOneOut | Mapping[str, LeaveOneOut], *, epochs: int = 20,
+        train_encoder: bool = True, lr: float = 1e-3, encoder_lr: float | None = None, batch_size: int = 128,
+        negatives: int | None = 256, weight_decay: float = 0.0, warmup: float = 0.0, patience: int = 5,
+        seed: int = 0, keep_start: bool = True, max_seconds: float | None = None,
+        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train the text recommender on the splits' training sequences (one split per domain, or one split of a
+    one-domain model) with the shared loop :func:`train`.
+
+    The loss at each position is a softmax over every item of the domain (``negatives=None``) or over the batch's
+    own items plus ``negatives`` items drawn uniformly from the domain. With ``train_encoder`` the item-encoder
+    parameters that require grad (LoRA experts, an X-Cross integrator) train with ``encoder_lr`` (default ``lr``)
+    and the items are re-encoded through the top layers at every step; otherwise item vectors come from the
+    cache. ``warmup`` epochs of learning-rate ramp help when fine-tuning a trained model (a fresh Adam's first steps
+    are as large as later ones). Epoch 0, the starting point, may be the best unless ``keep_start=False``, which
+    makes sure trained adapters are kept. Item IDs (``config.item_ids``) are learnt for the items of the training
+    data only. Returns what :func:`train` returns.
+    """
+    splits = check_splits(model, splits)
+    encoder_params = model.item_encoder.trainable_parameters() if train_encoder else []
+    if train_encoder and not encoder_params:
+        raise ValueError("train_encoder=True, but the item encoder has no trainable parameters")
+    for domain, split in splits.items():
+        model.head(domain).mark_trained_items(split.item_counts() > 0)
+    groups = [{"params": [p for p in model.heads.parameters() if p.requires_grad], "lr": lr}]
+    if encoder_params:
+        groups.append({"params": encoder_params, "lr": encoder_lr or lr})
+
+    def step_loss(batch, windows, generator, trained):
+        return model.batch_loss(batch, windows, negatives, encoder_params, generator, trained)
+
+    try:
+        return train(model, splits, groups, step_loss, max_len=model.config.max_len, epochs=epochs,
+                     batch_size=batch_size, weight_decay=weight_decay, warmup=warmup, patience=patience, seed=seed,
+                     keep_start=keep_start, max_seconds=max_seconds, log=log,
+                     after_step=model.clear_cache if encoder_params else None)
+    finally:
+        model.clear_cache()
 
 
 def batch_loss(model: TextSeqRecommender, batch: dict[str, list[int]], windows, negatives: int | None,

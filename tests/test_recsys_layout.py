@@ -167,23 +167,52 @@ def test_look_back_mask_attends_to_real_items_at_or_before_each_position():
     assert torch.equal(mask[1, 0], torch.ones(3, 3, dtype=torch.bool).tril())
 
 
-def test_both_user_encoders_use_the_one_mask(monkeypatch):
+def test_both_user_encoders_are_the_one_sequence_encoder_with_the_one_mask(monkeypatch):
     import moa.recsys.baselines as baselines
     import moa.recsys.encoders as encoders
+    import moa.recsys.layers as layers
 
+    assert issubclass(baselines.SASRec, layers.SequenceEncoder) and issubclass(encoders.UserEncoder, layers.SequenceEncoder)
     calls = []
 
     def spy(real):
         calls.append(real.clone())
         return look_back_mask(real)
 
-    monkeypatch.setattr(baselines, "look_back_mask", spy)
-    monkeypatch.setattr(encoders, "look_back_mask", spy)
+    monkeypatch.setattr(layers, "look_back_mask", spy)
     histories = torch.tensor([[0, 2, 3]])
     baselines.SASRec(5, hidden=8, n_layers=1, n_heads=1, inner=8, max_len=4).eval()(histories)
     user_encoder = encoders.UserEncoder(6, hidden=8, n_layers=1, heads=1, inner=8, max_len=4).eval()
     user_encoder(torch.zeros(1, 3, 8), histories != 0)
     assert len(calls) == 2 and all(torch.equal(c, histories != 0) for c in calls)
+
+
+def test_sasrec_and_the_text_recommender_train_in_the_one_loop(monkeypatch):
+    import moa.recsys.baselines as baselines
+    import moa.recsys.trainer as trainer
+    from transformers import BertConfig, BertModel
+
+    from moa.recsys.recommender import RecommenderConfig, TextSeqRecommender
+
+    loops = []
+
+    def spy(model, *args, **kwargs):
+        loops.append(type(model).__name__)
+        return real_train(model, *args, **kwargs)
+
+    real_train = trainer.train
+    monkeypatch.setattr(trainer, "train", spy)
+    monkeypatch.setattr(baselines, "train", spy)
+    seqs = tuple(torch.arange(1, 7) % 5 + 1 for _ in range(4))
+    split = LeaveOneOut(("a", "b", "c", "d"), seqs, 5, "x")
+    baselines.SASRec(5, hidden=8, n_layers=1, n_heads=1, inner=8, max_len=4).fit(split, epochs=1)
+    bert = BertModel(BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                                intermediate_size=8, max_position_embeddings=16))
+    config = RecommenderConfig(adapted_layers=0, hidden=8, user_layers=1, heads=1, inner=8, max_len=4)
+    model = TextSeqRecommender.build(["x"], config=config, backbone=bert, experts=False)
+    model.add_catalogue("x", torch.randint(1, 30, (6, 3)), torch.ones(6, 3, dtype=torch.long))
+    model.fit(split, epochs=1, train_encoder=False)
+    assert loops == ["SASRec", "TextSeqRecommender"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
