@@ -119,6 +119,21 @@ def run_cli(args: Sequence[str] | None = None, run: bool = True) -> MoACLI:
     )
 
 
+def callback_override(config: str | Path, class_path: str, **init_args) -> list[str]:
+    """``["--trainer.callbacks", <json>]``: the callbacks of ``config`` with the init args of the one whose
+    ``class_path`` is given updated (a command line cannot reach into one entry of a config's list)."""
+    import json
+
+    import yaml
+
+    callbacks = (yaml.safe_load(Path(config).read_text()).get("trainer") or {}).get("callbacks") or []
+    matches = [c for c in callbacks if isinstance(c, dict) and c.get("class_path") == class_path]
+    if len(matches) != 1:
+        raise ValueError(f"{config} has {len(matches)} callbacks of class {class_path}; expected one")
+    matches[0]["init_args"] = {**(matches[0].get("init_args") or {}), **init_args}
+    return ["--trainer.callbacks", json.dumps(callbacks)]
+
+
 def lightning_main(args: Sequence[str] | None) -> int:
     """``moa fit|validate|test|predict ...``: the Lightning CLI (``None``: the arguments of ``sys.argv``)."""
     run_cli(args)

@@ -48,11 +48,20 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def fit(config: str, overrides: list[str]):
-    from moa.pipelines.cli import run_cli
+def fit(config: str, overrides: list[str], **bundle):
+    """``moa fit -c configs/<config>`` with ``overrides``; ``bundle`` updates the config's LogBundle callback."""
+    from moa.pipelines.cli import callback_override, run_cli
 
     return run_cli(["fit", "-c", str(CONFIGS / config), "--trainer.enable_progress_bar", "false",
-                    "--trainer.enable_model_summary", "false", *overrides])
+                    "--trainer.enable_model_summary", "false", *overrides,
+                    *callback_override(CONFIGS / config, "moa.pipelines.tracking.LogBundle", **bundle)])
+
+
+def shipped(cli):
+    """The LogBundle callback of a fit: what it shipped (``metrics``, ``epoch``, ``promotion``)."""
+    from moa.pipelines.tracking import LogBundle
+
+    return next(c for c in cli.trainer.callbacks if isinstance(c, LogBundle))
 
 
 def test_metrics(cli) -> dict[str, float]:
@@ -92,21 +101,20 @@ def main(argv: list[str] | None = None) -> None:
     experts = fit("recsys-experts.yaml", [
         *common, "--trainer.max_epochs", str(expert_epochs), "--data.init_args.domains", str(SOURCES),
         "--model.init_args.adapted_layers", str(adapted),
-        "--model.init_args.export_dir", str(out / "experts-bundle"),
-        *(["--model.init_args.encoder", args.encoder] if args.encoder else [])])
-    best = experts.model.best
-    print(f"best epoch {best.get('epoch')}: val NDCG@10 {best['ndcg_10']:.4f}  HR@10 {best['hr_10']:.4f} "
-          f"({time.perf_counter() - start:.0f} s so far)")
+        *(["--model.init_args.encoder", args.encoder] if args.encoder else [])], directory=str(out / "experts-bundle"))
+    best = shipped(experts)
+    print(f"best epoch {best.epoch}: val NDCG@10 {best.metrics['val/ndcg_10']:.4f}  HR@10 "
+          f"{best.metrics['val/hr_10']:.4f} ({time.perf_counter() - start:.0f} s so far)")
 
     step(f"3. X-Cross for {TARGET!r} from the frozen {SOURCES} experts, {xcross_epochs} epochs; log, register, "
          "promotion gate")
     xcross = fit("recsys-xcross.yaml", [
         *common, "--trainer.max_epochs", str(xcross_epochs), "--data.init_args.domains", str([TARGET]),
-        "--model.init_args.sources_from", str(out / "experts-bundle"), "--model.init_args.export_dir", str(out / "bundle"),
-        "--model.init_args.register_as", args.name])
-    best = xcross.model.best
-    print(f"best epoch {best.get('epoch')}: val NDCG@10 {best['ndcg_10']:.4f}  HR@10 {best['hr_10']:.4f}")
-    promotion = xcross.model.promotion
+        "--model.init_args.sources_from", str(out / "experts-bundle")], directory=str(out / "bundle"),
+        register_as=args.name)
+    best = shipped(xcross)
+    print(f"best epoch {best.epoch}: val NDCG@10 {best.metrics['val/ndcg_10']:.4f}  HR@10 {best.metrics['val/hr_10']:.4f}")
+    promotion = best.promotion
     verdict = "promoted to @champion" if promotion.promoted else "not promoted"
     print(f"registered {promotion.name} v{promotion.version}: {verdict} ({promotion.reason})")
 

@@ -9,16 +9,16 @@
 * :class:`XCrossRecommender`: X-Cross for a target domain, integrating the frozen experts of a trained
   domain-expert model (``sources_from``) layer by layer.
 
-Both log ``train/loss``, ``val/ndcg_10`` and ``val/hr_10`` (mean over domains, per domain too), keep the weights of
-the best validation epoch, and at the end of ``fit`` write a serving bundle (:mod:`moa.pipelines.service`) to
-``export_dir``; with ``register_as`` they log it as an MLflow pyfunc model in the run, register it and promote it
-to ``@champion`` when its validation NDCG@10 beats the champion's.
+Both log ``train/loss``, ``val/ndcg_10`` and ``val/hr_10`` (mean over domains, per domain too). The configs keep
+the best validation epoch with Lightning's ``ModelCheckpoint`` and ship it with
+:class:`moa.pipelines.tracking.LogBundle` (``ship: best``): at the end of ``fit`` it restores that checkpoint, writes
+the serving bundle (:mod:`moa.pipelines.service`), logs it to the MLflow run as a pyfunc model and, with
+``register_as``, registers it and promotes it to ``@champion`` when its validation NDCG@10 beats the champion's.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,6 @@ from moa.atomic import read_json
 from moa.recsys.evaluate import evaluate
 
 from .service import item_table, write_bundle
-from .tracking import mlflow_logger
 
 
 @functools.lru_cache(maxsize=2)
@@ -196,34 +195,32 @@ class RecBoleDomains(SequenceDomains):
 
 
 class RecommenderModule(L.LightningModule):
-    """Shared training, evaluation and export of the recommender modules (see the module docstring).
+    """Shared training and evaluation of the recommender modules (see the module docstring).
+
+    The module says what to train and what to ship; the trainer's callbacks say how: the best epoch is kept by a
+    ``ModelCheckpoint`` monitoring ``val/ndcg_10``, and :class:`moa.pipelines.tracking.LogBundle` (``ship: best``)
+    restores it at the end of ``fit``, writes the serving bundle (:meth:`write_bundle`), logs, registers and gates it.
 
     Args:
         lr: learning rate of the user encoders.
         encoder_lr: learning rate of the item encoder's trainable part (experts, X-Cross integrator); None = lr.
-        negatives: uniformly sampled negatives per domain and batch, on top of the in-batch items.
+        negatives: None = softmax over the whole catalogue; N = the in-batch items plus N uniform samples.
         weight_decay: AdamW weight decay.
         train_encoder: train the item encoder's adapters (else only the user encoders train, on cached vectors).
-        export_dir: where the serving bundle of the best epoch goes at the end of ``fit`` (None: no bundle).
-        register_as: registered model name; log the bundle to the MLflow run, register it, gate ``@champion``.
         k: top-k of ``predict``.
         seed: seed of the sampled negatives.
         verbose: print one line per validated epoch.
     """
 
-    def __init__(self, lr: float = 1e-3, encoder_lr: float | None = None, negatives: int = 256,
-                 weight_decay: float = 0.0, train_encoder: bool = True, export_dir: str | None = "outputs/bundle",
-                 register_as: str | None = None, k: int = 10, seed: int = 0, verbose: bool = True):
+    def __init__(self, lr: float = 1e-3, encoder_lr: float | None = None, negatives: int | None = None,
+                 weight_decay: float = 0.0, train_encoder: bool = True, k: int = 10, seed: int = 0,
+                 verbose: bool = True):
         super().__init__()
         self.verbose = verbose
         self.lr, self.encoder_lr, self.negatives = lr, encoder_lr, negatives
         self.weight_decay, self.train_encoder, self.k, self.seed = weight_decay, train_encoder, k, seed
-        self.export_dir, self.register_as = export_dir, register_as
         self.recommender = None
         self.strict_loading = False  # checkpoints hold the trainable weights only (not the frozen encoder)
-        self.best: dict[str, Any] = {"ndcg_10": -math.inf}
-        self.promotion = None
-        self.bundle_path: Path | None = None
         self._val: dict[str, dict[str, float]] = {}
         self._train_loss = (0.0, 0)
 
@@ -266,20 +263,27 @@ class RecommenderModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {f"recommender.{n}" for n, p in self.recommender.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["best_val"] = {k: v for k, v in self.best.items() if k != "state"}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.best = dict(checkpoint.get("best_val", {"ndcg_10": -math.inf}))
+        if self.recommender is not None:
+            self.recommender.clear_cache()
 
     # -- training
     def training_step(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_idx: int):
         windows = {d: (x.to(self.device), y.to(self.device)) for d, (x, y) in batch.items()}
         rows = {d: list(range(len(x))) for d, (x, _) in windows.items()}
-        loss, count = self.recommender.batch_loss(rows, windows, self.negatives, self._encoder_params(), self._generator)
+        loss, count = self.recommender.batch_loss(rows, windows, self.negatives, self._encoder_params(), self._generator,
+                                                  self._trained)
         self.log("train/loss", loss, prog_bar=True, batch_size=count)
         self._train_loss = (self._train_loss[0] + float(loss.detach()) * count, self._train_loss[1] + count)
         self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, batch_size=count)
         return loss
+
+    def on_fit_start(self) -> None:
+        # the softmax ranges over the items of the training data, whose IDs (item_ids) are learnt
+        self._trained = {d: s.item_counts() > 0 for d, s in self.data.splits.items()}
+        for domain, known in self._trained.items():
+            self.recommender.head(domain).mark_trained_items(known)
 
     def on_train_epoch_start(self) -> None:
         self._train_loss = (0.0, 0)
@@ -292,6 +296,9 @@ class RecommenderModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.recommender.clear_cache()
         self._val = {}
+
+    def on_test_epoch_start(self) -> None:
+        self.recommender.clear_cache()
 
     def _evaluate(self, batch: torch.Tensor, stage: str) -> None:
         domain = self.data.domains[int(batch[0])]
@@ -313,18 +320,13 @@ class RecommenderModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or len(self._val) != len(self.data.domains):
             return
-        ndcg = sum(m["ndcg_10"] for m in self._val.values()) / len(self._val)
-        hr = sum(m["hr_10"] for m in self._val.values()) / len(self._val)
-        improved = ndcg > self.best["ndcg_10"]
-        if improved:
-            state = {n: p.detach().clone() for n, p in self.recommender.named_parameters() if p.requires_grad}
-            self.best = {"ndcg_10": ndcg, "hr_10": hr, "epoch": self.current_epoch, "state": state}
-        self.log("val/best_ndcg_10", self.best["ndcg_10"], batch_size=1)
         if self.verbose and self.trainer.is_global_zero:
+            ndcg = sum(m["ndcg_10"] for m in self._val.values()) / len(self._val)
+            hr = sum(m["hr_10"] for m in self._val.values()) / len(self._val)
             total, count = self._train_loss
             per_domain = ", ".join(f"{d} {m['ndcg_10']:.4f}" for d, m in self._val.items())
             print(f"  epoch {self.current_epoch}: train loss {total / max(count, 1):.4f}, "
-                  f"val NDCG@10 {ndcg:.4f} ({per_domain}), HR@10 {hr:.4f}{' *' if improved else ''}", flush=True)
+                  f"val NDCG@10 {ndcg:.4f} ({per_domain}), HR@10 {hr:.4f}", flush=True)
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, list]:
         """Top-``k`` items (domain indices) for every user of the batch's domain, from their whole history."""
@@ -335,35 +337,18 @@ class RecommenderModule(L.LightningModule):
         return {"user_id": list(split.users), "domain": [domain] * len(split.users), "items": items.tolist(),
                 "scores": scores.tolist()}
 
-    # -- export
-    def on_fit_end(self) -> None:
-        state = self.best.get("state")
-        if state is not None:
-            params = dict(self.recommender.named_parameters())
-            with torch.no_grad():
-                for name, value in state.items():
-                    params[name].copy_(value)
+    # -- export (called by moa.pipelines.tracking.LogBundle)
+    def write_bundle(self, directory: str | Path, datamodule=None, *, metrics: dict[str, float] | None = None,
+                     base: str | None = None) -> Path:
+        """Write the serving bundle of the current weights (after ``LogBundle`` restored the best epoch) with
+        ``metrics``, the item table of every served domain and the run's CLI config; returns its folder."""
         self.recommender.clear_cache()
         self.recommender.eval()
-        if self.export_dir is None or not self.trainer.is_global_zero:
-            return
         models = self.bundle_models()
         served = [d for m in models.values() for d in m.domains]
-        metrics = {"val/ndcg_10": self.best["ndcg_10"], "val/hr_10": self.best.get("hr_10", float("nan"))}
         with tempfile.TemporaryDirectory() as tmp:
             config = _dump_cli_config(self.trainer, Path(tmp) / "config.yaml")
-            self.bundle_path = write_bundle(self.export_dir, models, self.data.item_table(served), metrics=metrics,
-                                            config_yaml=config)
-        logger = mlflow_logger(self.trainer)
-        if logger is not None:
-            logger.log_metrics({"best/val_ndcg_10": self.best["ndcg_10"], "best/epoch": float(self.best.get("epoch", -1))})
-        if self.register_as:
-            from .registry import check_metric, log_bundle, register_and_gate
-
-            metric = check_metric(self.best["ndcg_10"], "the best validation NDCG@10")  # before anything is logged
-            run_id = logger.run_id if logger is not None else None
-            info = log_bundle(self.bundle_path, run_id=run_id, tracking_uri=logger._tracking_uri if logger else None)
-            self.promotion = register_and_gate(info.model_uri, self.register_as, metric)
+            return write_bundle(directory, models, self.data.item_table(served), metrics=metrics, config_yaml=config)
 
 
 def _dump_cli_config(trainer: L.Trainer, path: Path) -> Path | None:
@@ -383,24 +368,25 @@ class DomainExpertRecommender(RecommenderModule):
         r, alpha, target_modules, impl: the LoRA experts.
         max_tokens: tokens per item text.
         hidden, user_layers, heads, inner, dropout, max_len: the user encoders.
+        item_ids: fuse a learnt item-ID embedding with each item's text vector (UniSRec's transductive setting).
         (the rest: see :class:`RecommenderModule`)
     """
 
     def __init__(self, encoder: str | None = None, adapted_layers: int = 2, r: int = 8, alpha: float = 16.0,
                  target_modules: list[str] | None = None, impl: str = "auto", max_tokens: int = 20, hidden: int = 64,
                  user_layers: int = 2, heads: int = 2, inner: int = 256, dropout: float = 0.2, max_len: int = 50,
-                 lr: float = 1e-3, encoder_lr: float | None = None, negatives: int = 256, weight_decay: float = 0.0,
-                 train_encoder: bool = True, export_dir: str | None = "outputs/bundle", register_as: str | None = None,
-                 k: int = 10, seed: int = 0, verbose: bool = True):
-        super().__init__(lr, encoder_lr, negatives, weight_decay, train_encoder, export_dir, register_as, k, seed,
-                         verbose)
+                 item_ids: bool = False, lr: float = 1e-3, encoder_lr: float | None = None,
+                 negatives: int | None = None, weight_decay: float = 0.0, train_encoder: bool = True, k: int = 10,
+                 seed: int = 0, verbose: bool = True):
+        super().__init__(lr, encoder_lr, negatives, weight_decay, train_encoder, k, seed, verbose)
         self.save_hyperparameters()
         from moa.recsys.recommender import RecommenderConfig
 
         self.config = RecommenderConfig(
             encoder=encoder, adapted_layers=adapted_layers, r=r, alpha=alpha,
             target_modules=list(target_modules or ["query", "value"]), impl=impl, max_tokens=max_tokens,
-            hidden=hidden, user_layers=user_layers, heads=heads, inner=inner, dropout=dropout, max_len=max_len)
+            hidden=hidden, user_layers=user_layers, heads=heads, inner=inner, dropout=dropout, max_len=max_len,
+            item_ids=item_ids)
 
     def build(self, data: SequenceDomains) -> None:
         from moa.recsys.recommender import TextSeqRecommender
@@ -424,11 +410,9 @@ class XCrossRecommender(RecommenderModule):
 
     def __init__(self, sources_from: str, sources: list[str] | None = None, beta: float = 1.0, gamma: float = 1.0,
                  head_from: str | None = None, lr: float = 1e-3, encoder_lr: float | None = None,
-                 negatives: int = 256, weight_decay: float = 0.0, train_encoder: bool = True,
-                 export_dir: str | None = "outputs/bundle", register_as: str | None = None, k: int = 10,
+                 negatives: int | None = None, weight_decay: float = 0.0, train_encoder: bool = True, k: int = 10,
                  seed: int = 0, verbose: bool = True):
-        super().__init__(lr, encoder_lr, negatives, weight_decay, train_encoder, export_dir, register_as, k, seed,
-                         verbose)
+        super().__init__(lr, encoder_lr, negatives, weight_decay, train_encoder, k, seed, verbose)
         self.save_hyperparameters()
         self.sources_from, self.sources = sources_from, sources
         self.beta, self.gamma, self.head_from = beta, gamma, head_from

@@ -66,3 +66,59 @@ def test_print_trainable_parameters_counts_independently(capsys):
     total = sum(p.numel() for p in model.model.parameters())  # base + MoA layers (they live inside it)
     assert line == capsys.readouterr().out.strip()
     assert line.startswith(f"trainable params: {pools + routers:,} || all params: {total:,} || trainable%: ")
+
+
+class ScriptedModule(L.LightningModule):
+    """One weight that becomes the epoch number; a scripted validation metric per epoch; a bundle that records
+    the weight and metrics it was written with."""
+
+    SCORES = [0.2, 0.9, 0.4, 0.1]  # epoch 1 is the best
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.written = None
+
+    def training_step(self, batch, batch_idx):
+        with torch.no_grad():
+            self.w.fill_(float(self.current_epoch))
+        return (self.w * 0.0).sum() + batch.sum() * 0.0
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/score", self.SCORES[self.current_epoch])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def write_bundle(self, directory, datamodule=None, *, metrics=None, base=None):
+        self.written = (float(self.w), dict(metrics))
+        return directory
+
+
+@pytest.mark.parametrize("ship", ["best", "last"])
+def test_log_bundle_ships_the_best_checkpoint_with_its_own_metrics(tmp_path, ship, one_thread):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from moa.pipelines.tracking import LogBundle
+
+    module, data = ScriptedModule(), DataLoader(torch.zeros(4, 1), batch_size=2)
+    bundle = LogBundle(str(tmp_path / "bundle"), ship=ship)
+    trainer = L.Trainer(max_epochs=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, num_sanity_val_steps=0,
+                        callbacks=[bundle, ModelCheckpoint(monitor="val/score", mode="max", save_top_k=1)])
+    trainer.fit(module, data, data)
+    weight, metrics = module.written
+    if ship == "best":  # the weights and figures of epoch 1, not of the last epoch
+        assert weight == 1.0 and metrics["val/score"] == pytest.approx(0.9) and bundle.epoch == 1
+    else:
+        assert weight == 3.0 and metrics["val/score"] == pytest.approx(0.1)
+
+
+def test_log_bundle_ship_best_needs_a_monitoring_checkpoint(tmp_path):
+    from moa.pipelines.tracking import LogBundle
+
+    data = DataLoader(torch.zeros(4, 1), batch_size=2)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        callbacks=[LogBundle(str(tmp_path / "b"), ship="best")], default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="needs a ModelCheckpoint with a monitor"):
+        trainer.fit(ScriptedModule(), data, data)

@@ -52,7 +52,7 @@ def test_recbole_domains_from_a_domain_column_or_a_category_map(tmp_path):
 
 @pytest.mark.slow
 def test_the_recommender_config_trains_on_any_dataset_and_serves_its_item_tokens(tmp_path, monkeypatch):
-    from moa.pipelines.cli import run_cli
+    from moa.pipelines.cli import callback_override, run_cli
     from moa.pipelines.recommendation import tiny_encoder
     from moa.pipelines.service import RecommendationService
 
@@ -65,7 +65,8 @@ def test_the_recommender_config_trains_on_any_dataset_and_serves_its_item_tokens
              "--data.init_args.domains", "[books, games]", "--data.init_args.batch_size", "16",
              "--model.init_args.encoder", str(tiny_encoder(tmp_path / "encoder")), "--model.init_args.hidden", "16",
              "--model.init_args.inner", "32", "--model.init_args.negatives", "8", "--model.init_args.verbose", "false",
-             "--model.init_args.export_dir", str(tmp_path / "bundle"), "--trainer.max_epochs", "1",
+             *callback_override(ROOT / "configs" / "recsys-experts.yaml", "moa.pipelines.tracking.LogBundle",
+                                directory=str(tmp_path / "bundle")), "--trainer.max_epochs", "1",
              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
     service = RecommendationService.from_bundle(tmp_path / "bundle")
     assert service.domains == ["books", "games"] and not service.integer_ids
