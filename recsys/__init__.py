@@ -11,11 +11,14 @@ Modules, each importing only those above it in this list (``tests/test_recsys_la
 * :mod:`~moa.recsys.evaluate`: :func:`~moa.recsys.evaluate.evaluate` (the name of its module: import it from
   there), the shared harness (full ranking, seen items masked) for any
   model with ``score(histories, domain)``; :func:`trainable_parameters` counts what a model trains.
-* :mod:`~moa.recsys.layers`: :class:`TransformerBlock` and :func:`look_back_mask`, the user encoders' parts.
-* :mod:`~moa.recsys.baselines`: :class:`Popularity` and the ID-based :class:`SASRec`.
+* :mod:`~moa.recsys.layers`: :class:`SequenceEncoder`, the one causal encoder of item sequences (SASRec and the
+  text recommender's user encoder are subclasses), built from :class:`TransformerBlock` and :func:`look_back_mask`.
+* :mod:`~moa.recsys.trainer`: :func:`train`, the one next-item training loop (windows, random batches, full or
+  sampled softmax, validation NDCG@10, best weights, early stopping); the text recommender's step.
+* :mod:`~moa.recsys.baselines`: :class:`Popularity` and the ID-based :class:`SASRec` (full softmax by default).
 * :mod:`~moa.recsys.encoders`: the pretrained backbone (:func:`load_encoder`, :func:`tokenize_items`), the text
-  :class:`ItemEncoder` with its domain experts, the per-domain :class:`UserEncoder`.
-* :mod:`~moa.recsys.trainer`: the fit loop and per-batch loss of the text recommender.
+  :class:`ItemEncoder` with its domain experts, the per-domain :class:`UserEncoder` (optionally fusing item IDs
+  with the text: ``RecommenderConfig(item_ids=True)``).
 * :mod:`~moa.recsys.persistence`: its saved folder (``recommender.json`` + ``recommender.safetensors``).
 * :mod:`~moa.recsys.recommender`: :class:`TextSeqRecommender` (build, fit, score, recommend, save) and its
   :class:`RecommenderConfig`.
@@ -40,8 +43,8 @@ _EXPORTS = {
     "target_ranks": "metrics", "ranking_metrics": "metrics",
     "EvalResult": "evaluate", "trainable_parameters": "evaluate",  # the harness: moa.recsys.evaluate.evaluate
     # baselines and their parts
-    "TransformerBlock": "layers", "look_back_mask": "layers",
-    "Popularity": "baselines", "SASRec": "baselines",
+    "SequenceEncoder": "layers", "TransformerBlock": "layers", "look_back_mask": "layers",
+    "train": "trainer", "Popularity": "baselines", "SASRec": "baselines",
     # the text recommender
     "load_encoder": "encoders", "tokenize_items": "encoders", "ItemEncoder": "encoders", "UserEncoder": "encoders",
     "RecommenderConfig": "recommender", "TextSeqRecommender": "recommender",

@@ -79,11 +79,13 @@ class SASRec(SequenceEncoder):
 
     def fit(self, split: LeaveOneOut, epochs: int = 200, *, lr: float = 3e-3, batch_size: int = 256,
             weight_decay: float = 0.0, negatives: int | None = None, patience: int = 5, seed: int = 0,
-            max_seconds: float | None = None, log: Callable[[str], None] | None = None) -> list[dict]:
+            max_seconds: float | None = None, log: Callable[[str], None] | None = None,
+            progress: bool = True) -> list[dict]:
         """Train on the split's training sequences with the shared loop (:func:`moa.recsys.trainer.train`): the
         same windows, random batches, early stopping on validation NDCG@10 and best-weight selection as the text
         recommender. Loss: cross-entropy over all items (``negatives=None``), or a sampled softmax against
-        ``negatives`` uniform items shared by the batch. Returns one dict per trained epoch.
+        ``negatives`` uniform items shared by the batch; ``progress`` shows a bar over the epochs. Returns one
+        dict per trained epoch.
         The defaults (Adam, lr 3e-3, batch 256, patience 5) were chosen on ml-100k validation NDCG@10: they match
         lr 1e-3 / batch 128 and dropout 0.5 within noise and converge in the fewest epochs.
         """
@@ -92,7 +94,8 @@ class SASRec(SequenceEncoder):
         groups = [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
         result = train(self, {split.domain: split}, groups, functools.partial(self.batch_loss, negatives=negatives),
                        max_len=self.max_len, epochs=epochs, batch_size=batch_size, weight_decay=weight_decay,
-                       patience=patience, seed=seed, keep_start=False, max_seconds=max_seconds, log=log)
+                       patience=patience, seed=seed, keep_start=False, max_seconds=max_seconds, log=log,
+                       progress=progress)
         return result["history"][1:]
 
     def batch_loss(self, batch: dict, windows: dict, generator: torch.Generator, trained: dict,

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .data import PAD, LeaveOneOut, training_windows
 from .evaluate import evaluate
@@ -33,7 +34,8 @@ if TYPE_CHECKING:  # annotations only (the recommender imports this module)
 def train(model: nn.Module, splits: Mapping[str | None, LeaveOneOut], groups: list[dict], step_loss: Callable,
           *, max_len: int, epochs: int, batch_size: int, weight_decay: float = 0.0, warmup: float = 0.0,
           patience: int = 5, seed: int = 0, keep_start: bool = True, max_seconds: float | None = None,
-          after_step: Callable[[], None] | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+          after_step: Callable[[], None] | None = None, log: Callable[[str], None] | None = None,
+          progress: bool = False) -> dict[str, Any]:
     """The one next-item training loop (SASRec and the text recommender).
 
     Every epoch cuts each training sequence, from its end, into windows of ``max_len + 1`` items
@@ -44,7 +46,8 @@ def train(model: nn.Module, splits: Mapping[str | None, LeaveOneOut], groups: li
     first ``warmup`` epochs; ``trained`` marks the items of the training data (held-out cold-start items are not
     candidates). Before training (when ``keep_start``) and after each epoch, validation NDCG@10 (the harness, full
     ranking, seen items masked; averaged over domains) selects the best weights; ``patience`` epochs without
-    improvement stop training, as does ``max_seconds``. Returns ``{"epochs", "best_epoch", "best_valid",
+    improvement stop training, as does ``max_seconds``. ``progress`` shows a bar over the epochs (loss, validation
+    NDCG@10 and the best so far); ``log`` receives a line per epoch. Returns ``{"epochs", "best_epoch", "best_valid",
     "seconds", "history"}`` (``history[0]`` is the start).
     """
     generator = torch.Generator().manual_seed(seed)
@@ -65,6 +68,7 @@ def train(model: nn.Module, splits: Mapping[str | None, LeaveOneOut], groups: li
     initial = validate() if keep_start else math.nan  # epoch 0: the starting point (e.g. a trained user encoder)
     best, best_state = (initial, trainable_state(model)) if keep_start else (-math.inf, None)
     history = [{"epoch": 0, "loss": math.nan, "valid_NDCG@10": initial, "seconds": time.perf_counter() - start}]
+    bar = tqdm(total=epochs, unit="epoch", desc=f"fit {type(model).__name__}", disable=not progress, leave=False)
     for epoch in range(1, epochs + 1):
         model.train()
         total, count = 0.0, 0
@@ -90,8 +94,11 @@ def train(model: nn.Module, splits: Mapping[str | None, LeaveOneOut], groups: li
             best, best_state, stale = valid, trainable_state(model), 0
         else:
             stale += 1
+        bar.update()
+        bar.set_postfix(loss=f"{total / max(count, 1):.4f}", valid=f"{valid:.4f}", best=f"{best:.4f}")
         if stale >= patience or (max_seconds is not None and seconds >= max_seconds):
             break
+    bar.close()
     load_trainable_state(model, best_state)
     model.eval()
     best_epoch = max(history[0 if keep_start else 1:], key=lambda h: h["valid_NDCG@10"])["epoch"]
@@ -103,7 +110,7 @@ def fit(model: TextSeqRecommender, splits: LeaveOneOut | Mapping[str, LeaveOneOu
         train_encoder: bool = True, lr: float = 1e-3, encoder_lr: float | None = None, batch_size: int = 128,
         negatives: int | None = 256, weight_decay: float = 0.0, warmup: float = 0.0, patience: int = 5,
         seed: int = 0, keep_start: bool = True, max_seconds: float | None = None,
-        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+        log: Callable[[str], None] | None = None, progress: bool = True) -> dict[str, Any]:
     """Train the text recommender on the splits' training sequences (one split per domain, or one split of a
     one-domain model) with the shared loop :func:`train`.
 
@@ -114,7 +121,7 @@ def fit(model: TextSeqRecommender, splits: LeaveOneOut | Mapping[str, LeaveOneOu
     cache. ``warmup`` epochs of learning-rate ramp help when fine-tuning a trained model (a fresh Adam's first steps
     are as large as later ones). Epoch 0, the starting point, may be the best unless ``keep_start=False``, which
     makes sure trained adapters are kept. Item IDs (``config.item_ids``) are learnt for the items of the training
-    data only. Returns what :func:`train` returns.
+    data only. ``progress`` shows a bar over the epochs. Returns what :func:`train` returns.
     """
     splits = check_splits(model, splits)
     encoder_params = model.item_encoder.trainable_parameters() if train_encoder else []
@@ -132,7 +139,7 @@ def fit(model: TextSeqRecommender, splits: LeaveOneOut | Mapping[str, LeaveOneOu
     try:
         return train(model, splits, groups, step_loss, max_len=model.config.max_len, epochs=epochs,
                      batch_size=batch_size, weight_decay=weight_decay, warmup=warmup, patience=patience, seed=seed,
-                     keep_start=keep_start, max_seconds=max_seconds, log=log,
+                     keep_start=keep_start, max_seconds=max_seconds, log=log, progress=progress,
                      after_step=model.clear_cache if encoder_params else None)
     finally:
         model.clear_cache()

@@ -377,3 +377,13 @@ def test_full_softmax_ranges_over_the_items_of_the_training_data_only():
     assert n == 3 and torch.allclose(loss, want, atol=1e-6)
     everything, _ = model.batch_loss({"a": [0]}, {"a": (x, y)}, None, [], None)
     assert everything > loss  # more candidates, larger loss
+
+
+def test_fit_shows_its_progress_over_the_epochs(capsys):
+    split = cyclic_split(12, users=20)
+    model = model_for(("a",), (12,), experts=False, config=FUSED)
+    model.fit(split, train_encoder=False, epochs=2, patience=2, negatives=None)
+    err = capsys.readouterr().err
+    assert "fit TextSeqRecommender" in err and "2/2" in err and "valid=" in err
+    model.fit(split, train_encoder=False, epochs=1, negatives=None, progress=False)
+    assert "fit TextSeqRecommender" not in capsys.readouterr().err
