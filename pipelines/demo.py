@@ -1,19 +1,24 @@
 """The main job: the whole recommendation pipeline on embedded defaults, printed.
 
-    python -m moa.pipelines.demo              # ./run main; about 10-15 min on a 2-core CPU
-    python -m moa.pipelines.demo --full       # the larger configuration (2 adapted layers, 12 + 12 epochs)
+    python -m moa.pipelines.demo              # ./run main; about 4 min on a 2-core CPU
+    python -m moa.pipelines.demo --sasrec     # also SASRec (item IDs), trained and tested the same way
+    python -m moa.pipelines.demo --epochs 30 --adapters   # longer, with LoRA experts trained end to end
 
 1. MovieLens-100K in genre domains (each its own catalogue), leave-one-out per domain.
-2. ``moa fit -c configs/recsys-experts.yaml``: domain experts (one LoRA expert per source domain in the top layer
-   of all-MiniLM-L6-v2, static routing by domain) and one user encoder per domain; MLflow run on ./mlflow.db.
-3. ``moa fit -c configs/recsys-xcross.yaml``: X-Cross for the target domain, integrating the frozen source experts
-   layer by layer; the best epoch's bundle is logged as an MLflow pyfunc model, registered as
-   ``moa-recommender`` and promoted to ``@champion`` when its validation NDCG@10 beats the champion's.
+2. ``moa fit -c configs/recsys-experts.yaml`` on the four domains: moa's best recommender of
+   ``bench/recsys_quality.py`` (item ID + all-MiniLM-L6-v2 text vectors, one user encoder per domain, full softmax;
+   with ``--adapters`` one LoRA expert per domain in the top MiniLM layer, trained end to end). Lightning keeps the
+   best validation epoch; ``LogBundle`` logs its bundle to the MLflow run (./mlflow.db), registers it as
+   ``moa-recommender`` and promotes it to ``@champion`` only if its validation NDCG@10 beats the champion's.
+3. Test metrics per domain next to popularity (and SASRec with ``--sasrec``): same split, full ranking, seen
+   items masked.
 4. moa's scoring server (``moa serve``) for ``models:/moa-recommender@champion`` on 127.0.0.1: a mixed-domain
    batch of real users' histories, and a bad request; then the server is stopped.
-5. Batch scoring of every user to Parquet, and the test metrics next to a popularity baseline.
+5. Batch scoring of every user to Parquet.
 
-The foundation tour that used to be the main job is ``python -m moa.pipelines.tour``.
+X-Cross (``configs/recsys-xcross.yaml``) trains from a bundle of domain LoRA experts (``--adapters``):
+``moa fit -c configs/recsys-xcross.yaml --model.init_args.sources_from outputs/main/bundle``. The foundation tour that used to be the main job is
+``python -m moa.pipelines.tour``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import warnings
 from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SOURCES, TARGET = ["comedy", "action", "drama"], "children"
+DOMAINS = ["children", "comedy", "action", "drama"]
 
 
 def step(title: str) -> None:
@@ -71,18 +76,15 @@ def test_metrics(cli) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("outputs/main"), help="bundles, checkpoints, Parquet")
-    parser.add_argument("--full", action="store_true", help="the larger configuration (2 adapted layers, 12 + 12 epochs)")
-    parser.add_argument("--expert-epochs", type=int, default=None, help="epochs of stage 1 (default 2, --full 12)")
-    parser.add_argument("--xcross-epochs", type=int, default=None, help="epochs of stage 2 (default 4, --full 12)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/main"), help="bundle, checkpoints, Parquet")
+    parser.add_argument("--epochs", type=int, default=15, help="most epochs (the best validation epoch is kept)")
+    parser.add_argument("--adapters", action="store_true", help="LoRA experts in the top MiniLM layer, end to end")
+    parser.add_argument("--sasrec", action="store_true", help="also train and test SASRec (item IDs)")
     parser.add_argument("--encoder", default=None, help="item encoder folder (default: all-MiniLM-L6-v2)")
     parser.add_argument("--name", default="moa-recommender", help="registered model name")
     args = parser.parse_args(argv)
     quiet()
     start = time.perf_counter()
-    expert_epochs = args.expert_epochs or (12 if args.full else 2)
-    xcross_epochs = args.xcross_epochs or (12 if args.full else 4)
-    adapted = 2 if args.full else 1
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     from moa.pipelines.tracking import resolve_tracking_uri
@@ -94,48 +96,43 @@ def main(argv: list[str] | None = None) -> None:
 
     dataset = ml100k()
     print(dataset.summary())
-    print(f"source domains {SOURCES} (domain experts), target domain {TARGET!r} (X-Cross)")
 
-    step(f"2. domain experts: {len(SOURCES)} LoRA experts in the top {adapted} MiniLM layer(s), {expert_epochs} epochs")
-    common = ["--trainer.default_root_dir", str(out / "runs")]
-    experts = fit("recsys-experts.yaml", [
-        *common, "--trainer.max_epochs", str(expert_epochs), "--data.init_args.domains", str(SOURCES),
-        "--model.init_args.adapted_layers", str(adapted),
-        *(["--model.init_args.encoder", args.encoder] if args.encoder else [])], directory=str(out / "experts-bundle"))
-    best = shipped(experts)
+    model = "ID + text" + (" + LoRA experts" if args.adapters else " (frozen MiniLM)")
+    step(f"2. {model}: <= {args.epochs} epochs on {DOMAINS}; log, register, promotion gate")
+    recommender = fit("recsys-experts.yaml", [
+        "--trainer.default_root_dir", str(out / "runs"), "--trainer.max_epochs", str(args.epochs),
+        "--data.init_args.domains", str(DOMAINS), "--model.init_args.train_encoder", str(args.adapters).lower(),
+        "--model.init_args.adapted_layers", "1" if args.adapters else "0",
+        *(["--model.init_args.encoder", args.encoder] if args.encoder else [])],
+        directory=str(out / "bundle"), register_as=args.name)
+    best = shipped(recommender)
     print(f"best epoch {best.epoch}: val NDCG@10 {best.metrics['val/ndcg_10']:.4f}  HR@10 "
           f"{best.metrics['val/hr_10']:.4f} ({time.perf_counter() - start:.0f} s so far)")
-
-    step(f"3. X-Cross for {TARGET!r} from the frozen {SOURCES} experts, {xcross_epochs} epochs; log, register, "
-         "promotion gate")
-    xcross = fit("recsys-xcross.yaml", [
-        *common, "--trainer.max_epochs", str(xcross_epochs), "--data.init_args.domains", str([TARGET]),
-        "--model.init_args.sources_from", str(out / "experts-bundle")], directory=str(out / "bundle"),
-        register_as=args.name)
-    best = shipped(xcross)
-    print(f"best epoch {best.epoch}: val NDCG@10 {best.metrics['val/ndcg_10']:.4f}  HR@10 {best.metrics['val/hr_10']:.4f}")
     promotion = best.promotion
     verdict = "promoted to @champion" if promotion.promoted else "not promoted"
     print(f"registered {promotion.name} v{promotion.version}: {verdict} ({promotion.reason})")
 
-    step("4. test metrics (leave-one-out, full ranking over each domain's catalogue, seen items masked)")
-    from moa.recsys.baselines import Popularity
+    step("3. test metrics (leave-one-out, full ranking over each domain's catalogue, seen items masked)")
+    from moa.recsys.baselines import Popularity, SASRec
     from moa.recsys.evaluate import evaluate
 
-    rows = []
-    source_test, target_test = test_metrics(experts), test_metrics(xcross)
-    for domain in [*SOURCES, TARGET]:
-        split = (xcross if domain == TARGET else experts).datamodule.splits[domain]
-        popular = evaluate(Popularity().fit(split), split.test, ks=(10,))
-        ours = target_test if domain == TARGET else source_test
-        model = "X-Cross" if domain == TARGET else "domain expert"
-        rows.append((domain, model, ours[f"test/{domain}/ndcg_10"], ours[f"test/{domain}/hr_10"],
-                     popular["NDCG@10"], popular["HR@10"]))
-    print(f"{'domain':8s} {'model':14s} {'NDCG@10':>8s} {'HR@10':>7s} | {'popularity NDCG@10':>18s} {'HR@10':>7s}")
-    for domain, model, ndcg, hr, pop_ndcg, pop_hr in rows:
-        print(f"{domain:8s} {model:14s} {ndcg:8.4f} {hr:7.4f} | {pop_ndcg:18.4f} {pop_hr:7.4f}")
+    ours = test_metrics(recommender)
+    columns = ["moa", "popularity", *(["SASRec"] if args.sasrec else [])]
+    print(f"{'domain':9s} " + " ".join(f"{c + ' NDCG@10':>18s} {'HR@10':>6s}" for c in columns))
+    for domain in DOMAINS:
+        split = recommender.datamodule.splits[domain]
+        row = [(ours[f"test/{domain}/ndcg_10"], ours[f"test/{domain}/hr_10"])]
+        baselines = [Popularity().fit(split)]
+        if args.sasrec:
+            sasrec = SASRec(split.n_items)
+            sasrec.fit(split, epochs=args.epochs * 4, progress=False)
+            baselines.append(sasrec)
+        for baseline in baselines:
+            result = evaluate(baseline, split.test, ks=(10,))
+            row.append((result["NDCG@10"], result["HR@10"]))
+        print(f"{domain:9s} " + " ".join(f"{n:18.4f} {h:6.4f}" for n, h in row), flush=True)
 
-    step(f"5. REST: moa serve --model-uri models:/{args.name}@champion (127.0.0.1)")
+    step(f"4. REST: moa serve --model-uri models:/{args.name}@champion (127.0.0.1)")
     import pandas as pd
 
     from moa.pipelines.serving import ModelServer, post, request_body, score_all_users
@@ -143,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     items = pd.read_parquet(out / "bundle" / "items.parquet")
     title = dict(zip(items["item_id"].astype(int), items["title"]))
     histories, domains, users = [], [], []
-    for n, domain in enumerate([*SOURCES, TARGET]):
+    for n, domain in enumerate(DOMAINS):
         part = dataset.domain(domain)
         split = part.leave_one_out()
         ids = part.items["item_id"].astype(int)
@@ -161,13 +158,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  user {user} ({domain}), recently: {'; '.join(title[i] for i in history[-3:])}")
             for item, score in zip(prediction["items"], prediction["scores"]):
                 print(f"      {score:7.3f}  {title[item]}")
-        status, reply = post(f"{server.url}/invocations", request_body([[histories[0][0], 99999]], ["comedy"], 5))
+        status, reply = post(f"{server.url}/invocations", request_body([[histories[1][0], 99999]], ["comedy"], 5))
         print(f"a bad request (unknown item 99999): HTTP {status}: {reply['message'].splitlines()[-1]}")
         status, _ = post(f"{server.url}/invocations", request_body(histories[:1], domains[:1], k=3))
         print(f"the server keeps serving: HTTP {status}")
     print("server stopped")
 
-    step("6. batch: top-10 for every user and domain to Parquet")
+    step("5. batch: top-10 for every user and domain to Parquet")
     result = score_all_users(f"models:/{args.name}@champion", out / "recommendations.parquet", k=10, dataset=dataset)
     print(f"wrote {len(result)} rows ({result['user_id'].nunique()} users x their domains) to "
           f"{out / 'recommendations.parquet'}")
