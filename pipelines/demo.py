@@ -2,12 +2,13 @@
 
     python -m moa.pipelines.demo              # ./run main; about 4 min on a 2-core CPU
     python -m moa.pipelines.demo --sasrec     # also SASRec (item IDs), trained and tested the same way
-    python -m moa.pipelines.demo --epochs 30 --adapters   # longer, with LoRA experts trained end to end
+    python -m moa.pipelines.demo --epochs 20  # longer (the benchmark's models peak after 13 to 26 epochs)
 
 1. MovieLens-100K in genre domains (each its own catalogue), leave-one-out per domain.
 2. ``moa fit -c configs/recsys-experts.yaml`` on the four domains: moa's best recommender of
-   ``bench/recsys_quality.py`` (item ID + all-MiniLM-L6-v2 text vectors, one user encoder per domain, full softmax;
-   with ``--adapters`` one LoRA expert per domain in the top MiniLM layer, trained end to end). Lightning keeps the
+   ``bench/recsys_quality.py``: item ID + all-MiniLM-L6-v2 text vectors with one LoRA expert per domain in the top
+   MiniLM layer, trained end to end, one user encoder per domain, full softmax (``--frozen``: no experts, the
+   cheaper model). Lightning keeps the
    best validation epoch; ``LogBundle`` logs its bundle to the MLflow run (./mlflow.db), registers it as
    ``moa-recommender`` and promotes it to ``@champion`` only if its validation NDCG@10 beats the champion's.
 3. Test metrics per domain next to popularity (and SASRec with ``--sasrec``): same split, full ranking, seen
@@ -16,7 +17,7 @@
    batch of real users' histories, and a bad request; then the server is stopped.
 5. Batch scoring of every user to Parquet.
 
-X-Cross (``configs/recsys-xcross.yaml``) trains from a bundle of domain LoRA experts (``--adapters``):
+X-Cross (``configs/recsys-xcross.yaml``) trains from this bundle of domain LoRA experts:
 ``moa fit -c configs/recsys-xcross.yaml --model.init_args.sources_from outputs/main/bundle``. The foundation tour that used to be the main job is
 ``python -m moa.pipelines.tour``.
 """
@@ -77,8 +78,8 @@ def test_metrics(cli) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("outputs/main"), help="bundle, checkpoints, Parquet")
-    parser.add_argument("--epochs", type=int, default=15, help="most epochs (the best validation epoch is kept)")
-    parser.add_argument("--adapters", action="store_true", help="LoRA experts in the top MiniLM layer, end to end")
+    parser.add_argument("--epochs", type=int, default=5, help="most epochs (the best validation epoch is kept)")
+    parser.add_argument("--frozen", action="store_true", help="no LoRA experts: frozen MiniLM text vectors")
     parser.add_argument("--sasrec", action="store_true", help="also train and test SASRec (item IDs)")
     parser.add_argument("--encoder", default=None, help="item encoder folder (default: all-MiniLM-L6-v2)")
     parser.add_argument("--name", default="moa-recommender", help="registered model name")
@@ -97,12 +98,13 @@ def main(argv: list[str] | None = None) -> None:
     dataset = ml100k()
     print(dataset.summary())
 
-    model = "ID + text" + (" + LoRA experts" if args.adapters else " (frozen MiniLM)")
+    adapters = not args.frozen
+    model = "ID + text" + (" + LoRA experts" if adapters else " (frozen MiniLM)")
     step(f"2. {model}: <= {args.epochs} epochs on {DOMAINS}; log, register, promotion gate")
     recommender = fit("recsys-experts.yaml", [
         "--trainer.default_root_dir", str(out / "runs"), "--trainer.max_epochs", str(args.epochs),
-        "--data.init_args.domains", str(DOMAINS), "--model.init_args.train_encoder", str(args.adapters).lower(),
-        "--model.init_args.adapted_layers", "1" if args.adapters else "0",
+        "--data.init_args.domains", str(DOMAINS), "--model.init_args.train_encoder", str(adapters).lower(),
+        "--model.init_args.adapted_layers", "1" if adapters else "0",
         *(["--model.init_args.encoder", args.encoder] if args.encoder else [])],
         directory=str(out / "bundle"), register_as=args.name)
     best = shipped(recommender)
