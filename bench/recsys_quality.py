@@ -1,8 +1,9 @@
 """Recommendation quality on MovieLens-100K: moa's recommenders against popularity and SASRec, 3 seeds.
 
     python bench/recsys_quality.py                 # every model, 4 genre domains + the whole catalogue, 3 seeds
-    python bench/recsys_quality.py --quick         # children only, 1 seed, short training: a smoke run (~3 min)
-    python bench/recsys_quality.py --jobs 2        # runs (model, catalogue, seed) in 2 processes, 1 thread each
+                                                   # (about 33 min on 2 cores)
+    python bench/recsys_quality.py --quick         # children only, 1 seed, short training: a smoke run (~1 min)
+    python bench/recsys_quality.py --jobs 1        # one process (default 2: runs in 2 processes, 1 thread each)
 
 Protocol (the same for every model): time-ordered leave-one-out, full ranking over the catalogue's items, test
 metrics of the epoch with the best validation NDCG@10 (patience ``--patience``); reported with the user's seen
@@ -17,10 +18,12 @@ Models:
 * ``ID+text+LoRA``: the same with a LoRA expert in the top ``--adapted-layers`` MiniLM layers, trained end to end
   with the user encoder (encoder learning rate ``--encoder-lr``); not on the whole catalogue unless ``--lora-all``.
 
-Every model trains with the same loss (full softmax cross-entropy over the catalogue), optimiser (AdamW), batch,
-learning rate, early stopping and epoch budget; the learning rate was searched over {1e-3, 3e-3} on validation for
-SASRec and ID+text alike (``--lr``). Cold start (``--cold``): 20 % of the items are removed from every training
-sequence (``LeaveOneOut.with_cold_items``); the table reports the users whose test item is one of them.
+Every model trains in the same loop (``moa.recsys.trainer.train``) with the same loss (full softmax cross-entropy
+over the catalogue's trained items), optimiser (AdamW), batch, learning rate, early stopping and epoch budget. The
+settings are SASRec's defaults from its earlier search on validation (lr {1e-3, 3e-3}, batch {128, 256}, dropout
+{0.2, 0.5}); nothing is tuned per model (docs/recsys-models.md lists what else was tried for ID+text). Cold start
+(``--cold``): 20 % of the items, drawn per seed, are removed from every training sequence
+(``LeaveOneOut.with_cold_items``); the table reports the users whose test item is one of them.
 
 Writes one record per (model, catalogue, seed, setting, protocol, metric) to ``--out`` (JSON) and prints the table
 (mean +- sd over seeds).
