@@ -62,6 +62,10 @@ def parse_args(argv=None):
     p.add_argument("--cold", type=float, default=0.2, help="share of items held out of training (0: no cold run)")
     p.add_argument("--cold-catalogues", nargs="+", default=["comedy"], choices=CATALOGUES)
     p.add_argument("--lora-all", action="store_true", help="also ID+text+LoRA on the whole catalogue (slow)")
+    p.add_argument("--xcross", nargs="*", default=[], choices=CATALOGUES[:4],
+                   help="X-Cross study targets (from the other domains' experts; ~15 min a target and seed)")
+    p.add_argument("--xcross-fraction", type=float, default=0.25, help="share of the target's training users")
+    p.add_argument("--xcross-lr", type=float, default=1e-2, help="the X-Cross integrator's learning rate")
     p.add_argument("--jobs", type=int, default=2, help="parallel processes (1 thread each)")
     p.add_argument("--out", default="bench/results/recsys_quality.json")
     args = p.parse_args(argv)
@@ -127,7 +131,69 @@ def train(model_name: str, catalogue: str, seed: int, cold: float, args) -> list
     return records
 
 
+def xcross_job(target: str, seed: int, args) -> list[dict]:
+    """X-Cross for ``target`` from the other three domains' LoRA experts (each trained end to end on all its
+    users), against a single LoRA trained on the target alone, with 100 % and ``--xcross-fraction`` of the
+    target's training users (validation and test: all users)."""
+    import torch
+
+    from moa.recsys.encoders import load_encoder, tokenize_items
+    from moa.recsys.evaluate import evaluate, trainable_parameters
+    from moa.recsys.recommender import RecommenderConfig, TextSeqRecommender
+    from moa.recsys.xcross import build_xcross
+
+    torch.set_num_threads(1)
+    config = RecommenderConfig(adapted_layers=args.adapted_layers, item_ids=True)
+    fit = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, negatives=None, patience=args.patience,
+               seed=seed, keep_start=False, progress=False)
+    _, tokenizer = load_encoder()
+
+    def single(domain, split):
+        torch.manual_seed(seed)
+        dataset, _ = split_of(domain, 0.0, seed)
+        model = TextSeqRecommender.build([domain], {domain: dataset.texts}, config=config, tokenizer=tokenizer)
+        model.fit(split, encoder_lr=args.encoder_lr, **fit)
+        return model
+
+    sources = [d for d in CATALOGUES if d not in (target, "all")]
+    experts = TextSeqRecommender.from_experts({d: single(d, split_of(d, 0.0, seed)[1]) for d in sources})
+    dataset, full = split_of(target, 0.0, seed)
+    records = []
+    for fraction in (1.0, args.xcross_fraction):
+        split = full if fraction == 1.0 else full.with_train_fraction(fraction, seed)
+        runs = {"single LoRA": lambda: single(target, split)}
+
+        def xcross():
+            torch.manual_seed(seed)
+            model = build_xcross(experts, target, catalogue=tokenize_items(dataset.texts, tokenizer, config.max_tokens))
+            model.fit(split, encoder_lr=args.xcross_lr, **fit)
+            return model
+
+        runs["X-Cross"] = xcross
+        for name, make in runs.items():
+            start = time.perf_counter()
+            model = make()
+            seconds = time.perf_counter() - start
+            for masked in (True, False):
+                result = evaluate(model, full.test, ks=(10,), mask_seen=masked)
+                for metric in METRICS:
+                    records.append({"model": name, "catalogue": target, "seed": seed,
+                                    "setting": f"{fraction:.0%} users", "stage": "test",
+                                    "protocol": "masked" if masked else "unmasked", "metric": metric,
+                                    "value": result[metric], "users": result.n_users, "epochs": 0,
+                                    "seconds": round(seconds, 1), "trainable": trainable_parameters(model)})
+    return records
+
+
 def run_job(job):
+    if job[0] == "xcross":
+        _, target, seed, _, args = job
+        records = xcross_job(target, seed, args)
+        summary = ", ".join(f"{r['model']} {r['setting']} {r['value']:.4f}" for r in records
+                            if r["metric"] == "NDCG@10" and r["protocol"] == "masked")
+        print(f"  X-Cross study     {target:9s} seed {seed}: NDCG@10 {summary}", flush=True)
+        return records
+
     model_name, catalogue, seed, cold, args = job
     records = train(model_name, catalogue, seed, cold, args)
     ndcg = next(r["value"] for r in records if r["metric"] == "NDCG@10" and r["protocol"] == "masked")
@@ -136,7 +202,7 @@ def run_job(job):
     return records
 
 
-COST = {"popularity": 0, "SASRec": 2, "text (frozen)": 1, "ID+text (frozen)": 1, "ID+text+LoRA": 4}
+COST = {"popularity": 0, "SASRec": 2, "text (frozen)": 1, "ID+text (frozen)": 1, "ID+text+LoRA": 4, "xcross": 20}
 
 
 def jobs_of(args) -> list:
@@ -147,6 +213,7 @@ def jobs_of(args) -> list:
     if args.cold:
         cold_models = [m for m in args.models if m != "popularity"]
         jobs += [(m, c, s, args.cold, args) for c in args.cold_catalogues for m in cold_models for s in range(args.seeds)]
+    jobs += [("xcross", t, s, 0.0, args) for t in args.xcross for s in range(args.seeds)]
     size = {c: (5 if c == "all" else 1) for c in CATALOGUES}
     return sorted(jobs, key=lambda j: -COST[j[0]] * size[j[1]])  # longest first: parallel runs finish together
 
@@ -163,14 +230,38 @@ def table(records: list[dict]) -> list[str]:
     head = (f"{'setting':10s} {'catalogue':9s} {'model':17s} {'users':>5s} "
             + " ".join(f"{(p + ' ' + m):>22s}" for p, m in columns))
     lines = [head, "-" * len(head)]
-    order = {m: i for i, m in enumerate(MODELS)}
-    for setting, catalogue, model in sorted(users, key=lambda k: (k[0] != "warm", CATALOGUES.index(k[1]), order[k[2]])):
+    order = {m: i for i, m in enumerate((*MODELS, "single LoRA", "X-Cross"))}
+    settings = ["warm", "cold start"]
+    settings += sorted({k[0] for k in users} - set(settings), key=lambda name: -float(name.split("%")[0]))
+    for setting, catalogue, model in sorted(users, key=lambda k: (settings.index(k[0]), CATALOGUES.index(k[1]),
+                                                                  order[k[2]])):
         cells = []
         for protocol, metric in columns:
             values = groups[(setting, catalogue, model, protocol, metric)]
             sd = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.4f} +- {sd:.4f}".rjust(22))
         lines.append(f"{setting:10s} {catalogue:9s} {model:17s} {users[(setting, catalogue, model)]:5d} " + " ".join(cells))
+    return lines
+
+
+def xcross_summary(records: list[dict], fraction: float) -> list[str]:
+    """X-Cross with ``fraction`` of the target's users / single LoRA with 100 %, and X-Cross / single LoRA at equal
+    data (mean masked NDCG@10 over seeds, then averaged over the targets)."""
+    def mean(model, setting, target):
+        values = [r["value"] for r in records if r["model"] == model and r["setting"] == setting
+                  and r["catalogue"] == target and r["metric"] == "NDCG@10" and r["protocol"] == "masked"]
+        return statistics.mean(values)
+
+    targets = sorted({r["catalogue"] for r in records if r["model"] == "X-Cross"})
+    if not targets:
+        return []
+    few = f"{fraction:.0%} users"
+    lines = [""]
+    for label, (x_setting, lora_setting) in {f"X-Cross {fraction:.0%} / single LoRA 100%": (few, "100% users"),
+                                             f"X-Cross / single LoRA, both {fraction:.0%}": (few, few),
+                                             "X-Cross / single LoRA, both 100%": ("100% users", "100% users")}.items():
+        ratios = [mean("X-Cross", x_setting, t) / mean("single LoRA", lora_setting, t) for t in targets]
+        lines.append(f"{label}: NDCG@10 ratio {statistics.mean(ratios):.3f} (mean over {', '.join(targets)})")
     return lines
 
 
@@ -191,6 +282,7 @@ def main(argv=None):
              f"{args.patience}, lr {args.lr:g} (LoRA {args.encoder_lr:g}), batch {args.batch_size}, full softmax; "
              f"cold start: {args.cold:.0%} of the items held out of training; wall {seconds:.0f}s", ""]
     lines += table(records)
+    lines += xcross_summary(records, args.xcross_fraction)
     print("\n".join(lines[2:]), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
