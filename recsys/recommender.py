@@ -36,7 +36,9 @@ class RecommenderConfig:
     ``encoder`` is the path of the transformers item encoder (None: all-MiniLM-L6-v2, or the model object given to
     the constructor). ``adapted_layers`` top encoder layers carry MoA pools on ``target_modules`` (rank ``r``,
     ``alpha``); 0 freezes the encoder. The user encoder: ``hidden``, ``user_layers``, ``heads``, ``inner``,
-    ``dropout``, histories of at most ``max_len`` items. ``max_tokens`` per item text.
+    ``dropout``, histories of at most ``max_len`` items. ``max_tokens`` per item text. ``item_ids`` fuses a learnt
+    item-ID vector with each item's text vector (for the items of the training data; ``id_dropout`` drops it at
+    random in training).
     """
 
     encoder: str | None = None
