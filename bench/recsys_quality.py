@@ -206,7 +206,7 @@ COST = {"popularity": 0, "SASRec": 2, "text (frozen)": 1, "ID+text (frozen)": 1,
 
 
 def jobs_of(args) -> list:
-    def warm(model, catalogue):  # text alone is there for cold start; LoRA over 1,682 items costs ~25 min a seed
+    def warm(model, catalogue):  # text alone is there for cold start; LoRA over 1,682 items costs ~10 min a seed
         return model != "text (frozen)" and (model != "ID+text+LoRA" or catalogue != "all" or args.lora_all)
 
     jobs = [(m, c, s, 0.0, args) for c in args.catalogues for m in args.models if warm(m, c) for s in range(args.seeds)]
