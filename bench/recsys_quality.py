@@ -32,6 +32,7 @@ Writes one record per (model, catalogue, seed, setting, protocol, metric) to ``-
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import os
@@ -79,9 +80,14 @@ def parse_args(argv=None):
     return args
 
 
-def split_of(catalogue: str, cold: float, seed: int):
+@functools.lru_cache(maxsize=1)
+def ml100k():
     from moa.recsys.data import ml100k
 
+    return ml100k()
+
+
+def split_of(catalogue: str, cold: float, seed: int):
     data = ml100k()
     dataset = data if catalogue == "all" else data.domain(catalogue)
     split = dataset.leave_one_out()
@@ -93,7 +99,6 @@ def train(model_name: str, catalogue: str, seed: int, cold: float, args) -> list
     import torch
 
     from moa.recsys.baselines import Popularity, SASRec
-    from moa.recsys.evaluate import evaluate, trainable_parameters
     from moa.recsys.recommender import RecommenderConfig, TextSeqRecommender
 
     torch.set_num_threads(1)
@@ -116,18 +121,22 @@ def train(model_name: str, catalogue: str, seed: int, cold: float, args) -> list
                            batch_size=args.batch_size, negatives=None, patience=args.patience, seed=seed,
                            keep_start=not lora, progress=False)
         epochs = result["epochs"]
-    seconds = time.perf_counter() - start
-    stages = {"test": split.test} if not cold else {"cold test": split.cold_test}
+    return records_of(model, split.cold_test if cold else split.test, model=model_name, catalogue=catalogue,
+                        seed=seed, setting="cold start" if cold else "warm", epochs=epochs,
+                        seconds=round(time.perf_counter() - start, 1))
+
+
+def records_of(recommender, stage, **fields) -> list[dict]:
+    """One record per protocol (masked, unmasked) and metric of ``recommender`` on ``stage``, with ``fields``."""
+    from moa.recsys.evaluate import evaluate, trainable_parameters
+
     records = []
-    for stage_name, stage in stages.items():
-        for masked in (True, False):
-            result = evaluate(model, stage, ks=(10,), mask_seen=masked)
-            for metric in METRICS:
-                records.append({"model": model_name, "catalogue": catalogue, "seed": seed,
-                                "setting": "cold start" if cold else "warm", "stage": stage_name,
-                                "protocol": "masked" if masked else "unmasked", "metric": metric,
-                                "value": result[metric], "users": result.n_users, "epochs": epochs,
-                                "seconds": round(seconds, 1), "trainable": trainable_parameters(model)})
+    for masked in (True, False):
+        result = evaluate(recommender, stage, ks=(10,), mask_seen=masked)
+        for metric in METRICS:
+            records.append({**fields, "stage": stage.name, "protocol": "masked" if masked else "unmasked",
+                            "metric": metric, "value": result[metric], "users": result.n_users,
+                            "trainable": trainable_parameters(recommender)})
     return records
 
 
@@ -138,7 +147,6 @@ def xcross_job(target: str, seed: int, args) -> list[dict]:
     import torch
 
     from moa.recsys.encoders import load_encoder, tokenize_items
-    from moa.recsys.evaluate import evaluate, trainable_parameters
     from moa.recsys.recommender import RecommenderConfig, TextSeqRecommender
     from moa.recsys.xcross import build_xcross
 
@@ -173,15 +181,9 @@ def xcross_job(target: str, seed: int, args) -> list[dict]:
         for name, make in runs.items():
             start = time.perf_counter()
             model = make()
-            seconds = time.perf_counter() - start
-            for masked in (True, False):
-                result = evaluate(model, full.test, ks=(10,), mask_seen=masked)
-                for metric in METRICS:
-                    records.append({"model": name, "catalogue": target, "seed": seed,
-                                    "setting": f"{fraction:.0%} users", "stage": "test",
-                                    "protocol": "masked" if masked else "unmasked", "metric": metric,
-                                    "value": result[metric], "users": result.n_users, "epochs": 0,
-                                    "seconds": round(seconds, 1), "trainable": trainable_parameters(model)})
+            records += records_of(model, full.test, model=name, catalogue=target, seed=seed,
+                                    setting=f"{fraction:.0%} users", epochs=0,
+                                    seconds=round(time.perf_counter() - start, 1))
     return records
 
 
