@@ -281,7 +281,7 @@ class RecommenderModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         # the softmax ranges over the items of the training data, whose IDs (item_ids) are learnt
-        self._trained = {d: s.item_counts() > 0 for d, s in self.data.splits.items()}
+        self._trained = {d: s.trained_items for d, s in self.data.splits.items()}
         for domain, known in self._trained.items():
             self.recommender.head(domain).mark_trained_items(known)
 

@@ -399,6 +399,11 @@ class LeaveOneOut:
         counts[PAD] = 0
         return counts
 
+    @cached_property
+    def trained_items(self) -> torch.Tensor:
+        """Bool ``[n_items + 1]``: the items of the training sequences (padding and held-out cold items: False)."""
+        return self.item_counts() > 0
+
     def with_train_fraction(self, fraction: float, seed: int = 0) -> "LeaveOneOut":
         """The same split training on ``round(fraction * n_users)`` users drawn with ``seed``.
 

@@ -55,7 +55,7 @@ def train(model: nn.Module, splits: Mapping[str | None, LeaveOneOut], groups: li
     windows = {d: training_windows(s.train_sequences, max_len) for d, s in splits.items()}
     if not any(len(w[0]) for w in windows.values()):
         raise ValueError("no training transitions: every training sequence has fewer than 2 items")
-    trained = {d: s.item_counts() > 0 for d, s in splits.items()}
+    trained = {d: s.trained_items for d, s in splits.items()}
     optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
     rows = [(d, i) for d, (x, _) in windows.items() for i in range(len(x))]
     ramp = warmup * math.ceil(len(rows) / batch_size)
@@ -128,7 +128,7 @@ def fit(model: TextSeqRecommender, splits: LeaveOneOut | Mapping[str, LeaveOneOu
     if train_encoder and not encoder_params:
         raise ValueError("train_encoder=True, but the item encoder has no trainable parameters")
     for domain, split in splits.items():
-        model.head(domain).mark_trained_items(split.item_counts() > 0)
+        model.head(domain).mark_trained_items(split.trained_items)
     groups = [{"params": [p for p in model.heads.parameters() if p.requires_grad], "lr": lr}]
     if encoder_params:
         groups.append({"params": encoder_params, "lr": encoder_lr or lr})
