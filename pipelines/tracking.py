@@ -528,7 +528,7 @@ class LogBundle(Callback):
         from .bundle import bundle_meta, default_gate
         from .registry import check_metric, log_bundle, register_and_gate
 
-        self.metrics, self.epoch = _scalars(trainer.callback_metrics), trainer.current_epoch
+        self.metrics, self.epoch = _scalars(trainer.callback_metrics), trainer.current_epoch - 1  # the last one
         if self.ship == "best":
             self._restore_best(trainer, pl_module)
         self.bundle = pl_module.write_bundle(self.directory, getattr(trainer, "datamodule", None),
@@ -552,7 +552,7 @@ class LogBundle(Callback):
         if not path:
             raise RuntimeError("LogBundle(ship='best'): the ModelCheckpoint saved no best checkpoint (no validation?)")
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        missing, unexpected = pl_module.load_state_dict(checkpoint["state_dict"], strict=False)
+        _, unexpected = pl_module.load_state_dict(checkpoint["state_dict"], strict=False)  # trainable part only
         if unexpected:
             raise RuntimeError(f"the best checkpoint {path} does not fit the module: unexpected {unexpected[:3]}")
         pl_module.on_load_checkpoint(checkpoint)
@@ -560,4 +560,4 @@ class LogBundle(Callback):
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    return {k: float(v) for k, v in metrics.items() if v.numel() == 1}
