@@ -4,10 +4,14 @@
                                                    # (about 33 min on 2 cores)
     python bench/recsys_quality.py --quick         # children only, 1 seed, short training: a smoke run (~1 min)
     python bench/recsys_quality.py --jobs 1        # one process (default 2: runs in 2 processes, 1 thread each)
+    python bench/recsys_quality.py --dataset DIR   # any RecBole atomic dataset (DIR/<name>.inter + .item with text):
+                                                   # its domains (--domain-field, else ml-100k-style categories) + all
 
 Protocol (the same for every model): time-ordered leave-one-out, full ranking over the catalogue's items, test
 metrics of the epoch with the best validation NDCG@10 (patience ``--patience``); reported with the user's seen
 items masked and unmasked (RecBole's sequential models do not mask; compare unmasked figures with RecBole's).
+``seen@10`` is the mean number of the user's already-seen items in the unmasked top 10: what the unmasked figures
+mostly measure on a catalogue whose users never repeat an item (the served recommendations exclude seen items).
 
 Models:
 
@@ -44,14 +48,16 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MODELS = ("popularity", "SASRec", "text (frozen)", "ID+text (frozen)", "ID+text+LoRA")
-CATALOGUES = ("children", "comedy", "action", "drama", "all")
 METRICS = ("HR@10", "NDCG@10")
+SEEN = "seen@10"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="children, 1 seed, few epochs (smoke run)")
-    p.add_argument("--catalogues", nargs="+", default=list(CATALOGUES), choices=CATALOGUES)
+    p.add_argument("--dataset", help="folder of a RecBole atomic dataset (default: ml-100k from the recbole wheel)")
+    p.add_argument("--domain-field", help="the .item field naming each item's domain (default: from categories)")
+    p.add_argument("--catalogues", nargs="+", help="domains and/or 'all' (default: every domain and all)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=200, help="epoch budget of every model")
@@ -59,11 +65,13 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--encoder-lr", type=float, default=1e-3, help="LoRA experts of ID+text+LoRA")
     p.add_argument("--adapted-layers", type=int, default=1, help="top MiniLM layers with a LoRA expert")
+    p.add_argument("--adapter-targets", nargs="+", default=["query", "value"], help="MiniLM linear layers adapted")
+    p.add_argument("--hidden", type=int, default=64, help="width of SASRec and of the user encoders")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--cold", type=float, default=0.2, help="share of items held out of training (0: no cold run)")
-    p.add_argument("--cold-catalogues", nargs="+", default=["comedy"], choices=CATALOGUES)
+    p.add_argument("--cold-catalogues", nargs="+", help="default: comedy on ml-100k, else the first domain")
     p.add_argument("--lora-all", action="store_true", help="also ID+text+LoRA on the whole catalogue (slow)")
-    p.add_argument("--xcross", nargs="*", default=[], choices=CATALOGUES[:4],
+    p.add_argument("--xcross", nargs="*", default=[],
                    help="X-Cross study targets (from the other domains' experts; ~15 min a target and seed)")
     p.add_argument("--xcross-fraction", type=float, default=0.25, help="share of the target's training users")
     p.add_argument("--xcross-lr", type=float, default=1e-2, help="the X-Cross integrator's learning rate")
@@ -72,23 +80,40 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
-        quick = {"catalogues": ["children"], "seeds": 1, "epochs": 12, "cold_catalogues": ["children"],
-                 "out": "bench/results/recsys_quality_quick.json"}
+        quick = {"seeds": 1, "epochs": 12, "out": "bench/results/recsys_quality_quick.json"}
         for name, value in quick.items():
             if f"--{name.replace('_', '-')}" not in given:
                 setattr(args, name, value)
+    domains = dataset_of(args.dataset, args.domain_field).domains
+    if len(domains) < 2 and not args.catalogues:
+        args.catalogues = ["all"]
+    args.order = (*domains, "all")
+    args.catalogues = args.catalogues or (list(domains[:1]) if args.quick else list(args.order))
+    args.cold_catalogues = args.cold_catalogues or (
+        list(domains[:1]) if args.quick or args.dataset is not None else ["comedy"])
+    for option, names in (("--catalogues", args.catalogues), ("--cold-catalogues", args.cold_catalogues),
+                          ("--xcross", args.xcross)):
+        allowed = args.order if option != "--xcross" else domains
+        unknown = [n for n in names if n not in allowed]
+        if unknown:
+            p.error(f"{option}: unknown catalogue(s) {unknown}; this dataset has {list(allowed)}")
     return args
 
 
 @functools.lru_cache(maxsize=1)
-def ml100k():
-    from moa.recsys.data import ml100k
+def dataset_of(path: str | None, domain_field: str | None):
+    """The benchmark's dataset, parsed once per process: ml-100k by default, else a RecBole atomic folder."""
+    from moa.recsys.data import load_atomic, ml100k
 
-    return ml100k()
+    if path is None:
+        return ml100k()
+    if not Path(path).is_dir():
+        raise SystemExit(f"--dataset: no folder {path}")
+    return load_atomic(path, domain_field=domain_field)
 
 
-def split_of(catalogue: str, cold: float, seed: int):
-    data = ml100k()
+def split_of(args, catalogue: str, cold: float, seed: int):
+    data = dataset_of(args.dataset, args.domain_field)
     dataset = data if catalogue == "all" else data.domain(catalogue)
     split = dataset.leave_one_out()
     return dataset, (split.with_cold_items(cold, seed) if cold else split)
@@ -103,19 +128,19 @@ def train(model_name: str, catalogue: str, seed: int, cold: float, args) -> list
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    dataset, split = split_of(catalogue, cold, seed)
+    dataset, split = split_of(args, catalogue, cold, seed)
     start = time.perf_counter()
     epochs = 0
     if model_name == "popularity":
         model = Popularity().fit(split)
     elif model_name == "SASRec":
-        model = SASRec(split.n_items)
+        model = SASRec(split.n_items, hidden=args.hidden)
         epochs = len(model.fit(split, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                patience=args.patience, seed=seed, progress=False))
     else:
         lora = model_name == "ID+text+LoRA"
-        config = RecommenderConfig(adapted_layers=args.adapted_layers if lora else 0,
-                                   item_ids=model_name.startswith("ID+text"))
+        config = RecommenderConfig(adapted_layers=args.adapted_layers if lora else 0, hidden=args.hidden,
+                                   target_modules=args.adapter_targets, item_ids=model_name.startswith("ID+text"))
         model = TextSeqRecommender.build([catalogue], {catalogue: dataset.texts}, config=config, experts=lora)
         result = model.fit(split, train_encoder=lora, epochs=args.epochs, lr=args.lr, encoder_lr=args.encoder_lr,
                            batch_size=args.batch_size, negatives=None, patience=args.patience, seed=seed,
@@ -127,17 +152,43 @@ def train(model_name: str, catalogue: str, seed: int, cold: float, args) -> list
 
 
 def records_of(recommender, stage, **fields) -> list[dict]:
-    """One record per protocol (masked, unmasked) and metric of ``recommender`` on ``stage``, with ``fields``."""
+    """One record per protocol (masked, unmasked) and metric of ``recommender`` on ``stage``, with ``fields``, and
+    the unmasked ``seen@10``."""
     from moa.recsys.evaluate import evaluate, trainable_parameters
 
     records = []
     for masked in (True, False):
         result = evaluate(recommender, stage, ks=(10,), mask_seen=masked)
-        for metric in METRICS:
+        values = {metric: result[metric] for metric in METRICS}
+        if not masked:
+            values[SEEN] = seen_in_top(recommender, stage)
+        for metric, value in values.items():
             records.append({**fields, "stage": stage.name, "protocol": "masked" if masked else "unmasked",
-                            "metric": metric, "value": result[metric], "users": result.n_users,
+                            "metric": metric, "value": value, "users": result.n_users,
                             "trainable": trainable_parameters(recommender)})
     return records
+
+
+def seen_in_top(recommender, stage, k: int = 10) -> float:
+    """Mean number of the user's history items among the top ``k`` of the unmasked ranking."""
+    import torch
+
+    from moa.recsys.evaluate import as_scorer, candidate_mask
+
+    scorer, counts = as_scorer(recommender), []
+    if isinstance(recommender, torch.nn.Module):
+        recommender.eval()
+    with torch.no_grad():
+        for histories, targets, rows in stage.batches(256, 50):
+            histories_of_rows = [torch.as_tensor(stage.histories[r]) for r in rows.tolist()]
+            allowed = candidate_mask(histories_of_rows, targets, stage.n_items, mask_seen=False)
+            scores = scorer(histories, stage.domain).detach().float().cpu().masked_fill(~allowed, float("-inf"))
+            top = scores.topk(k, dim=1).indices
+            seen = torch.zeros_like(allowed)
+            for row, history in enumerate(histories_of_rows):
+                seen[row, history] = True
+            counts.append(seen.gather(1, top).sum(1).float())
+    return float(torch.cat(counts).mean())
 
 
 def xcross_job(target: str, seed: int, args) -> list[dict]:
@@ -151,21 +202,22 @@ def xcross_job(target: str, seed: int, args) -> list[dict]:
     from moa.recsys.xcross import build_xcross
 
     torch.set_num_threads(1)
-    config = RecommenderConfig(adapted_layers=args.adapted_layers, item_ids=True)
+    config = RecommenderConfig(adapted_layers=args.adapted_layers, hidden=args.hidden,
+                               target_modules=args.adapter_targets, item_ids=True)
     fit = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, negatives=None, patience=args.patience,
                seed=seed, keep_start=False, progress=False)
     _, tokenizer = load_encoder()
 
     def single(domain, split):
         torch.manual_seed(seed)
-        dataset, _ = split_of(domain, 0.0, seed)
+        dataset, _ = split_of(args, domain, 0.0, seed)
         model = TextSeqRecommender.build([domain], {domain: dataset.texts}, config=config, tokenizer=tokenizer)
         model.fit(split, encoder_lr=args.encoder_lr, **fit)
         return model
 
-    sources = [d for d in CATALOGUES if d not in (target, "all")]
-    experts = TextSeqRecommender.from_experts({d: single(d, split_of(d, 0.0, seed)[1]) for d in sources})
-    dataset, full = split_of(target, 0.0, seed)
+    sources = [d for d in args.order if d not in (target, "all")]
+    experts = TextSeqRecommender.from_experts({d: single(d, split_of(args, d, 0.0, seed)[1]) for d in sources})
+    dataset, full = split_of(args, target, 0.0, seed)
     records = []
     for fraction in (1.0, args.xcross_fraction):
         split = full if fraction == 1.0 else full.with_train_fraction(fraction, seed)
@@ -216,30 +268,34 @@ def jobs_of(args) -> list:
         cold_models = [m for m in args.models if m != "popularity"]
         jobs += [(m, c, s, args.cold, args) for c in args.cold_catalogues for m in cold_models for s in range(args.seeds)]
     jobs += [("xcross", t, s, 0.0, args) for t in args.xcross for s in range(args.seeds)]
-    size = {c: (5 if c == "all" else 1) for c in CATALOGUES}
+    size = {c: (5 if c == "all" else 1) for c in args.order}
     return sorted(jobs, key=lambda j: -COST[j[0]] * size[j[1]])  # longest first: parallel runs finish together
 
 
-def table(records: list[dict]) -> list[str]:
-    """Mean +- sd over seeds: one row per (setting, catalogue, model), columns = protocol x metric."""
+def table(records: list[dict], catalogues) -> list[str]:
+    """Mean +- sd over seeds: one row per (setting, catalogue, model), columns = protocol x metric (rows in the
+    order of ``catalogues``)."""
     groups: dict[tuple, list[float]] = {}
     users: dict[tuple, int] = {}
     for r in records:
         key = (r["setting"], r["catalogue"], r["model"], r["protocol"], r["metric"])
         groups.setdefault(key, []).append(r["value"])
         users[key[:3]] = r["users"]
-    columns = [(p, m) for p in ("masked", "unmasked") for m in METRICS]
+    columns = [*((p, m) for p in ("masked", "unmasked") for m in METRICS), ("unmasked", SEEN)]
     head = (f"{'setting':10s} {'catalogue':9s} {'model':17s} {'users':>5s} "
-            + " ".join(f"{(p + ' ' + m):>22s}" for p, m in columns))
+            + " ".join(f"{(p + ' ' + m if m != SEEN else m):>22s}" for p, m in columns))
     lines = [head, "-" * len(head)]
     order = {m: i for i, m in enumerate((*MODELS, "single LoRA", "X-Cross"))}
     settings = ["warm", "cold start"]
     settings += sorted({k[0] for k in users} - set(settings), key=lambda name: -float(name.split("%")[0]))
-    for setting, catalogue, model in sorted(users, key=lambda k: (settings.index(k[0]), CATALOGUES.index(k[1]),
+    for setting, catalogue, model in sorted(users, key=lambda k: (settings.index(k[0]), catalogues.index(k[1]),
                                                                   order[k[2]])):
         cells = []
         for protocol, metric in columns:
-            values = groups[(setting, catalogue, model, protocol, metric)]
+            values = groups.get((setting, catalogue, model, protocol, metric))
+            if not values:  # records written before the column existed
+                cells.append("-".rjust(22))
+                continue
             sd = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.4f} +- {sd:.4f}".rjust(22))
         lines.append(f"{setting:10s} {catalogue:9s} {model:17s} {users[(setting, catalogue, model)]:5d} " + " ".join(cells))
@@ -280,10 +336,12 @@ def main(argv=None):
     else:
         records = [r for job in jobs for r in run_job(job)]
     seconds = time.perf_counter() - start
-    lines = [f"$ {command}", f"{len(jobs)} runs, {args.seeds} seed(s), epochs <= {args.epochs}, patience "
-             f"{args.patience}, lr {args.lr:g} (LoRA {args.encoder_lr:g}), batch {args.batch_size}, full softmax; "
+    data = dataset_of(args.dataset, args.domain_field)
+    lora = f"LoRA {args.encoder_lr:g} on {','.join(args.adapter_targets)} of the top {args.adapted_layers} layer(s)"
+    lines = [f"$ {command}", f"{data.name}: {len(jobs)} runs, {args.seeds} seed(s), epochs <= {args.epochs}, patience "
+             f"{args.patience}, lr {args.lr:g} ({lora}), hidden {args.hidden}, batch {args.batch_size}, full softmax; "
              f"cold start: {args.cold:.0%} of the items held out of training; wall {seconds:.0f}s", ""]
-    lines += table(records)
+    lines += table(records, args.order)
     lines += xcross_summary(records, args.xcross_fraction)
     print("\n".join(lines[2:]), flush=True)
     out = Path(args.out)
