@@ -17,7 +17,8 @@ Models:
 
 * ``popularity``: training counts.
 * ``SASRec``: item-ID embeddings, full softmax cross-entropy (``moa.recsys.baselines.SASRec``).
-* ``text (frozen)``: frozen all-MiniLM-L6-v2 item vectors, no IDs (cold start only: warm, it trails ID+text).
+* ``text (frozen)``: frozen all-MiniLM-L6-v2 item vectors, no IDs; ``text+LoRA``: the same with LoRA experts
+  (cold start by default; warm only when named in ``--models``: there they trail ID+text).
 * ``ID+text (frozen)``: item ID embedding + projected frozen MiniLM vector (``RecommenderConfig(item_ids=True)``).
 * ``ID+text+LoRA``: the same with a LoRA expert in the top ``--adapted-layers`` MiniLM layers, trained end to end
   with the user encoder (encoder learning rate ``--encoder-lr``); not on the whole catalogue unless ``--lora-all``.
@@ -40,6 +41,7 @@ import functools
 import json
 import multiprocessing
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -47,7 +49,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-MODELS = ("popularity", "SASRec", "text (frozen)", "ID+text (frozen)", "ID+text+LoRA")
+MODELS = ("popularity", "SASRec", "text (frozen)", "text+LoRA", "ID+text (frozen)", "ID+text+LoRA")
 METRICS = ("HR@10", "NDCG@10")
 SEEN = "seen@10"
 
@@ -58,19 +60,20 @@ def parse_args(argv=None):
     p.add_argument("--dataset", help="folder of a RecBole atomic dataset (default: ml-100k from the recbole wheel)")
     p.add_argument("--domain-field", help="the .item field naming each item's domain (default: from categories)")
     p.add_argument("--catalogues", nargs="+", help="domains and/or 'all' (default: every domain and all)")
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--models", nargs="+", choices=MODELS,
+                   help="default: all (the text-only models then in cold start only; named here, warm too)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=200, help="epoch budget of every model")
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--encoder-lr", type=float, default=1e-3, help="LoRA experts of ID+text+LoRA")
+    p.add_argument("--encoder-lr", type=float, default=1e-3, help="LoRA experts of the +LoRA models")
     p.add_argument("--adapted-layers", type=int, default=1, help="top MiniLM layers with a LoRA expert")
     p.add_argument("--adapter-targets", nargs="+", default=["query", "value"], help="MiniLM linear layers adapted")
     p.add_argument("--hidden", type=int, default=64, help="width of SASRec and of the user encoders")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--cold", type=float, default=0.2, help="share of items held out of training (0: no cold run)")
     p.add_argument("--cold-catalogues", nargs="+", help="default: comedy on ml-100k, else the first domain")
-    p.add_argument("--lora-all", action="store_true", help="also ID+text+LoRA on the whole catalogue (slow)")
+    p.add_argument("--lora-all", action="store_true", help="also the +LoRA models on the whole catalogue (slow)")
     p.add_argument("--xcross", nargs="*", default=[],
                    help="X-Cross study targets (from the other domains' experts; ~15 min a target and seed)")
     p.add_argument("--xcross-fraction", type=float, default=0.25, help="share of the target's training users")
@@ -78,6 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="parallel processes (1 thread each)")
     p.add_argument("--out", default="bench/results/recsys_quality.json")
     args = p.parse_args(argv)
+    args.text_warm = args.models is not None
+    args.models = args.models or list(MODELS)
     if args.quick:
         given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
         quick = {"seeds": 1, "epochs": 12, "out": "bench/results/recsys_quality_quick.json"}
@@ -138,7 +143,7 @@ def train(model_name: str, catalogue: str, seed: int, cold: float, args) -> list
         epochs = len(model.fit(split, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                patience=args.patience, seed=seed, progress=False))
     else:
-        lora = model_name == "ID+text+LoRA"
+        lora = model_name.endswith("+LoRA")
         config = RecommenderConfig(adapted_layers=args.adapted_layers if lora else 0, hidden=args.hidden,
                                    target_modules=args.adapter_targets, item_ids=model_name.startswith("ID+text"))
         model = TextSeqRecommender.build([catalogue], {catalogue: dataset.texts}, config=config, experts=lora)
@@ -256,12 +261,14 @@ def run_job(job):
     return records
 
 
-COST = {"popularity": 0, "SASRec": 2, "text (frozen)": 1, "ID+text (frozen)": 1, "ID+text+LoRA": 4, "xcross": 20}
+COST = {"popularity": 0, "SASRec": 2, "text (frozen)": 1, "text+LoRA": 4, "ID+text (frozen)": 1, "ID+text+LoRA": 4,
+        "xcross": 20}
 
 
 def jobs_of(args) -> list:
     def warm(model, catalogue):  # text alone is there for cold start; LoRA over 1,682 items costs ~10 min a seed
-        return model != "text (frozen)" and (model != "ID+text+LoRA" or catalogue != "all" or args.lora_all)
+        text_only = model.startswith("text")
+        return (not text_only or args.text_warm) and (not model.endswith("+LoRA") or catalogue != "all" or args.lora_all)
 
     jobs = [(m, c, s, 0.0, args) for c in args.catalogues for m in args.models if warm(m, c) for s in range(args.seeds)]
     if args.cold:
@@ -327,7 +334,7 @@ def main(argv=None):
     args = parse_args(argv)
     start = time.perf_counter()
     jobs = jobs_of(args)
-    command = f"python bench/recsys_quality.py {' '.join(argv if argv is not None else sys.argv[1:])}".strip()
+    command = f"python bench/recsys_quality.py {shlex.join(argv if argv is not None else sys.argv[1:])}".strip()
     print(f"$ {command}\n{len(jobs)} runs in {args.jobs} process(es), 1 thread each (load average "
           f"{os.getloadavg()[0]:.1f})", flush=True)
     if args.jobs > 1:
