@@ -1,7 +1,8 @@
-"""Recommendation quality on MovieLens-100K: moa's recommenders against popularity and SASRec, 3 seeds.
+"""Recommendation quality on MovieLens-100K (or any RecBole dataset): moa's recommenders against popularity and
+SASRec, 3 seeds.
 
     python bench/recsys_quality.py                 # every model, 4 genre domains + the whole catalogue, 3 seeds
-                                                   # (about 33 min on 2 cores)
+                                                   # (26 to 33 min on 2 cores)
     python bench/recsys_quality.py --quick         # children only, 1 seed, short training: a smoke run (~1 min)
     python bench/recsys_quality.py --jobs 1        # one process (default 2: runs in 2 processes, 1 thread each)
     python bench/recsys_quality.py --dataset DIR   # any RecBole atomic dataset (DIR/<name>.inter + .item with text):
@@ -56,7 +57,7 @@ SEEN = "seen@10"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="children, 1 seed, few epochs (smoke run)")
+    p.add_argument("--quick", action="store_true", help="first domain, 1 seed, few epochs (smoke run)")
     p.add_argument("--dataset", help="folder of a RecBole atomic dataset (default: ml-100k from the recbole wheel)")
     p.add_argument("--domain-field", help="the .item field naming each item's domain (default: from categories)")
     p.add_argument("--catalogues", nargs="+", help="domains and/or 'all' (default: every domain and all)")
@@ -299,10 +300,7 @@ def table(records: list[dict], catalogues) -> list[str]:
                                                                   order[k[2]])):
         cells = []
         for protocol, metric in columns:
-            values = groups.get((setting, catalogue, model, protocol, metric))
-            if not values:  # records written before the column existed
-                cells.append("-".rjust(22))
-                continue
+            values = groups[(setting, catalogue, model, protocol, metric)]
             sd = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.4f} +- {sd:.4f}".rjust(22))
         lines.append(f"{setting:10s} {catalogue:9s} {model:17s} {users[(setting, catalogue, model)]:5d} " + " ".join(cells))
