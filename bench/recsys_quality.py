@@ -176,9 +176,11 @@ def records_of(recommender, stage, **fields) -> list[dict]:
 
 
 def seen_in_top(recommender, stage, k: int = 10) -> float:
-    """Mean number of the user's history items among the top ``k`` of the unmasked ranking."""
+    """Mean number of the user's history items among the top ``k`` of the unmasked ranking (the harness's
+    candidates: the whole history, not only the model's ``max_len`` window)."""
     import torch
 
+    from moa.recsys.data import PAD, left_pad
     from moa.recsys.evaluate import as_scorer, candidate_mask
 
     scorer, counts = as_scorer(recommender), []
@@ -186,14 +188,12 @@ def seen_in_top(recommender, stage, k: int = 10) -> float:
         recommender.eval()
     with torch.no_grad():
         for histories, targets, rows in stage.batches(256, 50):
-            histories_of_rows = [torch.as_tensor(stage.histories[r]) for r in rows.tolist()]
-            allowed = candidate_mask(histories_of_rows, targets, stage.n_items, mask_seen=False)
+            whole = [stage.histories[r] for r in rows.tolist()]
+            allowed = candidate_mask(whole, targets, stage.n_items, mask_seen=False)
             scores = scorer(histories, stage.domain).detach().float().cpu().masked_fill(~allowed, float("-inf"))
-            top = scores.topk(k, dim=1).indices
-            seen = torch.zeros_like(allowed)
-            for row, history in enumerate(histories_of_rows):
-                seen[row, history] = True
-            counts.append(seen.gather(1, top).sum(1).float())
+            seen = torch.zeros_like(allowed).scatter_(1, left_pad(whole), True)
+            seen[:, PAD] = False
+            counts.append(seen.gather(1, scores.topk(k, dim=1).indices).sum(1).float())
     return float(torch.cat(counts).mean())
 
 
