@@ -71,6 +71,7 @@ or by an optimizer the hypernetwork does not follow) is not seen: call :meth:`Lo
 
 from __future__ import annotations
 
+from .errors import UserError
 import math
 import re
 from typing import Any, Sequence
@@ -147,7 +148,7 @@ class _TransformerTrunk(nn.Module):
                  dim_feedforward: int, dropout: float, **factory):
         super().__init__()
         if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+            raise UserError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
         self.embedding = nn.Embedding(n_tokens, embedding_dim, **factory)
         self.token_proj = nn.Linear(embedding_dim, d_model, **factory)
         layer = nn.TransformerEncoderLayer(d_model, n_heads, dim_feedforward, dropout, batch_first=True, **factory)
@@ -192,13 +193,13 @@ class LoRAHyperNetwork(nn.Module):
         for option, value, allowed in (("arch", arch, ARCHS), ("a_mode", a_mode, A_MODES), ("noise", noise, NOISE_MODES),
                                        ("head_init", head_init, HEAD_INITS)):
             if value not in allowed:
-                raise ValueError(f"unknown HypeLoRA {option} {value!r}; choose from {allowed}")
+                raise UserError(f"unknown HypeLoRA {option} {value!r}; choose from {allowed}")
         if not 0.0 <= noise_alpha <= 1.0:
-            raise ValueError(f"noise_alpha must lie in [0, 1], got {noise_alpha}")
+            raise UserError(f"noise_alpha must lie in [0, 1], got {noise_alpha}")
         if anneal_steps is not None and (not isinstance(anneal_steps, int) or anneal_steps < 0):
-            raise ValueError(f"anneal_steps must be None (the training loop's total), 0 (constant) or a positive int, got {anneal_steps!r}")
+            raise UserError(f"anneal_steps must be None (the training loop's total), 0 (constant) or a positive int, got {anneal_steps!r}")
         if len(set(layer_names)) != len(layer_names) or not layer_names:
-            raise ValueError(f"the hypernetwork needs distinct adapted layer names, got {list(layer_names)}")
+            raise UserError(f"the hypernetwork needs distinct adapted layer names, got {list(layer_names)}")
         self.n_experts, self.r = n_experts, r
         self.arch, self.a_mode, self.noise = arch, a_mode, noise
         self.noise_alpha, self.anneal_steps, self.seed = float(noise_alpha), anneal_steps, int(seed)
@@ -272,11 +273,11 @@ class LoRAHyperNetwork(nn.Module):
     def register_pool(self, name: str, pool: "HyperLoRAPool") -> None:
         """Connect the pool of layer ``name``; the first pool of a module type creates its output heads."""
         if name not in self._module_of:
-            raise ValueError(f"layer {name!r} is not one of the hypernetwork's layers {self.layer_names}")
+            raise UserError(f"layer {name!r} is not one of the hypernetwork's layers {self.layer_names}")
         module = self._module_of[name]
         shape = (pool.in_features, pool.out_features)
         if module in self._shapes and self._shapes[module] != shape:
-            raise ValueError(
+            raise UserError(
                 f"layers of module type {module!r} must share one shape for the hypernetwork's head; {name!r} is "
                 f"{shape[0]}->{shape[1]}, earlier ones {self._shapes[module][0]}->{self._shapes[module][1]}"
             )
@@ -429,15 +430,15 @@ def _build_hyper_pool(spec: PoolSpec, shared: nn.ModuleDict) -> HyperLoRAPool:
     arch = options.get("arch", "mlp")
     unused = [k for k in (_TRANSFORMER_ONLY if arch == "mlp" else _MLP_ONLY if arch == "transformer" else ()) if k in options]
     if unused:
-        raise ValueError(f"HypeLoRA options {unused} do not apply to arch={arch!r}")
+        raise UserError(f"HypeLoRA options {unused} do not apply to arch={arch!r}")
     if "hypernet" not in shared:
         names = spec.all_names or (spec.name,)
         shared["hypernet"] = LoRAHyperNetwork(names, spec.n_experts, spec.r, dtype=spec.dtype, device=spec.device, **options)
     hypernet = shared["hypernet"]
     if not isinstance(hypernet, LoRAHyperNetwork):
-        raise ValueError(f"shared['hypernet'] is a {type(hypernet).__name__}, not a LoRAHyperNetwork")
+        raise UserError(f"shared['hypernet'] is a {type(hypernet).__name__}, not a LoRAHyperNetwork")
     if (hypernet.n_experts, hypernet.r) != (spec.n_experts, spec.r):
-        raise ValueError(f"layer {spec.name!r} wants {spec.n_experts} experts of rank {spec.r}; the hypernetwork "
+        raise UserError(f"layer {spec.name!r} wants {spec.n_experts} experts of rank {spec.r}; the hypernetwork "
                          f"makes {hypernet.n_experts} of rank {hypernet.r}")
     return HyperLoRAPool(hypernet, spec.name or hypernet.layer_names[0], spec.in_features, spec.out_features,
                          spec.n_experts, spec.r, spec.alpha, spec.dropout, spec.impl, dtype=spec.dtype, device=spec.device)

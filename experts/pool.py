@@ -16,6 +16,7 @@ the state dict, ``parameters()`` and the saved file hold them exactly once.
 
 from __future__ import annotations
 
+from .errors import UserError
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -52,7 +53,7 @@ class ExpertPool(nn.Module):
     ):
         super().__init__()
         if n_experts < 1 or r < 1:
-            raise ValueError(f"a LoRA pool needs n_experts >= 1 and r >= 1, got n_experts={n_experts}, r={r}")
+            raise UserError(f"a LoRA pool needs n_experts >= 1 and r >= 1, got n_experts={n_experts}, r={r}")
         self.in_features, self.out_features = in_features, out_features
         self.n_experts, self.r = n_experts, r
         self.alpha = float(r if alpha is None else alpha)
@@ -92,7 +93,7 @@ class ExpertPool(nn.Module):
         A, B = self.factors()
         mixture = torch.as_tensor(mixture, dtype=A.dtype, device=A.device)
         if mixture.shape != (self.n_experts,):
-            raise ValueError(f"a fixed route needs one weight per expert ({self.n_experts}), got {tuple(mixture.shape)}")
+            raise UserError(f"a fixed route needs one weight per expert ({self.n_experts}), got {tuple(mixture.shape)}")
         return torch.einsum("eor,eri->oi", B * (mixture * self.scaling).view(-1, 1, 1), A)
 
     def extra_repr(self) -> str:
@@ -111,7 +112,7 @@ def register_expert_kind(name: str) -> Callable[[PoolBuilder], PoolBuilder]:
 
     def register(builder: PoolBuilder) -> PoolBuilder:
         if name in EXPERT_KINDS and EXPERT_KINDS[name] is not builder:
-            raise ValueError(f"an expert kind named {name!r} is already registered")
+            raise UserError(f"an expert kind named {name!r} is already registered")
         EXPERT_KINDS[name] = builder
         return builder
 
@@ -122,11 +123,11 @@ def build_pool(kind: str, spec: PoolSpec, shared: nn.ModuleDict) -> nn.Module:
     try:
         builder = EXPERT_KINDS[kind]
     except KeyError:
-        raise ValueError(f"unknown expert kind {kind!r}; available: {sorted(EXPERT_KINDS)}") from None
+        raise UserError(f"unknown expert kind {kind!r}; available: {sorted(EXPERT_KINDS)}") from None
     try:
         return builder(spec, shared)
     except TypeError as err:
-        raise ValueError(f"bad expert_options for expert kind {kind!r}: {err}") from None
+        raise UserError(f"bad expert_options for expert kind {kind!r}: {err}") from None
 
 
 def keep_reference(owner: nn.Module, attribute: str, module: nn.Module) -> None:

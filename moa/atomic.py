@@ -18,6 +18,7 @@ kept with ``keep_others=True`` (hard-linked into the new folder, outside the man
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import contextlib
 import hashlib
 import json
@@ -158,15 +159,15 @@ def verify(folder: str | os.PathLike, names: list[str] | None = None) -> bool:
     files = read_json(manifest_path).get("files", {})
     for rel in names if names is not None else sorted(files):
         if rel not in files:
-            raise ValueError(f"{folder / rel} is not in {manifest_path}: the folder was not written by one save")
+            raise UserError(f"{folder / rel} is not in {manifest_path}: the folder was not written by one save")
         path, entry = folder / rel, files[rel]
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing (listed in {manifest_path})")
         size = path.stat().st_size
         if size != entry["bytes"]:
-            raise ValueError(f"{path} is truncated or corrupted: {size} bytes, {entry['bytes']} when it was saved")
+            raise UserError(f"{path} is truncated or corrupted: {size} bytes, {entry['bytes']} when it was saved")
         if sha256(path) != entry["sha256"]:
-            raise ValueError(f"{path} is corrupted: its sha256 does not match the one recorded at save in "
+            raise UserError(f"{path} is corrupted: its sha256 does not match the one recorded at save in "
                              f"{manifest_path}")
     return True
 
@@ -177,7 +178,7 @@ def _named(path: Path, what: str, read: Callable[[], Any]) -> Any:
     try:
         return read()
     except Exception as error:  # noqa: BLE001 - re-raised with the file's name
-        raise ValueError(f"cannot read {what} {path}: {error}") from error
+        raise UserError(f"cannot read {what} {path}: {error}") from error
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -53,40 +54,40 @@ class MoAConfig:
 
     def __post_init__(self):
         if self.router not in ROUTERS:
-            raise ValueError(f"unknown router {self.router!r}; available routers: {sorted(ROUTERS)}")
+            raise UserError(f"unknown router {self.router!r}; available routers: {sorted(ROUTERS)}")
         if not isinstance(self.n_experts, int) or self.n_experts < 1:
-            raise ValueError(f"n_experts must be a positive integer, got {self.n_experts!r}")
+            raise UserError(f"n_experts must be a positive integer, got {self.n_experts!r}")
         if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r (the rank of each expert) must be an integer >= 1, got {self.r!r}")
+            raise UserError(f"r (the rank of each expert) must be an integer >= 1, got {self.r!r}")
         if not ROUTERS[self.router].uses_top_k:  # e.g. static, poly: top_k is not the user's to set
             self.top_k = 1
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.n_experts:
-            raise ValueError(f"top_k must be between 1 and n_experts={self.n_experts}, got {self.top_k!r}")
+            raise UserError(f"top_k must be between 1 and n_experts={self.n_experts}, got {self.top_k!r}")
         if self.alpha is not None and self.alpha <= 0:
-            raise ValueError(f"alpha must be positive, got {self.alpha}")
+            raise UserError(f"alpha must be positive, got {self.alpha}")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.impl not in available_impls():
-            raise ValueError(f"unknown impl {self.impl!r}; available: {available_impls()}")
+            raise UserError(f"unknown impl {self.impl!r}; available: {available_impls()}")
         if isinstance(self.target_modules, (list, tuple, set)):
             if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-                raise ValueError(f"target_modules must be non-empty names, got {self.target_modules!r}")
+                raise UserError(f"target_modules must be non-empty names, got {self.target_modules!r}")
             self.target_modules = list(self.target_modules)
         elif self.target_modules is not None and not isinstance(self.target_modules, str):
-            raise ValueError(f"target_modules must be a list of names, a regex string or None, got {self.target_modules!r}")
+            raise UserError(f"target_modules must be a list of names, a regex string or None, got {self.target_modules!r}")
         if self.expert_names is not None:
             self.expert_names = list(self.expert_names)
             if len(self.expert_names) != self.n_experts or len(set(self.expert_names)) != self.n_experts:
-                raise ValueError(f"expert_names must be {self.n_experts} distinct names, got {self.expert_names!r}")
+                raise UserError(f"expert_names must be {self.n_experts} distinct names, got {self.expert_names!r}")
         if not isinstance(self.router_options, dict):
-            raise ValueError(f"router_options must be a dict, got {type(self.router_options).__name__}")
+            raise UserError(f"router_options must be a dict, got {type(self.router_options).__name__}")
         if self.expert_kind not in EXPERT_KINDS:
-            raise ValueError(f"unknown expert_kind {self.expert_kind!r}; available: {sorted(EXPERT_KINDS)}")
+            raise UserError(f"unknown expert_kind {self.expert_kind!r}; available: {sorted(EXPERT_KINDS)}")
         if not isinstance(self.expert_options, dict):
-            raise ValueError(f"expert_options must be a dict, got {type(self.expert_options).__name__}")
+            raise UserError(f"expert_options must be a dict, got {type(self.expert_options).__name__}")
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) and m for m in self.modules_to_save):
-                raise ValueError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+                raise UserError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
             self.modules_to_save = list(self.modules_to_save)
 
     @property
@@ -101,7 +102,7 @@ class MoAConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown MoAConfig fields {unknown}; known fields: {sorted(known)}")
+            raise UserError(f"unknown MoAConfig fields {unknown}; known fields: {sorted(known)}")
         return cls(**data)
 
     @classmethod

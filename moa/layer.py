@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from moa.experts.errors import UserTypeError
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
@@ -29,7 +30,7 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
     if isinstance(module, Conv1D):
         return module.weight.shape[0], module.weight.shape[1]
-    raise TypeError(f"MoA adapts nn.Linear and transformers Conv1D layers, not {type(module).__name__}")
+    raise UserTypeError(f"MoA adapts nn.Linear and transformers Conv1D layers, not {type(module).__name__}")
 
 
 def linear_weight(module: nn.Module) -> Tensor:

@@ -7,6 +7,7 @@ included (``task_ids``, ``domain_ids``, ``expert_ids``), plus ``labels``.
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError, UserTypeError
 from typing import Callable
 
 import lightning as L
@@ -25,7 +26,7 @@ class ClassificationHead(nn.Module):
     def __init__(self, hidden_size: int, n_classes: int, pooling: str = "first"):
         super().__init__()
         if pooling not in ("first", "mean"):
-            raise ValueError(f"pooling must be 'first' or 'mean', got {pooling!r}")
+            raise UserError(f"pooling must be 'first' or 'mean', got {pooling!r}")
         self.pooling = pooling
         self.classifier = nn.Linear(hidden_size, n_classes)
 
@@ -68,7 +69,7 @@ class MoAModule(L.LightningModule):
     ):
         super().__init__()
         if not isinstance(model, MoAModel):
-            raise TypeError(f"MoAModule hosts a MoAModel (see moa.attach), got {type(model).__name__}")
+            raise UserTypeError(f"MoAModule hosts a MoAModel (see moa.attach), got {type(model).__name__}")
         self.model = model
         self.head = head
         self.loss_fn = loss_fn or F.cross_entropy
@@ -92,10 +93,10 @@ class MoAModule(L.LightningModule):
         out = self(batch)
         if self.head is None:
             if getattr(out, "loss", None) is None:
-                raise ValueError("the model returned no loss: put 'labels' in the batch or give MoAModule a head")
+                raise UserError("the model returned no loss: put 'labels' in the batch or give MoAModule a head")
             return out.loss, None
         if "labels" not in batch:
-            raise ValueError("the batch has no 'labels' for the head's loss")
+            raise UserError("the batch has no 'labels' for the head's loss")
         return self.loss_fn(out, batch["labels"]), out
 
     def on_fit_start(self) -> None:
@@ -129,7 +130,7 @@ class MoAModule(L.LightningModule):
         state = checkpoint["state_dict"]
         missing = sorted(self._adapter_keys() - set(state))
         if missing:
-            raise ValueError(f"the checkpoint lacks adapter weights of this model, e.g. {missing[:3]}: it was "
+            raise UserError(f"the checkpoint lacks adapter weights of this model, e.g. {missing[:3]}: it was "
                              "saved from another model configuration")
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -200,7 +201,7 @@ class MoAModule(L.LightningModule):
         param_groups = []
         for name, params in groups.items():
             if name not in lrs:
-                raise ValueError(f"routers declared a parameter group {name!r}; give its lr in group_lrs")
+                raise UserError(f"routers declared a parameter group {name!r}; give its lr in group_lrs")
             decay = self.weight_decay if name == "experts" else 0.0
             param_groups.append({"params": params, "lr": lrs[name], "weight_decay": decay, "name": name})
         return torch.optim.AdamW(param_groups)
@@ -220,7 +221,7 @@ def _last_hidden(outputs) -> Tensor:
     if hidden is None and getattr(outputs, "hidden_states", None) is not None:
         hidden = outputs.hidden_states[-1]
     if hidden is None:
-        raise ValueError("the model output has no last_hidden_state; call it with output_hidden_states=True")
+        raise UserError("the model output has no last_hidden_state; call it with output_hidden_states=True")
     return hidden
 
 

@@ -25,6 +25,7 @@ in a bin of its own and rounds multiclass confidences to float32, so it is not u
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError, UserTypeError
 import os
 from pathlib import Path
 
@@ -39,15 +40,15 @@ def _check(probs, labels) -> tuple[Tensor, Tensor]:
     probs = torch.as_tensor(probs).detach().to("cpu", torch.float64)
     labels = torch.as_tensor(labels).detach().to("cpu")
     if probs.dim() != 2 or probs.shape[0] == 0 or probs.shape[1] < 2:
-        raise ValueError(f"probs must be [N, C] with N >= 1 samples and C >= 2 classes, got shape {tuple(probs.shape)}")
+        raise UserError(f"probs must be [N, C] with N >= 1 samples and C >= 2 classes, got shape {tuple(probs.shape)}")
     if labels.dim() != 1 or labels.shape[0] != probs.shape[0]:
-        raise ValueError(f"labels must be [N] = [{probs.shape[0]}] to match probs {tuple(probs.shape)}, got {tuple(labels.shape)}")
+        raise UserError(f"labels must be [N] = [{probs.shape[0]}] to match probs {tuple(probs.shape)}, got {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype}")
+        raise UserTypeError(f"labels must be integer class ids, got dtype {labels.dtype}")
     if int(labels.min()) < 0 or int(labels.max()) >= probs.shape[1]:
-        raise ValueError(f"labels must lie in [0, {probs.shape[1] - 1}], got values in [{int(labels.min())}, {int(labels.max())}]")
+        raise UserError(f"labels must lie in [0, {probs.shape[1] - 1}], got values in [{int(labels.min())}, {int(labels.max())}]")
     if not torch.isfinite(probs).all() or probs.min() < 0 or probs.max() > 1 + 1e-6:
-        raise ValueError("probs must be probabilities in [0, 1] (apply softmax to logits first)")
+        raise UserError("probs must be probabilities in [0, 1] (apply softmax to logits first)")
     return probs, labels.long()
 
 

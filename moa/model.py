@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import contextlib
 import functools
 import inspect
@@ -273,7 +274,7 @@ def check_output_mixture(moa_model: "MoAModel") -> None:
     """Refuse to fold a fixed expert mixture for routers whose computation is not a mixture of expert outputs."""
     router = next(iter(moa_model.moa_layers().values())).router
     if not router.mixes_expert_outputs:
-        raise ValueError(
+        raise UserError(
             f"router {router.name!r} mixes expert parameters, not expert outputs: a fixed route over the pool's "
             "experts is not what it computes, so it cannot be merged or exported this way"
         )
@@ -286,11 +287,11 @@ def route_to_mixture(route: int | Sequence[float] | Tensor, n_experts: int) -> T
     if isinstance(route, numbers.Integral) and not isinstance(route, bool):
         route = int(route)
         if not 0 <= route < n_experts:
-            raise ValueError(f"expert index {route} out of range for a pool of {n_experts} experts")
+            raise UserError(f"expert index {route} out of range for a pool of {n_experts} experts")
         return torch.nn.functional.one_hot(torch.tensor(route), n_experts).float()
     mixture = torch.as_tensor(route, dtype=torch.float32).flatten()
     if mixture.numel() != n_experts:
-        raise ValueError(f"a fixed route needs one weight per expert ({n_experts}), got {mixture.numel()}")
+        raise UserError(f"a fixed route needs one weight per expert ({n_experts}), got {mixture.numel()}")
     return mixture
 
 
@@ -308,7 +309,7 @@ def default_targets(model: nn.Module) -> list[str]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     targets = _PEFT_TARGETS.get(model_type) or _FALLBACK_TARGETS.get(model_type)
     if not targets:
-        raise ValueError(
+        raise UserError(
             f"no default target_modules for model type {model_type!r}; pass MoAConfig(target_modules=[...])"
         )
     return list(targets)
@@ -329,15 +330,15 @@ def find_targets(model: nn.Module, targets: list[str] | str | None) -> list[str]
         if not name or not _matches(name, targets):
             continue
         if isinstance(module, MoALinear):
-            raise ValueError(f"module {name!r} already carries MoA layers; attach once per model")
+            raise UserError(f"module {name!r} already carries MoA layers; attach once per model")
         if not _is_linear(module):
             if isinstance(targets, str) or any(name == t for t in targets):
-                raise ValueError(f"target module {name!r} is a {type(module).__name__}; MoA adapts linear layers only")
+                raise UserError(f"target module {name!r} is a {type(module).__name__}; MoA adapts linear layers only")
             continue
         found.append(name)
     if not found:
         linears = [n for n, m in model.named_modules() if _is_linear(m)]
-        raise ValueError(
+        raise UserError(
             f"no linear layer matches target_modules={targets!r}; linear layers of this model include "
             f"{sorted({n.rsplit('.', 1)[-1] for n in linears})[:20]} (e.g. {linears[:3]})"
         )
@@ -352,10 +353,10 @@ def find_modules_to_save(model: nn.Module, names: list[str] | None, targets: Seq
     for name, module in model.named_modules():
         if name and _matches(name, names) and not any(name.startswith(f + ".") for f in found):
             if name in targets or isinstance(module, MoALinear) or any(t.startswith(name + ".") for t in targets):
-                raise ValueError(f"module {name!r} is both adapted (target_modules) and in modules_to_save")
+                raise UserError(f"module {name!r} is both adapted (target_modules) and in modules_to_save")
             found.append(name)
     if not found:
-        raise ValueError(f"no module matches modules_to_save={names!r}")
+        raise UserError(f"no module matches modules_to_save={names!r}")
     return found
 
 
@@ -366,11 +367,11 @@ def attach(model: nn.Module, config: MoAConfig, *, layers: list[str] | None = No
     the model is left as it was (its modules and ``requires_grad`` flags).
     """
     if isinstance(model, MoAModel) or any(isinstance(m, MoALinear) for m in model.modules()):
-        raise ValueError("this model already carries MoA layers; attach once per model")
+        raise UserError("this model already carries MoA layers; attach once per model")
     names = find_targets(model, config.target_modules) if layers is None else layers
     for name in names:  # every target exists and is a linear layer, before anything changes
         if not _has_submodule(model, name):
-            raise ValueError(f"the model has no module {name!r}")
+            raise UserError(f"the model has no module {name!r}")
         linear_shape(model.get_submodule(name))
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -429,13 +430,13 @@ def load(directory: str | os.PathLike, base_model: nn.Module | None = None) -> M
     verify(directory, [CONFIG_NAME, WEIGHTS_NAME])  # sha256 of each file recorded at save (older saves: none)
     meta = read_json(config_path)
     if meta.get("format") != "moa" or meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{config_path} is not a MoA config this version can read (format {meta.get('format_version')})")
+        raise UserError(f"{config_path} is not a MoA config this version can read (format {meta.get('format_version')})")
     config = MoAConfig.from_dict(meta["config"])
     if base_model is None:
         base_model = load_recorded_base(meta, config_path)
     missing = [name for name in meta["layers"] if not _has_submodule(base_model, name)]
     if missing:
-        raise ValueError(f"the base model has no modules {missing[:5]}: it is not the model these MoA layers were saved from")
+        raise UserError(f"the base model has no modules {missing[:5]}: it is not the model these MoA layers were saved from")
     state = read_safetensors(weights_path)
     moa_model = attach(base_model, config, layers=meta["layers"])
     try:
@@ -452,7 +453,7 @@ def load_recorded_base(meta: dict[str, Any], config_path: Path) -> nn.Module:
 
     path = meta.get("base_model_name_or_path")
     if not path:
-        raise ValueError(f"{config_path} records no base model path (it was built from a config, not loaded with "
+        raise UserError(f"{config_path} records no base model path (it was built from a config, not loaded with "
                          "from_pretrained): pass the base model, moa.load(folder, base_model)")
     beside = config_path.parent / path  # a relative path names a folder next to the save first (a bundle's base)
     if not Path(path).is_absolute() and beside.is_dir():
@@ -463,7 +464,7 @@ def load_recorded_base(meta: dict[str, Any], config_path: Path) -> nn.Module:
     try:
         return cls.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot load the base model {path!r} recorded in {config_path}: {error}; pass the base "
+        raise UserError(f"cannot load the base model {path!r} recorded in {config_path}: {error}; pass the base "
                          "model, moa.load(folder, base_model)") from error
 
 
@@ -471,10 +472,10 @@ def load_moa_state(moa_model: MoAModel, state: dict[str, Tensor], source: str = 
     expected = moa_model.moa_state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{source} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise UserError(f"{source} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for key, value in state.items():
         if value.shape != expected[key].shape:
-            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}")
+            raise UserError(f"{source}: {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}")
     with torch.no_grad():
         shared = {k[len(SHARED_PREFIX):]: v for k, v in state.items() if k.startswith(SHARED_PREFIX)}
         moa_model.shared.load_state_dict(shared, strict=True)

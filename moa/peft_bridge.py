@@ -11,6 +11,7 @@ adapter's own scale is folded into its B so the pool uses scale 1.
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import math
 import os
 import shutil
@@ -43,27 +44,27 @@ def _read_adapter(path: Path) -> tuple[LoraConfig, dict[str, tuple[Tensor, Tenso
         raise FileNotFoundError(f"{path} is not a PEFT adapter folder (no adapter_config.json)")
     config = PeftConfig.from_pretrained(str(path))
     if not isinstance(config, LoraConfig):
-        raise ValueError(f"{path} holds a {type(config).__name__}; only LoRA adapters can become experts")
+        raise UserError(f"{path} holds a {type(config).__name__}; only LoRA adapters can become experts")
     for attr, what in _UNSUPPORTED.items():
         if getattr(config, attr, None):
-            raise ValueError(f"{path}: {what} cannot be imported as plain LoRA experts")
+            raise UserError(f"{path}: {what} cannot be imported as plain LoRA experts")
     state = load_peft_weights(str(path), device="cpu")
     modules: dict[str, dict[str, Tensor]] = {}
     for key, value in state.items():
         if not key.startswith(PEFT_PREFIX):
-            raise ValueError(f"{path}: unexpected tensor {key!r} in a LoRA adapter")
+            raise UserError(f"{path}: unexpected tensor {key!r} in a LoRA adapter")
         for part in ("lora_A", "lora_B"):
             suffix = f".{part}.weight"
             if key.endswith(suffix):
                 modules.setdefault(key[len(PEFT_PREFIX) : -len(suffix)], {})[part] = value
                 break
         else:
-            raise ValueError(f"{path}: {key!r} is not a LoRA A/B weight (embedding or other layers are not supported)")
+            raise UserError(f"{path}: {key!r} is not a LoRA A/B weight (embedding or other layers are not supported)")
     scale_of = (lambda r: config.lora_alpha / math.sqrt(r)) if config.use_rslora else (lambda r: config.lora_alpha / r)
     factors = {}
     for name, ab in modules.items():
         if set(ab) != {"lora_A", "lora_B"}:
-            raise ValueError(f"{path}: module {name!r} lacks {sorted({'lora_A', 'lora_B'} - set(ab))}")
+            raise UserError(f"{path}: module {name!r} lacks {sorted({'lora_A', 'lora_B'} - set(ab))}")
         a, b = ab["lora_A"], ab["lora_B"]
         factors[name] = (a, b * scale_of(a.shape[0]))  # scale folded into B
     return config, factors
@@ -83,7 +84,7 @@ def from_peft(
     if not isinstance(adapters, Mapping):
         adapters = {Path(p).name: p for p in adapters}
     if not adapters:
-        raise ValueError("from_peft needs at least one adapter folder")
+        raise UserError("from_peft needs at least one adapter folder")
     read = {name: _read_adapter(Path(path)) for name, path in adapters.items()}
     modules = sorted({m for _, factors in read.values() for m in factors})
     rank = max(a.shape[0] for _, factors in read.values() for a, _ in factors.values())
@@ -113,7 +114,7 @@ def _copy_experts(moa_model: MoAModel, read: dict[str, tuple[LoraConfig, dict[st
                     continue
                 a, b = factors[name]
                 if a.shape[1] != pool.in_features or b.shape[0] != pool.out_features:
-                    raise ValueError(
+                    raise UserError(
                         f"adapter {list(read)[e]!r} module {name!r} is {b.shape[0]}x{a.shape[1]}, "
                         f"the model's layer is {pool.out_features}x{pool.in_features}"
                     )
@@ -141,7 +142,7 @@ def to_peft(
     mixture = route_to_mixture(route, moa_model.config.n_experts)
     active = torch.nonzero(mixture).flatten().tolist()
     if not active:
-        raise ValueError("the route gives every expert weight 0; there is nothing to export")
+        raise UserError("the route gives every expert weight 0; there is nothing to export")
     check_output_mixture(moa_model)
     layers = moa_model.moa_layers()
     pool0 = next(iter(layers.values())).pool

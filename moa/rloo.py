@@ -15,6 +15,7 @@ estimate ``1/(M-1) sum_m (L_m - mean L) grad log Q_m`` of ``grad E[L]``, per exa
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import contextlib
 from typing import Any, Callable, Iterator
 
@@ -34,12 +35,12 @@ def rloo_objective(losses: Tensor, log_probs: Tensor | None) -> Tensor:
     The advantage is computed as ``mean_m' (L_m - L_m')``, which is exactly zero when the M losses are equal.
     """
     if losses.dim() != 2 or losses.shape[0] < 2:
-        raise ValueError(f"RLOO needs losses of shape [M >= 2, B], got {tuple(losses.shape)}")
+        raise UserError(f"RLOO needs losses of shape [M >= 2, B], got {tuple(losses.shape)}")
     objective = losses.mean()
     if log_probs is None:
         return objective
     if log_probs.shape != losses.shape:
-        raise ValueError(f"log_probs {tuple(log_probs.shape)} must match losses {tuple(losses.shape)}")
+        raise UserError(f"log_probs {tuple(log_probs.shape)} must match losses {tuple(losses.shape)}")
     detached = losses.detach()
     advantage = (detached.unsqueeze(1) - detached.unsqueeze(0)).mean(1)  # [M, B]: L_m - mean_m' L_m'
     return objective + (advantage * log_probs).sum(0).mean() / (losses.shape[0] - 1)
@@ -125,9 +126,9 @@ class RLOOModule(MoAModule):
     def __init__(self, model: MoAModel, n_samples: int = 4, sample_loss: SampleLoss | None = None, **kwargs):
         super().__init__(model, **kwargs)
         if not isinstance(n_samples, int) or n_samples < 2:
-            raise ValueError(f"RLOO needs n_samples >= 2 draws per example, got {n_samples!r}")
+            raise UserError(f"RLOO needs n_samples >= 2 draws per example, got {n_samples!r}")
         if not sampling_routers(model):
-            raise ValueError("RLOOModule trains sampling routers (router='remix'); this model has none")
+            raise UserError("RLOOModule trains sampling routers (router='remix'); this model has none")
         # sample_loss None: chosen when training needs it (a head may still be built in configure_model)
         self.n_samples, self._sample_loss = n_samples, sample_loss
 
@@ -140,7 +141,7 @@ class RLOOModule(MoAModule):
             return classification_sample_loss
         if _is_causal_lm(self.model):
             return causal_lm_sample_loss
-        raise ValueError(f"no default per-example loss for {type(self.model.model).__name__} without a head: "
+        raise UserError(f"no default per-example loss for {type(self.model.model).__name__} without a head: "
                          "pass sample_loss=...")
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -149,7 +150,7 @@ class RLOOModule(MoAModule):
         with collect_log_probs(self.model) as log_probs:
             losses = self.example_losses(repeated)
         if losses.shape != (copies * size,):
-            raise ValueError(f"sample_loss must return one loss per example ({copies * size},), got {tuple(losses.shape)}")
+            raise UserError(f"sample_loss must return one loss per example ({copies * size},), got {tuple(losses.shape)}")
         losses = losses.view(copies, size)
         total = rloo_objective(losses, self._joint_log_prob(log_probs, copies, size))
 
@@ -175,7 +176,7 @@ class RLOOModule(MoAModule):
         total = None
         for name, value in log_probs:
             if value.shape != (copies * size,):
-                raise ValueError(
+                raise UserError(
                     f"router of {name} reported log-probabilities of shape {tuple(value.shape)}; RLOO needs one per "
                     f"sequence ({copies * size},): give the layer inputs as [batch, tokens, features]"
                 )

@@ -22,6 +22,7 @@ plain loop, bind once::
 
 from __future__ import annotations
 
+from moa.experts.errors import UserTypeError
 import math
 
 from torch import nn
@@ -45,9 +46,9 @@ class OptimizerFollower:
 
     def __init__(self, model: MoAModel, optimizer: Optimizer, total_steps: int | float | None = None, step: int = 0):
         if not isinstance(model, MoAModel):
-            raise TypeError(f"follow_optimizer binds a MoAModel (see moa.attach), got {type(model).__name__}")
+            raise UserTypeError(f"follow_optimizer binds a MoAModel (see moa.attach), got {type(model).__name__}")
         if not hasattr(optimizer, "register_step_post_hook"):
-            raise TypeError(f"follow_optimizer needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            raise UserTypeError(f"follow_optimizer needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
         known = total_steps is not None and math.isfinite(total_steps) and total_steps > 0
         self.total_steps = int(total_steps) if known else None
         self.step = int(step)

@@ -13,6 +13,7 @@ Inspection: :func:`task_skill_matrix` reads out the learned task-skill weights p
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -32,7 +33,7 @@ def task_routers(model: MoAModel) -> dict[str, _TaskSkillRouter]:
     """The Poly / MHR routers of ``model``, by layer."""
     routers = {name: layer.router for name, layer in model.moa_layers().items() if isinstance(layer.router, _TaskSkillRouter)}
     if not routers:
-        raise ValueError(f"the model has no task-routed layers (router={model.config.router!r}; want 'poly' or 'mhr')")
+        raise UserError(f"the model has no task-routed layers (router={model.config.router!r}; want 'poly' or 'mhr')")
     return routers
 
 
@@ -63,7 +64,7 @@ def prepare_transfer(model: MoAModel, mode: str, n_tasks: int = 1) -> MoAModel:
     Everything outside the MoA layers stays frozen (a head of yours is yours to freeze or not).
     """
     if mode not in MODES:
-        raise ValueError(f"unknown adaptation mode {mode!r}; choose from {MODES} (Poly fine-tuning, MHR-z, MHR-mu)")
+        raise UserError(f"unknown adaptation mode {mode!r}; choose from {MODES} (Poly fine-tuning, MHR-z, MHR-mu)")
     routers = task_routers(model)
     resize_tasks(model, n_tasks)
     average = mode == "mu"
@@ -107,11 +108,11 @@ def plot_task_skill_matrix(
 
     matrices = task_skill_matrix(model_or_matrices) if isinstance(model_or_matrices, MoAModel) else dict(model_or_matrices)
     if not matrices:
-        raise ValueError("no task-skill matrices to plot")
+        raise UserError("no task-skill matrices to plot")
     names = list(matrices)[:max_panels]
     n_tasks, n_heads, n_skills = next(iter(matrices.values())).shape
     if task_names is not None and len(task_names) != n_tasks:
-        raise ValueError(f"{len(task_names)} task names for {n_tasks} tasks")
+        raise UserError(f"{len(task_names)} task names for {n_tasks} tasks")
     cols = min(4, len(names))
     rows = -(-len(names) // cols)
     vmax = max(float(matrices[n].max()) for n in names)
@@ -154,53 +155,53 @@ def load_peft_poly(model: MoAModel, peft_model: nn.Module, adapter: str = "defau
     routers = task_routers(model)
     peft_layers = {name: m for name, m in peft_model.named_modules() if hasattr(m, "poly_lora_A") and adapter in m.poly_lora_A}
     if not peft_layers:
-        raise ValueError(f"no PEFT Poly layers with adapter {adapter!r} in the given model")
+        raise UserError(f"no PEFT Poly layers with adapter {adapter!r} in the given model")
     layers = model.moa_layers()
     not_routed = sorted(set(layers) - set(routers))
     if not_routed:
-        raise ValueError(f"moa layers {not_routed} are not task-routed; PEFT Poly routes every layer by task")
+        raise UserError(f"moa layers {not_routed} are not task-routed; PEFT Poly routes every layer by task")
     # 1. pair the layers, one to one
     pairs, claimed = {}, {}
     for name in layers:
         matches = [n for n in peft_layers if n == name or n.endswith("." + name)]
         if len(matches) != 1:
-            raise ValueError(f"moa layer {name!r} has {len(matches)} PEFT Poly layers for adapter {adapter!r}"
+            raise UserError(f"moa layer {name!r} has {len(matches)} PEFT Poly layers for adapter {adapter!r}"
                              + (f": {matches}" if matches else " (the PEFT model does not adapt it)"))
         if matches[0] in claimed:
-            raise ValueError(f"PEFT Poly layer {matches[0]!r} matches moa layers {claimed[matches[0]]!r} and {name!r}")
+            raise UserError(f"PEFT Poly layer {matches[0]!r} matches moa layers {claimed[matches[0]]!r} and {name!r}")
         pairs[name], claimed[matches[0]] = matches[0], name
     missing = sorted(set(peft_layers) - set(claimed))
     if missing:
-        raise ValueError(f"the moa model does not adapt the PEFT Poly layers {missing} (add them to target_modules); "
+        raise UserError(f"the moa model does not adapt the PEFT Poly layers {missing} (add them to target_modules); "
                          "importing the rest would give outputs that differ from PEFT's")
     # 2. check every pair, build what to copy
     copies = []
     for name, peft_name in pairs.items():
         source, router, pool = peft_layers[peft_name], routers[name], layers[name].pool
         if router.granularity != "layer":
-            raise ValueError(f"{name}: PEFT Poly has one router per layer: load it into a model with granularity='layer'")
+            raise UserError(f"{name}: PEFT Poly has one router per layer: load it into a model with granularity='layer'")
         if router.average:
-            raise ValueError(f"{name}: the router averages the skills (MHR-mu); load first, then prepare_transfer(..., 'mu')")
+            raise UserError(f"{name}: the router averages the skills (MHR-mu); load first, then prepare_transfer(..., 'mu')")
         if getattr(source, "poly_type", {}).get(adapter, "poly") != "poly":
-            raise ValueError(f"{peft_name}: PEFT poly_type={source.poly_type[adapter]!r}; only 'poly' is supported")
+            raise UserError(f"{peft_name}: PEFT poly_type={source.poly_type[adapter]!r}; only 'poly' is supported")
         if source.n_splits[adapter] != router.n_heads:
-            raise ValueError(f"{name}: PEFT n_splits={source.n_splits[adapter]} but the router has n_heads={router.n_heads}")
+            raise UserError(f"{name}: PEFT n_splits={source.n_splits[adapter]} but the router has n_heads={router.n_heads}")
         if not isinstance(pool, LoRAPool):
-            raise ValueError(f"{name}: the pool is a {type(pool).__name__}; PEFT skills load into LoRA skills (expert_kind='lora')")
+            raise UserError(f"{name}: the pool is a {type(pool).__name__}; PEFT skills load into LoRA skills (expert_kind='lora')")
         a_split, b_split = source.poly_lora_A[adapter], source.poly_lora_B[adapter]
         if a_split.dim() != 4 or b_split.dim() != 4 or a_split.shape[:2] != b_split.shape[:2] \
                 or a_split.shape[3] != b_split.shape[2]:
-            raise ValueError(f"{peft_name}: PEFT skills A {tuple(a_split.shape)}, B {tuple(b_split.shape)} are not "
+            raise UserError(f"{peft_name}: PEFT skills A {tuple(a_split.shape)}, B {tuple(b_split.shape)} are not "
                              "[h, K, d_in/h, r] and [h, K, r, d_out/h]")
         A, B = skills_from_split_layout(a_split, b_split)
         if A.shape != pool.A.shape or B.shape != pool.B.shape:
-            raise ValueError(f"{name}: PEFT skills A {tuple(A.shape)}, B {tuple(B.shape)} do not fit the pool "
+            raise UserError(f"{name}: PEFT skills A {tuple(A.shape)}, B {tuple(B.shape)} do not fit the pool "
                              f"A {tuple(pool.A.shape)}, B {tuple(pool.B.shape)} ([K, r, d_in], [K, d_out, r])")
         if abs(pool.scaling - 1.0 / pool.r) > 1e-12:
-            raise ValueError(f"{name}: PEFT Poly scales by 1/r; this pool scales by {pool.scaling:g} (set alpha=1)")
+            raise UserError(f"{name}: PEFT Poly scales by 1/r; this pool scales by {pool.scaling:g} (set alpha=1)")
         logits, z = source.poly_router[adapter].module_logits, router.logits_module.logits
         if logits.shape != z.shape:
-            raise ValueError(f"{name}: PEFT routing logits {tuple(logits.shape)} vs {tuple(z.shape)} "
+            raise UserError(f"{name}: PEFT routing logits {tuple(logits.shape)} vs {tuple(z.shape)} "
                              "([n_tasks, n_heads * n_skills])")
         copies += [(pool.A, A), (pool.B, B), (z, logits)]
     # 3. copy (pool.A / pool.B are views of the packed weights); nothing above has written to the model

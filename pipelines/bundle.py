@@ -17,6 +17,7 @@ causal-lm      :class:`moa.pipelines.text_bundle.GenerationService`  ``val/loss`
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ SERVICE_FILE = "service.json"
 KINDS = ("recommender", "classifier", "causal-lm")
 
 
-class RequestError(ValueError):
+class RequestError(UserError):
     """A request a service refuses (unknown names or ids, bad settings, ...); the message names the row and the
     problem. Served, it is a 400."""
 
@@ -41,7 +42,7 @@ def bundle_meta(directory: str | Path) -> dict[str, Any]:
     meta = read_json(path)
     meta.setdefault("kind", "recommender")
     if meta["kind"] not in KINDS:
-        raise ValueError(f"{path}: unknown model kind {meta['kind']!r}; moa serves {list(KINDS)}")
+        raise UserError(f"{path}: unknown model kind {meta['kind']!r}; moa serves {list(KINDS)}")
     return meta
 
 

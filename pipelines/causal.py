@@ -15,6 +15,7 @@ Batches follow the text data contract: ``input_ids``/``attention_mask`` (prompt 
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import argparse
 import inspect
 import math
@@ -50,7 +51,7 @@ def preset_config(name: str, **overrides: Any):
     from transformers import GPT2Config, LlamaConfig
 
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+        raise UserError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
     config_class = LlamaConfig if name == "tiny-llama" else GPT2Config
     return config_class(**{"vocab_size": MINILM_VOCAB, **MINILM_SPECIAL, **PRESETS[name], **overrides})
 
@@ -65,7 +66,7 @@ def build_causal_lm(name: str = "tiny-llama", options: dict[str, Any] | None = N
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(preset_config(name, **options))
     if not Path(name).is_dir():
-        raise ValueError(f"unknown backbone {name!r}: use one of {sorted(PRESETS)} or a local causal-LM folder")
+        raise UserError(f"unknown backbone {name!r}: use one of {sorted(PRESETS)} or a local causal-LM folder")
     return AutoModelForCausalLM.from_pretrained(name, **options)
 
 
@@ -139,7 +140,7 @@ class MoACausalLM(MoAModule):
         super().__init__(model, lr=lr, router_lr=router_lr, group_lrs=group_lrs, weight_decay=weight_decay,
                          aux_loss_weight=aux_loss_weight, **self._module_options())
         if generate_every_n_epochs < 0:
-            raise ValueError(f"generate_every_n_epochs must be >= 0, got {generate_every_n_epochs}")
+            raise UserError(f"generate_every_n_epochs must be >= 0, got {generate_every_n_epochs}")
         self.backbone = backbone
         self.vocab_size = base.config.vocab_size
         self.max_new_tokens, self.generate_every_n_epochs = max_new_tokens, generate_every_n_epochs
@@ -158,7 +159,7 @@ class MoACausalLM(MoAModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         needed = getattr(datamodule, "vocab_size", None)
         if needed is not None and needed > self.vocab_size:
-            raise ValueError(f"the data uses token ids up to {needed - 1} but the backbone's vocabulary has "
+            raise UserError(f"the data uses token ids up to {needed - 1} but the backbone's vocabulary has "
                              f"{self.vocab_size} tokens")
         self.tokenizer = getattr(datamodule, "tokenizer", None) or self.tokenizer
         self.task_names = list(getattr(datamodule, "task_names", None) or self.task_names)

@@ -17,6 +17,7 @@ Models and data modules are chosen by class path in the config (subclass mode): 
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError, UserTypeError
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -47,7 +48,7 @@ class ParquetPredictionWriter(BasePredictionWriter):
         columns: dict[str, list] = {}
         for batch in batches:
             if not isinstance(batch, dict):
-                raise TypeError(f"ParquetPredictionWriter needs predict_step to return a dict of tensors, got {type(batch).__name__}")
+                raise UserTypeError(f"ParquetPredictionWriter needs predict_step to return a dict of tensors, got {type(batch).__name__}")
             for key, value in batch.items():
                 value = value.detach().cpu() if isinstance(value, torch.Tensor) else value
                 columns.setdefault(key, []).extend(value.tolist() if hasattr(value, "tolist") else list(value))
@@ -129,7 +130,7 @@ def callback_override(config: str | Path, class_path: str, **init_args) -> list[
     callbacks = (yaml.safe_load(Path(config).read_text()).get("trainer") or {}).get("callbacks") or []
     matches = [c for c in callbacks if isinstance(c, dict) and c.get("class_path") == class_path]
     if len(matches) != 1:
-        raise ValueError(f"{config} has {len(matches)} callbacks of class {class_path}; expected one")
+        raise UserError(f"{config} has {len(matches)} callbacks of class {class_path}; expected one")
     matches[0]["init_args"] = {**(matches[0].get("init_args") or {}), **init_args}
     return ["--trainer.callbacks", json.dumps(callbacks)]
 

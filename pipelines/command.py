@@ -27,7 +27,9 @@ OTHER_COMMANDS = {
 # the help needs no torch import).
 ROUTER_NAMES = ("topk", "static", "poly", "mhr", "flylora", "remix", "xcross")
 EXPERT_KIND_NAMES = ("lora", "hyper")
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+# moa's own user errors (moa.experts.errors.UserError: raised for bad input) and missing paths; any other
+# ValueError / TypeError is a fault and keeps its traceback.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
 def version() -> str:
@@ -81,8 +83,10 @@ def root_cause(error: BaseException) -> BaseException:
 
 def user_error(error: BaseException) -> BaseException | None:
     """The error to show a user in one line, or None if this is not one (then the traceback is the message)."""
+    from moa.experts.errors import UserError  # only when an error is shown: `moa --help` stays light
+
     for candidate in (root_cause(error), error):
-        if isinstance(candidate, USER_ERRORS):
+        if isinstance(candidate, (UserError, *USER_ERRORS)):
             return candidate
     return None
 

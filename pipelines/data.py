@@ -9,6 +9,7 @@ machine and every DDP rank.
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -54,7 +55,7 @@ class MultiTaskTokens(L.LightningDataModule):
     ):
         super().__init__()
         if n_tasks < 1 or vocab_size < 4 or seq_len < 2:
-            raise ValueError(
+            raise UserError(
                 f"need n_tasks >= 1, vocab_size >= 4 and seq_len >= 2; got n_tasks={n_tasks}, "
                 f"vocab_size={vocab_size}, seq_len={seq_len}"
             )

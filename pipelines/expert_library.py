@@ -15,6 +15,7 @@ weights are copied, not retrained (tested bit for bit).
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import argparse
 import json
 import os
@@ -69,7 +70,7 @@ def resolve_experts(uris: Sequence[str], *, tracking_uri: str | None = None,
     from .tracking import resolve_tracking_uri
 
     if not uris:
-        raise ValueError("a pool needs at least one expert URI (models:/<name>/<version> or models:/<name>@<alias>)")
+        raise UserError("a pool needs at least one expert URI (models:/<name>/<version> or models:/<name>@<alias>)")
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
     client = MlflowClient()
     directory = Path(directory or tempfile.mkdtemp(prefix="moa-experts-"))
@@ -77,11 +78,11 @@ def resolve_experts(uris: Sequence[str], *, tracking_uri: str | None = None,
     for uri in uris:
         match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", uri)
         if match is None:
-            raise ValueError(f"expert URI {uri!r}: write models:/<name>/<version> or models:/<name>@<alias>")
+            raise UserError(f"expert URI {uri!r}: write models:/<name>/<version> or models:/<name>@<alias>")
         name, number, alias = match.groups()
         version = client.get_model_version(name, number) if number else client.get_model_version_by_alias(name, alias)
         if version.tags.get(KIND_TAG) != "expert":
-            raise ValueError(f"{uri} is not an expert (version {version.version} of {name!r} has no tag "
+            raise UserError(f"{uri} is not an expert (version {version.version} of {name!r} has no tag "
                              f"{KIND_TAG}=expert; register adapters with `moa expert register`)")
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source,
                                                           dst_path=str(directory / f"{name}-v{version.version}")))
@@ -91,7 +92,7 @@ def resolve_experts(uris: Sequence[str], *, tracking_uri: str | None = None,
         if names.count(expert["name"]) > 1:
             expert["name"] = f"{expert['name']}-v{expert['version']}"
     if len({e["name"] for e in experts}) != len(experts):
-        raise ValueError(f"the same expert version is given twice: {list(uris)}")
+        raise UserError(f"the same expert version is given twice: {list(uris)}")
     return experts
 
 

@@ -8,6 +8,7 @@ model folder), attaches a MoA pool with the given router, and trains it with a c
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import re
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ def build_backbone(name: str = "tiny-bert", options: dict[str, Any] | None = Non
         return BertModel(BertConfig(**{**TINY_BERT, **options}))
     path = minilm_dir() if name == "minilm" else Path(name)
     if not path.is_dir():
-        raise ValueError(f"unknown backbone {name!r}: use 'tiny-bert', 'minilm' or a local model folder")
+        raise UserError(f"unknown backbone {name!r}: use 'tiny-bert', 'minilm' or a local model folder")
     return AutoModel.from_pretrained(str(path), **options)
 
 
@@ -56,7 +57,7 @@ class TaskLabelHead(nn.Module):
     def __init__(self, hidden_size: int, label_counts: list[int], pooling: str = "mean"):
         super().__init__()
         if not label_counts or min(label_counts) < 1:
-            raise ValueError(f"every task needs at least one label, got label counts {label_counts}")
+            raise UserError(f"every task needs at least one label, got label counts {label_counts}")
         self.label_counts = list(label_counts)
         self.scores = ClassificationHead(hidden_size, sum(label_counts), pooling)
         width = max(label_counts)
@@ -68,7 +69,7 @@ class TaskLabelHead(nn.Module):
 
     def forward(self, hidden: Tensor, attention_mask: Tensor | None, task_ids: Tensor) -> Tensor:
         if task_ids.min() < 0 or task_ids.max() >= len(self.label_counts):
-            raise ValueError(f"task_ids must lie in [0, {len(self.label_counts) - 1}] (the head's tasks), got "
+            raise UserError(f"task_ids must lie in [0, {len(self.label_counts) - 1}] (the head's tasks), got "
                              f"values in [{int(task_ids.min())}, {int(task_ids.max())}]")
         scores = self.scores(hidden, attention_mask)
         logits = scores.gather(1, self.index[task_ids])
@@ -163,7 +164,7 @@ class MoAClassifier(MoAModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         needed = getattr(datamodule, "vocab_size", None)
         if needed is not None and needed > self.vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"the data uses token ids up to {needed - 1} but the backbone's vocabulary has {self.vocab_size} "
                 f"tokens: set model.init_args.backbone_options.vocab_size >= {needed}"
             )
@@ -175,7 +176,7 @@ class MoAClassifier(MoAModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         labels = getattr(datamodule, "label_names", None)
         if not labels:
-            raise ValueError("set model.init_args.n_classes, or use a data module with named labels per task "
+            raise UserError("set model.init_args.n_classes, or use a data module with named labels per task "
                              "(moa.pipelines.text_data.TextData with target: label)")
         self.names = datamodule.vocab()
         torch.manual_seed(self.seed)
@@ -191,7 +192,7 @@ class MoAClassifier(MoAModule):
         super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get("moa_names")
         if saved is not None and self.names is not None and saved != self.names:
-            raise ValueError(f"the checkpoint was trained on tasks and labels {saved}; the data has {self.names}")
+            raise UserError(f"the checkpoint was trained on tasks and labels {saved}; the data has {self.names}")
 
     def apply_head(self, outputs, batch: dict) -> Tensor:
         if not isinstance(self.head, TaskLabelHead):

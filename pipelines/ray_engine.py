@@ -18,6 +18,7 @@ runs in each of ``replicas`` Ray Serve replicas behind Serve's HTTP proxy.
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import os
 from dataclasses import asdict
 from typing import Any
@@ -65,7 +66,7 @@ def score_rows_on_ray(model_uri: str, frame: pd.DataFrame, params: dict[str, Any
     import ray
 
     if workers < 1 or batch_size < 1:
-        raise ValueError(f"--workers and --batch-size must be >= 1, got {workers} and {batch_size}")
+        raise UserError(f"--workers and --batch-size must be >= 1, got {workers} and {batch_size}")
     init_ray(address, tracking_uri)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
@@ -97,7 +98,7 @@ def serve_on_ray(model_uri: str, *, replicas: int = 2, host: str = "127.0.0.1", 
     from .server import Limits
 
     if replicas < 1:
-        raise ValueError(f"--replicas must be >= 1, got {replicas}")
+        raise UserError(f"--replicas must be >= 1, got {replicas}")
     init_ray(address, tracking_uri)
     serve.start(http_options={"host": host, "port": port})
     settings = (model_uri, resolve_tracking_uri(tracking_uri), asdict(limits or Limits()), docs)

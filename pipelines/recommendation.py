@@ -18,6 +18,7 @@ the serving bundle (:mod:`moa.pipelines.service`), logs it to the MLflow run as 
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError, UserTypeError
 import functools
 import tempfile
 from pathlib import Path
@@ -105,7 +106,7 @@ class SequenceDomains(L.LightningDataModule):
         dataset = self.load_dataset()
         unknown = sorted(set(self.requested or []) - set(dataset.domains))
         if unknown:
-            raise ValueError(f"unknown domains {unknown} in {dataset.name}; it has {list(dataset.domains)}")
+            raise UserError(f"unknown domains {unknown} in {dataset.name}; it has {list(dataset.domains)}")
         self.dataset, self.domains = dataset, list(self.requested or dataset.domains)
         for domain in self.domains:
             part = self.dataset.domain(domain)
@@ -146,7 +147,7 @@ class MovieLensDomains(SequenceDomains):
                  batch_size: int = 128, train_fraction: float = 1.0, data_seed: int = 0):
         unknown = sorted(set(domains or []) - set(ML100K_DOMAINS))
         if unknown:
-            raise ValueError(f"unknown ml-100k domains {unknown}; available: {list(ML100K_DOMAINS)}")
+            raise UserError(f"unknown ml-100k domains {unknown}; available: {list(ML100K_DOMAINS)}")
         super().__init__(list(domains or ML100K_DOMAINS), max_len, batch_size, train_fraction, data_seed)
         self.save_hyperparameters()
         self.path = path
@@ -183,7 +184,7 @@ class RecBoleDomains(SequenceDomains):
             domain_map = read_json(domain_map)  # errors name the file
         if domain_map is not None and not (isinstance(domain_map, dict) and
                                            all(isinstance(v, list) for v in domain_map.values())):
-            raise ValueError("domain_map must map each domain to a list of categories")
+            raise UserError("domain_map must map each domain to a list of categories")
         self.folder, self.name, self.domain_field, self.domain_map = folder, name, domain_field, domain_map
         self.title_field, self.category_field = title_field, category_field
 
@@ -235,12 +236,12 @@ class RecommenderModule(L.LightningModule):
         if self.recommender is None:
             data = self.trainer.datamodule
             if not isinstance(data, SequenceDomains):
-                raise TypeError(f"{type(self).__name__} needs a recommendation data module (MovieLensDomains, "
+                raise UserTypeError(f"{type(self).__name__} needs a recommendation data module (MovieLensDomains, "
                                 f"RecBoleDomains), got {type(data).__name__}")
             data.setup()
             self.build(data)
             if self.recommender.config.max_len != data.max_len:
-                raise ValueError(f"the model's max_len ({self.recommender.config.max_len}) differs from the data's "
+                raise UserError(f"the model's max_len ({self.recommender.config.max_len}) differs from the data's "
                                  f"({data.max_len}); set both to the same value")
             self._generator = torch.Generator().manual_seed(self.seed)
 
@@ -426,7 +427,7 @@ class XCrossRecommender(RecommenderModule):
         from moa.recsys.xcross import build_xcross
 
         if len(data.domains) != 1:
-            raise ValueError(f"X-Cross trains on one target domain; the data has {data.domains}")
+            raise UserError(f"X-Cross trains on one target domain; the data has {data.domains}")
         target = data.domains[0]
         folder = _recommender_folder(Path(self.sources_from))
         source = load_recommender(folder)

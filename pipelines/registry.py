@@ -14,6 +14,7 @@ champion's; concurrent registrations on a local store are serialized by a file l
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import argparse
 import contextlib
 import fcntl
@@ -94,12 +95,12 @@ def check_metric(metric: Any, what: str = "the gating metric") -> float:
         except (ValueError, RuntimeError):
             pass
     if metric is None:
-        raise ValueError(f"{what} is missing: a version without a metric cannot be gated")
+        raise UserError(f"{what} is missing: a version without a metric cannot be gated")
     if isinstance(metric, bool) or not isinstance(metric, numbers.Real):
-        raise ValueError(f"{what} must be a number, got {metric!r} ({type(metric).__name__})")
+        raise UserError(f"{what} must be a number, got {metric!r} ({type(metric).__name__})")
     value = float(metric)
     if not math.isfinite(value):
-        raise ValueError(f"{what} is {value}: only a finite number can gate a promotion")
+        raise UserError(f"{what} is {value}: only a finite number can gate a promotion")
     return value
 
 
@@ -118,7 +119,7 @@ def better(value: float, than: float, mode: str) -> bool:
 
 def _check_mode(mode: str) -> str:
     if mode not in ("max", "min"):
-        raise ValueError(f"the gate's mode must be 'max' (accuracy, NDCG) or 'min' (loss, perplexity), got {mode!r}")
+        raise UserError(f"the gate's mode must be 'max' (accuracy, NDCG) or 'min' (loss, perplexity), got {mode!r}")
     return mode
 
 
@@ -202,7 +203,7 @@ def _check_same_gate(champion, name: str, metric_name: str, mode: str) -> None:
         return
     held = (champion.tags.get(METRIC_NAME_TAG, "val/ndcg_10"), champion.tags.get(MODE_TAG, "max"))
     if held != (metric_name, mode):
-        raise ValueError(f"{name}'s champion v{champion.version} was gated on {held[0]} ({held[1]}); this version "
+        raise UserError(f"{name}'s champion v{champion.version} was gated on {held[0]} ({held[1]}); this version "
                          f"on {metric_name} ({mode}): gate on the same metric to compare them")
 
 
@@ -238,7 +239,7 @@ def register_bundle(bundle: str | Path, name: str, *, metric: str | None = None,
     mode = _check_mode(mode or default_gate(meta["kind"])[1])
     metrics = meta.get("metrics", {})
     if metric not in metrics:
-        raise ValueError(f"the bundle's service.json has no metric {metric!r} to gate on; it has {sorted(metrics)}")
+        raise UserError(f"the bundle's service.json has no metric {metric!r} to gate on; it has {sorted(metrics)}")
     value = check_metric(metrics[metric], f"the bundle's {metric}")
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
     _check_same_gate(_champion(MlflowClient(), name, CHAMPION), name, metric, mode)

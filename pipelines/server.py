@@ -18,6 +18,7 @@ Interactive API docs (``/docs``, ``/openapi.json``) exist only with ``docs=True`
 
 from __future__ import annotations
 
+from moa.experts.errors import UserTypeError
 import argparse
 import asyncio
 import json
@@ -162,7 +163,7 @@ def _plain(value: Any):
         return value.tolist()
     if isinstance(value, np.generic):
         return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+    raise UserTypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def create_app(model, limits: Limits | None = None, *, docs: bool = False):

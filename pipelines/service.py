@@ -23,6 +23,7 @@ through its domain's item table (encoded by the domain's expert) and user encode
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import json
 import math
 import shutil
@@ -72,12 +73,12 @@ def _write_bundle(directory: Path, recommenders, items, metrics, config_yaml, ma
     routes: dict[str, str] = {}
     for key, recommender in recommenders.items():
         if not key or "/" in key or key.startswith("."):
-            raise ValueError(f"recommender keys must be plain folder names, got {key!r}")
+            raise UserError(f"recommender keys must be plain folder names, got {key!r}")
         recommender.save(directory / RECOMMENDERS_DIR / key)
         routes.update(dict.fromkeys(recommender.domains, key))
     missing = sorted(set(routes) - set(items["domain"]))
     if missing:
-        raise ValueError(f"the item table has no items of the served domains {missing}")
+        raise UserError(f"the item table has no items of the served domains {missing}")
     items = items[items["domain"].isin(list(routes))].reset_index(drop=True)
     tables = {}
     for domain, key in routes.items():
@@ -85,7 +86,7 @@ def _write_bundle(directory: Path, recommenders, items, metrics, config_yaml, ma
         n = recommender.item_encoder.n_items(domain)
         have = np.sort(items.loc[items["domain"] == domain, "index"].to_numpy())
         if len(have) != n or not np.array_equal(have, np.arange(1, n + 1)):
-            raise ValueError(f"the item table must list items 1..{n} of domain {domain!r} once each")
+            raise UserError(f"the item table must list items 1..{n} of domain {domain!r} once each")
         tables[domain] = recommender.item_table(domain).detach().cpu().contiguous()
     items.to_parquet(directory / ITEMS_FILE, index=False)
     save_file(tables, str(directory / TABLES_FILE))
@@ -155,7 +156,7 @@ class RecommendationService:
         try:
             frame = pd.read_parquet(items)
         except Exception as error:  # noqa: BLE001 - re-raised with the file's name
-            raise ValueError(f"cannot read the item table {items}: {error}") from error
+            raise UserError(f"cannot read the item table {items}: {error}") from error
         return cls(models, frame, meta, tables)
 
     @classmethod

@@ -20,6 +20,7 @@ the problem), 413 over the body or row limit, 415 without a JSON Content-Type, 5
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import argparse
 import json
 import os
@@ -260,7 +261,7 @@ def write_table(frame: pd.DataFrame, path: Path) -> None:
     all (a temporary file renamed into place)."""
     ext = path.suffix.lower()
     if ext not in (".parquet", ".jsonl", ".csv"):
-        raise ValueError(f"--out {path}: write .parquet, .jsonl or .csv")
+        raise UserError(f"--out {path}: write .parquet, .jsonl or .csv")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -294,7 +295,7 @@ def score_rows(model, frame: pd.DataFrame, params: dict | None = None, *, batch_
             try:
                 outputs.append(pd.DataFrame(model.predict(part, params=params or None)))
             except MlflowException as error:
-                raise ValueError(shift_rows(error.message, lo)) from None
+                raise UserError(shift_rows(error.message, lo)) from None
             bar.update(len(part))
     answers = pd.concat(outputs, ignore_index=True)
     answers.columns = [f"predicted_{c}" if c in frame.columns else c for c in answers.columns]
@@ -306,7 +307,7 @@ def _params(pairs: Sequence[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--param {pair!r}: write name=value, e.g. --param k=5")
+            raise UserError(f"--param {pair!r}: write name=value, e.g. --param k=5")
         try:
             params[key] = json.loads(value)
         except ValueError:
@@ -357,10 +358,10 @@ def batch_main(argv: Sequence[str] | None = None) -> int:
     if not args.input.is_file():
         raise FileNotFoundError(f"--input {args.input}: no such file")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     frame = read_table(args.input)
     if frame.empty:
-        raise ValueError(f"--input {args.input}: no rows")
+        raise UserError(f"--input {args.input}: no rows")
     if args.engine == "ray":
         from .ray_engine import score_rows_on_ray
 

@@ -21,6 +21,7 @@ knows one. Rows of different tasks and domains run as one batch: routing is per 
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError, UserTypeError
 import json
 import math
 from pathlib import Path
@@ -54,7 +55,7 @@ def write_text_bundle(directory: str | Path, module, datamodule=None, *, metrics
     the bundle is loaded); an absolute path is refused as not portable. The folder is replaced as a whole.
     """
     if base not in ("include", "reference"):
-        raise ValueError(f"base must be 'include' or 'reference', got {base!r}")
+        raise UserError(f"base must be 'include' or 'reference', got {base!r}")
     meta = _describe(module, datamodule)
     if base == "reference":
         meta["base_reference"] = _portable_reference(getattr(module, "backbone", None))
@@ -63,7 +64,7 @@ def write_text_bundle(directory: str | Path, module, datamodule=None, *, metrics
     if tokenizer is None and meta["kind"] == CAUSAL_LM:
         tokenizer = module._tokenizer()
     if tokenizer is None:
-        raise ValueError("a text bundle needs the tokenizer the model was trained with: pass the data module "
+        raise UserError("a text bundle needs the tokenizer the model was trained with: pass the data module "
                          "(moa.pipelines.text_data.TextData)")
     head = module.head if meta["kind"] == CLASSIFIER else None
     return write_bundle_files(directory, module.model, tokenizer, meta, head=head, include_base=base == "include",
@@ -76,7 +77,7 @@ def write_bundle_files(directory: str | Path, model: moa.MoAModel, tokenizer, me
     """The files of a text bundle from its parts (``meta``: the ``service.json``; without ``include_base`` it must
     name ``base_reference``). The folder is replaced as a whole (:func:`moa.atomic.atomic_folder`)."""
     if not include_base and not meta.get("base_reference"):
-        raise ValueError("a bundle without its base needs meta['base_reference'] (how to load the base)")
+        raise UserError("a bundle without its base needs meta['base_reference'] (how to load the base)")
     target = Path(directory)
     with atomic_folder(target) as tmp:
         # the adapters name their base relative to themselves (moa.load(bundle / "adapter") finds it)
@@ -114,7 +115,7 @@ def _describe(module, datamodule) -> dict[str, Any]:
             labels = {task: [str(i) for i in range(n)] for task in tasks}
             spec = {"type": "shared", "n_classes": n}
         else:
-            raise ValueError("the classifier has no head yet: fit it (or build it with its data) before bundling")
+            raise UserError("the classifier has no head yet: fit it (or build it with its data) before bundling")
         spec["pooling"], spec["hidden_size"] = module.pooling, module.hidden_size
         meta.update(kind=CLASSIFIER, tasks=tasks, domains=domains, labels=labels, head=spec)
     elif isinstance(module, MoACausalLM):
@@ -122,16 +123,16 @@ def _describe(module, datamodule) -> dict[str, Any]:
                     max_new_tokens=int(module._budget), eos_token_id=module.eos_token_id,
                     pad_token_id=module.pad_token_id)
     else:
-        raise TypeError(f"no text bundle for {type(module).__name__}: a MoAClassifier or MoACausalLM is needed")
+        raise UserTypeError(f"no text bundle for {type(module).__name__}: a MoAClassifier or MoACausalLM is needed")
     return meta
 
 
 def _portable_reference(backbone: Any) -> str:
     if not isinstance(backbone, str) or backbone in ("tiny-bert", "tiny-llama", "tiny-gpt2"):
-        raise ValueError(f"base='reference' needs a backbone others can load by name; {backbone!r} is built from "
+        raise UserError(f"base='reference' needs a backbone others can load by name; {backbone!r} is built from "
                          "a random config: use base='include'")
     if Path(backbone).expanduser().is_absolute():
-        raise ValueError(f"base='reference' with the absolute path {backbone!r} is not portable: use "
+        raise UserError(f"base='reference' with the absolute path {backbone!r} is not portable: use "
                          "base='include', or a relative folder or hub name")
     return backbone
 
@@ -150,7 +151,7 @@ def _load_base(folder: Path, meta: Mapping[str, Any]) -> nn.Module:
     try:
         return cls.from_pretrained(str(source))
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot load the bundle's base model from {source}: {error}") from error
+        raise UserError(f"cannot load the bundle's base model from {source}: {error}") from error
 
 
 def load_text_bundle(directory: str | Path) -> tuple[dict[str, Any], moa.MoAModel, Any, nn.Module | None]:
@@ -165,7 +166,7 @@ def load_text_bundle(directory: str | Path) -> tuple[dict[str, Any], moa.MoAMode
     verify(folder)
     meta = read_json(folder / SERVICE_FILE)
     if meta.get("kind") not in (CLASSIFIER, CAUSAL_LM):
-        raise ValueError(f"{folder / SERVICE_FILE}: not a text bundle (kind {meta.get('kind')!r})")
+        raise UserError(f"{folder / SERVICE_FILE}: not a text bundle (kind {meta.get('kind')!r})")
     model = moa.load(folder / ADAPTER_DIR, _load_base(folder, meta)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))
     head = None

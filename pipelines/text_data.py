@@ -16,6 +16,7 @@ Bad input (missing file or column, a task or label that training never saw, an u
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import glob
 import math
 import re
@@ -50,7 +51,7 @@ def read_table(path: Path) -> pd.DataFrame:
     """One file as a DataFrame (CSV/TSV cells stay strings); ``ValueError`` naming the file if it can't be read."""
     ext = path.suffix.lower()
     if ext not in EXTENSIONS:
-        raise ValueError(f"{path}: unsupported file type {ext or '(none)'!r}; use one of {', '.join(EXTENSIONS)}")
+        raise UserError(f"{path}: unsupported file type {ext or '(none)'!r}; use one of {', '.join(EXTENSIONS)}")
     try:
         if ext in (".jsonl", ".ndjson"):
             return pd.read_json(path, lines=True, dtype=False)
@@ -63,7 +64,7 @@ def read_table(path: Path) -> pd.DataFrame:
         return pd.DataFrame()
     except Exception as error:  # pandas / pyarrow raise many kinds
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{path}: cannot read as {ext[1:]}: {first}") from error
+        raise UserError(f"{path}: cannot read as {ext[1:]}: {first}") from error
 
 
 def expand(spec: str, split: str) -> list[Path]:
@@ -72,10 +73,10 @@ def expand(spec: str, split: str) -> list[Path]:
     if any(c in spec for c in "*?["):
         paths = [Path(p) for p in sorted(glob.glob(spec, recursive=True)) if Path(p).is_file()]
         if not paths:
-            raise ValueError(f"{split}: no file matches {spec!r}")
+            raise UserError(f"{split}: no file matches {spec!r}")
         return paths
     if not Path(spec).is_file():
-        raise ValueError(f"{split}: file not found: {spec}")
+        raise UserError(f"{split}: file not found: {spec}")
     return [Path(spec)]
 
 
@@ -252,15 +253,15 @@ class TextData(L.LightningDataModule):
     ):
         super().__init__()
         if target not in ("label", "text"):
-            raise ValueError(f"target must be 'label' or 'text', got {target!r}")
+            raise UserError(f"target must be 'label' or 'text', got {target!r}")
         if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise ValueError(f"need 0 <= val_fraction, test_fraction and their sum < 1; got {val_fraction}, {test_fraction}")
+            raise UserError(f"need 0 <= val_fraction, test_fraction and their sum < 1; got {val_fraction}, {test_fraction}")
         if max_length < 1 or target_max_length < 1 or batch_size < 1:
-            raise ValueError("max_length, target_max_length and batch_size must be >= 1")
+            raise UserError("max_length, target_max_length and batch_size must be >= 1")
         try:
             prompt_template.format(text="", task="", domain="")
         except (KeyError, IndexError, ValueError) as error:
-            raise ValueError(f"prompt_template {prompt_template!r}: {error!r}; its fields are {{text}}, {{task}}, "
+            raise UserError(f"prompt_template {prompt_template!r}: {error!r}; its fields are {{text}}, {{task}}, "
                              "{domain}") from error
         self.save_hyperparameters()
         self.files = {"train": train, "val": val, "test": test, "predict": predict}
@@ -288,7 +289,7 @@ class TextData(L.LightningDataModule):
                 continue
             for column, option in needed.items():
                 if column is not None and column not in table.columns:
-                    raise ValueError(f"{path}: no column {column!r} ({option}); its columns are {list(table.columns)}")
+                    raise UserError(f"{path}: no column {column!r} ({option}); its columns are {list(table.columns)}")
             part = pd.DataFrame({"text": table[self.text_column], "file": str(path), "file_row": np.arange(len(table))})
             if self.target_column in needed:
                 part["target"] = table[self.target_column]
@@ -297,7 +298,7 @@ class TextData(L.LightningDataModule):
             parts.append(part)
         frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
         if frame.empty:
-            raise ValueError(f"{split}: empty split: no rows in {spec!r}")
+            raise UserError(f"{split}: empty split: no rows in {spec!r}")
         for column in ("text", "target", "task", "domain"):
             if column not in frame.columns:
                 continue
@@ -306,7 +307,7 @@ class TextData(L.LightningDataModule):
                 if _missing(value):
                     option = {"text": self.text_column, "target": self.target_column, "task": self.task_column,
                               "domain": self.domain_column}[column]
-                    raise ValueError(f"{frame['file'][i]} row {frame['file_row'][i]}: missing value in column {option!r}")
+                    raise UserError(f"{frame['file'][i]} row {frame['file_row'][i]}: missing value in column {option!r}")
             frame[column] = [str(v) for v in values]
         return frame
 
@@ -326,11 +327,11 @@ class TextData(L.LightningDataModule):
         for split, fraction in fractions.items():
             if fraction > 0:
                 if not chosen[split]:
-                    raise ValueError(f"{split}: empty split: {split}_fraction={fraction} of {len(frame)} training "
+                    raise UserError(f"{split}: empty split: {split}_fraction={fraction} of {len(frame)} training "
                                      f"rows is no row; give a {split} file or a larger fraction")
                 out[split] = frame.iloc[sorted(chosen[split])].reset_index(drop=True)
         if out["train"].empty:
-            raise ValueError("train: empty split: no training rows left after holding out val/test")
+            raise UserError("train: empty split: no training rows left after holding out val/test")
         return out
 
     def _check_known(self, frame: pd.DataFrame) -> None:
@@ -340,13 +341,13 @@ class TextData(L.LightningDataModule):
         for row in frame.itertuples(index=False):
             where = f"{row.file} row {row.file_row}"
             if row.task not in tasks:
-                raise ValueError(f"{where}: task {row.task!r} (column {self.task_column!r}) does not appear in the "
+                raise UserError(f"{where}: task {row.task!r} (column {self.task_column!r}) does not appear in the "
                                  f"training data, whose tasks are {names['tasks']}")
             if row.domain not in domains:
-                raise ValueError(f"{where}: domain {row.domain!r} (column {self.domain_column!r}) does not appear in "
+                raise UserError(f"{where}: domain {row.domain!r} (column {self.domain_column!r}) does not appear in "
                                  f"the training data, whose domains are {names['domains']}")
             if self.target == "label" and "target" in frame.columns and row.target not in self._label_sets[row.task]:
-                raise ValueError(f"{where}: label {row.target!r} (column {self.target_column!r}) of task "
+                raise UserError(f"{where}: label {row.target!r} (column {self.target_column!r}) of task "
                                  f"{row.task!r} is not in the training set's labels {names['labels'][row.task]}")
 
     def prepare(self) -> None:
@@ -396,7 +397,7 @@ class TextData(L.LightningDataModule):
             split = "test"
         if split not in self._frames:
             option = {"val": "val or val_fraction", "test": "test or test_fraction"}.get(split, split)
-            raise ValueError(f"no {split} split: set data.init_args.{option}")
+            raise UserError(f"no {split} split: set data.init_args.{option}")
         return self._frames[split]
 
     # ---- tokenizer
@@ -409,7 +410,7 @@ class TextData(L.LightningDataModule):
 
             path = minilm_dir() if self.tokenizer_name == "minilm" else Path(self.tokenizer_name).expanduser()
             if not path.is_dir():
-                raise ValueError(f"tokenizer: no folder {str(path)!r}; use 'minilm' or a local model folder")
+                raise UserError(f"tokenizer: no folder {str(path)!r}; use 'minilm' or a local model folder")
             self._tokenizer = AutoTokenizer.from_pretrained(str(path))
         return self._tokenizer
 

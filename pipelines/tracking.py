@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError, UserTypeError
 import io
 import os
 import tempfile
@@ -265,7 +266,7 @@ class RoutingStats(Callback):
 
     def __init__(self, every_n_steps: int = 1, heatmap: bool = True):
         if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+            raise UserError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps, self.heatmap = every_n_steps, heatmap
         self._sums: dict[str, torch.Tensor] = {}
         self._counts = 0
@@ -493,9 +494,9 @@ class LogBundle(Callback):
                  mode: Literal["max", "min"] | None = None, base: Literal["include", "reference"] = "include",
                  ship: Literal["last", "best"] = "last"):
         if mode not in (None, "max", "min"):
-            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+            raise UserError(f"mode must be 'max' or 'min', got {mode!r}")
         if ship not in ("last", "best"):
-            raise ValueError(f"ship must be 'last' or 'best', got {ship!r}")
+            raise UserError(f"ship must be 'last' or 'best', got {ship!r}")
         self.directory, self.register_as, self.metric, self.mode, self.base = directory, register_as, metric, mode, base
         self.ship = ship
         self.bundle: Path | None = None
@@ -508,12 +509,12 @@ class LogBundle(Callback):
         if stage != "fit":
             return
         if getattr(pl_module, "write_bundle", None) is None:
-            raise TypeError(f"LogBundle: {type(pl_module).__name__} cannot write a serving bundle (no write_bundle)")
+            raise UserTypeError(f"LogBundle: {type(pl_module).__name__} cannot write a serving bundle (no write_bundle)")
         if self.register_as and mlflow_logger(trainer) is None:
-            raise ValueError(f"LogBundle(register_as={self.register_as!r}) needs the MLflow logger "
+            raise UserError(f"LogBundle(register_as={self.register_as!r}) needs the MLflow logger "
                              "(moa.pipelines.tracking.MLflowLogger); trainer.logger is off")
         if self.ship == "best" and self._monitor(trainer) is None:
-            raise ValueError("LogBundle(ship='best') needs a ModelCheckpoint with a monitor (the best epoch's keeper)")
+            raise UserError("LogBundle(ship='best') needs a ModelCheckpoint with a monitor (the best epoch's keeper)")
 
     @staticmethod
     def _monitor(trainer: Trainer) -> ModelCheckpoint | None:

@@ -11,6 +11,7 @@ are fitted on a :class:`moa.recsys.data.LeaveOneOut` split (its training users o
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import functools
 import math
 from typing import Callable
@@ -64,11 +65,11 @@ class SASRec(SequenceEncoder):
         (their outputs are meaningless and never used).
         """
         if histories.dim() != 2:
-            raise ValueError(f"histories must be [B, L] item indices, got shape {tuple(histories.shape)}")
+            raise UserError(f"histories must be [B, L] item indices, got shape {tuple(histories.shape)}")
         device = self.item_embedding.weight.device
         histories = histories[:, -self.max_len:].to(device)
         if bool(((histories < 0) | (histories > self.n_items)).any()):
-            raise ValueError(f"item indices must be in 0..{self.n_items} (0 = padding)")
+            raise UserError(f"item indices must be in 0..{self.n_items} (0 = padding)")
         return self.encode(self.item_embedding(histories), histories != PAD)
 
     def score(self, histories: torch.Tensor, domain: str | None = None) -> torch.Tensor:
@@ -90,7 +91,7 @@ class SASRec(SequenceEncoder):
         lr 1e-3 / batch 128 and dropout 0.5 within noise and converge in the fewest epochs.
         """
         if split.n_items != self.n_items:
-            raise ValueError(f"model has {self.n_items} items, split has {split.n_items}")
+            raise UserError(f"model has {self.n_items} items, split has {split.n_items}")
         groups = [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
         result = train(self, {split.domain: split}, groups, functools.partial(self.batch_loss, negatives=negatives),
                        max_len=self.max_len, epochs=epochs, batch_size=batch_size, weight_decay=weight_decay,

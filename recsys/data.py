@@ -23,6 +23,7 @@ Split: :meth:`RecDataset.leave_one_out` gives a :class:`LeaveOneOut` with ``trai
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import ast
 import csv
 import gzip
@@ -77,7 +78,7 @@ def left_pad(sequences: Sequence[torch.Tensor | Sequence[int]], max_len: int | N
     ``max_len`` items, so the last column always holds each sequence's latest item.
     """
     if max_len is not None and max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
+        raise UserError(f"max_len must be >= 1, got {max_len}")
     lengths = [len(s) for s in sequences]
     width = max([1, *lengths])
     if max_len is not None:
@@ -187,7 +188,7 @@ class RecDataset:
         """
         for col in ("user_id", "item_id", "timestamp"):
             if col not in interactions.columns:
-                raise ValueError(f"{name}: interactions need a {col!r} column, have {list(interactions.columns)}")
+                raise UserError(f"{name}: interactions need a {col!r} column, have {list(interactions.columns)}")
         inter = interactions.copy()
         inter["user_id"] = inter["user_id"].astype(str)
         inter["item_id"] = inter["item_id"].astype(str)
@@ -196,7 +197,7 @@ class RecDataset:
         items = items.drop_duplicates("item_id").set_index("item_id")
         inter = inter[inter["item_id"].isin(items.index)]
         if inter.empty:
-            raise ValueError(f"{name}: no interactions left (none of their items is in the item table)")
+            raise UserError(f"{name}: no interactions left (none of their items is in the item table)")
         order = _natural_order(inter["item_id"].unique())
         table = items.loc[order].reset_index()[["item_id", "title", "categories", "text", "domain"]]
         table.index = pd.RangeIndex(1, len(table) + 1, name="item")
@@ -211,7 +212,7 @@ class RecDataset:
             domains = tuple(d for d in domain_order if d in present) + tuple(sorted(present - set(domain_order)))
         if users is not None:
             if "user_id" not in users.columns:
-                raise ValueError(f"{name}: the user table needs a 'user_id' column, has {list(users.columns)}")
+                raise UserError(f"{name}: the user table needs a 'user_id' column, has {list(users.columns)}")
             users = users.assign(user_id=users["user_id"].astype(str)).drop_duplicates("user_id").set_index("user_id")
         return cls(name, table, inter, domains, users)
 
@@ -266,7 +267,7 @@ class RecDataset:
         the dataset's domain when it has a single one (a domain dataset), else None (a multi-domain catalogue).
         """
         if min_interactions < 3:
-            raise ValueError(f"leave-one-out needs min_interactions >= 3 (train, valid, test), got {min_interactions}")
+            raise UserError(f"leave-one-out needs min_interactions >= 3 (train, valid, test), got {min_interactions}")
         users = self.interactions["user_id"].to_numpy()
         items = torch.tensor(self.interactions["item"].to_numpy(dtype=np.int64))
         starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
@@ -277,7 +278,7 @@ class RecDataset:
                 kept_users.append(str(users[lo]))
                 sequences.append(items[lo:hi])
         if not sequences:
-            raise ValueError(f"{self.name}: no user has {min_interactions} or more interactions")
+            raise UserError(f"{self.name}: no user has {min_interactions} or more interactions")
         domain = self.domains[0] if len(self.domains) == 1 else None
         return LeaveOneOut(tuple(kept_users), tuple(sequences), self.n_items, domain)
 
@@ -348,10 +349,10 @@ class LeaveOneOut:
 
     def __post_init__(self):
         if len(self.users) != len(self.sequences):
-            raise ValueError(f"{len(self.users)} users but {len(self.sequences)} sequences")
+            raise UserError(f"{len(self.users)} users but {len(self.sequences)} sequences")
         short = [u for u, s in zip(self.users, self.sequences) if len(s) < 3]
         if short:
-            raise ValueError(f"leave-one-out needs 3+ items per user; users {short[:5]} have fewer")
+            raise UserError(f"leave-one-out needs 3+ items per user; users {short[:5]} have fewer")
 
     @property
     def n_users(self) -> int:
@@ -411,7 +412,7 @@ class LeaveOneOut:
         which are inside 100%. Validation and test stay on all users (their histories are still model input).
         """
         if not 0 < fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+            raise UserError(f"fraction must be in (0, 1], got {fraction}")
         order = np.random.default_rng(seed).permutation(self.n_users)
         keep = max(1, round(fraction * self.n_users))
         return replace(self, train_users=tuple(sorted(order[:keep].tolist())))
@@ -421,7 +422,7 @@ class LeaveOneOut:
         sequence: no model sees them in training, yet they stay in the catalogue, in validation and test targets
         and in histories (model input). :attr:`cold_test` is the test on the users whose target is such an item."""
         if not 0 < fraction < 1:
-            raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+            raise UserError(f"fraction must be in (0, 1), got {fraction}")
         order = np.random.default_rng(seed).permutation(np.arange(1, self.n_items + 1))
         return replace(self, cold_items=tuple(sorted(order[:round(fraction * self.n_items)].tolist())))
 
@@ -460,7 +461,7 @@ def read_atomic(path: str | Path) -> pd.DataFrame:
     for header in raw.columns:
         name, sep, kind = header.rpartition(":")
         if not sep or kind not in _ATOMIC_TYPES:
-            raise ValueError(f"{path.name}: header field {header!r} is not 'name:type' with type in {_ATOMIC_TYPES}")
+            raise UserError(f"{path.name}: header field {header!r} is not 'name:type' with type in {_ATOMIC_TYPES}")
         col = raw[header]
         if kind == "token":
             out[name] = col.str.strip()
@@ -469,7 +470,7 @@ def read_atomic(path: str | Path) -> pd.DataFrame:
             values = pd.to_numeric(stripped.where(stripped != ""), errors="coerce").astype(float)
             bad = values.isna() & (stripped != "")
             if bad.any():
-                raise ValueError(f"{path.name}: float field {name!r} has non-numeric value {stripped[bad].iloc[0]!r}")
+                raise UserError(f"{path.name}: float field {name!r} has non-numeric value {stripped[bad].iloc[0]!r}")
             out[name] = values
         elif kind == "token_seq":
             out[name] = col.map(lambda v: tuple(v.split()))
@@ -483,7 +484,7 @@ def _first_present(columns: Iterable[str], candidates: Sequence[str], given: str
     columns = list(columns)
     if given is not None:
         if given not in columns:
-            raise ValueError(f"{where}: no {what} field {given!r}; fields are {columns}")
+            raise UserError(f"{where}: no {what} field {given!r}; fields are {columns}")
         return given
     return next((c for c in candidates if c in columns), None)
 
@@ -510,13 +511,13 @@ def load_atomic(directory: str | Path, name: str | None = None, *,
     inter = read_atomic(inter_path)
     for col in ("user_id", "item_id", "timestamp"):
         if col not in inter.columns:
-            raise ValueError(f"{inter_path.name}: needs a {col!r} field, has {list(inter.columns)}")
+            raise UserError(f"{inter_path.name}: needs a {col!r} field, has {list(inter.columns)}")
 
     item_path = directory / f"{name}.item"
     if item_path.is_file():
         meta = read_atomic(item_path)
         if "item_id" not in meta.columns:
-            raise ValueError(f"{item_path.name}: needs an 'item_id' field, has {list(meta.columns)}")
+            raise UserError(f"{item_path.name}: needs an 'item_id' field, has {list(meta.columns)}")
         t = _first_present(meta.columns, _TITLE_FIELDS, title_field, "title", item_path.name)
         y = _first_present(meta.columns, _YEAR_FIELDS, None, "year", item_path.name)
         c = _first_present(meta.columns, _CATEGORY_FIELDS, category_field, "category", item_path.name)
@@ -538,7 +539,7 @@ def load_atomic(directory: str | Path, name: str | None = None, *,
     if domain_field is not None:
         if not item_path.is_file() or domain_field not in meta.columns:
             have = list(meta.columns) if item_path.is_file() else "no .item file"
-            raise ValueError(f"{item_path.name}: no domain field {domain_field!r} (has {have})")
+            raise UserError(f"{item_path.name}: no domain field {domain_field!r} (has {have})")
         items["domain"] = [(" ".join(v) if isinstance(v, tuple) else str(v)) or default_domain
                            for v in meta[domain_field]]
     else:
@@ -591,7 +592,7 @@ def _json_lines(paths: str | Path | Sequence[str | Path]) -> Iterator[dict]:
                     try:
                         yield ast.literal_eval(line)
                     except (ValueError, SyntaxError) as err:
-                        raise ValueError(f"{path.name}:{number}: not a JSON (or Python literal) record") from err
+                        raise UserError(f"{path.name}:{number}: not a JSON (or Python literal) record") from err
 
 
 def _amazon_categories(meta: dict) -> tuple[str, ...]:
@@ -629,7 +630,7 @@ def load_amazon(reviews: str | Path | Sequence[str | Path], metadata: str | Path
         item = r.get("parent_asin") or r.get("asin")
         time = r.get("unixReviewTime", r.get("timestamp"))
         if user is None or item is None or time is None:
-            raise ValueError(f"review record without user/item/time fields: keys {sorted(r)}")
+            raise UserError(f"review record without user/item/time fields: keys {sorted(r)}")
         rows.append((str(user), str(item), float(time), float(r.get("overall", r.get("rating", math.nan)))))
     inter = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "rating"])
     inter = inter.sort_values("timestamp", kind="stable").drop_duplicates(["user_id", "item_id"])

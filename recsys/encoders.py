@@ -20,6 +20,7 @@ The recommender that combines them is :class:`moa.recsys.recommender.TextSeqReco
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import copy
 import os
 from pathlib import Path
@@ -60,7 +61,7 @@ def tokenize_items(texts: Sequence[str], tokenizer, max_tokens: int = 20) -> tup
     are truncated to ``max_tokens`` and padded to the longest row.
     """
     if len(texts) < 2:
-        raise ValueError("a catalogue needs the padding entry texts[0] and at least one item")
+        raise UserError("a catalogue needs the padding entry texts[0] and at least one item")
     batch = tokenizer(list(texts), truncation=True, max_length=max_tokens, padding=True, return_tensors="pt")
     return batch["input_ids"], batch["attention_mask"]
 
@@ -70,7 +71,7 @@ def encoder_layers(backbone: nn.Module) -> nn.ModuleList:
     n = getattr(getattr(backbone, "config", None), "num_hidden_layers", None)
     candidates = [(name, m) for name, m in backbone.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
     if not candidates:
-        raise ValueError(
+        raise UserError(
             f"cannot find the {n} transformer layers of {type(backbone).__name__}: the item encoder supports "
             f"BERT-style encoders (embeddings, then an nn.ModuleList of layers)"
         )
@@ -144,7 +145,7 @@ class ItemEncoder(nn.Module):
         super().__init__()
         layers = encoder_layers(backbone)
         if not 0 <= adapted_layers <= len(layers):
-            raise ValueError(f"adapted_layers must be in [0, {len(layers)}] for this encoder, got {adapted_layers}")
+            raise UserError(f"adapted_layers must be in [0, {len(layers)}] for this encoder, got {adapted_layers}")
         for p in backbone.parameters():
             p.requires_grad_(False)
         self.backbone = backbone.eval()
@@ -178,7 +179,7 @@ class ItemEncoder(nn.Module):
     def add_catalogue(self, name: str, input_ids: Tensor, attention_mask: Tensor) -> None:
         """Register the token ids ``[n + 1, T]`` (row 0 = padding item) of a catalogue; drops its caches."""
         if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape or input_ids.shape[0] < 2:
-            raise ValueError(f"catalogue {name!r}: input_ids and attention_mask must both be [n_items + 1, T] with "
+            raise UserError(f"catalogue {name!r}: input_ids and attention_mask must both be [n_items + 1, T] with "
                              f"n_items >= 1; got {tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
         self.catalogues[name] = (input_ids.long().cpu(), attention_mask.long().cpu())
         self._prefix.pop(name, None)
@@ -186,9 +187,9 @@ class ItemEncoder(nn.Module):
     def share_cache(self, other: "ItemEncoder", name: str) -> None:
         """Reuse ``other``'s cached frozen-layer output of catalogue ``name`` (same encoder weights, same split)."""
         if other.split != self.split or other.backbone.config.to_dict() != self.backbone.config.to_dict():
-            raise ValueError("the two item encoders split different encoders at different layers: nothing to share")
+            raise UserError("the two item encoders split different encoders at different layers: nothing to share")
         if not torch.equal(other.catalogues[name][0], self._catalogue(name)[0]):
-            raise ValueError(f"catalogue {name!r} differs between the two encoders")
+            raise UserError(f"catalogue {name!r} differs between the two encoders")
         if name in other._prefix:
             self._prefix[name] = other._prefix[name]
 
@@ -240,13 +241,13 @@ class ItemEncoder(nn.Module):
             items = torch.as_tensor(items, dtype=torch.long, device=self.device).reshape(-1)
             h, m = self.prefix(name)
             if items.numel() and (int(items.min()) < 0 or int(items.max()) >= h.shape[0]):
-                raise ValueError(f"item indices of catalogue {name!r} must lie in [0, {h.shape[0] - 1}]")
+                raise UserError(f"item indices of catalogue {name!r} must lie in [0, {h.shape[0] - 1}]")
             hidden.append(h[items])
             masks.append(m[items])
             sizes.append(len(items))
             if self.top is not None:
                 if expert is None:
-                    raise ValueError("this item encoder has domain experts: give each request its expert id")
+                    raise UserError("this item encoder has domain experts: give each request its expert id")
                 expert = torch.as_tensor(expert, dtype=torch.long, device=self.device)
                 experts.append(expert.expand(len(items)) if expert.dim() == 0 else expert.reshape(-1))
         if self.top is None:
@@ -274,7 +275,7 @@ class ItemEncoder(nn.Module):
     def load_adapter_state(self, state: Mapping[str, Tensor]) -> None:
         if self.top is None:
             if state:
-                raise ValueError(f"a frozen item encoder has no adapter weights; got {sorted(state)[:3]}")
+                raise UserError(f"a frozen item encoder has no adapter weights; got {sorted(state)[:3]}")
             return
         from moa.model import load_moa_state
 

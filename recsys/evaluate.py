@@ -23,6 +23,7 @@ Protocols (``evaluate(..., negatives=...)``):
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError, UserTypeError
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol, runtime_checkable
 
@@ -77,7 +78,7 @@ def as_scorer(model: RecModel | Scorer) -> Scorer:
         return model.score
     if callable(model):
         return model
-    raise TypeError(f"expected a RecModel (with .score) or a callable scorer, got {type(model).__name__}")
+    raise UserTypeError(f"expected a RecModel (with .score) or a callable scorer, got {type(model).__name__}")
 
 
 def trainable_parameters(model: object) -> int:
@@ -116,9 +117,9 @@ def evaluate(model: RecModel | Scorer, stage: Stage, *, ks: Iterable[int] = (10,
             row has fewer candidates), seeded by ``seed``.
     """
     if len(stage) == 0:
-        raise ValueError(f"stage {stage.name!r} has no examples")
+        raise UserError(f"stage {stage.name!r} has no examples")
     if negatives is not None and negatives < 1:
-        raise ValueError(f"negatives must be >= 1 or None (full ranking), got {negatives}")
+        raise UserError(f"negatives must be >= 1 or None (full ranking), got {negatives}")
     ks = tuple(ks)
     scorer = as_scorer(model)
     module = model if isinstance(model, torch.nn.Module) else getattr(scorer, "__self__", None)
@@ -134,7 +135,7 @@ def evaluate(model: RecModel | Scorer, stage: Stage, *, ks: Iterable[int] = (10,
                 expected = (len(targets), stage.n_items + 1)
                 if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != expected:
                     got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-                    raise ValueError(f"scorer returned {got}; expected [B, n_items + 1] = {expected} "
+                    raise UserError(f"scorer returned {got}; expected [B, n_items + 1] = {expected} "
                                      f"(column i = item i, column 0 = padding)")
                 scores = scores.detach().float().cpu()
                 allowed = candidate_mask([stage.histories[r] for r in rows.tolist()], targets, stage.n_items,

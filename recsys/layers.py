@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,7 +61,7 @@ class SequenceEncoder(nn.Module):
                  max_len: int = 50):
         super().__init__()
         if hidden % heads:
-            raise ValueError(f"hidden ({hidden}) must be divisible by the number of heads ({heads})")
+            raise UserError(f"hidden ({hidden}) must be divisible by the number of heads ({heads})")
         self.max_len = max_len
         self.position = nn.Embedding(max_len, hidden)
         self.input_norm, self.input_dropout = nn.LayerNorm(hidden), nn.Dropout(dropout)
@@ -72,7 +73,7 @@ class SequenceEncoder(nn.Module):
         """States ``[B, L, hidden]`` for item vectors ``[B, L, hidden]`` and the real-item mask ``[B, L]``."""
         length = vectors.shape[1]
         if length > self.max_len:
-            raise ValueError(f"histories longer than max_len={self.max_len}; keep the most recent items")
+            raise UserError(f"histories longer than max_len={self.max_len}; keep the most recent items")
         positions = torch.arange(self.max_len - length, self.max_len, device=vectors.device)
         x = self.input_dropout(self.input_norm(vectors + self.position(positions)))
         allowed = look_back_mask(real)

@@ -8,6 +8,7 @@ above both the recommender and X-Cross (it imports them; neither imports it), so
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import os
 from typing import Callable
 
@@ -60,7 +61,7 @@ def load_recommender(directory: str | os.PathLike, backbone: nn.Module | None = 
     try:
         build = ITEM_ENCODER_BUILDERS[kind]
     except KeyError:
-        raise ValueError(f"unknown item encoder kind {kind!r} in {config_path}; "
+        raise UserError(f"unknown item encoder kind {kind!r} in {config_path}; "
                          f"known: {sorted(ITEM_ENCODER_BUILDERS)}") from None
     model = TextSeqRecommender(build(backbone.eval(), config, meta["domains"], meta["item_encoder"]), meta["domains"],
                                config)

@@ -13,6 +13,7 @@ worst rank instead of a perfect one. RecBole takes ``torch.topk``, whose order a
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 from typing import Iterable
 
 import torch
@@ -33,22 +34,22 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, candidates: torch.
         LongTensor ``[B]`` with values in ``1..C``.
     """
     if scores.dim() != 2:
-        raise ValueError(f"scores must be [B, C], got shape {tuple(scores.shape)}")
+        raise UserError(f"scores must be [B, C], got shape {tuple(scores.shape)}")
     targets = torch.as_tensor(targets, dtype=torch.long, device=scores.device)
     if targets.shape != scores.shape[:1]:
-        raise ValueError(f"targets must be [B={scores.shape[0]}], got shape {tuple(targets.shape)}")
+        raise UserError(f"targets must be [B={scores.shape[0]}], got shape {tuple(targets.shape)}")
     if bool(((targets < 0) | (targets >= scores.shape[1])).any()):
-        raise ValueError(f"targets must index the {scores.shape[1]} score columns")
+        raise UserError(f"targets must index the {scores.shape[1]} score columns")
     target_scores = scores.gather(1, targets[:, None])
     at_least = (scores >= target_scores) | torch.isnan(scores)  # a NaN candidate ranks above the target, never below
     if candidates is not None:
         if candidates.shape != scores.shape:
-            raise ValueError(f"candidates must be [B, C] = {tuple(scores.shape)}, got {tuple(candidates.shape)}")
+            raise UserError(f"candidates must be [B, C] = {tuple(scores.shape)}, got {tuple(candidates.shape)}")
         if not bool(candidates.gather(1, targets[:, None]).all()):
-            raise ValueError("a target is not among its row's candidates (was it masked as already seen?)")
+            raise UserError("a target is not among its row's candidates (was it masked as already seen?)")
         at_least &= candidates
     if bool(torch.isnan(target_scores).any()):
-        raise ValueError("NaN score for a target item")
+        raise UserError("NaN score for a target item")
     return at_least.sum(1)
 
 
@@ -73,7 +74,7 @@ def ranking_metrics(ranks: torch.Tensor, ks: Iterable[int] = (10, 20)) -> dict[s
     """Mean HR@K, NDCG@K and MRR@K over users for every K: ``{"HR@10": ..., "NDCG@10": ..., "MRR@10": ...}``."""
     ranks = torch.as_tensor(ranks)
     if ranks.numel() == 0:
-        raise ValueError("no ranks to average")
+        raise UserError("no ranks to average")
     out = {}
     for k in ks:
         out[f"HR@{k}"] = hit_at_k(ranks, k).mean().item()

@@ -13,6 +13,7 @@ This module knows the file format, not the model classes (the recommender import
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import json
 import os
 from dataclasses import asdict
@@ -101,7 +102,7 @@ def open_saved(directory: str | os.PathLike) -> tuple[Path, Path, dict[str, Any]
     verify(directory, [CONFIG_FILE, WEIGHTS_FILE])  # sha256 recorded at save (folders saved before: none)
     meta = read_json(config_path)
     if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{config_path} is not a recommender this version can read")
+        raise UserError(f"{config_path} is not a recommender this version can read")
     return config_path, weights_path, meta
 
 

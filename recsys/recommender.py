@@ -17,6 +17,7 @@ item encoder.
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Sequence
@@ -59,11 +60,11 @@ class RecommenderConfig:
 
     def __post_init__(self):
         if self.adapted_layers < 0:
-            raise ValueError(f"adapted_layers must be >= 0, got {self.adapted_layers}")
+            raise UserError(f"adapted_layers must be >= 0, got {self.adapted_layers}")
         if not 0.0 <= self.id_dropout < 1.0:
-            raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
+            raise UserError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
         if self.hidden % self.heads:
-            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+            raise UserError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         self.target_modules = list(self.target_modules)
 
     @classmethod
@@ -71,7 +72,7 @@ class RecommenderConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown RecommenderConfig fields {unknown}; known: {sorted(known)}")
+            raise UserError(f"unknown RecommenderConfig fields {unknown}; known: {sorted(known)}")
         return cls(**data)
 
 
@@ -93,7 +94,7 @@ class TextSeqRecommender(nn.Module):
     def __init__(self, item_encoder: ItemEncoder, domains: Sequence[str], config: RecommenderConfig):
         super().__init__()
         if not domains or len(set(domains)) != len(domains):
-            raise ValueError(f"domains must be distinct names, got {list(domains)}")
+            raise UserError(f"domains must be distinct names, got {list(domains)}")
         self.config = config
         self.domains = list(domains)
         self.item_encoder = item_encoder
@@ -123,7 +124,7 @@ class TextSeqRecommender(nn.Module):
         model = cls(encoder, domains, replace_config(config, adapted_layers=adapted))
         for name, texts in (catalogues or {}).items():
             if tokenizer is None:
-                raise ValueError("catalogue texts need a tokenizer (pass tokenizer=..., or token ids via add_catalogue)")
+                raise UserError("catalogue texts need a tokenizer (pass tokenizer=..., or token ids via add_catalogue)")
             model.add_catalogue(name, *tokenize_items(texts, tokenizer, config.max_tokens))
         return model
 
@@ -136,15 +137,15 @@ class TextSeqRecommender(nn.Module):
         ``router="static"`` (the source model that X-Cross integrates). The inputs are left unchanged.
         """
         if not models:
-            raise ValueError("from_experts needs at least one single-domain model")
+            raise UserError("from_experts needs at least one single-domain model")
         domains = list(models)
         first = models[domains[0]]
         for domain, model in models.items():
             if model.domains != [domain] or model.item_encoder.kind != "text" or model.item_encoder.n_experts != 1:
-                raise ValueError(f"models[{domain!r}] must be a one-domain recommender of domain {domain!r} with one "
+                raise UserError(f"models[{domain!r}] must be a one-domain recommender of domain {domain!r} with one "
                                  f"expert; it serves {model.domains} with {model.item_encoder.n_experts} experts")
             if asdict(model.config) != asdict(first.config):
-                raise ValueError(f"models[{domain!r}] has another configuration than models[{domains[0]!r}]")
+                raise UserError(f"models[{domain!r}] has another configuration than models[{domains[0]!r}]")
         config = first.config
         backbone = plain_copy(first.item_encoder.backbone)
         encoder = ItemEncoder(backbone, len(domains), config.adapted_layers, config.r, config.alpha,
@@ -175,16 +176,16 @@ class TextSeqRecommender(nn.Module):
     def _domain_index(self, domain: str | int | None) -> int:
         if domain is None:
             if len(self.domains) != 1:
-                raise ValueError(f"this recommender serves several domains {self.domains}: name one")
+                raise UserError(f"this recommender serves several domains {self.domains}: name one")
             return 0
         if isinstance(domain, int) and not isinstance(domain, bool):
             if not 0 <= domain < len(self.domains):
-                raise ValueError(f"domain index {domain} out of range for domains {self.domains}")
+                raise UserError(f"domain index {domain} out of range for domains {self.domains}")
             return domain
         try:
             return self.domains.index(domain)
         except ValueError:
-            raise ValueError(f"unknown domain {domain!r}; this recommender serves {self.domains}") from None
+            raise UserError(f"unknown domain {domain!r}; this recommender serves {self.domains}") from None
 
     def head(self, domain: str | int | None) -> "UserEncoder":
         """The user encoder (and item projection) of ``domain``."""
@@ -208,7 +209,7 @@ class TextSeqRecommender(nn.Module):
         """Use cached item-encoder outputs ``[n_items + 1, d]`` for ``domain`` instead of computing them."""
         n = self.item_encoder.n_items(domain)
         if table.dim() != 2 or table.shape[0] != n + 1:
-            raise ValueError(f"cached item table of domain {domain!r} has shape {tuple(table.shape)}; expected [{n + 1}, d]")
+            raise UserError(f"cached item table of domain {domain!r} has shape {tuple(table.shape)}; expected [{n + 1}, d]")
         self._tables[self.domain_name(domain)] = table.to(self.item_encoder.device)
 
     @torch.no_grad()
@@ -268,10 +269,10 @@ class TextSeqRecommender(nn.Module):
     def _check_histories(self, histories: Tensor, domain: str) -> Tensor:
         histories = torch.as_tensor(histories, dtype=torch.long)
         if histories.dim() != 2:
-            raise ValueError(f"histories must be [B, L] item indices (left-padded with 0), got {tuple(histories.shape)}")
+            raise UserError(f"histories must be [B, L] item indices (left-padded with 0), got {tuple(histories.shape)}")
         n = self.item_encoder.n_items(domain)
         if histories.numel() and (int(histories.min()) < 0 or int(histories.max()) > n):
-            raise ValueError(f"item indices of domain {domain!r} must lie in 0..{n} (0 = padding)")
+            raise UserError(f"item indices of domain {domain!r} must lie in 0..{n} (0 = padding)")
         return histories[:, -self.config.max_len:].to(self.item_encoder.device)
 
     # -- training (moa.recsys.trainer)

@@ -15,6 +15,7 @@ The functions only use the models' public surface; this module imports no model 
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import math
 import time
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -54,7 +55,7 @@ def train(model: nn.Module, splits: Mapping[str | None, LeaveOneOut], groups: li
     torch.manual_seed(seed)
     windows = {d: training_windows(s.train_sequences, max_len) for d, s in splits.items()}
     if not any(len(w[0]) for w in windows.values()):
-        raise ValueError("no training transitions: every training sequence has fewer than 2 items")
+        raise UserError("no training transitions: every training sequence has fewer than 2 items")
     trained = {d: s.trained_items for d, s in splits.items()}
     optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
     rows = [(d, i) for d, (x, _) in windows.items() for i in range(len(x))]
@@ -126,7 +127,7 @@ def fit(model: TextSeqRecommender, splits: LeaveOneOut | Mapping[str, LeaveOneOu
     splits = check_splits(model, splits)
     encoder_params = model.item_encoder.trainable_parameters() if train_encoder else []
     if train_encoder and not encoder_params:
-        raise ValueError("train_encoder=True, but the item encoder has no trainable parameters")
+        raise UserError("train_encoder=True, but the item encoder has no trainable parameters")
     for domain, split in splits.items():
         model.head(domain).mark_trained_items(split.trained_items)
     groups = [{"params": [p for p in model.heads.parameters() if p.requires_grad], "lr": lr}]
@@ -193,7 +194,7 @@ def check_splits(model: TextSeqRecommender, splits: LeaveOneOut | Mapping[str, L
     for domain, split in splits.items():
         domain = model.domain_name(domain)
         if split.n_items != model.item_encoder.n_items(domain):
-            raise ValueError(f"domain {domain!r}: the split has {split.n_items} items, the catalogue "
+            raise UserError(f"domain {domain!r}: the split has {split.n_items} items, the catalogue "
                              f"{model.item_encoder.n_items(domain)}")
         out[domain] = split
     return out

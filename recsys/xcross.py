@@ -28,6 +28,7 @@ frozen layers. A saved X-Cross recommender is read back by :func:`moa.recsys.loa
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import math
 from typing import Any, Sequence
 
@@ -44,7 +45,7 @@ class XCrossIntegrator(nn.Module):
     def __init__(self, n_streams: int, hidden_size: int, n_layers: int, beta: float = 1.0, gamma: float = 1.0):
         super().__init__()
         if n_streams < 2:
-            raise ValueError(f"X-Cross integrates at least 2 source streams, got {n_streams}")
+            raise UserError(f"X-Cross integrates at least 2 source streams, got {n_streams}")
         self.n, self.beta, self.gamma = n_streams, float(beta), float(gamma)
         # z = W_l h_cat with W_l = scaling.weight / sqrt(n d): the same function class, but an optimizer step of
         # size lr on a weight moves z by O(lr) (as on the bias) instead of O(lr * n * d * |h|)
@@ -95,7 +96,7 @@ class XCrossItemEncoder(ItemEncoder):
                  alpha: float = 16.0, target_modules: Sequence[str] = ("query", "value"), impl: str = "auto",
                  beta: float = 1.0, gamma: float = 1.0):
         if adapted_layers < 1:
-            raise ValueError("X-Cross needs adapted layers (the source experts live there)")
+            raise UserError("X-Cross needs adapted layers (the source experts live there)")
         super().__init__(backbone, len(sources), adapted_layers, r, alpha, target_modules, impl, router="xcross",
                          router_options={}, expert_names=list(sources))
         self.sources = list(sources)
@@ -123,9 +124,9 @@ class XCrossItemEncoder(ItemEncoder):
         encoder; ``model`` itself is left unchanged."""
         encoder = model.item_encoder
         if encoder.top is None or encoder.kind != "text":
-            raise ValueError("X-Cross needs a domain-expert recommender (TextSeqRecommender.build(..., experts=True))")
+            raise UserError("X-Cross needs a domain-expert recommender (TextSeqRecommender.build(..., experts=True))")
         if len(set(sources)) != len(sources):
-            raise ValueError(f"sources must be distinct domains, got {list(sources)}")
+            raise UserError(f"sources must be distinct domains, got {list(sources)}")
         expert_ids = [model._domain_index(s) for s in sources]
         config = model.config
         new = cls(plain_copy(encoder.backbone), sources, config.adapted_layers, config.r, config.alpha,
@@ -138,7 +139,7 @@ class XCrossItemEncoder(ItemEncoder):
                 layer.pool.A.copy_(pool.A[expert_ids])
                 layer.pool.lora_B.copy_(pool.B[expert_ids].permute(1, 0, 2).reshape(pool.out_features, -1))
                 if layer.pool.scaling != pool.scaling:
-                    raise ValueError("source and X-Cross pools disagree on the LoRA scaling")
+                    raise UserError("source and X-Cross pools disagree on the LoRA scaling")
         return new
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -183,12 +184,12 @@ def build_xcross(model: TextSeqRecommender, target: str, sources: Sequence[str] 
     """
     sources = [d for d in model.domains if d != target] if sources is None else list(sources)
     if target in sources:
-        raise ValueError(f"the target domain {target!r} cannot be one of its own sources")
+        raise UserError(f"the target domain {target!r} cannot be one of its own sources")
     encoder = XCrossItemEncoder.from_sources(model, sources, beta, gamma)
     xmodel = TextSeqRecommender(encoder, [target], replace_config(model.config))
     if catalogue is None:
         if target not in model.item_encoder.catalogues:
-            raise ValueError(f"no catalogue for the target {target!r}: pass catalogue=(input_ids, attention_mask)")
+            raise UserError(f"no catalogue for the target {target!r}: pass catalogue=(input_ids, attention_mask)")
         catalogue = model.item_encoder.catalogues[target]
     xmodel.add_catalogue(target, *catalogue)
     known = model.item_encoder.catalogues.get(target)

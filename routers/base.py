@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -74,7 +75,7 @@ class RoutingContext:
         elif len(own) == 1 and len(lead) >= 1 and own[0] == lead[0]:  # per sample -> every token of the sample
             out = value.reshape(own[0], *([1] * (len(lead) - 1)), *tail).expand(*lead, *tail)
         else:
-            raise ValueError(
+            raise UserError(
                 f"{name} has shape {tuple(value.shape)}, which fits neither one value per sample ({lead[0] if lead else '?'},) "
                 f"nor one per token {lead} of this layer's input"
             )
@@ -132,9 +133,9 @@ ROUTERS: dict[str, type[Router]] = {}
 def register_router(cls: type[Router]) -> type[Router]:
     """Class decorator: make a router available by its ``name`` in ``MoAConfig(router=...)``."""
     if not cls.name:
-        raise ValueError(f"{cls.__name__} must set a class attribute 'name'")
+        raise UserError(f"{cls.__name__} must set a class attribute 'name'")
     if cls.name in ROUTERS and ROUTERS[cls.name] is not cls:
-        raise ValueError(f"a router named {cls.name!r} is already registered ({ROUTERS[cls.name].__name__})")
+        raise UserError(f"a router named {cls.name!r} is already registered ({ROUTERS[cls.name].__name__})")
     ROUTERS[cls.name] = cls
     return cls
 
@@ -143,8 +144,8 @@ def build_router(name: str, in_features: int, n_experts: int, top_k: int, **opti
     try:
         cls = ROUTERS[name]
     except KeyError:
-        raise ValueError(f"unknown router {name!r}; available routers: {sorted(ROUTERS)}") from None
+        raise UserError(f"unknown router {name!r}; available routers: {sorted(ROUTERS)}") from None
     try:
         return cls(in_features, n_experts, top_k, **options)
     except TypeError as err:
-        raise ValueError(f"bad router_options for router {name!r}: {err}") from None
+        raise UserError(f"bad router_options for router {name!r}: {err}") from None

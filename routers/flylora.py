@@ -26,6 +26,7 @@ Differences from the official code (gfyddha/FlyLoRA, PEFT path), on purpose:
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import hashlib
 from typing import Sequence
 
@@ -82,7 +83,7 @@ class FlyLoRAPool(LoRAPool):
         device: torch.device | str | None = None,
     ):
         if not 1 <= top_k <= rank:
-            raise ValueError(f"FlyLoRA needs 1 <= top_k <= rank, got top_k={top_k}, rank={rank}")
+            raise UserError(f"FlyLoRA needs 1 <= top_k <= rank, got top_k={top_k}, rank={rank}")
         super().__init__(in_features, out_features, rank, 1, None, dropout, impl, dtype=dtype, device=device)
         self.top_k, self.trainable_dense_A = top_k, trainable_dense_A
         self.alpha = float(rank if alpha is None else alpha)
@@ -138,9 +139,9 @@ class FlyLoRARouter(Router):
     ):
         super().__init__(in_features, n_experts, top_k)
         if criterion not in CRITERIA:
-            raise ValueError(f"FlyLoRA criterion must be one of {CRITERIA}, got {criterion!r}")
+            raise UserError(f"FlyLoRA criterion must be one of {CRITERIA}, got {criterion!r}")
         if bias_u < 0:
-            raise ValueError(f"bias_u must be >= 0, got {bias_u}")
+            raise UserError(f"bias_u must be >= 0, got {bias_u}")
         self.bias_u, self.criterion, self.seed = float(bias_u), criterion, int(seed)
         self.trainable_dense_A = bool(trainable_dense_A)
         self.register_buffer("topk_bias", torch.zeros(n_experts))
@@ -148,14 +149,14 @@ class FlyLoRARouter(Router):
 
     def build_pool(self, kind: str, spec: PoolSpec, shared: nn.ModuleDict) -> FlyLoRAPool:
         if kind != "lora":
-            raise ValueError(f"router 'flylora' builds its own rank-1 LoRA pool; expert_kind must be 'lora', got {kind!r}")
+            raise UserError(f"router 'flylora' builds its own rank-1 LoRA pool; expert_kind must be 'lora', got {kind!r}")
         if spec.r != spec.n_experts:
-            raise ValueError(
+            raise UserError(
                 f"FlyLoRA's experts are the r rank-1 components of one rank-r LoRA: set n_experts = r "
                 f"(got n_experts={spec.n_experts}, r={spec.r})"
             )
         if spec.options:
-            raise ValueError(f"router 'flylora' takes no expert_options, got {sorted(spec.options)}")
+            raise UserError(f"router 'flylora' takes no expert_options, got {sorted(spec.options)}")
         return FlyLoRAPool(
             spec.in_features, spec.out_features, spec.r, self.top_k, spec.alpha, spec.dropout, spec.impl,
             seed=layer_seed(self.seed, spec.name), trainable_dense_A=self.trainable_dense_A,
@@ -164,7 +165,7 @@ class FlyLoRARouter(Router):
 
     def forward(self, x: Tensor, ctx: RoutingContext, pool: nn.Module) -> Routing:
         if getattr(pool, "r", None) != 1 or getattr(pool, "n_experts", None) != self.n_experts:
-            raise ValueError(f"router 'flylora' needs a pool of {self.n_experts} rank-1 experts (see FlyLoRARouter.build_pool)")
+            raise UserError(f"router 'flylora' needs a pool of {self.n_experts} rank-1 experts (see FlyLoRARouter.build_pool)")
         x2 = x.reshape(-1, x.shape[-1])
         with torch.no_grad():  # selection is discrete; the kernel recomputes A x with its gradient
             y = F.linear(x2, pool.lora_A.to(x2.dtype)).float()
@@ -218,22 +219,22 @@ def average_flylora(target: nn.Module, sources: Sequence[nn.Module], weights: Se
     sources (it is overwritten in place) and is returned.
     """
     if not sources:
-        raise ValueError("average_flylora needs at least one source model")
+        raise UserError("average_flylora needs at least one source model")
     weights = [1.0 / len(sources)] * len(sources) if weights is None else [float(w) for w in weights]
     if len(weights) != len(sources):
-        raise ValueError(f"got {len(weights)} weights for {len(sources)} source models")
+        raise UserError(f"got {len(weights)} weights for {len(sources)} source models")
     layers = _flylora_layers(target)
     if not layers:
-        raise ValueError("the target model has no FlyLoRA layers")
+        raise UserError("the target model has no FlyLoRA layers")
     merged = {}
     for name, layer in layers.items():
         b_sum, d_sum = torch.zeros_like(layer.pool.lora_B), torch.zeros_like(layer.router.topk_bias)
         for i, (source, w) in enumerate(zip(sources, weights)):
             other = _flylora_layers(source).get(name)
             if other is None:
-                raise ValueError(f"source model {i} has no FlyLoRA layer {name!r}")
+                raise UserError(f"source model {i} has no FlyLoRA layer {name!r}")
             if not torch.equal(other.pool.lora_A, layer.pool.lora_A):
-                raise ValueError(
+                raise UserError(
                     f"source model {i} has a different projection A in layer {name!r}: only FlyLoRA adapters that "
                     f"share A (the same seed) can be averaged"
                 )

@@ -28,6 +28,7 @@ sqrt(5)) / sqrt(d_in)``, full d_in even with heads), B = 0, Z ~ U(+-1e-3). HF PE
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError, UserTypeError
 import dataclasses
 import math
 
@@ -57,7 +58,7 @@ class TaskSkillLogits(nn.Module):
     def __init__(self, n_tasks: int, n_heads: int, n_skills: int):
         super().__init__()
         if n_tasks < 1 or n_heads < 1 or n_skills < 1:
-            raise ValueError(f"n_tasks, n_heads and n_skills must be >= 1, got {n_tasks}, {n_heads}, {n_skills}")
+            raise UserError(f"n_tasks, n_heads and n_skills must be >= 1, got {n_tasks}, {n_heads}, {n_skills}")
         self.n_heads, self.n_skills = n_heads, n_skills
         self.logits = nn.Parameter(torch.empty(n_tasks, n_heads * n_skills))
         self.reset_parameters()
@@ -91,7 +92,7 @@ class TaskSkillLogits(nn.Module):
         what few-shot transfer to new tasks needs (a new task must not start from another task's row).
         """
         if not isinstance(n_tasks, int) or n_tasks < 1:
-            raise ValueError(f"n_tasks must be a positive integer, got {n_tasks!r}")
+            raise UserError(f"n_tasks must be a positive integer, got {n_tasks!r}")
         old = self.logits
         new = torch.empty(n_tasks, old.shape[1], dtype=old.dtype, device=old.device).uniform_(-LOGIT_INIT, LOGIT_INIT)
         if keep_existing:
@@ -117,9 +118,9 @@ def mix_skills(A: Tensor, B: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     d_out = B.shape[1]
     G, h, k = weights.shape
     if k != K or B.shape[0] != K:
-        raise ValueError(f"weights over {k} skills do not fit a pool of {K} skills (A {tuple(A.shape)}, B {tuple(B.shape)})")
+        raise UserError(f"weights over {k} skills do not fit a pool of {K} skills (A {tuple(A.shape)}, B {tuple(B.shape)})")
     if d_in % h or d_out % h:
-        raise ValueError(f"{h} heads must divide the in and out features ({d_in}, {d_out})")
+        raise UserError(f"{h} heads must divide the in and out features ({d_in}, {d_out})")
     weights = weights.to(A.dtype)
     a_mix = torch.einsum("gqk,krqi->grqi", weights, A.reshape(K, r, h, d_in // h)).reshape(G, r, d_in)
     b_mix = torch.einsum("gqk,kqor->gqor", weights, B.reshape(K, h, d_out // h, r)).reshape(G, d_out, r)
@@ -134,7 +135,7 @@ def skills_from_split_layout(a_split: Tensor, b_split: Tensor) -> tuple[Tensor, 
     """
     h, K, d_in_h, r = a_split.shape
     if b_split.dim() != 4 or b_split.shape[:3] != (h, K, r):
-        raise ValueError(f"B {tuple(b_split.shape)} does not fit A {tuple(a_split.shape)}: want [{h}, {K}, {r}, d_out/h]")
+        raise UserError(f"B {tuple(b_split.shape)} does not fit A {tuple(a_split.shape)}: want [{h}, {K}, {r}, d_out/h]")
     A = a_split.permute(1, 3, 0, 2).reshape(K, r, h * d_in_h)
     B = b_split.permute(1, 0, 3, 2).reshape(K, h * b_split.shape[3], r)
     return A, B
@@ -145,7 +146,7 @@ def skills_to_split_layout(A: Tensor, B: Tensor, n_heads: int) -> tuple[Tensor, 
     K, r, d_in = A.shape
     d_out = B.shape[1]
     if d_in % n_heads or d_out % n_heads:
-        raise ValueError(f"{n_heads} heads must divide the in and out features ({d_in}, {d_out})")
+        raise UserError(f"{n_heads} heads must divide the in and out features ({d_in}, {d_out})")
     a_split = A.reshape(K, r, n_heads, d_in // n_heads).permute(2, 0, 3, 1)
     b_split = B.reshape(K, n_heads, d_out // n_heads, r).permute(1, 0, 3, 2)
     return a_split.contiguous(), b_split.contiguous()
@@ -190,15 +191,15 @@ class _TaskSkillRouter(Router):
     ):
         super().__init__(in_features, n_experts, top_k)
         if n_tasks is None:
-            raise ValueError(
+            raise UserError(
                 f"router {self.name!r} routes by task: give router_options={{'n_tasks': T}} (one routing row per task)"
             )
         if not isinstance(n_tasks, int) or n_tasks < 1:
-            raise ValueError(f"router {self.name!r}: n_tasks must be a positive integer, got {n_tasks!r}")
+            raise UserError(f"router {self.name!r}: n_tasks must be a positive integer, got {n_tasks!r}")
         if not isinstance(n_heads, int) or n_heads < 1:
-            raise ValueError(f"router {self.name!r}: n_heads must be a positive integer, got {n_heads!r}")
+            raise UserError(f"router {self.name!r}: n_heads must be a positive integer, got {n_heads!r}")
         if granularity not in GRANULARITIES:
-            raise ValueError(f"router {self.name!r}: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+            raise UserError(f"router {self.name!r}: granularity must be one of {GRANULARITIES}, got {granularity!r}")
         self.n_heads, self.granularity = n_heads, granularity
         self.relaxed_bernoulli, self.average = bool(relaxed_bernoulli), bool(average)
         self._n_tasks = n_tasks  # until the logits exist (shared granularity: in build_pool)
@@ -227,7 +228,7 @@ class _TaskSkillRouter(Router):
     def build_pool(self, kind: str, spec: PoolSpec, shared: nn.ModuleDict) -> nn.Module:
         """The skill inventory (the configured expert kind, mttl init for LoRA skills) and, if shared, the one Z."""
         if spec.in_features % self.n_heads or spec.out_features % self.n_heads:
-            raise ValueError(
+            raise UserError(
                 f"router {self.name!r}: n_heads={self.n_heads} must divide the in and out features of every adapted "
                 f"layer; {spec.name or 'a layer'} maps {spec.in_features} -> {spec.out_features}"
             )
@@ -235,7 +236,7 @@ class _TaskSkillRouter(Router):
             spec = dataclasses.replace(spec, alpha=1.0)
         pool = build_pool(kind, spec, shared)
         if not callable(getattr(type(pool), "factors", None)):  # the class, so generated factors are not built yet
-            raise ValueError(f"router {self.name!r} mixes skill parameters: expert kind {kind!r} has no A and B factors")
+            raise UserError(f"router {self.name!r} mixes skill parameters: expert kind {kind!r} has no A and B factors")
         if isinstance(pool, LoRAPool):
             init_skills_like_mttl(pool)
         if self.granularity == "shared":
@@ -243,7 +244,7 @@ class _TaskSkillRouter(Router):
                 shared[SHARED_KEY] = TaskSkillLogits(self._n_tasks, self.n_heads, self.n_experts).to(device=spec.device)
             module = shared[SHARED_KEY]
             if (module.n_tasks, module.n_heads, module.n_skills) != (self._n_tasks, self.n_heads, self.n_experts):
-                raise ValueError(f"the shared routing logits {module.extra_repr()} do not fit router {self.extra_repr()}")
+                raise UserError(f"the shared routing logits {module.extra_repr()} do not fit router {self.extra_repr()}")
             keep_reference(self, "_shared_logits", module)
         return pool
 
@@ -310,15 +311,15 @@ class _TaskSkillRouter(Router):
     def _token_task_ids(self, ctx: RoutingContext, lead: tuple, device) -> Tensor:
         """The call's task ids, validated, one per token (flattened)."""
         if ctx.task_ids is None:
-            raise ValueError(
+            raise UserError(
                 f"router {self.name!r} routes by task: pass task_ids=... (one id per sample [B] or per token [B, T]) "
                 "in the forward call"
             )
         if ctx.task_ids.dtype.is_floating_point or ctx.task_ids.dtype == torch.bool:
-            raise TypeError(f"task_ids must be integer ids, got dtype {ctx.task_ids.dtype}")
+            raise UserTypeError(f"task_ids must be integer ids, got dtype {ctx.task_ids.dtype}")
         ids = ctx.per_token("task_ids", torch.Size(lead)).reshape(-1).to(device)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n_tasks):
-            raise ValueError(
+            raise UserError(
                 f"task_ids must lie in [0, {self.n_tasks - 1}] for {self.n_tasks} tasks; got values in "
                 f"[{int(ids.min())}, {int(ids.max())}] (resize the routing logits for new tasks: moa.transfer.resize_tasks)"
             )
@@ -356,7 +357,7 @@ class PolyRouter(_TaskSkillRouter):
 
     def __init__(self, in_features: int, n_experts: int, top_k: int = 1, *, n_heads: int = 1, **options):
         if n_heads != 1:
-            raise ValueError(f"router 'poly' has one head; for n_heads={n_heads} use router='mhr'")
+            raise UserError(f"router 'poly' has one head; for n_heads={n_heads} use router='mhr'")
         super().__init__(in_features, n_experts, top_k, n_heads=1, **options)
 
 
@@ -368,5 +369,5 @@ class MHRRouter(_TaskSkillRouter):
 
     def __init__(self, in_features: int, n_experts: int, top_k: int = 1, *, n_heads: int | None = None, **options):
         if n_heads is None:
-            raise ValueError("router 'mhr' needs router_options={'n_heads': h} (h divides every adapted layer's in and out features)")
+            raise UserError("router 'mhr' needs router_options={'n_heads': h} (h divides every adapted layer's in and out features)")
         super().__init__(in_features, n_experts, top_k, n_heads=n_heads, **options)

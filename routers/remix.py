@@ -24,6 +24,7 @@ Granularity (the paper's notes say the router sees "each layer input" and are si
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import math
 
 import torch
@@ -110,9 +111,9 @@ class ReMixRouter(Router):
     ):
         super().__init__(in_features, n_experts, top_k)
         if scale not in SCALES:
-            raise ValueError(f"ReMix scale must be one of {SCALES}, got {scale!r}")
+            raise UserError(f"ReMix scale must be one of {SCALES}, got {scale!r}")
         if granularity not in GRANULARITIES:
-            raise ValueError(f"ReMix granularity must be one of {GRANULARITIES}, got {granularity!r}")
+            raise UserError(f"ReMix granularity must be one of {GRANULARITIES}, got {granularity!r}")
         self.scale, self.granularity = scale, granularity
         self.gate = nn.Linear(in_features, n_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=init_std)
@@ -124,7 +125,7 @@ class ReMixRouter(Router):
         """The configured pool, with its scaling replaced by the constant ``omega``."""
         pool = build_pool(kind, spec, shared)
         if not hasattr(pool, "scaling"):
-            raise ValueError(f"router 'remix' needs a pool with a 'scaling' attribute; expert kind {kind!r} has none")
+            raise UserError(f"router 'remix' needs a pool with a 'scaling' attribute; expert kind {kind!r} has none")
         alpha = 2.0 if spec.alpha is None else float(spec.alpha)
         active_rank = self.top_k * spec.r
         self.omega = alpha / active_rank if self.scale == "lora" else alpha / math.sqrt(active_rank)

@@ -9,6 +9,7 @@ sort-by-expert plan is built once per forward call and shared by every layer.
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError, UserTypeError
 import torch
 from torch import Tensor, nn
 
@@ -27,7 +28,7 @@ class StaticRouter(Router):
     def __init__(self, in_features: int, n_experts: int, top_k: int = 1, key: str = "expert_ids"):
         super().__init__(in_features, n_experts, top_k)
         if key not in KEYS:
-            raise ValueError(f"static router key must be one of {KEYS}, got {key!r}")
+            raise UserError(f"static router key must be one of {KEYS}, got {key!r}")
         self.key = key
 
     def forward(self, x: Tensor, ctx: RoutingContext, pool: nn.Module | None = None) -> Routing:
@@ -36,7 +37,7 @@ class StaticRouter(Router):
             weights = ctx.cached(("static-weights", lead), lambda: self._mixture(ctx, lead))
             return Routing(None, weights.to(x.dtype))
         if getattr(ctx, self.key) is None:
-            raise ValueError(
+            raise UserError(
                 f"router 'static' needs {self.key}=... (one expert id per sample or per token) in the forward call"
             )
         plan, weights = ctx.cached(("static", self.key, lead), lambda: self._plan(ctx, lead))
@@ -45,16 +46,16 @@ class StaticRouter(Router):
     def _mixture(self, ctx: RoutingContext, lead) -> Tensor:
         weights = ctx.per_token("expert_weights", lead, trailing=1)
         if weights.shape[-1] != self.n_experts:
-            raise ValueError(f"expert_weights must give {self.n_experts} weights per sample, got {weights.shape[-1]}")
+            raise UserError(f"expert_weights must give {self.n_experts} weights per sample, got {weights.shape[-1]}")
         return weights
 
     def _plan(self, ctx: RoutingContext, lead) -> tuple[ExpertPlan, Tensor]:
         ids = getattr(ctx, self.key)
         if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise TypeError(f"{self.key} must be integer ids, got dtype {ids.dtype}")
+            raise UserTypeError(f"{self.key} must be integer ids, got dtype {ids.dtype}")
         ids = ctx.per_token(self.key, lead).reshape(-1, 1)
         if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.n_experts):
-            raise ValueError(
+            raise UserError(
                 f"{self.key} must lie in [-1, {self.n_experts - 1}] for a pool of {self.n_experts} experts "
                 f"(-1 = no expert); got values in [{int(ids.min())}, {int(ids.max())}]"
             )

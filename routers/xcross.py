@@ -12,6 +12,7 @@ expert per token). The sort-by-expert plan is built once per forward call and sh
 
 from __future__ import annotations
 
+from moa.experts.errors import UserError
 import torch
 from torch import Tensor, nn
 
@@ -35,7 +36,7 @@ class XCrossRouter(Router):
 
     def _plan(self, lead: tuple[int, ...], device: torch.device) -> tuple[ExpertPlan, Tensor]:
         if not lead or lead[0] % self.n_experts:
-            raise ValueError(
+            raise UserError(
                 f"router 'xcross' needs the batch to hold {self.n_experts} stacked streams (one per expert, "
                 f"stream-major), so its first dimension must be a multiple of {self.n_experts}; got input "
                 f"with leading shape {lead}"

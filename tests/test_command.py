@@ -103,3 +103,36 @@ def test_a_users_own_data_module_next_to_them_plugs_in_by_class_path(tmp_path):
                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=2` reached" in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_a_value_error_that_is_not_a_user_error_keeps_its_traceback(tmp_path):
+    """A plain ``ValueError`` (here from a user's buggy data module, as a bug in moa would raise it) is a fault, not
+    bad input: the real console script shows its traceback; moa's own ``UserError`` stays one line (above)."""
+    (tmp_path / "buggy.py").write_text(
+        "from moa.pipelines.data import MultiTaskTokens\n\n\n"
+        "class Buggy(MultiTaskTokens):\n"
+        "    def setup(self, stage=None):\n"
+        "        raise ValueError('a bug deep inside setup')\n"
+    )
+    done = moa("fit", "-c", str(CONFIGS / "topk.yaml"), "--data.class_path", "buggy.Buggy", *SMALL[:4],
+               "--trainer.logger", "false", cwd=tmp_path)
+    assert done.returncode != 0
+    assert "Traceback" in done.stderr and "a bug deep inside setup" in done.stderr and "in setup" in done.stderr
+
+
+def test_only_user_errors_and_missing_paths_are_shown_as_one_line():
+    from moa.experts.errors import UserError, UserTypeError
+    from moa.pipelines.command import user_error
+
+    for shown in (UserError("bad value"), UserTypeError("bad type"), FileNotFoundError("no such file")):
+        assert user_error(shown) is shown
+    for fault in (ValueError("bug"), TypeError("bug"), KeyError("bug"), RuntimeError("bug")):
+        assert user_error(fault) is None
+    try:  # a user error wrapped by a framework (jsonargparse, Lightning) is found at the root of the chain
+        try:
+            raise UserError("unknown router 'nope'")
+        except UserError as inner:
+            raise RuntimeError("wrapped") from inner
+    except RuntimeError as outer:
+        assert str(user_error(outer)) == "unknown router 'nope'"

@@ -21,6 +21,7 @@ with the router gate and the dense shrink folded in, the expand accumulated into
 
 from __future__ import annotations
 
+from ..errors import UserError
 from typing import Callable
 
 import torch
@@ -111,34 +112,34 @@ def grouped_lora(
         ``[..., d_out]``, the routed LoRA update (without the base layer).
     """
     if A.dim() != 3 or B.dim() != 3:
-        raise ValueError(f"A must be [E, r, d_in] and B [E, d_out, r]; got {tuple(A.shape)} and {tuple(B.shape)}")
+        raise UserError(f"A must be [E, r, d_in] and B [E, d_out, r]; got {tuple(A.shape)} and {tuple(B.shape)}")
     E, r, d_in = A.shape
     if B.shape[0] != E or B.shape[2] != r:
-        raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} disagree on experts or rank (want B [{E}, d_out, {r}])")
+        raise UserError(f"A {tuple(A.shape)} and B {tuple(B.shape)} disagree on experts or rank (want B [{E}, d_out, {r}])")
     if x.shape[-1] != d_in:
-        raise ValueError(f"x has {x.shape[-1]} features but the experts expect d_in={d_in}")
+        raise UserError(f"x has {x.shape[-1]} features but the experts expect d_in={d_in}")
     lead = x.shape[:-1]
     if weights.shape[:-1] != lead:
-        raise ValueError(f"weights {tuple(weights.shape)} must have the leading shape of x {tuple(lead)}")
+        raise UserError(f"weights {tuple(weights.shape)} must have the leading shape of x {tuple(lead)}")
     x2 = x.reshape(-1, d_in)
     n = x2.shape[0]
     w2 = weights.reshape(n, weights.shape[-1]) * scaling
 
     if expert_ids is None:
         if weights.shape[-1] != E:
-            raise ValueError(f"dense routing weights must have {E} columns (one per expert), got {weights.shape[-1]}")
+            raise UserError(f"dense routing weights must have {E} columns (one per expert), got {weights.shape[-1]}")
         plan, top_k = None, None
     elif isinstance(expert_ids, ExpertPlan):
         plan = expert_ids
         if plan.n_experts != E or plan.n_tokens != n or plan.top_k != weights.shape[-1]:
-            raise ValueError(
+            raise UserError(
                 f"plan covers {plan.n_tokens} tokens x {plan.top_k} slots over {plan.n_experts} experts; "
                 f"the call has {n} tokens x {weights.shape[-1]} weights over {E} experts"
             )
         top_k = plan.top_k
     else:
         if expert_ids.shape != weights.shape:
-            raise ValueError(f"expert_ids {tuple(expert_ids.shape)} and weights {tuple(weights.shape)} must match")
+            raise UserError(f"expert_ids {tuple(expert_ids.shape)} and weights {tuple(weights.shape)} must match")
         plan = ExpertPlan(expert_ids.reshape(n, weights.shape[-1]), E)
         top_k = plan.top_k
 
@@ -150,7 +151,7 @@ def grouped_lora(
             "scatter": " (torch-scatter is not installed)",
             "triton": " (it needs triton and a CUDA device, or TRITON_INTERPRET=1 set before importing triton)",
         }.get(impl, "")
-        raise ValueError(f"unknown grouped_lora impl {impl!r}{hint}; choose from {available_impls()}")
+        raise UserError(f"unknown grouped_lora impl {impl!r}{hint}; choose from {available_impls()}")
     if plan is None and impl != "dense":  # only dense consumes a dense gate as it is
         plan = ExpertPlan.all_experts(n, E, device=x.device)
     out = fn(x2, A, B, plan, w2)

@@ -8,6 +8,7 @@ per-request static routing every adapted layer of a forward pass shares one plan
 
 from __future__ import annotations
 
+from ..errors import UserError, UserTypeError
 from functools import cached_property
 
 import torch
@@ -19,17 +20,17 @@ class ExpertPlan:
 
     def __init__(self, expert_ids: Tensor, n_experts: int, *, validate: bool = True):
         if not isinstance(expert_ids, Tensor):
-            raise TypeError(f"expert_ids must be a tensor, got {type(expert_ids).__name__}")
+            raise UserTypeError(f"expert_ids must be a tensor, got {type(expert_ids).__name__}")
         if expert_ids.dtype.is_floating_point or expert_ids.dtype.is_complex or expert_ids.dtype == torch.bool:
-            raise TypeError(f"expert_ids must be an integer tensor, got dtype {expert_ids.dtype}")
+            raise UserTypeError(f"expert_ids must be an integer tensor, got dtype {expert_ids.dtype}")
         if expert_ids.dim() != 2:
-            raise ValueError(f"expert_ids must have shape [N, k], got {tuple(expert_ids.shape)}")
+            raise UserError(f"expert_ids must have shape [N, k], got {tuple(expert_ids.shape)}")
         if n_experts < 1:
-            raise ValueError(f"n_experts must be >= 1, got {n_experts}")
+            raise UserError(f"n_experts must be >= 1, got {n_experts}")
         if validate and expert_ids.numel():
             lo, hi = int(expert_ids.min()), int(expert_ids.max())
             if lo < 0 or hi >= n_experts:
-                raise ValueError(
+                raise UserError(
                     f"expert_ids must lie in [0, {n_experts - 1}] for a pool of {n_experts} experts; "
                     f"got values in [{lo}, {hi}]"
                 )

@@ -31,6 +31,7 @@ CUDA), fed with ``h`` per pair saved by the forward kernel in fp32 (``P * r`` va
 
 from __future__ import annotations
 
+from ..errors import UserError
 import os
 import weakref
 
@@ -280,7 +281,7 @@ def lora_triton_forward(
     _check_runnable(x)
     for name, blk in (("block_m", block_m), ("block_k", block_k), ("block_n", block_n)):
         if blk < 16 or blk & (blk - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
+            raise UserError(f"{name} must be a power of two >= 16, got {blk}")
     if atomic is None:
         atomic = not deterministic_combine(x.device)
     expert, row_start, row_end = block_schedule(plan, block_m)
@@ -346,7 +347,7 @@ def lora_triton(
     """x: [N, d_in], A: [E, r, d_in], B: [E, d_out, r], weights: [N, k] (scaling folded in)."""
     for name, t in (("A", A), ("B", B), ("weights", weights)):
         if t.device != x.device:
-            raise ValueError(f"impl 'triton': {name} is on {t.device} but x is on {x.device}")
+            raise UserError(f"impl 'triton': {name} is on {t.device} but x is on {x.device}")
     if plan.expert_ids.device != x.device:
-        raise ValueError(f"impl 'triton': the routing plan is on {plan.expert_ids.device} but x is on {x.device}")
+        raise UserError(f"impl 'triton': the routing plan is on {plan.expert_ids.device} but x is on {x.device}")
     return _TritonLoRA.apply(x, A, B, weights, plan, (block_m, block_k, block_n), torch.is_grad_enabled())
