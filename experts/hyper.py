@@ -71,7 +71,6 @@ or by an optimizer the hypernetwork does not follow) is not seen: call :meth:`Lo
 
 from __future__ import annotations
 
-from .errors import UserError
 import math
 import re
 from typing import Any, Sequence
@@ -79,6 +78,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from .errors import UserError
 from .pool import ExpertPool, PoolSpec, keep_reference, register_expert_kind
 
 ARCHS = ("mlp", "transformer")

@@ -16,13 +16,13 @@ the state dict, ``parameters()`` and the saved file hold them exactly once.
 
 from __future__ import annotations
 
-from .errors import UserError
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
+from .errors import UserError
 from .kernels import ExpertPlan, grouped_lora
 
 

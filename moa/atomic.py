@@ -2,7 +2,7 @@
 
     with atomic_folder("ckpt") as tmp:      # a fresh sibling folder, ".ckpt.new-<pid>-<random>"
         write everything into tmp
-    # on leaving: each file hashed into moa_manifest.json and fsynced, then
+    # on leaving: each file hashed into moa_manifest.json and fsynced (with every folder), then
     #   ckpt -> .ckpt.old (backup), tmp -> ckpt, fsync the parent, remove the backup
 
 A kill at any moment leaves the old folder or the new one under the target name, or (between the two renames) no
@@ -13,12 +13,12 @@ that overlaps a swap may see files of both versions, which :func:`verify` report
 ``moa_manifest.json`` records the sha256 and size of each file the save wrote; :func:`verify` checks them and
 names the file that is missing, truncated or corrupted. :func:`read_json` / :func:`read_safetensors` raise errors
 that name the file. Files in the target that the save did not write (a tokenizer saved into the same folder) are
-kept with ``keep_others=True`` (hard-linked into the new folder, outside the manifest).
+kept with ``keep_others=True`` (hard-linked into the new folder, outside the manifest). One file: :func:`atomic_file`
+(written beside the target, fsynced, renamed over it).
 """
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import contextlib
 import hashlib
 import json
@@ -28,6 +28,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from moa.experts.errors import UserError
 
 MANIFEST = "moa_manifest.json"
 
@@ -132,11 +134,13 @@ def atomic_folder(path: str | os.PathLike, *, keep_others: bool = False) -> Iter
 
 
 def _carry_over(old: Path, new: Path) -> None:
-    """Hard-link (or copy) into ``new`` the files of ``old`` that no save of it wrote (not in its manifest)."""
+    """Hard-link (or copy) into ``new`` the files of ``old`` that no save of it wrote (not in its manifest); each
+    one and the folders that received them are fsynced (the links came after :func:`write_manifest`'s fsyncs)."""
     try:
         ours = set(json.loads((old / MANIFEST).read_text())["files"]) | {MANIFEST}
     except (OSError, ValueError, KeyError):
         ours = {MANIFEST}
+    carried = []
     for path in _files(old):
         rel = path.relative_to(old).as_posix()
         target = new / rel
@@ -147,6 +151,11 @@ def _carry_over(old: Path, new: Path) -> None:
             os.link(path, target)
         except OSError:
             shutil.copy2(path, target)
+        _fsync(target)
+        carried.append(target)
+    folders = {parent for target in carried for parent in target.relative_to(new).parents}
+    for folder in sorted(folders, key=lambda p: -len(p.parts)):  # deepest first: a new subfolder, then its parent
+        _fsync(new / folder)
 
 
 def verify(folder: str | os.PathLike, names: list[str] | None = None) -> bool:
@@ -170,6 +179,23 @@ def verify(folder: str | os.PathLike, names: list[str] | None = None) -> bool:
             raise UserError(f"{path} is corrupted: its sha256 does not match the one recorded at save in "
                              f"{manifest_path}")
     return True
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a path beside ``path`` (not created) to write one file to; on success fsync it and rename it over
+    ``path``, so a reader sees the old file or the new one, never part of one; on an exception remove it and leave
+    ``path`` as it was."""
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.new-{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _named(path: Path, what: str, read: Callable[[], Any]) -> Any:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from moa.experts import EXPERT_KINDS, available_impls
+from moa.experts.errors import UserError
 from moa.routers import ROUTERS
 
 CONFIG_NAME = "moa_config.json"

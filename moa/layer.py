@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from moa.experts.errors import UserTypeError
+import threading
+
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from moa.experts import ExpertPlan, ExpertPool, choose_impl, grouped_lora
+from moa.experts.errors import UserTypeError
 from moa.experts.kernels.cpp import cpp_expand, cpp_expand_routed
 from moa.experts.kernels.fused import dense_expand, fused_shrink, grouped_expand
 from moa.routers import Router, Routing, RoutingContext
@@ -17,11 +19,26 @@ class ContextSlot:
     """Holds the routing context of the current forward call; one slot is shared by all layers of a model.
 
     The context is replaced at the start of every forward call and not cleared at its end, so activation
-    checkpointing, which re-runs layers during backward, sees the same context as the forward did.
+    checkpointing, which re-runs layers during backward, sees the same context as the forward did. Each thread
+    that calls the model sees the context it set last (threads that serve requests at once keep their own
+    routing); a thread that never set one (autograd's device threads re-running checkpointed layers) sees the
+    context set last by any thread.
     """
 
-    def __init__(self):
-        self.current = RoutingContext()
+    def __init__(self, context: RoutingContext | None = None):
+        self._latest = context if context is not None else RoutingContext()
+        self._local = threading.local()
+
+    @property
+    def current(self) -> RoutingContext:
+        return getattr(self._local, "context", self._latest)
+
+    @current.setter
+    def current(self, context: RoutingContext) -> None:
+        self._local.context = self._latest = context
+
+    def __reduce__(self):  # copies and pickles (deepcopy of a model) carry the context, not the thread's slots
+        return (ContextSlot, (self.current,))
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:

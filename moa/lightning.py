@@ -7,7 +7,6 @@ included (``task_ids``, ``domain_ids``, ``expert_ids``), plus ``labels``.
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError, UserTypeError
 from typing import Callable
 
 import lightning as L
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 from .metrics import calibration_metrics
 from .model import SAVED_PREFIX, SHARED_PREFIX, MoAModel
 from .training_hooks import OptimizerFollower, follow_optimizer
+from moa.experts.errors import UserError, UserTypeError
 
 
 class ClassificationHead(nn.Module):

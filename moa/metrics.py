@@ -25,12 +25,13 @@ in a bin of its own and rounds multiclass confidences to float32, so it is not u
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError, UserTypeError
 import os
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from moa.experts.errors import UserError, UserTypeError
 
 N_BINS = 10
 TACE_THRESHOLDS = (0.01, 0.001, 0.0001)

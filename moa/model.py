@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import contextlib
 import functools
 import inspect
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from moa.experts import PoolSpec
+from moa.experts.errors import UserError
 from moa.routers import CONTEXT_KEYS, RoutingContext, build_router
 
 from .atomic import atomic_folder, read_json, read_safetensors, readable, verify

@@ -11,7 +11,6 @@ adapter's own scale is folded into its B so the pool uses scale 1.
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import math
 import os
 import shutil
@@ -28,6 +27,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import MoAConfig
 from .model import MoAModel, attach, check_output_mixture, route_to_mixture
+from moa.experts.errors import UserError
 
 PEFT_PREFIX = "base_model.model."
 _UNSUPPORTED = {

@@ -15,7 +15,6 @@ estimate ``1/(M-1) sum_m (L_m - mean L) grad log Q_m`` of ``grad E[L]``, per exa
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import contextlib
 from typing import Any, Callable, Iterator
 
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 
 from .lightning import MoAModule, _batch_size
 from .model import MoAModel
+from moa.experts.errors import UserError
 
 SampleLoss = Callable[[Any, dict], Tensor]
 

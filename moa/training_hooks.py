@@ -22,13 +22,13 @@ plain loop, bind once::
 
 from __future__ import annotations
 
-from moa.experts.errors import UserTypeError
 import math
 
 from torch import nn
 from torch.optim import Optimizer
 
 from .model import MoAModel
+from moa.experts.errors import UserTypeError
 
 
 def step_followers(model: MoAModel) -> list[tuple[nn.Module, list[nn.Parameter]]]:

@@ -13,7 +13,6 @@ Inspection: :func:`task_skill_matrix` reads out the learned task-skill weights p
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from moa.experts import LoRAPool
+from moa.experts.errors import UserError
 from moa.routers.poly import SHARED_KEY, _TaskSkillRouter, skills_from_split_layout
 
 from .model import MoAModel

@@ -17,13 +17,13 @@ causal-lm      :class:`moa.pipelines.text_bundle.GenerationService`  ``val/loss`
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from moa.atomic import read_json, readable
+from moa.experts.errors import UserError
 
 SERVICE_FILE = "service.json"
 KINDS = ("recommender", "classifier", "causal-lm")

@@ -15,7 +15,6 @@ Batches follow the text data contract: ``input_ids``/``attention_mask`` (prompt 
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import argparse
 import inspect
 import math
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moa.experts.errors import UserError
 import moa
 from moa.lightning import MoAModule
 from moa.rloo import RLOOModule

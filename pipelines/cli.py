@@ -17,7 +17,6 @@ Models and data modules are chosen by class path in the config (subclass mode): 
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError, UserTypeError
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -30,6 +29,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
 
 from .tracking import MLflowLogger, MLflowSaveConfig, ResumeState, RoutingStats, checkpoint_run_id, find_moa_model, run_name
+from moa.experts.errors import UserError, UserTypeError
 
 LOGGER_DEFAULT = {"class_path": "moa.pipelines.tracking.MLflowLogger", "init_args": {"experiment_name": "moa"}}
 
@@ -67,19 +67,35 @@ class MoACLI(LightningCLI):
     logger has a ``run_name``; resumed from a checkpoint (``--ckpt_path``) of a run in the same store, it continues
     that run. ``validate`` / ``test`` log to a run of their own, nested under the checkpoint's run when the store
     has it; ``predict`` makes no MLflow run.
+
+    A checkpoint is data: ``--ckpt_path`` is only ever read with ``weights_only=True`` (by moa for its run id, and
+    by Lightning, URLs included); one holding pickled objects is refused with a one-line error before Lightning
+    reads it, and so is ``--weights_only false``.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RoutingStats, "routing_stats")
 
-    def _instantiate_trainer(self, config, callbacks):
-        return super()._instantiate_trainer(config, [*callbacks, ResumeState()])
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse, then read ``--ckpt_path`` as data only, before Lightning reads it (its run id, for
+        :meth:`before_fit`): a checkpoint holding pickled objects gets a one-line error here."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else {}
+        if config.get("weights_only") is False:
+            raise UserError("--weights_only false is refused: moa loads checkpoints as data only (unpickling "
+                            "objects from a checkpoint could run code)")
+        self.checkpoint_run_id = checkpoint_run_id(config.get("ckpt_path"))
+
+    def _load_as_data(self) -> None:
+        self.config_init[self.subcommand]["weights_only"] = True  # Lightning's default, except for URLs
 
     def _mlflow_run(self, stage: str) -> None:
+        self._load_as_data()
+        source = self.checkpoint_run_id
         logger = next((lg for lg in self.trainer.loggers if isinstance(lg, MLflowLogger)), None)
         if logger is None:
             return
-        source = checkpoint_run_id(self.config[self.subcommand].get("ckpt_path"))
         model = find_moa_model(self.model)
         name = run_name(model) if model is not None else None
         if stage != "fit":
@@ -97,6 +113,7 @@ class MoACLI(LightningCLI):
         self._mlflow_run("test")
 
     def before_predict(self) -> None:  # no metrics: no run
+        self._load_as_data()
         self.trainer.loggers = [lg for lg in self.trainer.loggers if not isinstance(lg, MLFlowLogger)]
 
 
@@ -113,7 +130,8 @@ def run_cli(args: Sequence[str] | None = None, run: bool = True) -> MoACLI:
         subclass_mode_data=True,
         save_config_callback=MLflowSaveConfig,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"logger": LOGGER_DEFAULT, "enable_autolog_hparams": False},  # MLflowSaveConfig logs them
+        # ResumeState: a persistent callback (after the config's and routing_stats); MLflowSaveConfig logs hparams
+        trainer_defaults={"logger": LOGGER_DEFAULT, "enable_autolog_hparams": False, "callbacks": [ResumeState()]},
         parser_kwargs={"epilog": EPILOG},
         args=None if args is None else list(args),
         run=run,

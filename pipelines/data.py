@@ -9,10 +9,11 @@ machine and every DDP rank.
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from moa.experts.errors import UserError
 
 
 class _Rows(Dataset):

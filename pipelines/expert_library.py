@@ -15,7 +15,6 @@ weights are copied, not retrained (tested bit for bit).
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import argparse
 import json
 import os
@@ -24,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from moa.experts.errors import UserError
 import moa
 
 EXPERIMENT = "moa-experts"

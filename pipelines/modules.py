@@ -8,7 +8,6 @@ model folder), attaches a MoA pool with the given router, and trains it with a c
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import re
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moa.experts.errors import UserError
 import moa
 from moa.lightning import ClassificationHead, MoAModule
+from moa.metrics import calibration_metrics
 from moa.rloo import RLOOModule
 
 TINY_BERT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -91,6 +92,17 @@ def macro_f1(pred: Tensor, target: Tensor) -> float:
     return sum(scores) / len(scores) if scores else 0.0
 
 
+def gather_rows(module, rows: Tensor) -> Tensor:
+    """Under DDP: every rank's ``rows`` (each rank its own number of them) concatenated in rank order, on every
+    rank. Every rank must call it."""
+    sizes = module.all_gather(torch.tensor(len(rows), device=rows.device)).flatten().tolist()
+    if max(sizes) == 0:
+        return rows
+    padded = torch.cat([rows, rows.new_zeros(max(sizes) - len(rows), *rows.shape[1:])])
+    gathered = module.all_gather(padded)
+    return torch.cat([part[:size] for part, size in zip(gathered, sizes)])
+
+
 def write_text_bundle_of(module, directory, datamodule=None, *, metrics=None, base: str = "include"):
     """The module's serving bundle (:func:`moa.pipelines.text_bundle.write_text_bundle`); what
     :class:`moa.pipelines.tracking.LogBundle` calls at the end of fit."""
@@ -106,7 +118,8 @@ class MoAClassifier(MoAModule):
         backbone: ``"tiny-bert"``, ``"minilm"`` or a local model folder (see :func:`build_backbone`).
         backbone_options: overrides of the tiny BERT's config, or ``from_pretrained`` keyword arguments.
         n_classes: classes of one head shared by all tasks; ``None`` (the default): one label set per task, read
-            from the data module's ``label_names`` (:class:`moa.pipelines.text_data.TextData`).
+            from the data module's ``label_names`` (:class:`moa.pipelines.text_data.TextData`); checkpoints keep
+            the names, so ``load_from_checkpoint`` rebuilds the head without data.
         pooling: ``"mean"`` or ``"first"`` token pooling of the head.
         n_experts, r, alpha, router, top_k, target_modules, dropout, router_options, impl, expert_kind,
             expert_options: the :class:`moa.MoAConfig` of the adapters.
@@ -152,8 +165,7 @@ class MoAClassifier(MoAModule):
         self.backbone, self.vocab_size = backbone, base.config.vocab_size
         self.hidden_size, self.pooling, self.seed = base.config.hidden_size, pooling, seed
         self.names: dict[str, Any] | None = None  # {"tasks", "domains", "labels"} of the data it was trained on
-        self._outcomes: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}  # stage -> (task, prediction, label)
-        self._last_logits: Tensor | None = None
+        self._outcomes: dict[str, list[Tensor]] = {}  # stage -> [rows, 3 + classes]: task, label, loss, probs
 
     def _module_options(self) -> dict[str, Any]:
         return {}
@@ -170,18 +182,36 @@ class MoAClassifier(MoAModule):
             )
 
     def configure_model(self) -> None:
-        """Without ``n_classes``, build one label set per task from the data module's names."""
-        if self.head is not None:
-            return
-        datamodule = getattr(self.trainer, "datamodule", None)
+        """Without ``n_classes``, build one label set per task from the data module's names. Without a trainer
+        (``load_from_checkpoint``) the checkpoint's saved names build it instead (:meth:`on_load_checkpoint`); a
+        per-task head built before must match the names of the data it is given."""
+        datamodule = getattr(self._trainer, "datamodule", None)
         labels = getattr(datamodule, "label_names", None)
+        if self.head is not None:
+            if self.names is not None and labels:
+                self._check_names(self.names, datamodule.vocab())
+            return
+        if self._trainer is None:
+            return
         if not labels:
             raise UserError("set model.init_args.n_classes, or use a data module with named labels per task "
                              "(moa.pipelines.text_data.TextData with target: label)")
-        self.names = datamodule.vocab()
+        self._build_task_head(datamodule.vocab())
+
+    def _build_task_head(self, names: dict[str, Any]) -> None:
+        try:
+            counts = [len(names["labels"][task]) for task in names["tasks"]]
+        except (KeyError, TypeError) as error:
+            raise UserError(f"task and label names need 'tasks' and 'labels' per task, got {names!r}") from error
+        self.names = names
         torch.manual_seed(self.seed)
-        self.head = TaskLabelHead(self.hidden_size, [len(labels[t]) for t in self.names["tasks"]], self.pooling)
+        self.head = TaskLabelHead(self.hidden_size, counts, self.pooling)
         self.head.to(next(self.model.parameters()).device)
+
+    @staticmethod
+    def _check_names(trained: dict[str, Any], data: dict[str, Any]) -> None:
+        if trained != data:
+            raise UserError(f"the model was trained on tasks and labels {trained}; the data has {data}")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -189,10 +219,17 @@ class MoAClassifier(MoAModule):
             checkpoint["moa_names"] = self.names
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A per-task head not built yet (no trainer) is rebuilt from the checkpoint's names; one built from the
+        data must have been trained on the same names."""
         super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get("moa_names")
-        if saved is not None and self.names is not None and saved != self.names:
-            raise UserError(f"the checkpoint was trained on tasks and labels {saved}; the data has {self.names}")
+        if self.head is None:
+            if saved is None:
+                raise UserError("the checkpoint has no task and label names to rebuild its per-task head: load it "
+                                 "with n_classes, or within a trainer given its data")
+            self._build_task_head(saved)
+        elif saved is not None and self.names is not None:
+            self._check_names(saved, self.names)
 
     def apply_head(self, outputs, batch: dict) -> Tensor:
         if not isinstance(self.head, TaskLabelHead):
@@ -201,40 +238,80 @@ class MoAClassifier(MoAModule):
 
     def _loss(self, batch: dict):
         loss, logits = super()._loss(batch)
-        self._last_logits = None if logits is None else logits.detach()
         if self.training:  # per-step values are logged by MoAModule; this adds the epoch mean
-            self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, batch_size=batch["labels"].shape[0])
+            self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, batch_size=batch["labels"].shape[0],
+                     sync_dist=True)
         return loss, logits
 
     def _eval_step(self, batch: dict, stage: str) -> Tensor:
-        loss = super()._eval_step(batch, stage)
-        if self.names is not None and self._last_logits is not None:
-            self._outcomes.setdefault(stage, []).append(
-                (batch["task_ids"].cpu(), self._last_logits.argmax(-1).cpu(), batch["labels"].cpu()))
+        """Keeps each row's task, label, loss and class probabilities; the epoch's metrics are computed at its end
+        from the rows of every rank (:meth:`_log_epoch`)."""
+        loss, logits = self._loss(batch)
+        labels = batch["labels"]
+        tasks = batch.get("task_ids")
+        tasks = torch.zeros_like(labels) if tasks is None else tasks
+        # the batch's mean loss on each of its rows: the epoch's row mean weighs batches by their rows
+        rows = torch.cat([tasks[:, None].float(), labels[:, None].float(), loss.detach().float().expand(len(labels), 1),
+                          logits.detach().float().softmax(-1)], 1)
+        self._outcomes.setdefault(stage, []).append(rows)
         return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._outcomes.pop("val", None)
+
+    def on_test_epoch_start(self) -> None:
+        self._outcomes.pop("test", None)
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        self._log_per_task("val")
+        self._log_epoch("val")
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()
-        self._log_per_task("test")
+        self._log_epoch("test")
 
-    def _log_per_task(self, stage: str) -> None:
-        """``<stage>/<task>/accuracy`` and ``<stage>/<task>/macro_f1``; ``<stage>/macro_f1`` is their mean."""
-        outcomes = self._outcomes.pop(stage, [])
-        if not outcomes:
+    def _head_width(self) -> int:
+        if isinstance(self.head, TaskLabelHead):
+            return max(self.head.label_counts)
+        return self.head.classifier.out_features
+
+    def _log_epoch(self, stage: str) -> None:
+        """``<stage>/loss``, ``<stage>/accuracy`` and the calibration metrics; with task names
+        ``<stage>/<task>/accuracy``, ``<stage>/<task>/macro_f1`` and ``<stage>/macro_f1`` (their mean). Under DDP
+        each rank's rows (their numbers may differ) are gathered first, so every rank logs the global values."""
+        parts = self._outcomes.pop(stage, [])
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+        if not parts and not distributed:
             return
-        tasks, preds, labels = (torch.cat(parts) for parts in zip(*outcomes))
+        rows = torch.cat(parts) if parts else torch.zeros(0, 3 + self._head_width(), device=self.device)
+        if distributed:  # every rank takes part, also one without rows
+            rows = gather_rows(self, rows)
+        if not len(rows):
+            return
+        rows = rows.cpu()
+        tasks, labels, losses, probs = rows[:, 0].long(), rows[:, 1].long(), rows[:, 2].double(), rows[:, 3:]
+        preds = probs.argmax(-1)
+        log = self._log_global
+        log(f"{stage}/loss", float(losses.mean()), prog_bar=True)
+        log(f"{stage}/accuracy", float((preds == labels).double().mean()))
+        calibration = calibration_metrics(probs, labels)
+        for name in ("ece", "mce", "ace", "classwise_ece", "brier"):
+            log(f"{stage}/{name}", calibration[name])
+        if self.names is None:
+            return
         f1s = []
         for index, task in enumerate(self.names["tasks"]):
-            rows = tasks == index
-            if rows.any():
-                f1s.append(macro_f1(preds[rows], labels[rows]))
-                self.log(f"{stage}/{metric_name(task)}/accuracy", (preds[rows] == labels[rows]).float().mean())
-                self.log(f"{stage}/{metric_name(task)}/macro_f1", f1s[-1])
-        self.log(f"{stage}/macro_f1", sum(f1s) / len(f1s))
+            mine = tasks == index
+            if mine.any():
+                f1s.append(macro_f1(preds[mine], labels[mine]))
+                log(f"{stage}/{metric_name(task)}/accuracy", float((preds[mine] == labels[mine]).double().mean()))
+                log(f"{stage}/{metric_name(task)}/macro_f1", f1s[-1])
+        log(f"{stage}/macro_f1", sum(f1s) / len(f1s))
+
+    def _log_global(self, name: str, value: float, **kwargs: Any) -> None:
+        """Log a value every rank computed from all ranks' rows: the max over ranks leaves it exact (a mean could
+        move it by rounding) and tells Lightning it is synced."""
+        self.log(name, value, sync_dist=True, reduce_fx="max", **kwargs)
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         probs = self(batch).float().softmax(-1)

@@ -10,22 +10,26 @@ cluster this machine belongs to (``ray start --head`` here, ``ray start --addres
 ``mlflow.pyfunc.load_model``: on several machines, the tracking URI must name a store they all reach (a tracking
 server, or a shared file system).
 
-Batch: rows are split into blocks; an actor pool of ``workers`` scorers (one model copy each) runs
-:func:`moa.pipelines.serving.score_rows` on ``batch_size`` rows at a time; order is preserved. Serving: the same
+Batch: rows are split into blocks of about ``batch_size`` rows; an actor pool of ``workers`` scorers (one model copy
+each) runs :func:`moa.pipelines.serving.score_rows` on ``batch_size`` rows at a time; order is preserved (an option
+of this dataset only: Ray's process-wide ``DataContext`` is left as it was) and a refused row is named by its row
+number in the whole input, as the local engine names it. Serving: the same
 defensive app as ``moa serve`` (:func:`moa.pipelines.server.create_app`: limits, 400/413/415/503, no tracebacks)
 runs in each of ``replicas`` Ray Serve replicas behind Serve's HTTP proxy.
 """
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
+import math
 import os
+import re
 from dataclasses import asdict
 from typing import Any
 
 import pandas as pd
 
 from .tracking import resolve_tracking_uri
+from moa.experts.errors import UserError
 
 
 def init_ray(address: str | None, tracking_uri: str | None) -> None:
@@ -42,6 +46,20 @@ def init_ray(address: str | None, tracking_uri: str | None) -> None:
     ray.init(address=address, **options)
 
 
+ROW = "__moa_input_row__"
+"""The hidden column that carries each row's number in the whole input through Ray Data (for error messages)."""
+MAX_BLOCKS = 2000  # blocks of batch_size rows, fewer and larger past this many
+
+
+def input_rows(message: str, rows) -> str:
+    """A ``row i: ...`` message about row ``i`` of a Ray batch, with ``rows[i]``, its row number in the input."""
+    def number(match: re.Match) -> str:
+        i = int(match.group(1))
+        return f"row {rows[i]}" if 0 <= i < len(rows) else match.group(0)
+
+    return re.sub(r"^row (\d+)", number, message)
+
+
 class _Scorer:
     """A Ray Data actor: one copy of the model, scoring pandas batches (the input columns kept)."""
 
@@ -56,26 +74,56 @@ class _Scorer:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from .serving import conform, score_rows
 
-        return score_rows(self.model, conform(batch, self.model), self.params, batch_size=len(batch), progress=False)
+        rows = batch[ROW].tolist()
+        batch = batch.drop(columns=[ROW])
+        try:
+            return score_rows(self.model, conform(batch, self.model), self.params, batch_size=len(batch),
+                              progress=False)
+        except UserError as error:
+            raise UserError(input_rows(str(error), rows)) from None
+
+
+def _user_error(error: BaseException) -> UserError | None:
+    """The scorer's own ``UserError`` inside the exceptions Ray wraps it in, if it is one."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if type(error) is UserError:
+            return error
+        cause = getattr(error, "cause", None)  # ray.exceptions.RayTaskError keeps the original here
+        error = cause if isinstance(cause, BaseException) else (error.__cause__ or error.__context__)
+    return None
 
 
 def score_rows_on_ray(model_uri: str, frame: pd.DataFrame, params: dict[str, Any] | None = None, *,
                       workers: int = 2, batch_size: int = 256, address: str | None = None,
                       tracking_uri: str | None = None) -> pd.DataFrame:
-    """:func:`moa.pipelines.serving.score_rows` over a Ray cluster with Ray Data (``workers`` model copies)."""
+    """:func:`moa.pipelines.serving.score_rows` over a Ray cluster with Ray Data (``workers`` model copies); rows in
+    input order, a refused row named by its input row number."""
     import ray
 
     if workers < 1 or batch_size < 1:
         raise UserError(f"--workers and --batch-size must be >= 1, got {workers} and {batch_size}")
+    if ROW in frame.columns:
+        raise UserError(f"the input has a column named {ROW!r}, which moa's Ray engine uses itself; rename it")
     init_ray(address, tracking_uri)
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True
-    dataset = ray.data.from_pandas(frame.reset_index(drop=True))
+    frame = frame.reset_index(drop=True).assign(**{ROW: range(len(frame))})
+    size = max(batch_size, math.ceil(len(frame) / MAX_BLOCKS))  # many blocks, so that every actor gets work
+    dataset = ray.data.from_pandas([frame.iloc[lo:lo + size] for lo in range(0, len(frame), size)] or [frame])
+    options = dataset.context  # this dataset's own copy of the DataContext: the process-wide one is left alone
+    options.execution_options.preserve_order = True
+    options.raise_original_map_exception = True  # a refused row's UserError, not Ray's UserCodeException
     scored = dataset.map_batches(
         _Scorer, fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": resolve_tracking_uri(tracking_uri),
                                         "params": dict(params or {})},
         batch_size=batch_size, batch_format="pandas", concurrency=workers, num_cpus=1)
-    result = scored.to_pandas().reset_index(drop=True)
+    try:
+        result = scored.to_pandas().reset_index(drop=True)
+    except Exception as error:  # noqa: BLE001 - a refused row: the scorer's one-line message, without Ray's trace
+        refused = _user_error(error)
+        if refused is None:
+            raise
+        raise UserError(str(refused).splitlines()[0]) from None  # without the retry advice Ray appends
     for column in result.columns:  # Arrow-backed columns (lists) back to plain pandas, as the local engine writes
         if isinstance(result[column].dtype, pd.ArrowDtype):
             result[column] = pd.Series(result[column].tolist(), index=result.index)

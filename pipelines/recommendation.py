@@ -18,7 +18,6 @@ the serving bundle (:mod:`moa.pipelines.service`), logs it to the MLflow run as 
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError, UserTypeError
 import functools
 import tempfile
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from lightning.pytorch.cli import SaveConfigCallback
 from torch.utils.data import DataLoader, Dataset
 
+from moa.experts.errors import UserError, UserTypeError
 from moa.recsys.data import ML100K_DOMAINS, LeaveOneOut, RecDataset, left_pad, ml100k, training_windows
 from moa.atomic import read_json
 from moa.recsys.evaluate import evaluate

@@ -5,16 +5,16 @@
 The model is logged from code (:mod:`moa.pipelines.pyfunc_model`, nothing pickled) with the bundle folder as its
 one artifact, the signature and an input example of its kind (:mod:`moa.pipelines.bundle`), and requirements
 that pin the moa version that wrote it. Each registered version carries its gating metric as tags
-(``gate_metric``, ``gate_mode``, ``gate_value``); the alias ``champion`` moves to the new version only when its
-value is strictly better (higher for ``max``, lower for ``min``) than the current champion's. The decision and
-its reason are recorded as version tags (``promotion``, ``promotion_reason``). A metric that is missing, NaN,
-infinite or not a number is refused before anything is logged, and so is a gate on another metric than the
-champion's; concurrent registrations on a local store are serialized by a file lock (:func:`promotion_lock`).
+(``gate_metric``, ``gate_mode``, ``gate_value``: the value's ``repr``, compared exactly); the alias ``champion``
+moves to the new version only when its value is strictly better (higher for ``max``, lower for ``min``) than
+the current champion's. The decision and its reason are recorded as version tags (``promotion``,
+``promotion_reason``). A metric that is missing, NaN, infinite or not a number is refused before anything is
+logged, and so is a gate on another metric than the champion's; concurrent registrations on a local store are
+serialized by a file lock (:func:`promotion_lock`).
 """
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import argparse
 import contextlib
 import fcntl
@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import mlflow
 from mlflow import MlflowClient
 
+from moa.experts.errors import UserError
 import moa
 from moa.atomic import readable
 from mlflow.exceptions import MlflowException
@@ -105,7 +106,8 @@ def check_metric(metric: Any, what: str = "the gating metric") -> float:
 
 
 def stored_metric(version) -> float | None:
-    """A version's gating value tag, or ``None`` when it has none usable (then it never blocks a newer version)."""
+    """A version's gating value tag (exact; older moa wrote it rounded to 6 digits), or ``None`` when it has none
+    usable (then it never blocks a newer version)."""
     try:
         return check_metric(float(version.tags[METRIC_TAG]))
     except (KeyError, TypeError, ValueError):
@@ -167,15 +169,16 @@ def register_and_gate(model_uri: str, name: str, metric: Any, *, metric_name: st
     registrations leave the best version as the holder. Against a tracking server (no shared file to lock) it
     is a compare-and-set loop: after moving the alias the gate re-reads it and takes it back from a worse version
     that overwrote it; a worse gate whose stale read is still in flight after the better one's last check can win
-    there (see docs/pipelines.md).
+    there (see docs/pipelines.md). The version is registered by ``mlflow.register_model`` in
+    ``mlflow.get_registry_uri()``, the registry that is locked; ``client`` must reach that registry too.
     """
     metric, mode = check_metric(metric), _check_mode(mode)
     client = client or MlflowClient()
     _check_same_gate(_champion(client, name, alias), name, metric_name, mode)
     version = str(mlflow.register_model(model_uri, name).version)
-    for key, value in ((METRIC_NAME_TAG, metric_name), (MODE_TAG, mode), (METRIC_TAG, f"{metric:.6g}")):
+    for key, value in ((METRIC_NAME_TAG, metric_name), (MODE_TAG, mode), (METRIC_TAG, repr(metric))):
         client.set_model_version_tag(name, version, key, value)
-    registry_uri = getattr(client, "_registry_uri", None) or mlflow.get_registry_uri()
+    registry_uri = mlflow.get_registry_uri()  # where mlflow.register_model registered it
     shown = f"{metric_name} {metric:.4f}"
     with promotion_lock(registry_uri) as locked:
         current = _champion(client, name, alias)
@@ -188,7 +191,9 @@ def register_and_gate(model_uri: str, name: str, metric: Any, *, metric_name: st
         else:
             promoted = better(metric, best, mode)
             sign = (">" if mode == "max" else "<") if promoted else ("<=" if mode == "max" else ">=")
-            reason = f"{shown} {sign} {alias} v{holder}'s {best:.4f} ({mode})"
+            values = (f"{metric:.4f}", f"{best:.4f}")
+            values = (repr(metric), repr(best)) if values[0] == values[1] and metric != best else values
+            reason = f"{metric_name} {values[0]} {sign} {alias} v{holder}'s {values[1]} ({mode})"
         if promoted:
             _set_alias(client, name, alias, version)
         client.set_model_version_tag(name, version, "promotion", "promoted" if promoted else "rejected")

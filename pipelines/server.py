@@ -6,21 +6,26 @@
 and answers ``{"predictions": [...]}`` like ``mlflow models serve``; ``GET /ping`` and ``GET /health`` answer 200
 once the model is loaded. Every error is ``{"error_code", "message"}`` with no traceback (those go to the server's
 log): 415 without ``Content-Type: application/json``; 413 for a body over ``max_body_bytes`` (read in chunks,
-refused before it is all read or parsed) or more than ``max_rows`` rows; 400 for JSON that is invalid, nested
-deeper than ``max_depth`` (checked before parsing) or not the expected shape, and for requests the model refuses;
-503 when scoring takes longer than ``timeout`` seconds.
+refused before it is all read or parsed), more than ``max_rows`` rows, or (generation) more than
+``max_generated_tokens`` new tokens in all (rows x each row's ``max_new_tokens``); 400 for JSON that is invalid,
+nested deeper than ``max_depth`` (checked before parsing) or not the expected shape, and for requests the model
+refuses; 503 when scoring takes longer than ``timeout`` seconds.
 
-Timeouts really stop the work: scoring runs in one worker thread per server process, ``chunk_rows`` rows at a
-time, and checks the request's deadline between chunks; a timed-out request stops at its next chunk boundary (a
-request still queued when its deadline passes never starts). ``/health`` counts the requests stopped that way.
-Interactive API docs (``/docs``, ``/openapi.json``) exist only with ``docs=True`` (``--docs``).
+Timeouts really stop the work: scoring runs ``chunk_rows`` rows at a time and checks the request's deadline
+between chunks and, for generation, between decode steps; a timed-out request stops at its next check (a request
+still queued when its deadline passes never starts). ``scoring_threads`` threads score at once, so a short
+request is not queued behind a long one: moa's text services take turns on the model one forward call (decode
+step) at a time, other models one chunk at a time. ``/health`` counts the requests stopped that way (``stopped``)
+and the checks passed (``steps``: chunks and decode steps). Interactive API docs (``/docs``, ``/openapi.json``)
+exist only with ``docs=True`` (``--docs``).
 """
 
 from __future__ import annotations
 
-from moa.experts.errors import UserTypeError
 import argparse
 import asyncio
+import contextlib
+import inspect
 import json
 import logging
 import os
@@ -28,11 +33,13 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from starlette.requests import Request
+
+from moa.experts.errors import UserError, UserTypeError
 
 log = logging.getLogger("moa.server")
 JSON_TYPES = ("application/json",)
@@ -47,6 +54,16 @@ class Limits:
     max_depth: int = 32
     timeout: float = 30.0
     chunk_rows: int = 256
+    max_generated_tokens: int = 16_384  # generation: rows x max_new_tokens per request
+    scoring_threads: int = 4
+
+    def __post_init__(self):
+        for field in fields(self):
+            value = getattr(self, field.name)
+            kind = (int, float) if field.name == "timeout" else int
+            if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
+                raise UserError(f"the server limit {field.name} must be a positive "
+                                f"{'number' if kind is not int else 'integer'}, got {value!r}")
 
 
 class HTTPError(Exception):
@@ -112,43 +129,68 @@ def shift_rows(message: str, offset: int) -> str:
     return re.sub(r"^row (\d+)", lambda m: f"row {int(m.group(1)) + offset}", message) if offset else message
 
 
-def direct_predict(model):
-    """``predict(frame, params)`` of a loaded model. For a moa pyfunc it is the service's own: the services check
-    every row and param themselves, so MLflow's schema enforcement and its frame copies (about 1.5 ms of a
-    one-row request) are skipped, and a refused request is the same 400. Any other pyfunc: ``model.predict``."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+class Scorer:
+    """How the server calls a loaded model: ``predict(frame, params, check)``, ``generated_tokens(frame, params)``.
 
-    try:
-        service = getattr(model.unwrap_python_model(), "service", None)
-    except Exception:  # noqa: BLE001 - not a python_model pyfunc
-        service = None
-    if not callable(getattr(service, "predict", None)):
-        return lambda frame, params: model.predict(frame, params=params or None)
-    from moa.pipelines.bundle import RequestError
+    For a moa pyfunc it is the service's own ``predict``: the services check every row and param themselves, so
+    MLflow's schema enforcement and its frame copies (about 1.5 ms of a one-row request) are skipped, and a refused
+    request is the same 400. A service with ``threadsafe = True`` (moa's text services: they take turns on the
+    model per forward call) is called from several threads at once, and one whose ``predict`` takes ``check``
+    calls it between decode steps; any other model is called one chunk at a time (``model.predict``)."""
 
-    def predict(frame, params):
+    def __init__(self, model):
         try:
-            return service.predict(frame, {k: v for k, v in (params or {}).items() if v is not None})
+            service = getattr(model.unwrap_python_model(), "service", None)
+        except Exception:  # noqa: BLE001 - not a python_model pyfunc
+            service = None
+        self.model = model
+        self.service = service if callable(getattr(service, "predict", None)) else None
+        self.generates = callable(getattr(self.service, "generated_tokens", None))
+        self._takes_check = self.service is not None and "check" in inspect.signature(self.service.predict).parameters
+        threadsafe = bool(getattr(self.service, "threadsafe", False))
+        self._turn = contextlib.nullcontext() if threadsafe else threading.Lock()
+
+    def predict(self, frame, params: dict, check: Callable[[], None]):
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        with self._turn:
+            if self.service is None:
+                return self.model.predict(frame, params=params or None)
+            from moa.pipelines.bundle import RequestError
+
+            params = {k: v for k, v in (params or {}).items() if v is not None}
+            try:
+                if self._takes_check:
+                    return self.service.predict(frame, params, check=check)
+                return self.service.predict(frame, params)
+            except RequestError as error:
+                raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
+
+    def generated_tokens(self, frame, params: dict) -> int | None:
+        """The new tokens a generation request asks for in all (None: not a generation model)."""
+        if not self.generates:
+            return None
+        from moa.pipelines.bundle import RequestError
+
+        try:
+            return int(self.service.generated_tokens(frame, {k: v for k, v in (params or {}).items() if v is not None}))
         except RequestError as error:
-            raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
-
-    return predict
+            raise HTTPError(400, "INVALID_PARAMETER_VALUE", str(error)) from None
 
 
-def score(predict, frame, params: dict, deadline: float, limits: Limits) -> list:
-    """``predict(frame, params)`` over ``chunk_rows`` rows at a time, stopping at a chunk boundary once ``deadline``
-    passed."""
+def score(scorer: Scorer, frame, params: dict, check: Callable[[], None], limits: Limits) -> list:
+    """``scorer.predict`` over ``chunk_rows`` rows at a time, ``check()`` (which raises :class:`TimedOut` past the
+    deadline) before each chunk and, for generation, between decode steps."""
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
     outputs = []
     for lo in range(0, len(frame), limits.chunk_rows):
-        if time.monotonic() > deadline:
-            raise TimedOut()
+        check()
         part = frame.iloc[lo:lo + limits.chunk_rows].reset_index(drop=True)
         try:
-            outputs.append(predict(part, params))
+            outputs.append(scorer.predict(part, params, check))
         except MlflowException as error:
             status = error.get_http_status_code()
             if status >= 500:
@@ -174,11 +216,12 @@ def create_app(model, limits: Limits | None = None, *, docs: bool = False):
     from starlette.responses import JSONResponse, Response
 
     limits = limits or Limits()
-    predict = direct_predict(model)
+    scorer = Scorer(model)
     app = FastAPI(title="moa scoring server", docs_url="/docs" if docs else None, redoc_url=None,
                   openapi_url="/openapi.json" if docs else None)
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moa-score")
-    stats = {"requests": 0, "timed_out": 0, "stopped_at_chunk": 0, "scoring": 0}
+    workers = ThreadPoolExecutor(max_workers=limits.scoring_threads, thread_name_prefix="moa-score")
+    stats = {"requests": 0, "timed_out": 0, "stopped": 0, "scoring": 0, "steps": 0}
+    cost = "rows or a smaller max_new_tokens" if scorer.generates else "rows"
     lock = threading.Lock()
 
     def error(status: int, code: str, message: str) -> JSONResponse:
@@ -202,16 +245,27 @@ def create_app(model, limits: Limits | None = None, *, docs: bool = False):
         return {"status": "ok", **stats}
 
     def job(body: bytes, deadline: float):
+        def check():  # between chunks and decode steps: stop the work once the deadline passed
+            with lock:
+                stats["steps"] += 1
+            if time.monotonic() > deadline:
+                raise TimedOut()
+
         with lock:
             stats["scoring"] += 1
         try:
             if time.monotonic() > deadline:
                 raise TimedOut()
             frame, params = parse_request(body, limits)
-            return score(predict, frame, params, deadline, limits)
+            tokens = scorer.generated_tokens(frame, params)
+            if tokens is not None and tokens > limits.max_generated_tokens:
+                raise HTTPError(413, "REQUEST_TOO_LARGE", f"{len(frame)} rows ask for up to {tokens} new tokens in "
+                                f"all (rows x max_new_tokens), more than the limit of {limits.max_generated_tokens} "
+                                "new tokens per request; send fewer rows or a smaller max_new_tokens")
+            return score(scorer, frame, params, check, limits)
         except TimedOut:
             with lock:
-                stats["stopped_at_chunk"] += 1
+                stats["stopped"] += 1
             raise
         finally:
             with lock:
@@ -239,14 +293,14 @@ def create_app(model, limits: Limits | None = None, *, docs: bool = False):
         if size > limits.max_body_bytes:
             return too_large
         deadline = time.monotonic() + limits.timeout
-        future = asyncio.get_running_loop().run_in_executor(worker, job, b"".join(chunks), deadline)
+        future = asyncio.get_running_loop().run_in_executor(workers, job, b"".join(chunks), deadline)
         try:
             predictions = await asyncio.wait_for(asyncio.shield(future), limits.timeout + 0.05)
         except (asyncio.TimeoutError, TimedOut):
             future.add_done_callback(lambda f: f.cancelled() or f.exception())  # its TimedOut is expected
             stats["timed_out"] += 1
             return error(503, "TIMEOUT", f"scoring took longer than the limit of {limits.timeout:g} s and was "
-                         "stopped; send fewer rows per request")
+                         f"stopped; send fewer {cost} per request")
         except HTTPError as failure:
             return error(failure.status, failure.code, failure.message)
         except Exception:  # noqa: BLE001 - the traceback goes to the log, never into the response
@@ -296,6 +350,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-rows", type=int, default=defaults.max_rows, help="more rows per request get 413")
     parser.add_argument("--timeout", type=float, default=defaults.timeout,
                         help="seconds of scoring per request; longer requests are stopped and get 503")
+    parser.add_argument("--chunk-rows", type=int, default=defaults.chunk_rows,
+                        help="rows per model call; the deadline is checked between chunks (and decode steps)")
+    parser.add_argument("--max-generated-tokens", type=int, default=defaults.max_generated_tokens,
+                        help="generation: more new tokens per request (rows x max_new_tokens) get 413")
+    parser.add_argument("--scoring-threads", type=int, default=defaults.scoring_threads,
+                        help="requests scored at once per server process (they take turns on the model)")
     parser.add_argument("--docs", action="store_true", help="serve interactive API docs at /docs")
     parser.add_argument("--engine", choices=("uvicorn", "ray"), default="uvicorn",
                         help="uvicorn worker processes on this machine, or Ray Serve replicas (see moa.pipelines.ray_engine)")
@@ -317,7 +377,40 @@ def serve(model_uri: str, args: argparse.Namespace) -> None:
 
 
 def limits_of(args: argparse.Namespace) -> Limits:
-    return Limits(max_body_bytes=args.max_body_bytes, max_rows=args.max_rows, timeout=args.timeout)
+    return Limits(max_body_bytes=args.max_body_bytes, max_rows=args.max_rows, timeout=args.timeout,
+                  chunk_rows=args.chunk_rows, max_generated_tokens=args.max_generated_tokens,
+                  scoring_threads=args.scoring_threads)
+
+
+def limit_arguments(limits: Limits) -> list[str]:
+    """The command-line options of :func:`add_arguments` that give ``limits`` (for a server started as a process)."""
+    return ["--max-body-bytes", str(limits.max_body_bytes), "--max-rows", str(limits.max_rows), "--timeout",
+            str(limits.timeout), "--chunk-rows", str(limits.chunk_rows), "--max-generated-tokens",
+            str(limits.max_generated_tokens), "--scoring-threads", str(limits.scoring_threads)]
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, host: str = "127.0.0.1", port: int | None = None) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a thread of this process; yields its URL and stops it on exit (tests,
+    notebooks)."""
+    import uvicorn
+
+    from .serving import free_port
+
+    port = port or free_port(host)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, name="moa-server", daemon=True)
+    thread.start()
+    try:
+        give_up = time.monotonic() + 60
+        while not server.started:  # a bounded wait for uvicorn's startup
+            if not thread.is_alive() or time.monotonic() > give_up:
+                raise RuntimeError(f"the server on {host}:{port} did not start (see the log)")
+            time.sleep(0.01)
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

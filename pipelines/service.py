@@ -23,7 +23,6 @@ through its domain's item table (encoded by the domain's expert) and user encode
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import json
 import math
 import shutil
@@ -37,6 +36,7 @@ import torch
 from safetensors.torch import save_file
 
 from moa.atomic import MANIFEST, atomic_folder, read_json, read_safetensors, readable, verify
+from moa.experts.errors import UserError
 from moa.recsys.data import RecDataset, left_pad
 
 from .bundle import RequestError

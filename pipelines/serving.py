@@ -20,7 +20,6 @@ the problem), 413 over the body or row limit, 415 without a JSON Content-Type, 5
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import argparse
 import json
 import os
@@ -37,6 +36,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from .tracking import resolve_tracking_uri
+from moa.experts.errors import UserError
 
 HOST = "127.0.0.1"
 
@@ -59,7 +59,8 @@ class ModelServer:
     """moa's scoring server (:mod:`moa.pipelines.server`) for ``model_uri`` on a loopback port, as a context manager.
 
     ``start()`` returns once ``/ping`` answers (or raises with the server's log); ``stop()`` ends the server's
-    process group. The server runs in its own process group, with the tracking URI in its environment. ``limits``
+    process group. The server runs in its own process group, with the tracking URI in its environment only
+    (``MLFLOW_TRACKING_URI``: a URI may hold credentials, and a command line is visible to every user). ``limits``
     (a :class:`moa.pipelines.server.Limits`) sets the body, row and time limits; ``docs`` turns on ``/docs``;
     ``engine="ray"`` serves with ``replicas`` Ray Serve replicas on a local Ray cluster the server starts.
     """
@@ -83,12 +84,11 @@ class ModelServer:
         return f"http://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
-        limits = self.limits
+        from .server import limit_arguments
+
         return [sys.executable, "-m", "moa.pipelines.server", "--model-uri", self.model_uri, "--host", self.host,
-                "--port", str(self.port), "--workers", str(self.workers), "--tracking-uri", self.tracking_uri,
-                "--max-body-bytes", str(limits.max_body_bytes), "--max-rows", str(limits.max_rows),
-                "--timeout", str(limits.timeout), "--engine", self.engine, "--replicas", str(self.replicas),
-                *(["--docs"] if self.docs else [])]
+                "--port", str(self.port), "--workers", str(self.workers), *limit_arguments(self.limits),
+                "--engine", self.engine, "--replicas", str(self.replicas), *(["--docs"] if self.docs else [])]
 
     def start(self) -> "ModelServer":
         env = server_env(self.tracking_uri)
@@ -185,8 +185,9 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
 
 
 def user_histories(dataset, items: pd.DataFrame, max_history: int) -> pd.DataFrame:
-    """Each user's time-ordered history (source item ids) within each domain: columns user_id, domain, history."""
-    inter = dataset.interactions
+    """Each user's history (source item ids) within each domain, oldest first, cut to its newest ``max_history``
+    items (the service refuses longer ones): columns user_id, domain, history."""
+    inter = dataset.interactions.sort_values("timestamp", kind="stable")  # equal times keep the dataset's order
     source_ids = dataset.items["item_id"].astype(str)
     frame = pd.DataFrame({"user_id": inter["user_id"].to_numpy(),
                           "item_id": source_ids.loc[inter["item"].to_numpy()].to_numpy()})
@@ -200,12 +201,16 @@ def user_histories(dataset, items: pd.DataFrame, max_history: int) -> pd.DataFra
 def score_all_users(model_uri: str, out: str | Path, *, k: int = 10, dataset=None, batch_size: int = 512,
                     tracking_uri: str | None = None) -> pd.DataFrame:
     """Top-``k`` recommendations for every (user, domain) of ``dataset`` (default: ml-100k) with the registered
-    model, written to Parquet (columns user_id, domain, items, scores). Items take their domain from the model's
-    item table, so any dataset of the items the model serves works."""
+    model, from each user's newest ``max_history`` items (the bundle's limit), written whole or not at all by
+    :func:`write_table` (Parquet, or ``.jsonl`` / ``.csv`` by the extension; columns user_id, domain, items,
+    scores). Items take their domain from the model's item table, so any dataset of the items the model serves
+    works."""
     import mlflow
 
     from moa.recsys.data import ml100k
 
+    out = Path(out)
+    output_format(out)  # a bad --out before the scoring, not after
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
     model = mlflow.pyfunc.load_model(model_uri)
     service = model.unwrap_python_model().service
@@ -220,9 +225,7 @@ def score_all_users(model_uri: str, out: str | Path, *, k: int = 10, dataset=Non
                                      params={"k": k}))
     result = pd.concat([frame[["user_id", "domain"]].reset_index(drop=True),
                         pd.concat(outputs, ignore_index=True)], axis=1)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result.to_parquet(out, index=False)
+    write_table(result, out)
     return result
 
 
@@ -256,15 +259,21 @@ def _as_sequence(value: Any):
     return value.tolist() if hasattr(value, "tolist") else value
 
 
-def write_table(frame: pd.DataFrame, path: Path) -> None:
-    """``.parquet``, ``.jsonl`` or ``.csv`` (lists as JSON text) by the file's extension; written whole or not at
-    all (a temporary file renamed into place)."""
+def output_format(path: Path) -> str:
+    """The output's extension, ``.parquet``, ``.jsonl`` or ``.csv``; a ``UserError`` for any other."""
     ext = path.suffix.lower()
     if ext not in (".parquet", ".jsonl", ".csv"):
         raise UserError(f"--out {path}: write .parquet, .jsonl or .csv")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    return ext
+
+
+def write_table(frame: pd.DataFrame, path: Path) -> None:
+    """``.parquet``, ``.jsonl`` or ``.csv`` (lists as JSON text) by the file's extension; written whole or not at
+    all (:func:`moa.atomic.atomic_file`: a temporary file beside it, fsynced and renamed into place)."""
+    from moa.atomic import atomic_file
+
+    ext = output_format(path)
+    with atomic_file(path) as tmp:
         if ext == ".parquet":
             frame.to_parquet(tmp, index=False)
         elif ext == ".jsonl":
@@ -273,9 +282,6 @@ def write_table(frame: pd.DataFrame, path: Path) -> None:
             plain = frame.apply(lambda c: c.map(lambda v: json.dumps(v.tolist() if hasattr(v, "tolist") else v)
                                                 if isinstance(v, (list, tuple)) or hasattr(v, "tolist") else v))
             plain.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def score_rows(model, frame: pd.DataFrame, params: dict | None = None, *, batch_size: int = 256,
@@ -337,6 +343,7 @@ def batch_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=None)
     args = parser.parse_args(argv)
     params = _params(args.param)
+    output_format(args.out)  # a bad --out before any work
     if args.k is not None:
         params["k"] = args.k
     if args.input is None:

@@ -17,21 +17,27 @@ Requests are rows of names: a classifier takes ``{text, task, domain}`` and answ
 max_new_tokens, temperature, top_p}`` and answers ``text``. ``task`` / ``domain`` may be left out when the model
 knows one. Rows of different tasks and domains run as one batch: routing is per row, through the grouped kernels
 (generation too: one ``generate`` call, per-row budgets and sampling settings).
+
+The services may be called from several threads at once (the scoring server does): they take turns on the model
+one forward call at a time, each with its own request's routing, so a long generation lets a short request's
+decode steps in between its own. ``predict(frame, params, check=...)`` calls ``check()`` after every decode step;
+an exception it raises (the server's deadline) stops the generation there.
 """
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError, UserTypeError
 import json
 import math
+import threading
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import pandas as pd
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from moa.experts.errors import UserError, UserTypeError
 import moa
 from moa.atomic import atomic_folder, read_json, read_safetensors, readable, verify
 
@@ -186,9 +192,11 @@ class _TextService:
     """Shared by both kinds: the names -> ids of a row's task and domain, and the prompt template."""
 
     text_column = "text"
+    threadsafe = True  # callers may share the service between threads (see the module's docstring)
 
     def __init__(self, meta, model, tokenizer, head=None):
         self.meta, self.model, self.tokenizer, self.head = dict(meta), model, tokenizer, head
+        self._model_lock = threading.Lock()  # one forward call at a time: the routing context is the model's
         self.tasks, self.domains = list(meta["tasks"]), list(meta["domains"])
         self._task_id = {name: i for i, name in enumerate(self.tasks)}
         self._domain_id = {name: i for i, name in enumerate(self.domains)}
@@ -198,9 +206,11 @@ class _TextService:
     def from_bundle(cls, directory: str | Path):
         return cls(*load_text_bundle(directory))
 
-    def predict(self, frame: pd.DataFrame, params: Mapping[str, Any] | None = None) -> pd.DataFrame:
-        """The served call (every kind's service has it)."""
-        return self.predict_frame(frame, params)
+    def predict(self, frame: pd.DataFrame, params: Mapping[str, Any] | None = None, *,
+                check: Callable[[], None] | None = None) -> pd.DataFrame:
+        """The served call (every kind's service has it); ``check()`` runs between decode steps (generation) and
+        may raise to stop the work."""
+        return self.predict_frame(frame, params, check=check)
 
     def _names(self, frame: pd.DataFrame, column: str, known: list[str], ids: dict[str, int]) -> list[int]:
         if column not in frame.columns:
@@ -241,19 +251,21 @@ class ClassifierService(_TextService):
     KIND, GATE = CLASSIFIER, ("val/accuracy", "max")
 
     @torch.no_grad()
-    def predict_frame(self, frame: pd.DataFrame, params: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    def predict_frame(self, frame: pd.DataFrame, params: Mapping[str, Any] | None = None, *,
+                      check: Callable[[], None] | None = None) -> pd.DataFrame:
         if params:
             raise RequestError(f"unknown params {sorted(params)}; a classifier takes none")
         prompts, task_ids, domain_ids = self._prompts(frame)
         encoded = self.tokenizer(prompts, truncation=True, max_length=self.max_length, padding=True,
                                  return_tensors="pt")
         mask = encoded["attention_mask"]
-        outputs = self.model(input_ids=encoded["input_ids"], attention_mask=mask, task_ids=task_ids,
-                             domain_ids=domain_ids)
-        if self.meta["head"]["type"] == "task_labels":
-            logits = self.head(outputs.last_hidden_state, mask, task_ids)
-        else:
-            logits = self.head(outputs.last_hidden_state, mask)
+        with self._model_lock:
+            outputs = self.model(input_ids=encoded["input_ids"], attention_mask=mask, task_ids=task_ids,
+                                 domain_ids=domain_ids)
+            if self.meta["head"]["type"] == "task_labels":
+                logits = self.head(outputs.last_hidden_state, mask, task_ids)
+            else:
+                logits = self.head(outputs.last_hidden_state, mask)
         probs = logits.float().softmax(-1)
         rows = []
         for task, p in zip(task_ids.tolist(), probs):
@@ -275,6 +287,39 @@ class GenerationService(_TextService):
     KIND, GATE = CAUSAL_LM, ("val/loss", "min")
     text_column = "prompt"
 
+    def __init__(self, meta, model, tokenizer, head=None):
+        super().__init__(meta, model, tokenizer, head)
+        self._local = threading.local()  # whether this thread is in this service's generate
+        # every forward call of the base model (each decode step) of a generation takes the model's lock; the
+        # routing context is the calling thread's own (moa.layer.ContextSlot), set once by MoAModel.generate
+        self.model.model.register_forward_pre_hook(self._enter_step)
+        self.model.model.register_forward_hook(self._leave_step, always_call=True)
+
+    def _enter_step(self, module, args) -> None:
+        if getattr(self._local, "generating", False):
+            self._model_lock.acquire()
+            self._local.holding = True
+
+    def _leave_step(self, module, args, output) -> None:
+        if getattr(self._local, "holding", False):
+            self._local.holding = False
+            self._model_lock.release()
+
+    def _request(self, params: Mapping[str, Any] | None) -> tuple[dict[str, Any], Any]:
+        """The request's params without ``seed``, and the seed, both checked."""
+        params = dict(params or {})
+        seed = params.pop("seed", None)
+        unknown = sorted(set(params) - {"max_new_tokens", "temperature", "top_p"})
+        if unknown:
+            raise RequestError(f"unknown params {unknown}; this model takes max_new_tokens, temperature, top_p, seed")
+        if seed is not None and not (_is_number(seed) and float(seed) == int(seed)):
+            raise RequestError(f"seed must be an integer, got {seed!r}")
+        return params, seed
+
+    def generated_tokens(self, frame: pd.DataFrame, params: Mapping[str, Any] | None = None) -> int:
+        """The most new tokens the rows may generate in all: the sum of their ``max_new_tokens`` (checked)."""
+        return sum(self._settings(frame, self._request(params)[0])[0])
+
     def _settings(self, frame: pd.DataFrame, params: Mapping[str, Any]) -> tuple[list[int], Tensor, Tensor]:
         defaults = {"max_new_tokens": self.meta["max_new_tokens"], "temperature": 0.0, "top_p": 1.0, **params}
         columns = {}
@@ -294,14 +339,11 @@ class GenerationService(_TextService):
                 torch.tensor([float(p) for p in columns["top_p"]]))
 
     @torch.no_grad()
-    def predict_frame(self, frame: pd.DataFrame, params: Mapping[str, Any] | None = None) -> pd.DataFrame:
-        params = dict(params or {})
-        seed = params.pop("seed", None)
-        unknown = sorted(set(params) - {"max_new_tokens", "temperature", "top_p"})
-        if unknown:
-            raise RequestError(f"unknown params {unknown}; this model takes max_new_tokens, temperature, top_p, seed")
-        if seed is not None and not (_is_number(seed) and float(seed) == int(seed)):
-            raise RequestError(f"seed must be an integer, got {seed!r}")
+    def predict_frame(self, frame: pd.DataFrame, params: Mapping[str, Any] | None = None, *,
+                      check: Callable[[], None] | None = None) -> pd.DataFrame:
+        from transformers import StoppingCriteriaList
+
+        params, seed = self._request(params)
         prompts, task_ids, domain_ids = self._prompts(frame)
         budgets, temperatures, top_ps = self._settings(frame, params)
         ids = [x[-self.max_length:] for x in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
@@ -309,16 +351,23 @@ class GenerationService(_TextService):
         width = max(map(len, ids))
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-        sampling = bool((temperatures > 0).any())
         options = dict(max_new_tokens=max(budgets), eos_token_id=self.meta.get("eos_token_id"), pad_token_id=pad,
-                       do_sample=sampling, num_beams=1)
-        if sampling:  # per-row temperature and nucleus; the built-in warpers off
-            options.update(temperature=1.0, top_p=1.0, top_k=0, logits_processor=[RowSampling(temperatures, top_ps)])
-        with torch.random.fork_rng(devices=[]):
-            if seed is not None:
-                torch.manual_seed(int(seed))
+                       do_sample=False, num_beams=1)
+        if bool((temperatures > 0).any()):  # per-row temperature and nucleus, drawn with the request's own generator
+            generator = torch.Generator()  # (not torch's global one: other requests sample at the same time)
+            if seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(int(seed))
+            options["logits_processor"] = [RowSampling(temperatures, top_ps), _Draw(generator)]
+        if check is not None:
+            options["stopping_criteria"] = StoppingCriteriaList([_Check(check)])
+        self._local.generating = True
+        try:  # each decode step takes the model's lock (_enter_step); the routing is this thread's
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, task_ids=task_ids,
                                       domain_ids=domain_ids, **options)
+        finally:
+            self._local.generating = False
         eos = self.meta.get("eos_token_id")
         eos = {eos} if isinstance(eos, int) else set(eos or ())
         texts = []
@@ -329,9 +378,37 @@ class GenerationService(_TextService):
         return pd.DataFrame({"text": texts})
 
 
+class _Check:
+    """A ``generate`` stopping criterion that calls ``check()`` after every decode step (it raises to stop the
+    generation) and never stops it itself."""
+
+    def __init__(self, check: Callable[[], None]):
+        self.check = check
+
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs) -> Tensor:
+        self.check()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class _Draw:
+    """A ``generate`` logits processor that samples each row's token from softmax(scores) with ``generator`` (one
+    uniform number per row, through the cumulative distribution) and keeps only it, so greedy decoding takes it."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        cdf = scores.double().softmax(-1).cumsum(-1).cpu()
+        u = torch.rand(cdf.shape[0], 1, generator=self.generator, dtype=cdf.dtype) * cdf[:, -1:]
+        drawn = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).to(scores.device)
+        return torch.full_like(scores, -math.inf).scatter(-1, drawn, 0.0)
+
+
 class RowSampling:
     """A ``generate`` logits processor with each row's own temperature and top-p; temperature 0 rows keep only
     their argmax (greedy inside a sampling batch)."""
+
+    NUCLEUS_K = 256
 
     def __init__(self, temperatures: Tensor, top_ps: Tensor):
         self.temperatures, self.top_ps = temperatures, top_ps
@@ -342,11 +419,18 @@ class RowSampling:
         top_p = self.top_ps.to(scores.device).repeat_interleave(repeat)[:, None]
         greedy = temperature == 0
         scaled = scores / temperature.masked_fill(greedy, 1.0)
-        ordered, order = scaled.sort(dim=-1, descending=True)
-        mass_before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)
-        drop_sorted = mass_before >= top_p  # keep the smallest prefix whose mass reaches top_p (always the best)
-        drop_sorted |= greedy & (torch.arange(scores.shape[-1], device=scores.device) > 0)
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        drop = torch.zeros_like(scaled, dtype=torch.bool)
+        nucleus = ((top_p < 1) & ~greedy).flatten().nonzero().flatten()
+        if len(nucleus):  # only the rows with top_p < 1; sorted, the likeliest NUCLEUS_K first (a full sort of
+            probs = scaled[nucleus].softmax(-1)  # the vocabulary only when their mass is under top_p)
+            ordered, order = probs.topk(min(self.NUCLEUS_K, probs.shape[-1]), dim=-1)
+            if bool((ordered.sum(-1, keepdim=True) < top_p[nucleus]).any()):
+                ordered, order = probs.sort(dim=-1, descending=True)
+            # keep the smallest prefix whose mass reaches top_p (always the best): drop once the mass before >= top_p
+            keep_sorted = ordered.cumsum(-1) - ordered < top_p[nucleus]
+            drop[nucleus] = ~torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, keep_sorted)
+        best = torch.zeros_like(drop).scatter_(-1, scaled.argmax(-1, keepdim=True), True)
+        drop |= greedy & ~best
         return scaled.masked_fill(drop, -math.inf)
 
 

@@ -10,13 +10,13 @@ longest row). Two target kinds:
 * ``target="text"``: causal LM. ``input_ids`` = prompt + target + eos, ``labels`` = the same with -100 on the prompt
   and the padding, plus left-padded ``prompt_input_ids`` and the ``target_text`` for generation.
 
-Bad input (missing file or column, a task or label that training never saw, an unreadable file) raises one
-``ValueError`` naming the file, column and row (rows are counted from 0, header excluded).
+Bad input (missing file or column, a missing or empty text / target / task / domain value, a task or label that
+training never saw, an unreadable file, a bare carriage return inside a CSV/TSV field) raises one ``ValueError``
+naming the file, column and row (rows are counted from 0, header excluded).
 """
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import glob
 import math
 import re
@@ -29,6 +29,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from moa.experts.errors import UserError
 
 DEFAULT = "default"
 """The task (domain) name of every row when there is no task (domain) column."""
@@ -47,8 +49,31 @@ def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+def _empty(value) -> bool:
+    """An empty (or blank) text: what a CSV/TSV empty cell reads as."""
+    return isinstance(value, str) and not value.strip()
+
+
+def _check_carriage_returns(path: Path, sep: str) -> None:
+    """Refuse a bare ``\\r`` (not part of ``\\r\\n``) inside a CSV/TSV field, naming its row and column: pandas writes
+    it unquoted (a tweet's text), and readers then split the row there into shifted or empty rows."""
+    if not re.search(rb"\r(?!\n)", path.read_bytes()):
+        return
+    lines = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, lineterminator="\n")  # \r stays in cells
+    columns = [str(c) for c in lines.columns]
+    if columns:
+        columns[-1] = columns[-1].removesuffix("\r")  # a \r\n line end
+    for column, name in zip(lines.columns, columns):
+        cells = lines[column].str.removesuffix("\r") if column == lines.columns[-1] else lines[column]
+        bad = np.flatnonzero(cells.str.contains("\r", regex=False).to_numpy())
+        if len(bad):
+            raise UserError(f"{path} row {bad[0]}: a carriage return (\\r) inside column {name!r} splits the row; "
+                            "replace it (e.g. with a space)")
+
+
 def read_table(path: Path) -> pd.DataFrame:
-    """One file as a DataFrame (CSV/TSV cells stay strings); ``ValueError`` naming the file if it can't be read."""
+    """One file as a DataFrame (CSV/TSV cells stay strings); ``ValueError`` naming the file if it can't be read,
+    and its row and column for a bare ``\\r`` inside a CSV/TSV field."""
     ext = path.suffix.lower()
     if ext not in EXTENSIONS:
         raise UserError(f"{path}: unsupported file type {ext or '(none)'!r}; use one of {', '.join(EXTENSIONS)}")
@@ -58,10 +83,14 @@ def read_table(path: Path) -> pd.DataFrame:
         if ext == ".json":  # an array of records
             return pd.read_json(path, dtype=False)
         if ext in (".csv", ".tsv"):
-            return pd.read_csv(path, sep="," if ext == ".csv" else "\t", dtype=str, keep_default_na=False)
+            sep = "," if ext == ".csv" else "\t"
+            _check_carriage_returns(path, sep)
+            return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
         return pd.read_parquet(path)
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
+    except UserError:
+        raise
     except Exception as error:  # pandas / pyarrow raise many kinds
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"{path}: cannot read as {ext[1:]}: {first}") from error
@@ -304,10 +333,11 @@ class TextData(L.LightningDataModule):
                 continue
             values = frame[column].tolist()
             for i, value in enumerate(values):
-                if _missing(value):
+                if _missing(value) or _empty(value):  # a CSV/TSV empty cell reads as ""
                     option = {"text": self.text_column, "target": self.target_column, "task": self.task_column,
                               "domain": self.domain_column}[column]
-                    raise UserError(f"{frame['file'][i]} row {frame['file_row'][i]}: missing value in column {option!r}")
+                    what = "missing" if _missing(value) else "empty"
+                    raise UserError(f"{frame['file'][i]} row {frame['file_row'][i]}: {what} value in column {option!r}")
             frame[column] = [str(v) for v in values]
         return frame
 

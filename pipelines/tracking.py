@@ -20,24 +20,28 @@
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError, UserTypeError
 import io
 import os
+import pickle
+import random
+import re
 import tempfile
 import warnings
 from argparse import Namespace
+from collections.abc import MutableMapping
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+import numpy as np
 import torch
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
-from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from moa.experts.errors import UserError, UserTypeError
 import moa
 from moa import MoAModel
 
@@ -54,7 +58,12 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
 
 
 class MLflowLogger(MLFlowLogger):
-    """``MLFlowLogger`` on the embedded store by default (see :func:`resolve_tracking_uri`); same arguments otherwise."""
+    """``MLFlowLogger`` on the embedded store by default (see :func:`resolve_tracking_uri`); same arguments otherwise.
+
+    Choosing the run before it starts (:meth:`name_by_default`, :meth:`continue_run`, :meth:`stage_run`) sets
+    ``MLFlowLogger``'s private ``_run_name`` / ``_run_id`` / ``_initialized`` (no public way: lightning is pinned
+    below the next minor and ``tests/test_private_apis.py`` checks them).
+    """
 
     def __init__(
         self,
@@ -73,6 +82,8 @@ class MLflowLogger(MLFlowLogger):
             log_model=log_model, prefix=prefix, artifact_location=artifact_location, run_id=run_id,
             synchronous=synchronous,
         )
+        self.store_uri = resolve_tracking_uri(tracking_uri)
+        self.batch_kwargs = {} if synchronous is None else {"synchronous": synchronous}
 
     def name_by_default(self, name: str | None) -> None:
         """Name the run ``name`` unless it was given a name (or a run) already; only before the run exists."""
@@ -101,10 +112,11 @@ class MLflowLogger(MLFlowLogger):
 
     def stored_run(self, run_id: str):
         """The run ``run_id`` of this logger's store, or None (without starting this logger's run)."""
+        from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
         try:
-            return self._mlflow_client.get_run(run_id)
+            return MlflowClient(self.store_uri).get_run(run_id)
         except MlflowException:
             return None
 
@@ -114,7 +126,8 @@ class MLflowLogger(MLFlowLogger):
         immutable, so in a continued run (a resumed fit) only new params are logged; changed values are warned."""
         from mlflow.entities import Param
 
-        params = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in _flatten_dict(_convert_params(params)).items()}
+        params = vars(params) if isinstance(params, Namespace) else params or {}
+        params = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten_params(params).items()}
         existing = self.experiment.get_run(self.run_id).data.params
         changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
         if changed:
@@ -122,7 +135,27 @@ class MLflowLogger(MLFlowLogger):
                            + ", ".join(f"{k}={params[k]!r}" for k in changed))
         new = [Param(k, v) for k, v in params.items() if k not in existing]
         for i in range(0, len(new), 100):  # MLflow takes 100 params per batch
-            self.experiment.log_batch(run_id=self.run_id, params=new[i : i + 100], **self._log_batch_kwargs)
+            self.experiment.log_batch(run_id=self.run_id, params=new[i : i + 100], **self.batch_kwargs)
+
+
+def flatten_params(params: Mapping[Any, Any], parent: str = "") -> dict[str, Any]:
+    """Nested dicts (and namespaces, dataclasses, lists of dicts) as one level, keys joined with ``/``:
+    ``{"a": {"b": 1}, "l": [{"c": 2}]}`` -> ``{"a/b": 1, "l/0/c": 2}`` (Lightning's own flattening)."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{parent}/{key}" if parent else str(key)
+        if is_dataclass(value) and not isinstance(value, type):
+            value = asdict(value)
+        elif isinstance(value, Namespace):
+            value = vars(value)
+        if isinstance(value, MutableMapping):
+            out.update(flatten_params(value, name))
+        elif isinstance(value, list) and all(isinstance(item, MutableMapping) for item in value):
+            for i, item in enumerate(value):
+                out.update(flatten_params(item, f"{name}/{i}"))
+        else:
+            out[name] = value
+    return out
 
 
 def mlflow_logger(trainer: Trainer) -> MLFlowLogger | None:
@@ -445,29 +478,49 @@ class ResumeState(Callback):
 
 
 def rng_states() -> dict[str, Any]:
-    """The torch (CPU, CUDA), numpy and Python RNG states, in types ``torch.load(weights_only=True)`` reads
-    (LightningCLI reads checkpoints so): numpy's key array as a tensor."""
-    states = _collect_rng_states()
-    if "numpy" in states:
-        name, keys, *rest = states["numpy"]
-        states["numpy"] = (name, torch.from_numpy(keys.astype("int64")), *rest)
-    return states
+    """The torch (CPU, CUDA), numpy and Python RNG states (the keys Lightning uses), in types
+    ``torch.load(weights_only=True)`` reads: numpy's key array as a tensor."""
+    name, keys, *rest = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype("int64")), *rest),
+            "torch.cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
-    states = dict(states)
+    """Set the RNG states :func:`rng_states` returned (CUDA's only where it was recorded)."""
+    torch.set_rng_state(states["torch"])
+    if states.get("torch.cuda"):
+        torch.cuda.set_rng_state_all(states["torch.cuda"])
     if "numpy" in states:
         name, keys, *rest = states["numpy"]
-        states["numpy"] = (name, keys.numpy().astype("uint32"), *rest)
-    _set_rng_states(states)
+        np.random.set_state((name, keys.numpy().astype("uint32"), *rest))
+    version, state, gauss = states["python"]
+    random.setstate((version, tuple(state), gauss))
+
+
+def load_checkpoint(path: str | os.PathLike, **kwargs) -> dict[str, Any]:
+    """A checkpoint file read as data only (``torch.load(weights_only=True)``: tensors, numbers, strings and
+    containers, never a pickled object, whose loading could run code); a :class:`UserError` naming the problem
+    for a file that holds other objects or is no checkpoint."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if found:
+            raise UserError(f"the checkpoint {path} holds a pickled object ({found.group(1)}), which moa does not "
+                            "load: loading it could run code") from None
+        first = " ".join(str(error).split())[:200]
+        raise UserError(f"{path} is not a readable checkpoint: {first}") from None
 
 
 def checkpoint_run_id(ckpt_path: str | os.PathLike | None) -> str | None:
-    """The MLflow run id :class:`ResumeState` recorded in a checkpoint file (None without one)."""
+    """The MLflow run id :class:`ResumeState` recorded in a checkpoint file (None without one); read as data only
+    (:func:`load_checkpoint`: a checkpoint with a pickled object is refused before Lightning loads it)."""
     if ckpt_path is None or not Path(ckpt_path).is_file():
         return None
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-    return (checkpoint.get(RESUME_KEY) or {}).get("mlflow_run_id")
+    checkpoint = load_checkpoint(ckpt_path, mmap=True)
+    resume = checkpoint.get(RESUME_KEY) if isinstance(checkpoint, dict) else None
+    return resume.get("mlflow_run_id") if isinstance(resume, dict) else None
 
 
 class LogBundle(Callback):
@@ -543,7 +596,7 @@ class LogBundle(Callback):
         if self.ship == "best":
             logger.log_metrics({"best/epoch": float(self.epoch),
                                 **{f"best/{k}": v for k, v in self.metrics.items() if k.startswith("val/")}})
-        info = log_bundle(self.bundle, run_id=logger.run_id, tracking_uri=logger._tracking_uri)
+        info = log_bundle(self.bundle, run_id=logger.run_id, tracking_uri=logger.experiment.tracking_uri)
         self.model_uri = info.model_uri
         if self.register_as:
             self.promotion = register_and_gate(info.model_uri, self.register_as, value, metric_name=metric, mode=mode)
@@ -552,7 +605,7 @@ class LogBundle(Callback):
         path = self._monitor(trainer).best_model_path
         if not path:
             raise RuntimeError("LogBundle(ship='best'): the ModelCheckpoint saved no best checkpoint (no validation?)")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint(path)
         _, unexpected = pl_module.load_state_dict(checkpoint["state_dict"], strict=False)  # trainable part only
         if unexpected:
             raise RuntimeError(f"the best checkpoint {path} does not fit the module: unexpected {unexpected[:3]}")

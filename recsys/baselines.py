@@ -11,7 +11,6 @@ are fitted on a :class:`moa.recsys.data.LeaveOneOut` split (its training users o
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import functools
 import math
 from typing import Callable
@@ -23,6 +22,7 @@ from torch import nn
 from .data import PAD, LeaveOneOut, training_windows
 from .layers import SequenceEncoder, init_weights
 from .trainer import train
+from moa.experts.errors import UserError
 
 
 class Popularity:

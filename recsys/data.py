@@ -23,7 +23,6 @@ Split: :meth:`RecDataset.leave_one_out` gives a :class:`LeaveOneOut` with ``trai
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import ast
 import csv
 import gzip
@@ -39,6 +38,8 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
+
+from moa.experts.errors import UserError
 
 PAD = 0
 """Padding item index: histories are left-padded with it and it is masked out of every ranking."""

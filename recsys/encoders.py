@@ -20,7 +20,6 @@ The recommender that combines them is :class:`moa.recsys.recommender.TextSeqReco
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import copy
 import os
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moa.experts.errors import UserError
 import moa
 from moa import MoAConfig, MoALinear
 

@@ -23,7 +23,6 @@ Protocols (``evaluate(..., negatives=...)``):
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError, UserTypeError
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol, runtime_checkable
 
@@ -31,6 +30,7 @@ import torch
 
 from .data import PAD, Stage, left_pad
 from .metrics import ranking_metrics, target_ranks
+from moa.experts.errors import UserError, UserTypeError
 
 Scorer = Callable[[torch.Tensor, "str | None"], torch.Tensor]
 """``score(histories [B, L] left-padded with 0, domain) -> scores [B, n_items + 1]``, higher = better."""

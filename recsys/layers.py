@@ -8,10 +8,11 @@
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moa.experts.errors import UserError
 
 
 def look_back_mask(real: torch.Tensor) -> torch.Tensor:

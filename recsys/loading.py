@@ -8,13 +8,13 @@ above both the recommender and X-Cross (it imports them; neither imports it), so
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import os
 from typing import Callable
 
 from torch import nn
 
 from moa.atomic import read_safetensors
+from moa.experts.errors import UserError
 
 from .encoders import ItemEncoder, load_encoder
 from .persistence import included_encoder, open_saved

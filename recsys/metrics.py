@@ -13,10 +13,11 @@ worst rank instead of a perfect one. RecBole takes ``torch.topk``, whose order a
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 from typing import Iterable
 
 import torch
+
+from moa.experts.errors import UserError
 
 METRICS = ("HR", "NDCG", "MRR")
 

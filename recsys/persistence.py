@@ -13,7 +13,6 @@ This module knows the file format, not the model classes (the recommender import
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import json
 import os
 from dataclasses import asdict
@@ -24,6 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from moa.atomic import atomic_folder, read_json, readable, verify
+from moa.experts.errors import UserError
 
 from .encoders import is_minilm, plain_copy
 

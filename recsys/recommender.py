@@ -17,7 +17,6 @@ item encoder.
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Sequence
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 from . import persistence, trainer
 from .data import PAD, left_pad
 from .encoders import ItemEncoder, UserEncoder, load_encoder, plain_copy, tokenize_items
+from moa.experts.errors import UserError
 
 
 @dataclass

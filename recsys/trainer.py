@@ -15,7 +15,6 @@ The functions only use the models' public surface; this module imports no model 
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import math
 import time
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .data import PAD, LeaveOneOut, training_windows
 from .evaluate import evaluate
+from moa.experts.errors import UserError
 
 if TYPE_CHECKING:  # annotations only (the recommender imports this module)
     from .recommender import TextSeqRecommender

@@ -28,7 +28,6 @@ frozen layers. A saved X-Cross recommender is read back by :func:`moa.recsys.loa
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import math
 from typing import Any, Sequence
 
@@ -37,6 +36,7 @@ from torch import Tensor, nn
 
 from .encoders import ItemEncoder, mean_pool, plain_copy
 from .recommender import TextSeqRecommender, replace_config
+from moa.experts.errors import UserError
 
 
 class XCrossIntegrator(nn.Module):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -10,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from moa.experts import ExpertPlan, PoolSpec, build_pool
+from moa.experts.errors import UserError
 
 CONTEXT_KEYS = ("task_ids", "domain_ids", "expert_ids", "expert_weights")
 

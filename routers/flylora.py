@@ -26,7 +26,6 @@ Differences from the official code (gfyddha/FlyLoRA, PEFT path), on purpose:
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import hashlib
 from typing import Sequence
 
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moa.experts import LoRAPool, PoolSpec
+from moa.experts.errors import UserError
 
 from .base import Router, Routing, RoutingContext, register_router
 

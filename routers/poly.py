@@ -28,7 +28,6 @@ sqrt(5)) / sqrt(d_in)``, full d_in even with heads), B = 0, Z ~ U(+-1e-3). HF PE
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError, UserTypeError
 import dataclasses
 import math
 
@@ -36,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from moa.experts import ExpertPlan, LoRAPool, PoolSpec, build_pool, keep_reference
+from moa.experts.errors import UserError, UserTypeError
 
 from .base import Router, Routing, RoutingContext, register_router
 

@@ -24,13 +24,13 @@ Granularity (the paper's notes say the router sees "each layer input" and are si
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import math
 
 import torch
 from torch import Tensor, nn
 
 from moa.experts import PoolSpec, build_pool
+from moa.experts.errors import UserError
 
 from .base import Router, Routing, RoutingContext, register_router
 

@@ -9,11 +9,11 @@ sort-by-expert plan is built once per forward call and shared by every layer.
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError, UserTypeError
 import torch
 from torch import Tensor, nn
 
 from moa.experts import ExpertPlan
+from moa.experts.errors import UserError, UserTypeError
 
 from .base import Router, Routing, RoutingContext, register_router
 

@@ -12,11 +12,11 @@ expert per token). The sort-by-expert plan is built once per forward call and sh
 
 from __future__ import annotations
 
-from moa.experts.errors import UserError
 import torch
 from torch import Tensor, nn
 
 from moa.experts import ExpertPlan
+from moa.experts.errors import UserError
 
 from .base import Router, Routing, RoutingContext, register_router
 

@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,3 +226,70 @@ def test_other_files_in_a_model_folder_are_kept(tmp_path):
     (folder / "tokenizer.json").write_text("{}")
     save_moa(folder, 1)
     assert (folder / "tokenizer.json").read_text() == "{}" and check_moa(folder) == 1
+
+
+class _RecordingOs:
+    """``os`` for moa.atomic, recording the calls that make a save durable: ("fsync", path, size at the call),
+    ("rename", src, dst), ("link", dst). Everything else is the real ``os``."""
+
+    def __init__(self):
+        self.events, self._paths = [], {}
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def open(self, path, flags, *args, **kwargs):
+        fd = os.open(path, flags, *args, **kwargs)
+        self._paths[fd] = Path(path)
+        return fd
+
+    def fsync(self, fd):
+        self.events.append(("fsync", self._paths[fd], os.fstat(fd).st_size))
+        os.fsync(fd)
+
+    fdatasync = fsync
+
+    def rename(self, src, dst):
+        self.events.append(("rename", Path(src), Path(dst)))
+        os.rename(src, dst)
+
+    replace = rename
+
+    def link(self, src, dst, **kwargs):
+        self.events.append(("link", Path(dst)))
+        os.link(src, dst, **kwargs)
+
+
+def test_atomic_folder_fsyncs_each_file_before_the_swap_and_the_parent_after(tmp_path, monkeypatch):
+    """SIGKILL keeps the page cache, so the kill tests cannot see a missing fsync (a power cut would): the calls are
+    recorded instead. Every file of the new folder (written by the save, the manifest, one carried over from the old
+    folder) is fsynced at its final size before the rename that swaps the folder in, every folder after its last
+    entry arrived and before that rename, and the parent folder after it."""
+    import moa.atomic as atomic
+
+    target = tmp_path / "ckpt"
+    with atomic.atomic_folder(target) as tmp:  # the old version
+        (tmp / "weights.bin").write_bytes(b"old")
+    (target / "extra" / "tokenizer.json").parent.mkdir()
+    (target / "extra" / "tokenizer.json").write_text("{}")  # another tool's file, kept by the next save
+    recorder = _RecordingOs()
+    monkeypatch.setattr(atomic, "os", recorder)
+    with atomic.atomic_folder(target, keep_others=True) as tmp:
+        (tmp / "weights.bin").write_bytes(os.urandom(200_000))
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "part.json").write_text('{"a": 1}')
+    events = recorder.events
+
+    swap = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == target)
+    tmp = events[swap][1]
+    files = {p.relative_to(target) for p in target.rglob("*") if p.is_file()}
+    assert files == {Path("weights.bin"), Path("sub/part.json"), Path(MANIFEST), Path("extra/tokenizer.json")}
+    for rel in files:
+        size = (target / rel).stat().st_size
+        assert ("fsync", tmp / rel, size) in events[:swap], f"{rel} was not fsynced at its final size before the swap"
+    for folder in {Path(".")} | {p.relative_to(target) for p in target.rglob("*") if p.is_dir()}:
+        synced = [i for i, e in enumerate(events[:swap]) if e[:2] == ("fsync", tmp / folder)]
+        last_entry = max((i for i, e in enumerate(events) if e[0] == "link" and e[1].parent == tmp / folder),
+                         default=-1)
+        assert synced and synced[-1] > last_entry, f"folder {folder} not fsynced after its last entry, before the swap"
+    assert any(e[:2] == ("fsync", tmp_path) for e in events[swap + 1:]), "the parent was not fsynced after the swap"

@@ -6,6 +6,7 @@ MiniLM's tokenizer, independently of :class:`moa.pipelines.text_data.TextData` (
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,12 +119,49 @@ def test_loss_is_cross_entropy_over_target_tokens_only(tok, one_thread):
     assert abs(module._loss(other)[0].item() - loss.item()) > 1e-3
 
 
+def greedy_texts(model, tokenizer, batch, max_new_tokens):
+    """Greedy generation from the batch's left-padded prompts, routed by its task ids, cut at eos, decoded."""
+    prompts = batch["prompt_input_ids"]
+    out = model.generate(input_ids=prompts, attention_mask=batch["prompt_attention_mask"], task_ids=batch["task_ids"],
+                         domain_ids=batch["domain_ids"], max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=EOS, pad_token_id=PAD)
+    texts = []
+    for ids in out[:, prompts.shape[1]:].tolist():
+        ids = ids[: ids.index(EOS)] if EOS in ids else ids
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return texts
+
+
+def words(text):
+    """ROUGE's tokens: lowercased runs of letters and digits."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def lcs_f_measure(prediction, reference):
+    """ROUGE-L F-measure by the longest-common-subsequence table."""
+    a, b = words(prediction), words(reference)
+    table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            table[i + 1][j + 1] = table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
+    lcs = table[-1][-1]
+    return 0.0 if lcs == 0 else 2 * (lcs / len(a)) * (lcs / len(b)) / (lcs / len(a) + lcs / len(b))
+
+
 def test_per_task_perplexity_is_exp_of_the_token_weighted_loss(tok, one_thread):
-    triples = [("red", "cat", 0), ("green light", "a very long answer here", 1), ("blue", "bird", 0),
-               ("black", "milk and bread", 1), ("one two three", "fish", 0)]
-    data = ToyText(tok, triples, batch_size=2)  # batches mix the tasks
     module = MoACausalLM(router="static", n_experts=2, top_k=1, router_options={"key": "task_ids"})
     randomize_experts(module.model)
+    module.eval()
+    prompts = [("red", 0), ("green light", 1), ("blue", 0), ("black", 1), ("one two three", 0)]
+    # the greedy generations first (they depend on the prompts only), then targets that some of them match
+    drafts = ToyText(tok, [(p, "x", t) for p, t in prompts], batch_size=2)
+    with torch.no_grad():
+        generated = [text for batch in drafts.batches
+                     for text in greedy_texts(module.model, tok, batch, drafts.target_max_length)]
+    targets = [generated[0], "a very long answer here", " ".join(words(generated[2])[:1] + ["bird"]), generated[3],
+               generated[4]]
+    triples = [(p, target, t) for (p, t), target in zip(prompts, targets)]
+    data = ToyText(tok, triples, batch_size=2)  # batches mix the tasks
     metrics = trainer().validate(module, datamodule=data, verbose=False)[0]
     sums, counts = torch.zeros(2, dtype=torch.float64), torch.zeros(2)
     module.eval()
@@ -140,9 +178,17 @@ def test_per_task_perplexity_is_exp_of_the_token_weighted_loss(tok, one_thread):
         assert metrics[f"val/{name}/perplexity"] == pytest.approx(float(torch.exp(sums[t] / counts[t])), rel=1e-5)
     assert metrics["val/loss"] == pytest.approx(float(sums.sum() / counts.sum()), rel=1e-5)
     assert metrics["val/perplexity"] == pytest.approx(float(torch.exp(sums.sum() / counts.sum())), rel=1e-5)
-    # validate outside fit also generates: metrics per task and overall, in [0, 1]
-    for name in ("exact_match", "rougeL"):
-        assert 0 <= metrics[f"val/{name}"] <= 1 and all(f"val/{t}/{name}" in metrics for t in TASKS)
+    # validate outside fit also generates: exact match (against the reference as the tokenizer round-trips it) and
+    # ROUGE-L of those generations, per task and overall
+    references = [tok.decode(tok(target, add_special_tokens=False)["input_ids"]).strip() for target in targets]
+    exact = [float(g == r) for g, r in zip(generated, references)]
+    rouge = [lcs_f_measure(g, r) for g, r in zip(generated, references)]
+    assert 0 < sum(exact) < len(exact) and len(set(rouge)) > 2  # the data tells right from wrong
+    for name, values in (("exact_match", exact), ("rougeL", rouge)):
+        assert metrics[f"val/{name}"] == pytest.approx(sum(values) / len(values), abs=1e-6)
+        for t, task in enumerate(TASKS):
+            mine = [v for v, (_, task_id) in zip(values, prompts) if task_id == t]
+            assert metrics[f"val/{task}/{name}"] == pytest.approx(sum(mine) / len(mine), abs=1e-6), (task, name)
 
 
 def test_rouge_l_is_the_lcs_f_measure():
@@ -248,7 +294,7 @@ def test_preset_saves_and_reloads_from_its_folder(name, tok, tmp_path, one_threa
     assert module.model.model.config.model_type == loaded.config.model_type and module.model.moa_layers()
 
 
-def test_text_data_fit_then_moa_predict_writes_one_generation_per_row(tmp_path, monkeypatch, one_thread):
+def test_text_data_fit_then_moa_predict_writes_one_generation_per_row(tok, tmp_path, monkeypatch, one_thread):
     from moa.pipelines.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -274,6 +320,23 @@ def test_text_data_fit_then_moa_predict_writes_one_generation_per_row(tmp_path, 
     import pandas as pd
 
     frame = pd.read_parquet(output).sort_values("row")
-    assert list(frame["row"]) == list(range(len(TOY))) and frame["generation"].map(type).eq(str).all()
-    assert sorted(frame["task"]) == sorted(TASKS[t] for _, _, t in TOY)
+    assert list(frame["row"]) == list(range(len(TOY)))
+    assert list(frame["task"]) == [TASKS[t] for _, _, t in TOY]
     assert set(frame.columns) >= {"row", "task", "prompt", "generation"}
+    # each row's generation is the checkpoint's own greedy continuation of that row's prompt, alone
+    import yaml
+
+    data_args = yaml.safe_load(Path(config).read_text())["data"]["init_args"]
+    module = MoACausalLM.load_from_checkpoint(str(last), map_location="cpu").eval()
+    expected = []
+    for prompt, _, task in TOY:
+        ids = torch.tensor([tok(data_args["prompt_template"].format(text=prompt, task=TASKS[task]),
+                                add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            out = module.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), task_ids=torch.tensor([task]),
+                                        domain_ids=torch.zeros(1, dtype=torch.long), do_sample=False,
+                                        max_new_tokens=data_args["target_max_length"], eos_token_id=EOS,
+                                        pad_token_id=PAD)
+        new = out[0, ids.shape[1]:].tolist()
+        expected.append(tok.decode(new[: new.index(EOS)] if EOS in new else new, skip_special_tokens=True).strip())
+    assert list(frame["generation"]) == expected and any(expected)

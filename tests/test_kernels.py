@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from moa.experts import IMPLS, ExpertPlan, LoRAPool, choose_impl, grouped_lora
+from moa.experts.errors import UserError
 from moa.experts.kernels import cpp as cpp_mod
 from moa.experts.kernels import grouped as grouped_mod
 
@@ -16,16 +17,18 @@ NOT_INSTALLED = {
 }
 
 
-def skip_unavailable(name):
-    if name not in IMPLS:
+def skip_unavailable(name, require_cpp):
+    """Skip an impl that is not installed; ``cpp``: conftest's ``require_cpp`` (a failed build fails the test unless
+    ``MOA_ALLOW_NO_CPP=1``)."""
+    if name == "cpp":
+        require_cpp()
+    elif name not in IMPLS:
         pytest.skip(NOT_INSTALLED[name])
-    if name == "cpp" and not cpp_mod.available():
-        pytest.skip(f"the C++ kernel did not build: {cpp_mod.BUILD_ERROR}")
 
 
 @pytest.fixture(params=IMPL_NAMES)
-def impl(request):
-    skip_unavailable(request.param)
+def impl(request, require_cpp):
+    skip_unavailable(request.param, require_cpp)
     return request.param
 
 
@@ -278,8 +281,8 @@ def test_gradcheck_three_d_and_empty(impl):
 
 
 @pytest.fixture
-def cpp():
-    skip_unavailable("cpp")
+def cpp(require_cpp):
+    require_cpp()
 
 
 # sizes that exercise the vector chunks, the single-vector loop and the scalar tail of every kernel loop (fp64:
@@ -356,6 +359,61 @@ def test_cpp_falls_back_to_grouped_when_the_build_failed(monkeypatch):
     out = grouped_lora(x, A, B, ids, w, 1.0, impl="cpp")
     torch.testing.assert_close(out.double(), reference(x, A, B, ids, w, 1.0), rtol=1e-5, atol=1e-4)
     assert choose_impl(2048, 64, 16, 2) == "grouped" and choose_impl(2048, 8, 8, 2) == "dense"
+
+
+def test_a_failed_cpp_build_fails_the_kernel_tests_unless_opted_out(monkeypatch, tmp_path, require_cpp):
+    """A real failed build (a source that does not compile, built into an empty extension cache): the library falls
+    back (load() is None, BUILD_ERROR says why), and the tests' gate turns that into a failure, not a skip, unless
+    MOA_ALLOW_NO_CPP is set."""
+    broken = tmp_path / "lora_cpu.cpp"
+    broken.write_text('extern "C" int moa_lora_vector_bytes() { return not_declared; }\n')
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))  # the real cache stays untouched
+    for name, value in (("SOURCE", broken), ("ENABLED", True), ("_tried", False), ("_lib", None),
+                        ("BUILD_ERROR", None), ("BUILD_SECONDS", None)):
+        monkeypatch.setattr(cpp_mod, name, value)
+    assert cpp_mod.load() is None and "not_declared" in str(cpp_mod.BUILD_ERROR)
+
+    def outcome():  # what pytest would report for a test gated on the kernel (a skip must not escape this test)
+        try:
+            require_cpp()
+        except pytest.skip.Exception as skip:
+            return "skipped", str(skip)
+        except pytest.fail.Exception as failure:
+            return "failed", str(failure)
+        return "passed", ""
+
+    for opt_out in (None, "", "0"):
+        if opt_out is None:
+            monkeypatch.delenv("MOA_ALLOW_NO_CPP", raising=False)
+        else:
+            monkeypatch.setenv("MOA_ALLOW_NO_CPP", opt_out)
+        status, message = outcome()
+        assert status == "failed" and "set MOA_ALLOW_NO_CPP=1" in message and "not_declared" in message
+    monkeypatch.setenv("MOA_ALLOW_NO_CPP", "1")
+    assert outcome()[0] == "skipped"
+    monkeypatch.setattr(cpp_mod, "ENABLED", False)  # MOA_NO_CPP=1: turned off on purpose, a skip either way
+    monkeypatch.delenv("MOA_ALLOW_NO_CPP")
+    assert outcome() == ("skipped", "the C++ kernel is disabled (MOA_NO_CPP=1)")
+
+
+@pytest.mark.parametrize("bad", ["-1", "E"])
+def test_cpp_rejects_out_of_range_expert_ids(cpp, bad):
+    """Plans built without validation (the router's top-k) reach the kernel unchecked: an id outside [0, E) is an
+    error naming the id and the pool size, raised before any row is read by id or written (y0 of an in-place expand
+    keeps its values). The backward reuses the forward's checked schedule."""
+    E = 5
+    x, A, B, ids, w = make(12, 16, 10, E, 4, 2, dtype=torch.float64)
+    bad_id = -1 if bad == "-1" else E
+    ids[7, 1] = bad_id
+    plan = ExpertPlan(ids, E, validate=False)
+    pattern = rf"expert id {bad_id} \(token 7, slot 1\) is out of range for a pool of {E} experts"
+    with pytest.raises(UserError, match=pattern):
+        grouped_lora(x.requires_grad_(), A, B, plan, w, 0.5, impl="cpp")
+    y0 = torch.randn(12, 10, dtype=torch.float64)
+    before = y0.clone()
+    with pytest.raises(UserError, match=pattern):
+        cpp_mod.cpp_expand(y0, x, A, B, plan, w, inplace=True)
+    assert torch.equal(y0, before)
 
 
 def test_no_cpp_env_var_disables_the_kernel():

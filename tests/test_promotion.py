@@ -1,11 +1,9 @@
-"""The promotion gate on a real sqlite store: concurrent registrations from two processes, bad metrics refused
+"""The promotion gate on a real sqlite store: concurrent registrations (their losing interleaving forced), exact
+comparison of close values, bad metrics refused
 before anything is logged, and the comparison with the current champion (not the previous version)."""
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import mlflow
 import pytest
@@ -63,41 +61,81 @@ def test_gate_compares_with_the_champion_not_the_previous_version(store):
     assert champion("order") == ("1", "0.5")
 
 
-WORKER = textwrap.dedent("""
-    import sys
-    from moa.pipelines.registry import register_and_gate
-    print("ready", flush=True)
-    for line in sys.stdin:
-        name, metric = line.split()
-        print(register_and_gate(sys.argv[1], name, float(metric)).version, flush=True)
-""")
+def test_concurrent_registrations_leave_the_better_version_as_champion(store, monkeypatch):
+    """The losing interleaving, forced: the worse registration reads the champion (none yet) and is held just
+    before it moves the alias until the better one has finished, or is blocked on the promotion lock. Unlocked,
+    the better one then also reads no champion, takes the alias, and the worse one overwrites it: wrong every
+    time. With the lock, the better one waits, reads the worse one as champion and beats it."""
+    import fcntl
+    import threading
+    import types
+
+    from moa.pipelines import registry
+
+    worse_at_write, better_blocked = threading.Event(), threading.Event()
+    release_worse = threading.Event()  # the better registration finished or waits for the lock
+    real_set_alias = registry._set_alias
+
+    def set_alias(client, name, alias, version):
+        if threading.current_thread().name == "worse":
+            worse_at_write.set()
+            assert release_worse.wait(120), "the better registration neither finished nor waited for the lock"
+        real_set_alias(client, name, alias, version)
+
+    def flock(fd, operation):  # the real flock, noting when the better registration has to wait for it
+        if operation == fcntl.LOCK_EX and threading.current_thread().name == "better":
+            try:
+                return fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                better_blocked.set()
+                release_worse.set()
+        return fcntl.flock(fd, operation)
+
+    monkeypatch.setattr(registry, "_set_alias", set_alias)
+    monkeypatch.setattr(registry, "fcntl", types.SimpleNamespace(**{k: getattr(fcntl, k) for k in dir(fcntl)
+                                                                     if k.startswith("LOCK_")}, flock=flock))
+    results, errors = {}, []
+
+    def register(metric):
+        try:
+            results[threading.current_thread().name] = register_and_gate(store["model_uri"], "race", metric)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+        finally:
+            if threading.current_thread().name == "better":
+                release_worse.set()
+
+    worse = threading.Thread(target=register, args=(0.3,), name="worse")
+    better = threading.Thread(target=register, args=(0.6,), name="better")
+    worse.start()
+    assert worse_at_write.wait(120), f"the worse registration never reached its alias write: {errors}"
+    better.start()
+    for thread in (worse, better):
+        thread.join(120)
+    assert not errors and not worse.is_alive() and not better.is_alive(), errors
+    assert champion("race") == (results["better"].version, "0.6"), "the worse version ended as champion"
+    assert better_blocked.is_set()  # the two gates did overlap, and the lock ordered them
+    assert results["better"].promoted and results["better"].champion_version == results["worse"].version
 
 
-def test_concurrent_registrations_leave_the_better_version_as_champion(store):
-    """Two processes register into the same model at the same moment (released together through their stdin),
-    round after round; the better one must hold the alias every time. The unlocked read-then-set of the old gate
-    lost 2 of 16 rounds here (sqlite serializes the writes, narrowing the window), so 60 rounds."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"]}
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER, store["model_uri"]], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True, env=env, cwd=store["root"]) for _ in range(2)]
-    try:
-        assert [w.stdout.readline().strip() for w in workers] == ["ready", "ready"]
-        rounds, wrong = 60, []
-        for r in range(rounds):
-            metrics = (0.3, 0.6) if r % 2 else (0.6, 0.3)  # which process has the better version alternates
-            for worker, metric in zip(workers, metrics):
-                worker.stdin.write(f"race-{r} {metric}\n")
-                worker.stdin.flush()
-            versions = [w.stdout.readline().strip() for w in workers]
-            assert all(versions), f"a worker died in round {r}"
-            best = versions[metrics.index(0.6)]
-            if champion(f"race-{r}") != (best, "0.6"):
-                wrong.append(r)
-        assert wrong == [], f"{len(wrong)} of {rounds} rounds left the worse version as champion: {wrong}"
-    finally:
-        for worker in workers:
-            worker.stdin.close()
-            worker.wait(timeout=60)
+def test_close_values_are_compared_exactly_and_older_rounded_tags_still_read(store):
+    """0.1234562 is worse than the champion's 0.12345649 (a 6-digit tag, 0.123456, let it win); the tag holds
+    the exact value. A champion tagged by older moa with the 6-digit string is compared with that value."""
+    uri, name = store["model_uri"], "close"
+    first = register_and_gate(uri, name, 0.12345649)
+    assert float(champion(name)[1]) == 0.12345649
+    worse = register_and_gate(uri, name, 0.1234562)
+    assert not worse.promoted and worse.reason == "val/ndcg_10 0.1234562 <= champion v1's 0.12345649 (max)"
+    assert champion(name) == (first.version, repr(0.12345649))
+    low = register_and_gate(uri, "close-min", 0.12345649, metric_name="val/loss", mode="min")
+    assert not register_and_gate(uri, "close-min", 0.1234565, metric_name="val/loss", mode="min").promoted
+    assert champion("close-min") == (low.version, repr(0.12345649))
+
+    MlflowClient().set_model_version_tag(name, first.version, "gate_value", f"{0.12345649:.6g}")  # older moa's tag
+    assert not register_and_gate(uri, name, 0.1234559).promoted  # below 0.123456
+    legacy_beaten = register_and_gate(uri, name, 0.1234562)  # above the tag's 0.123456
+    assert legacy_beaten.promoted and "champion v1's 0.123456 (max)" in legacy_beaten.reason
+    assert champion(name) == (legacy_beaten.version, repr(0.1234562))
 
 
 BAD = [("nan", float("nan")), ("inf", float("inf")), ("-inf", float("-inf")), ("none", None),

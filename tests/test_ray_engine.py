@@ -66,21 +66,49 @@ def cluster(registered):
     ray.shutdown()
 
 
-def test_ray_data_batch_scores_like_the_module_in_order(registered, cluster):
+def test_ray_data_batch_scores_like_the_module_with_each_answer_on_its_row(registered, cluster):
+    """3000 rows in blocks of 20, two actors working at once: each answer is on its own input row (the row's id
+    and text are still beside it, the label is the trained module's for that text); Ray's process-wide
+    DataContext is left as it was (the order option belongs to the engine's dataset only)."""
+    import numpy as np
+    import ray
+
     from moa.pipelines.ray_engine import score_rows_on_ray
 
-    frame = pd.DataFrame({"row": range(len(registered["texts"])), "text": registered["texts"], "task": registered["tasks"]})
-    answers = score_rows_on_ray("models:/clf@champion", frame, workers=2, batch_size=5, tracking_uri=registered["uri"])
-    assert list(answers["row"]) == list(range(len(registered["texts"])))  # order kept across blocks and actors
-    assert list(answers["label"]) == registered["expected"]
+    context = ray.data.DataContext.get_current()
+    settings = lambda: repr(context) + repr(vars(context.execution_options))  # noqa: E731
+    before = settings()
+    assert not context.execution_options.preserve_order  # Ray's default: the check below can see a change
+    n, texts, expected = 3000, registered["texts"], registered["expected"]
+    which = np.random.default_rng(0).integers(0, len(texts), n)
+    frame = pd.DataFrame({"id": range(n), "text": [texts[i] for i in which],
+                          "task": [registered["tasks"][i] for i in which]})
+    answers = score_rows_on_ray("models:/clf@champion", frame, workers=2, batch_size=20,
+                                tracking_uri=registered["uri"])
+    assert list(answers["id"]) == list(range(n)) and list(answers["text"]) == list(frame["text"])
+    assert list(answers["label"]) == [expected[i] for i in which]
     assert all(len(p) == len(labels) for p, labels in zip(answers["probabilities"], answers["labels"]))
+    assert ray.data.DataContext.get_current() is context and settings() == before
+
+
+def test_a_refused_row_is_named_by_its_row_in_the_input_not_in_its_ray_batch(registered, cluster):
+    from moa.experts.errors import UserError
+    from moa.pipelines.ray_engine import score_rows_on_ray
+
+    n = 1000
+    frame = pd.DataFrame({"text": [registered["texts"][i % 24] for i in range(n)],
+                          "task": [registered["tasks"][i % 24] for i in range(n)]})
+    frame.loc[700, "task"] = "nope"  # in the 8th Ray batch of 100
+    with pytest.raises(UserError, match=r"^row 700: unknown task 'nope'") as info:
+        score_rows_on_ray("models:/clf@champion", frame, workers=1, batch_size=100, tracking_uri=registered["uri"])
+    assert "\n" not in str(info.value) and "Traceback" not in str(info.value)
 
 
 def test_ray_serve_replicas_answer_like_the_module(registered, cluster):
     from moa.pipelines.ray_engine import serve_on_ray
     from moa.pipelines.serving import free_port, post
 
-    port = free_port()
+    port = free_port()  # last in the module: its replicas hold the cluster's CPUs until serve.shutdown()
     serve_on_ray("models:/clf@champion", replicas=2, port=port, tracking_uri=registered["uri"], blocking=False)
     url = f"http://127.0.0.1:{port}"
     rows = [{"text": x, "task": t} for x, t in zip(registered["texts"], registered["tasks"])]

@@ -10,6 +10,7 @@ import http.client
 import json
 import math
 import os
+import threading
 import time
 import urllib.request
 
@@ -19,7 +20,7 @@ import torch
 
 from moa.pipelines.recommendation import tiny_encoder
 from moa.pipelines.registry import register_bundle
-from moa.pipelines.server import Limits
+from moa.pipelines.server import Limits, create_app, serve_in_thread
 from moa.pipelines.service import item_table, write_bundle
 from moa.pipelines.serving import ModelServer, post, request_body
 from moa.recsys.data import left_pad, ml100k
@@ -27,8 +28,8 @@ from moa.recsys.loading import load_recommender
 from moa.recsys.recommender import RecommenderConfig, TextSeqRecommender
 
 DOMAINS = ["comedy", "children"]  # children has 131 items: small enough to ask for more than the unseen ones
-# The timeout test sends max_rows rows: about 5x the work this machine scores in the 2 s limit when idle.
 LIMITS = Limits(max_body_bytes=8_000_000, max_rows=50_000, timeout=2.0)
+BOUND = 60  # seconds: the most a wait of the timeout test lasts (a safety bound, never reached when all is well)
 
 
 @pytest.fixture(scope="module")
@@ -173,19 +174,57 @@ def test_oversize_body_and_too_many_rows_get_413(served):
     assert_good(served, [ids_of(served["items"], "comedy", 3)], ["comedy"], 3)
 
 
+class HeldService:
+    """The registered recommender's service with its calls (chunks) counted and the second held until
+    ``release`` is set: the deadline always passes mid-request, whatever the speed of the machine."""
+
+    def __init__(self, service):
+        self.inner, self.chunks, self.reached, self.release = service, [], threading.Event(), threading.Event()
+        self.service = self  # what the server looks at in a loaded pyfunc: .unwrap_python_model().service
+
+    def predict(self, frame, params):
+        self.chunks.append(len(frame))
+        if len(self.chunks) == 2:
+            self.reached.set()
+            self.release.wait(BOUND)
+        return self.inner.predict(frame, params)
+
+    def unwrap_python_model(self):
+        return self
+
+
 def test_timed_out_work_is_stopped_and_the_server_stays_responsive(served):
-    """50 000 rows (allowed) take longer than the 2 s limit: 503, the worker stops at a chunk boundary (counted
-    in /health by the worker itself), and the next request is answered in time."""
-    stopped = health(served)["stopped_at_chunk"]
+    """50 rows in chunks of 10, the second chunk held past the 1 s deadline (the registered model, served in this
+    process over real HTTP): 503 at the deadline, the work stops at the next chunk boundary (counted in /health
+    by the worker itself; 2 of 5 chunks scored), and the next request is answered."""
+    import mlflow
+
+    mlflow.set_tracking_uri(served["uri"])
+    held = HeldService(mlflow.pyfunc.load_model("models:/rec@champion").unwrap_python_model().service)
+    limits = Limits(timeout=1.0, chunk_rows=10)
     history = ids_of(served["items"], "comedy", 20)
-    started = time.monotonic()
-    status, reply = invoke(served, request_body([history] * LIMITS.max_rows, ["comedy"] * LIMITS.max_rows, 10))
-    assert status == 503 and reply["error_code"] == "TIMEOUT", reply
-    assert time.monotonic() - started < LIMITS.timeout + 5
-    deadline = time.monotonic() + 30
-    while not (health(served)["stopped_at_chunk"] > stopped and health(served)["scoring"] == 0):
-        assert time.monotonic() < deadline, f"the timed-out work did not stop: {health(served)}"
-    assert_good(served, [history[:5]], ["comedy"], 3)
+    with serve_in_thread(create_app(held, limits)) as url:
+        answer = {}
+        started = time.monotonic()
+        thread = threading.Thread(target=lambda: answer.update(
+            long=post(f"{url}/invocations", request_body([history] * 50, ["comedy"] * 50, 10), timeout=BOUND)))
+        thread.start()
+        try:
+            assert held.reached.wait(BOUND), answer
+            thread.join(BOUND)  # the held chunk outlasts the deadline
+            status, reply = answer["long"]
+            assert status == 503 and reply["error_code"] == "TIMEOUT" and "send fewer rows" in reply["message"], reply
+            assert limits.timeout <= time.monotonic() - started < limits.timeout + 5
+        finally:
+            held.release.set()
+            thread.join(BOUND)
+        give_up = time.monotonic() + BOUND
+        while (now := json.loads(urllib.request.urlopen(f"{url}/health", timeout=BOUND).read()))["scoring"] \
+                or not now["stopped"]:
+            assert time.monotonic() < give_up, f"the timed-out work did not stop: {now}"
+        assert held.chunks == [10, 10] and now["timed_out"] == 1  # stopped before its third chunk
+        status, reply = post(f"{url}/invocations", request_body([history[:5]], ["comedy"], 3))
+        assert status == 200 and reply["predictions"][0]["items"] == expected_top(served, history[:5], "comedy", 3)[0]
 
 
 def test_docs_are_off(served):
@@ -213,3 +252,79 @@ def test_batch_command_scores_every_user_to_parquet(served, tmp_path, capsys):
                                  "item_id"].astype(int))
     assert not seen & set(int(i) for i in row["items"])
     assert json.loads(json.dumps(list(map(float, row["scores"])))) == sorted(map(float, row["scores"]), reverse=True)
+
+
+# ---- `moa batch` of every user: the newest history, an all-or-nothing output
+
+SHORT_HISTORY = 4
+
+
+@pytest.fixture(scope="module")
+def short_history(served):
+    """The served recommender registered again as ``rec-short`` with max_history 4, and a small dataset of ml-100k
+    items: user "long" has 10 comedy items (given in shuffled order, each with its own time) and 2 children items,
+    user "short" 2 comedy items."""
+    from moa.recsys.data import RecDataset
+
+    root, items = served["root"], served["items"]
+    model = load_recommender(served["bundle"] / "recommenders" / "experts")
+    bundle = write_bundle(root / "bundle-short", {"experts": model}, items, metrics={"val/ndcg_10": 0.05},
+                          max_history=SHORT_HISTORY)
+    assert register_bundle(bundle, "rec-short", tracking_uri=served["uri"]).promoted
+    comedy, children = ids_of(items, "comedy", 12), ids_of(items, "children", 2)
+    times = [7, 2, 9, 0, 5, 1, 8, 3, 6, 4]  # the file order is not the time order
+    rows = ([("long", comedy[i], 100.0 + t) for i, t in enumerate(times)]
+            + [("long", children[0], 50.0), ("long", children[1], 40.0)]
+            + [("short", comedy[10], 1.0), ("short", comedy[11], 2.0)])
+    interactions = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+    catalogue = served["dataset"].items.reset_index(drop=True)
+    dataset = RecDataset.from_frames("small", interactions, catalogue)
+    newest = [comedy[i] for i in sorted(range(10), key=lambda i: times[i])][-SHORT_HISTORY:]
+    oldest = [comedy[i] for i in sorted(range(10), key=lambda i: times[i])][:SHORT_HISTORY]
+    return {"uri": "models:/rec-short@champion", "dataset": dataset, "newest": newest, "oldest": oldest,
+            "children": [children[1], children[0]], "short": comedy[10:12]}
+
+
+def test_every_user_batch_scores_each_users_newest_history(served, short_history, tmp_path):
+    from moa.pipelines.serving import score_all_users
+
+    out = tmp_path / "recs.jsonl"
+    score_all_users(short_history["uri"], out, k=5, dataset=short_history["dataset"], tracking_uri=served["uri"])
+    frame = pd.read_json(out, lines=True, dtype=False)  # .jsonl by the extension
+    got = {(u, d): (list(i), list(s)) for u, d, i, s in frame[["user_id", "domain", "items", "scores"]].itertuples(
+        index=False)}
+    assert set(got) == {("long", "comedy"), ("long", "children"), ("short", "comedy")}
+    newest_items, newest_scores = expected_top(served, short_history["newest"], "comedy", 5)
+    oldest_items, _ = expected_top(served, short_history["oldest"], "comedy", 5)
+    assert newest_items != oldest_items  # the test tells the two apart
+    items, scores = got[("long", "comedy")]
+    assert [int(i) for i in items] == newest_items and scores == pytest.approx(newest_scores, abs=1e-5)
+    for key, history in [(("long", "children"), short_history["children"]), (("short", "comedy"),
+                                                                             short_history["short"])]:
+        items, scores = got[key]
+        expected_items, expected_scores = expected_top(served, history, key[1], 5)
+        assert [int(i) for i in items] == expected_items and scores == pytest.approx(expected_scores, abs=1e-5)
+
+
+def test_every_user_batch_output_is_written_whole_or_not_at_all(served, short_history, tmp_path, monkeypatch):
+    """A write that fails half-way leaves the previous output as it was and no partial file."""
+    from moa.pipelines.serving import score_all_users
+
+    out = tmp_path / "recs.parquet"
+    out.write_bytes(b"the previous output")
+
+    def fails_half_way(frame, path, *args, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(b"PAR1 half a file")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", fails_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        score_all_users(short_history["uri"], out, k=3, dataset=short_history["dataset"], tracking_uri=served["uri"])
+    assert out.read_bytes() == b"the previous output" and list(tmp_path.iterdir()) == [out]
+    monkeypatch.undo()
+    result = score_all_users(short_history["uri"], out, k=3, dataset=short_history["dataset"],
+                             tracking_uri=served["uri"])
+    written = pd.read_parquet(out)
+    assert len(written) == len(result) == 3 and list(tmp_path.iterdir()) == [out]
+    assert [list(map(int, i)) for i in written["items"]] == [list(map(int, i)) for i in result["items"]]

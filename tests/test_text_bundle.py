@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -48,8 +49,9 @@ def classifier(tmp_path_factory):
                            lr=5e-3)
     trainer = fit(module, data, root, epochs=2)
     module.eval()
-    bundle = module.write_bundle(root / "bundle", data, metrics={k: float(v) for k, v in trainer.callback_metrics.items()})
-    return {"module": module, "data": data, "bundle": bundle, "root": root}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    bundle = module.write_bundle(root / "bundle", data, metrics=metrics)
+    return {"module": module, "data": data, "bundle": bundle, "root": root, "metrics": metrics}
 
 
 def module_probabilities(module, data, texts, tasks):
@@ -83,12 +85,12 @@ def test_a_mixed_task_request_equals_each_task_alone(classifier):
     frame = pd.DataFrame({"text": ["item 3 is about cats", "item 1 is about good", "item 4 is about songs",
                                    "item 6 is about bad"], "task": ["topic", "polarity", "topic", "polarity"]})
     mixed = service.predict(frame)
-    for task in ("topic", "polarity"):
-        rows = frame.index[frame["task"] == task]
-        alone = service.predict(frame.loc[rows].reset_index(drop=True))
-        for i, row in enumerate(rows):
-            assert alone.loc[i, "label"] == mixed.loc[row, "label"]
-            assert alone.loc[i, "probabilities"] == pytest.approx(mixed.loc[row, "probabilities"], abs=1e-5)
+    for row, (text, task) in enumerate(zip(frame["text"], frame["task"])):
+        # alone: the trained module on that row only (its own batch, no padding, no other task beside it)
+        alone = module_probabilities(classifier["module"], classifier["data"], [text], [task])[0]
+        labels = classifier["data"].label_names[task]
+        assert mixed.loc[row, "probabilities"] == pytest.approx(alone, abs=1e-5)
+        assert mixed.loc[row, "label"] == labels[max(range(len(alone)), key=alone.__getitem__)]
 
 
 def test_bundle_is_portable_and_a_referenced_base_is_not_shipped(classifier, tmp_path):
@@ -96,7 +98,7 @@ def test_bundle_is_portable_and_a_referenced_base_is_not_shipped(classifier, tmp
     meta = json.loads((bundle / "service.json").read_text())
     assert meta["kind"] == "classifier" and meta["tasks"] == ["polarity", "topic"]
     assert meta["labels"] == {"polarity": ["neg", "pos"], "topic": ["animals", "music", "vehicles"]}
-    assert meta["metrics"]["val/accuracy"] == pytest.approx(float(meta["metrics"]["val/accuracy"]))
+    assert meta["metrics"] == pytest.approx(classifier["metrics"]) and "val/accuracy" in meta["metrics"]
     import moa
 
     assert meta["moa_version"] == moa.__version__
@@ -109,9 +111,18 @@ def test_bundle_is_portable_and_a_referenced_base_is_not_shipped(classifier, tmp
 
     referenced = classifier["module"].write_bundle(tmp_path / "ref", classifier["data"], base="reference")
     assert not (referenced / "base").exists()
-    frame = pd.DataFrame({"text": ["item 3 is about cats"], "task": ["topic"]})
-    assert load_service(referenced).predict(frame)["probabilities"][0] == pytest.approx(
-        load_service(bundle).predict(frame)["probabilities"][0], abs=1e-6)
+    # a bundle moved away from where it was written (its old folder gone) answers as the trained module does
+    written = classifier["module"].write_bundle(tmp_path / "written", classifier["data"])
+    (tmp_path / "elsewhere").mkdir()
+    moved = Path(shutil.move(str(written), str(tmp_path / "elsewhere" / "moved")))
+    assert not written.exists()
+    texts = ["item 3 is about cats", "item 1 is about good", "item 4 is about songs", "item 6 is about bad"]
+    tasks = ["topic", "polarity", "topic", "polarity"]
+    expected = module_probabilities(classifier["module"], classifier["data"], texts, tasks)
+    for folder in (moved, referenced):
+        answer = load_service(folder).predict(pd.DataFrame({"text": texts, "task": tasks}))
+        for row, probs in enumerate(expected):
+            assert answer.loc[row, "probabilities"] == pytest.approx(probs, abs=1e-5), (folder.name, row)
 
     module = classifier["module"]
     saved = module.backbone
@@ -137,8 +148,6 @@ def test_classifier_refuses_bad_rows_naming_the_problem(classifier, rows, params
 
 
 def test_a_corrupted_bundle_file_is_named_at_load(classifier, tmp_path):
-    import shutil
-
     copy = Path(shutil.copytree(classifier["bundle"], tmp_path / "copy"))
     head = copy / "head.safetensors"
     data = bytearray(head.read_bytes())
@@ -202,8 +211,8 @@ def test_generation_settings_are_per_row(causal):
                             "temperature": [0.0, 2.0, 2.0], "top_p": [1.0, 0.9, 1.0]})
     one, two = service.predict(sampled, {"seed": 7}), service.predict(sampled, {"seed": 7})
     assert list(one["text"]) == list(two["text"])  # a seed makes sampling reproducible
-    greedy = service.predict(sampled.iloc[[0]][["prompt", "task"]].reset_index(drop=True))
-    assert one.loc[0, "text"] == greedy.loc[0, "text"]  # temperature 0 inside a sampling batch stays greedy
+    greedy = {(prompt, task): text for prompt, task, text in causal["expected"]}[("say dog", "echo")]
+    assert one.loc[0, "text"] == greedy  # temperature 0 inside a sampling batch stays the module's greedy text
 
 
 @pytest.mark.parametrize("column, value, message", [

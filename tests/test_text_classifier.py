@@ -99,3 +99,40 @@ def test_classifier_without_n_classes_needs_named_labels():
                         enable_checkpointing=False)
     with pytest.raises(ValueError, match="set model.init_args.n_classes"):
         trainer.fit(module, MultiTaskTokens(n_train=32, n_val=8, n_test=8))
+
+
+def test_per_task_checkpoint_reloads_without_a_trainer_and_checks_later_data(tmp_path, one_thread):
+    write_jsonl(tmp_path / "train.jsonl", two_task_rows(20))
+    data = TextData(train=str(tmp_path / "train.jsonl"), val=str(tmp_path / "train.jsonl"), task_column="task",
+                    batch_size=10, max_length=16)
+    options = dict(backbone_options={"vocab_size": 30522}, n_experts=2, r=2, top_k=1, lr=0.05)  # MiniLM's tokens
+    module = MoAClassifier(**options)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, num_sanity_val_steps=0)
+    trainer.fit(module, data)
+    path = trainer.checkpoint_callback.best_model_path
+
+    loaded = MoAClassifier.load_from_checkpoint(path)  # no trainer, no data: the head comes from the saved names
+    assert loaded.names == module.names and loaded.head.label_counts == [2, 3]
+    batch = next(iter(data.val_dataloader()))
+    module.eval(), loaded.eval()
+    with torch.no_grad():
+        trained, reloaded = module(batch), loaded(batch)
+        untrained = MoAClassifier.load_from_checkpoint(path)
+        untrained.head.load_state_dict(TaskLabelHead(module.hidden_size, [2, 3], "mean").state_dict())
+    torch.testing.assert_close(reloaded, trained)
+    assert not torch.allclose(untrained.eval()(batch), trained)  # the head's trained weights made the difference
+
+    # data whose names disagree with the checkpoint's: refused when the reloaded module is given it, and when a
+    # fresh module built from it resumes the checkpoint
+    rows = [{**row, "label": "birds" if row["label"] == "animals" else row["label"]} for row in two_task_rows(20)]
+    write_jsonl(tmp_path / "other.jsonl", rows)
+    other = TextData(train=str(tmp_path / "other.jsonl"), val=str(tmp_path / "other.jsonl"), task_column="task",
+                     batch_size=10, max_length=16)
+    evaluate = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"trained on tasks and labels .*'animals'.*the data has .*'birds'"):
+        evaluate.validate(loaded, other)
+    resume = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                       default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"trained on tasks and labels .*'animals'.*the data has .*'birds'"):
+        resume.fit(MoAClassifier(**options), other, ckpt_path=path)

@@ -281,6 +281,47 @@ def test_every_bad_input_is_one_clear_error(tmp_path):
     assert len(cases) == 13
 
 
+@pytest.mark.parametrize("ext", [".csv", ".tsv", ".jsonl", ".parquet"])
+@pytest.mark.parametrize("column", ["text", "label", "task", "dom"])
+def test_empty_cells_are_refused_like_missing_values(tmp_path, ext, column):
+    """A CSV/TSV empty cell reads as "" (not NaN); an empty (or blank) string is refused in any format, at load
+    time, naming the file, the row and the column, in the train split and in the predict split alike."""
+    records = rows(12)
+    records[7] = {**records[7], column: "" if ext != ".parquet" else "  "}
+    path = tmp_path / f"train{ext}"
+    if ext == ".tsv":
+        pd.DataFrame(records).to_csv(path, sep="\t", index=False)
+    else:
+        write(path, records)
+    with pytest.raises(ValueError, match=rf"train\{ext} row 7: empty value in column '{column}'$"):
+        TextData(str(path), task_column="task", domain_column="dom").prepare()
+    good = write(tmp_path / "good.jsonl", rows(12))
+    if column != "label":  # a predict file's target column is optional; the others are needed
+        with pytest.raises(ValueError, match=rf"train\{ext} row 7: empty value in column '{column}'$"):
+            TextData(good, predict=str(path), task_column="task", domain_column="dom").prepare()
+
+
+def test_a_bare_carriage_return_in_a_csv_field_is_refused_with_its_row_and_column(tmp_path):
+    """pandas writes a text's lone \\r unquoted (a tweet's, say) and reads it back as a line end: the row splits
+    into shifted and empty ones. The load refuses it, naming the file row and the column; \\r\\n line ends are
+    fine."""
+    records = rows(12)
+    frame = pd.DataFrame(records)
+    frame.to_csv(tmp_path / "crlf.csv", index=False, lineterminator="\r\n")
+    data = TextData(str(tmp_path / "crlf.csv"), task_column="task", domain_column="dom", val_fraction=0.0)
+    assert data.rows("train")["text"].tolist() == [r["text"] for r in records]
+    assert data.rows("train")["target"].tolist() == [r["label"] for r in records]  # no "\r" left on the last column
+    for column, ext, ending in [("text", ".csv", "\n"), ("task", ".tsv", "\r\n"), ("text", ".csv", "\r\n")]:
+        broken = frame.copy()
+        broken.loc[9, column] = broken.loc[9, column][:2] + "\r" + broken.loc[9, column][2:]
+        path = tmp_path / f"cr-{column}{ext}"
+        broken.to_csv(path, sep="," if ext == ".csv" else "\t", index=False, lineterminator=ending)
+        assert b"\r" + broken.loc[9, column][3:].encode() in path.read_bytes()  # written unquoted
+        with pytest.raises(ValueError, match=rf"cr-{column}\{ext} row 9: a carriage return \(\\r\) inside column "
+                                             rf"'{column}'"):
+            TextData(str(path), task_column="task", domain_column="dom").prepare()
+
+
 # ---- the ml-100k text tasks
 
 

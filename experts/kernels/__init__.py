@@ -21,7 +21,6 @@ with the router gate and the dense shrink folded in, the expand accumulated into
 
 from __future__ import annotations
 
-from ..errors import UserError
 from typing import Callable
 
 import torch
@@ -30,6 +29,7 @@ from torch import Tensor
 from . import cpp as _cpp
 from . import scatter as _scatter
 from . import triton_lora as _triton
+from ..errors import UserError
 from .dense import lora_dense
 from .grouped import lora_grouped
 from .loop import lora_loop

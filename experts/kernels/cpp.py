@@ -12,7 +12,8 @@ The kernel is plain C (no torch headers, so the build takes seconds), built at f
 (``TORCH_EXTENSIONS_DIR``), one build per CPU feature set (the name carries a hash of the CPU flags, so a shared
 cache never hands a binary to a CPU that cannot run it). ``MOA_NO_CPP=1`` disables it; a failed build is recorded in
 :data:`BUILD_ERROR` and everything falls back to the ``grouped`` PyTorch path. Other dtypes (fp16, bf16) and
-non-CPU tensors take that path too.
+non-CPU tensors take that path too. Expert ids outside ``[0, n_experts)`` raise :class:`~moa.experts.errors.UserError`
+naming the id (the kernel checks them before reading anything by id: plans of the router skip validation).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..errors import UserError
 from .plan import ExpertPlan
 
 logger = logging.getLogger(__name__)
@@ -95,7 +97,7 @@ def load():
                     fn = getattr(lib, f"moa_gate_backward_sparse_{suffix}")
                     fn.argtypes, fn.restype = _GATE_ARGS, ctypes.c_int
                 lib.moa_lora_schedule.argtypes = [_P, _I64, _I64, _I64, _P, _P]
-                lib.moa_lora_schedule.restype = None
+                lib.moa_lora_schedule.restype = ctypes.c_int64  # -1, or the first pair with an out-of-range id
                 _lib = lib
             except Exception as exc:  # no compiler, no OpenMP, ...: the PyTorch path serves
                 BUILD_ERROR = exc
@@ -144,16 +146,22 @@ class _CppLoRA(torch.autograd.Function):
         E, r, _ = A.shape
         d_out, k = B.shape[1], ids.shape[1]
         nt = torch.get_num_threads()
+        ids = ids.contiguous()
+        sched = torch.empty(n * k, dtype=torch.long)
+        starts = torch.empty(k * E + 1, dtype=torch.long)
+        bad = lib.moa_lora_schedule(ids.data_ptr(), n, k, E, sched.data_ptr(), starts.data_ptr())
+        if bad >= 0:  # checked before anything is read by id or written (an unvalidated plan, e.g. the router's)
+            token, slot = divmod(bad, k)
+            raise UserError(
+                f"expert id {int(ids.view(-1)[bad])} (token {token}, slot {slot}) is out of range for a pool of "
+                f"{E} experts: ids must lie in [0, {E - 1}]"
+            )
         x, A = _rows(x), A.contiguous()
         # Bt = B^T [E, r, d_out]: the expand and the backward's B-products run along d_out. A blocked transpose in
         # the kernel library: torch's copy of the pool's strided B view is several times slower.
         Bt = x.new_empty(E, r, d_out)
         getattr(lib, f"moa_lora_transpose_{_suffix(x)}")(B.data_ptr(), *B.stride(), Bt.data_ptr(), E, r, d_out, 1, nt)
         w = weights.contiguous()
-        ids = ids.contiguous()
-        sched = torch.empty(n * k, dtype=torch.long)
-        starts = torch.empty(k * E + 1, dtype=torch.long)
-        lib.moa_lora_schedule(ids.data_ptr(), n, k, E, sched.data_ptr(), starts.data_ptr())
         h = x.new_empty(n * k, r)
         if inplace and y0 is not None and y0._base is None and y0.dim() == 2 and y0.stride(1) == 1:
             y = y0  # accumulated onto y0's own rows (each row read, then written, by one tile)

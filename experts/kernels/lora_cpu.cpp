@@ -1,6 +1,7 @@
 // Routed LoRA on the CPU without gathered copies or padding (the ``cpp`` implementation, see cpp.py).
 //
-// Pairs (token n, slot j) -> flat pair p = n * k + j, expert e = ids[p], weight w[p] (scaling folded in).
+// Pairs (token n, slot j) -> flat pair p = n * k + j, expert e = ids[p], weight w[p] (scaling folded in). The
+// schedule checks every id against [0, E) first (moa_lora_schedule returns the first bad pair; the caller raises).
 // The schedule orders the pairs by slot, then expert, then token (a counting sort): within one slot every token
 // appears exactly once, so a pass over one slot's expert groups in parallel writes each output row from one thread
 // (no atomics), and slot 0's pass initialises every row (no zero fill).
@@ -264,12 +265,17 @@ inline void outer_to_b(const int64_t* pairs, int64_t np, int64_t k, const T* c, 
 }
 
 // Counting sort of the pairs by (slot, expert), tokens ascending within a group. starts: k * E + 1 entries.
-void build_schedule(const int64_t* ids, int64_t n, int64_t k, int64_t E, int64_t* sched, int64_t* starts) {
+// Returns -1, or the first pair whose expert id is outside [0, E) (then nothing is written): the ids index the
+// counts here and A / Bt in every pass, and plans built without validation (the router's top-k) reach this point.
+int64_t build_schedule(const int64_t* ids, int64_t n, int64_t k, int64_t E, int64_t* sched, int64_t* starts) {
+  for (int64_t p = 0; p < n * k; ++p)
+    if (ids[p] < 0 || ids[p] >= E) return p;
   std::vector<int64_t> fill(k * E + 1, 0);
   for (int64_t p = 0; p < n * k; ++p) fill[(p % k) * E + ids[p] + 1]++;
   for (int64_t g = 0; g < k * E; ++g) fill[g + 1] += fill[g];
   std::memcpy(starts, fill.data(), sizeof(int64_t) * (k * E + 1));
   for (int64_t p = 0; p < n * k; ++p) sched[fill[(p % k) * E + ids[p]]++] = p;
+  return -1;
 }
 
 // Expert-major list of the pairs (slot groups of one expert concatenated) and its offsets: E + 1 entries.
@@ -515,8 +521,8 @@ extern "C" {
 
 int moa_lora_vector_bytes() { return VBYTES; }
 
-void moa_lora_schedule(const int64_t* ids, int64_t n, int64_t k, int64_t E, int64_t* sched, int64_t* starts) {
-  build_schedule(ids, n, k, E, sched, starts);
+int64_t moa_lora_schedule(const int64_t* ids, int64_t n, int64_t k, int64_t E, int64_t* sched, int64_t* starts) {
+  return build_schedule(ids, n, k, E, sched, starts);
 }
 
 #define MOA_FORWARD(NAME, T)                                                                                      \

@@ -8,11 +8,12 @@ per-request static routing every adapted layer of a forward pass shares one plan
 
 from __future__ import annotations
 
-from ..errors import UserError, UserTypeError
 from functools import cached_property
 
 import torch
 from torch import Tensor
+
+from ..errors import UserError, UserTypeError
 
 
 class ExpertPlan:

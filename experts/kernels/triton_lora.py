@@ -31,7 +31,6 @@ CUDA), fed with ``h`` per pair saved by the forward kernel in fp32 (``P * r`` va
 
 from __future__ import annotations
 
-from ..errors import UserError
 import os
 import weakref
 
@@ -39,6 +38,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..errors import UserError
 from .grouped import combine_index_add, grouped_backward, row_weights
 from .plan import ExpertPlan
 
