@@ -4,9 +4,9 @@
     python bench/routers_all.py --quick         # a smoke run: 1 seed, few steps (a few minutes)
     python bench/routers_all.py --tracking-uri sqlite:///other.db --threads 1
 
-Data: ``moa.pipelines.ml100k_text.write_tasks`` (genre and decade from a movie title, age group and occupation
+Data: ``moa.pipelines.examples.ml100k_text.write_tasks`` (genre and decade from a movie title, age group and occupation
 group from a user's first 8 rated titles), written to ``--data-dir`` (default: a temporary folder). Backbone: the
-pretrained all-MiniLM-L6-v2 (``moa.pipelines.modules.minilm_dir()``), frozen; adapters on query and value of its
+pretrained all-MiniLM-L6-v2 (``moa.pipelines.kinds.classifier.module.minilm_dir()``), frozen; adapters on query and value of its
 top ``--layers`` layers only, the same layers for every method. Every method trains one label head per task
 (``TaskLabelHead``, mean pooling) with the same steps, batch size, batches (one ``TextData`` per seed, so every
 method sees the same batch order), AdamW without a schedule (constant lr; ``MoAModule`` has none) and 3 seeds.
@@ -67,10 +67,10 @@ import logging  # noqa: E402
 logging.getLogger("lightning").setLevel(logging.ERROR)
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
-from moa.pipelines.ml100k_text import write_tasks  # noqa: E402
-from moa.pipelines.modules import MoAClassifier, RLOOClassifier, TaskLabelHead, minilm_dir  # noqa: E402
-from moa.pipelines.text_data import TextData  # noqa: E402
-from moa.pipelines.tracking import MLflowLogger  # noqa: E402
+from moa.pipelines.examples.ml100k_text import write_tasks  # noqa: E402
+from moa.pipelines.kinds.classifier.module import MoAClassifier, RLOOClassifier, TaskLabelHead, minilm_dir  # noqa: E402
+from moa.pipelines.data.text import TextData  # noqa: E402
+from moa.pipelines.tracking.callbacks import MLflowLogger  # noqa: E402
 from moa.transfer import prepare_transfer  # noqa: E402
 
 EXPERIMENT = "moa-routers-all"
@@ -390,7 +390,7 @@ def mean_sd(values: list[float]) -> str:
 
 def majority_accuracy() -> dict[str, float]:
     """Test accuracy of always predicting each task's most frequent training label (the floor to read the table by)."""
-    from moa.pipelines.ml100k_text import build_tasks
+    from moa.pipelines.examples.ml100k_text import build_tasks
 
     frames = build_tasks()
     train, test = frames["train"], frames["test"]

@@ -35,9 +35,9 @@ def stand_in(root: Path) -> tuple[str, str]:
     """Register a tiny-encoder recommender over two domains; returns (model URI, tracking URI)."""
     import torch
 
-    from moa.pipelines.recommendation import tiny_encoder
-    from moa.pipelines.registry import register_bundle
-    from moa.pipelines.service import item_table, write_bundle
+    from moa.pipelines.kinds.recommender.module import tiny_encoder
+    from moa.pipelines.tracking.registry import register_bundle
+    from moa.pipelines.kinds.recommender.service import item_table, write_bundle
     from moa.recsys.data import ml100k
     from moa.recsys.recommender import RecommenderConfig, TextSeqRecommender
 
@@ -88,7 +88,7 @@ class Client:
 
 def bad_input_answers(url: str, good: dict) -> list[tuple[int, str]]:
     """(status, body) for a set of malformed requests: bad JSON, types, ids, sizes, content types, nesting."""
-    from moa.pipelines.serving import post
+    from moa.pipelines.serving.commands import post
 
     history, domain = good["history"], good["domain"]
     bodies = [
@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import mlflow
 
-    from moa.pipelines.serving import ModelServer
-    from moa.pipelines.tracking import resolve_tracking_uri
+    from moa.pipelines.serving.commands import ModelServer
+    from moa.pipelines.tracking.callbacks import resolve_tracking_uri
 
     tracking, model_uri, note = resolve_tracking_uri(), args.model_uri, "registered model"
     temporary = None

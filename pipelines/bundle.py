@@ -7,12 +7,12 @@ A bundle is a folder of plain files with a ``service.json`` naming its ``kind``;
 =============  ================================================  ======================
 kind           service                                           default gate
 =============  ================================================  ======================
-recommender    :class:`moa.pipelines.service.RecommendationService`  ``val/ndcg_10``, max
-classifier     :class:`moa.pipelines.text_bundle.ClassifierService`  ``val/accuracy``, max
-causal-lm      :class:`moa.pipelines.text_bundle.GenerationService`  ``val/loss``, min
+recommender    :class:`moa.pipelines.kinds.recommender.service.RecommendationService`  ``val/ndcg_10``, max
+classifier     :class:`moa.pipelines.kinds.text_bundle.ClassifierService`  ``val/accuracy``, max
+causal-lm      :class:`moa.pipelines.kinds.text_bundle.GenerationService`  ``val/loss``, min
 =============  ================================================  ======================
 
-:class:`moa.pipelines.tracking.LogBundle` (a fit callback) writes, logs and registers a bundle at the end of fit.
+:class:`moa.pipelines.tracking.callbacks.LogBundle` (a fit callback) writes, logs and registers a bundle at the end of fit.
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ def bundle_meta(directory: str | Path) -> dict[str, Any]:
 
 def service_class(kind: str):
     if kind == "recommender":
-        from .service import RecommendationService
+        from moa.pipelines.kinds.recommender.service import RecommendationService
 
         return RecommendationService
-    from .text_bundle import ClassifierService, GenerationService
+    from moa.pipelines.kinds.text_bundle import ClassifierService, GenerationService
 
     return {"classifier": ClassifierService, "causal-lm": GenerationService}[kind]
 
@@ -66,10 +66,10 @@ def signature_and_example(directory: str | Path) -> tuple[Any, Any]:
     """The MLflow signature and an input example (a frame, or a frame and params) of a bundle, by kind."""
     meta = bundle_meta(directory)
     if meta["kind"] == "recommender":
-        from .service import input_example, signature
+        from moa.pipelines.kinds.recommender.service import input_example, signature
 
         return signature(meta), (input_example(directory), {"k": 5})
-    from .text_bundle import input_example, signature
+    from moa.pipelines.kinds.text_bundle import input_example, signature
 
     return signature(meta), input_example(meta)
 

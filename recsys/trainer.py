@@ -7,7 +7,7 @@
   step on :func:`train`. When nothing in the item encoder trains, item vectors come from a cache (one encoder pass
   per catalogue).
 * :func:`batch_loss` (the text recommender's ``batch_loss``): the loss of one batch of windows, mixed domains; what
-  :func:`fit` and the Lightning module of :mod:`moa.pipelines.recommendation` minimise per step.
+  :func:`fit` and the Lightning module of :mod:`moa.pipelines.kinds.recommender.module` minimise per step.
 * :func:`check_splits`, :func:`trainable_state` / :func:`load_trainable_state`: the bookkeeping around them.
 
 The functions only use the models' public surface; this module imports no model class.

@@ -51,7 +51,7 @@ def fit_config():
     Returns the CLI (``cli.model``, ``cli.trainer``) for further checks."""
 
     def run(args):
-        from moa.pipelines.cli import run_cli
+        from moa.pipelines.cli.lightning_cli import run_cli
 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)

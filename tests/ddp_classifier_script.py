@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 from torch.utils.data import DataLoader
 
-from moa.pipelines.modules import MoAClassifier
+from moa.pipelines.kinds.classifier.module import MoAClassifier
 
 LABELS = {"a": ["x", "y"], "b": ["p", "q", "r"]}
 RANK0_VAL_ROWS = 7

@@ -15,8 +15,8 @@ from torch import nn
 
 import moa
 from moa.atomic import MANIFEST
-from moa.pipelines.recommendation import tiny_encoder
-from moa.pipelines.service import TABLES_FILE, RecommendationService, item_table, write_bundle
+from moa.pipelines.kinds.recommender.module import tiny_encoder
+from moa.pipelines.kinds.recommender.service import TABLES_FILE, RecommendationService, item_table, write_bundle
 from moa.recsys.data import ml100k
 from moa.recsys.loading import load_recommender
 from moa.recsys.recommender import RecommenderConfig, TextSeqRecommender

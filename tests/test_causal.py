@@ -1,8 +1,8 @@
-"""Causal LMs (``moa.pipelines.causal``): target-token loss, routing by task, per-task perplexity, generation
+"""Causal LMs (``moa.pipelines.kinds.causal_lm.module``): target-token loss, routing by task, per-task perplexity, generation
 metrics, predictions to Parquet, the presets, and ``MoAModel.generate`` with beams / several sequences.
 
 Batches follow the text data contract; :func:`make_batch` builds them from (prompt, target, task) triples with
-MiniLM's tokenizer, independently of :class:`moa.pipelines.text_data.TextData` (which the last test runs).
+MiniLM's tokenizer, independently of :class:`moa.pipelines.data.text.TextData` (which the last test runs).
 """
 
 import json
@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import moa
-from moa.pipelines.causal import MoACausalLM, build_causal_lm, rouge_l, save_preset
-from moa.pipelines.modules import minilm_dir
+from moa.pipelines.kinds.causal_lm.module import MoACausalLM, build_causal_lm, rouge_l, save_preset
+from moa.pipelines.kinds.classifier.module import minilm_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PAD, EOS = 0, 102  # MiniLM's [PAD]; [SEP] is the data's eos
@@ -200,7 +200,7 @@ def test_rouge_l_is_the_lcs_f_measure():
 
 
 def test_two_tasks_are_learned_through_static_routing_and_predictions_go_to_parquet(tok, tmp_path, one_thread):
-    from moa.pipelines.cli import ParquetPredictionWriter
+    from moa.pipelines.cli.lightning_cli import ParquetPredictionWriter
 
     data = ToyText(tok, TOY, repeat=25)  # one batch of the 8 examples; 25 steps an epoch
     module = MoACausalLM(router="static", n_experts=2, top_k=1, router_options={"key": "task_ids"}, lr=1e-2)
@@ -277,7 +277,7 @@ def test_generate_with_task_ids_equals_each_row_alone(routed_llama, tok, one_thr
 def test_preset_saves_and_reloads_from_its_folder(name, tok, tmp_path, one_thread):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moa.pipelines.causal import main
+    from moa.pipelines.kinds.causal_lm.module import main
 
     folder = tmp_path / name
     assert main(["--save-preset", name, str(folder), "--seed", "4"]) == 0
@@ -295,12 +295,12 @@ def test_preset_saves_and_reloads_from_its_folder(name, tok, tmp_path, one_threa
 
 
 def test_text_data_fit_then_moa_predict_writes_one_generation_per_row(tok, tmp_path, monkeypatch, one_thread):
-    from moa.pipelines.cli import main
+    from moa.pipelines.cli.lightning_cli import main
 
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "data"
     data.mkdir()
-    for split in ("train", "val", "test"):  # the columns of moa.pipelines.ml100k_text
+    for split in ("train", "val", "test"):  # the columns of moa.pipelines.examples.ml100k_text
         with open(data / f"{split}.jsonl", "w") as f:
             for prompt, target, task in TOY:
                 f.write(json.dumps({"text": prompt, "label": target, "task": TASKS[task], "target_text": target}) + "\n")
@@ -314,7 +314,7 @@ def test_text_data_fit_then_moa_predict_writes_one_generation_per_row(tok, tmp_p
     output = tmp_path / "predictions.parquet"
     done = subprocess.run(
         [str(Path(sys.executable).with_name("moa")), "predict", "-c", config, "--ckpt_path", str(last), *small,
-         "--trainer.callbacks+=moa.pipelines.cli.ParquetPredictionWriter", f"--trainer.callbacks.output={output}"],
+         "--trainer.callbacks+=moa.pipelines.cli.lightning_cli.ParquetPredictionWriter", f"--trainer.callbacks.output={output}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     import pandas as pd

@@ -24,7 +24,7 @@ SMALL = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 
 def moa_command() -> list[str]:
     script = Path(sys.executable).with_name("moa")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "moa.pipelines.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "moa.pipelines.cli.lightning_cli"]
 
 
 def run_moa(args, cwd, env=None, timeout=300) -> str:
@@ -47,7 +47,7 @@ def runs_of(db: Path, experiment: str):
 
 @pytest.mark.parametrize("name", ROUTER_CONFIGS)
 def test_router_config_prints_and_trains_one_step(name, tmp_path, monkeypatch, fit_config):
-    from moa.pipelines.cli import main
+    from moa.pipelines.cli.lightning_cli import main
 
     monkeypatch.chdir(tmp_path)
     out = io.StringIO()
@@ -72,7 +72,7 @@ def test_fit_logs_to_mlflow_then_test_resume_validate_and_predict(tmp_path, monk
     tags = run.data.tags
     assert {k: tags[k] for k in ("moa.router", "moa.expert_kind", "moa.backbone", "moa.model_class", "moa.data_class")} \
         == {"moa.router": "topk", "moa.expert_kind": "lora", "moa.backbone": "tiny-bert",
-            "moa.model_class": "moa.pipelines.modules.MoAClassifier", "moa.data_class": "moa.pipelines.data.MultiTaskTokens"}
+            "moa.model_class": "moa.pipelines.kinds.classifier.module.MoAClassifier", "moa.data_class": "moa.pipelines.data.tokens.MultiTaskTokens"}
     import moa
 
     assert tags["moa.version"] == moa.__version__
@@ -96,7 +96,7 @@ def test_fit_logs_to_mlflow_then_test_resume_validate_and_predict(tmp_path, monk
     heatmaps = [a.path for a in client.list_artifacts(run.info.run_id, "routing")]
     assert heatmaps == ["routing/usage_epoch000.png", "routing/usage_epoch001.png"]  # top-k: no task-skill matrix
     local = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path)))
-    assert "moa.pipelines.modules.MoAClassifier" in local.read_text()
+    assert "moa.pipelines.kinds.classifier.module.MoAClassifier" in local.read_text()
     png = Path(client.download_artifacts(run.info.run_id, heatmaps[0], str(tmp_path)))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -106,7 +106,7 @@ def test_fit_logs_to_mlflow_then_test_resume_validate_and_predict(tmp_path, monk
     assert torch.load(last, weights_only=False)["global_step"] == 8
 
     # test (in-process: the same main() the console script calls): a run of its own, nested under the fit's run
-    from moa.pipelines.cli import main
+    from moa.pipelines.cli.lightning_cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -140,7 +140,7 @@ def test_fit_logs_to_mlflow_then_test_resume_validate_and_predict(tmp_path, monk
     assert "val/loss" in out.getvalue() and "val/accuracy" in out.getvalue()
 
     predictions = tmp_path / "predictions.parquet"
-    main(["predict", "-c", config, "--ckpt_path", str(last), "--trainer.callbacks+=moa.pipelines.cli.ParquetPredictionWriter",
+    main(["predict", "-c", config, "--ckpt_path", str(last), "--trainer.callbacks+=moa.pipelines.cli.lightning_cli.ParquetPredictionWriter",
           f"--trainer.callbacks.output={predictions}", *SMALL])
     assert len(runs_of(tmp_path / "mlflow.db", "moa-routers")[1]) == 2
     import pandas as pd
@@ -151,7 +151,7 @@ def test_fit_logs_to_mlflow_then_test_resume_validate_and_predict(tmp_path, monk
 
 
 def test_poly_fit_logs_the_task_skill_matrix(tmp_path, monkeypatch):
-    from moa.pipelines.cli import main
+    from moa.pipelines.cli.lightning_cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -166,7 +166,7 @@ def test_poly_fit_logs_the_task_skill_matrix(tmp_path, monkeypatch):
 
 
 def test_help_overrides_and_bad_values(tmp_path, monkeypatch, capsys):
-    from moa.pipelines.cli import main
+    from moa.pipelines.cli.lightning_cli import main
 
     monkeypatch.chdir(tmp_path)
     assert main(["--help"]) == 0

@@ -18,7 +18,7 @@ SMALL = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 
 def moa(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     script = Path(sys.executable).with_name("moa")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "moa.pipelines.command"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "moa.pipelines.cli.command"]
     environment = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MOA_DEBUG")}
     environment.update(env or {})
     return subprocess.run([*command, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=300)
@@ -26,14 +26,14 @@ def moa(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedP
 
 def test_help_lists_every_command_and_router_without_importing_torch(tmp_path):
     from moa.experts.pool import EXPERT_KINDS
-    from moa.pipelines import command
+    import moa.pipelines.cli.command as command
     from moa.routers import ROUTERS
 
     # the names the help lists are the registered ones
     assert set(command.ROUTER_NAMES) == set(ROUTERS)
     assert set(command.EXPERT_KIND_NAMES) == set(EXPERT_KINDS)
     # the help is fast because it loads neither torch nor Lightning
-    probe = ("import sys; from moa.pipelines.command import main; main(['--help']); "
+    probe = ("import sys; from moa.pipelines.cli.command import main; main(['--help']); "
              "assert not {'torch', 'lightning', 'transformers'} & set(sys.modules), sorted(sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -91,7 +91,7 @@ def test_moa_debug_shows_the_traceback(tmp_path):
 def test_a_users_own_data_module_next_to_them_plugs_in_by_class_path(tmp_path):
     """``mydata.py`` in the working directory, named by class path: the real console script imports it."""
     (tmp_path / "mydata.py").write_text(
-        "from moa.pipelines.data import MultiTaskTokens\n\n\n"
+        "from moa.pipelines.data.tokens import MultiTaskTokens\n\n\n"
         "class FewTokens(MultiTaskTokens):\n"
         "    \"\"\"A user's module: the seeded tokens, fewer of them.\n\n"
         "    Args:\n        rows: training rows.\n    \"\"\"\n\n"
@@ -110,7 +110,7 @@ def test_a_value_error_that_is_not_a_user_error_keeps_its_traceback(tmp_path):
     """A plain ``ValueError`` (here from a user's buggy data module, as a bug in moa would raise it) is a fault, not
     bad input: the real console script shows its traceback; moa's own ``UserError`` stays one line (above)."""
     (tmp_path / "buggy.py").write_text(
-        "from moa.pipelines.data import MultiTaskTokens\n\n\n"
+        "from moa.pipelines.data.tokens import MultiTaskTokens\n\n\n"
         "class Buggy(MultiTaskTokens):\n"
         "    def setup(self, stage=None):\n"
         "        raise ValueError('a bug deep inside setup')\n"
@@ -123,7 +123,7 @@ def test_a_value_error_that_is_not_a_user_error_keeps_its_traceback(tmp_path):
 
 def test_only_user_errors_and_missing_paths_are_shown_as_one_line():
     from moa.experts.errors import UserError, UserTypeError
-    from moa.pipelines.command import user_error
+    from moa.pipelines.cli.command import user_error
 
     for shown in (UserError("bad value"), UserTypeError("bad type"), FileNotFoundError("no such file")):
         assert user_error(shown) is shown

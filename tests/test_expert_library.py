@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from moa.pipelines.bundle import load_service
-from moa.pipelines.expert_library import register_expert, resolve_experts, write_pool_bundle
+from moa.pipelines.tracking.expert_library import register_expert, resolve_experts, write_pool_bundle
 
 PROMPTS = ["say cat", "say dog", "say sun"]
 
@@ -27,7 +27,7 @@ def library(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from moa.pipelines.causal import save_preset
+    from moa.pipelines.kinds.causal_lm.module import save_preset
 
     root = tmp_path_factory.mktemp("library")
     base = save_preset("tiny-llama", root / "base")
@@ -143,7 +143,7 @@ def test_expert_commands_register_and_pool_from_the_cli(library, tmp_path, capsy
                           env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # the real CLI
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["version"] == "1"
-    from moa.pipelines.command import main  # the rest through the command's entry point, in process
+    from moa.pipelines.cli.command import main  # the rest through the command's entry point, in process
 
     assert main(["expert", "pool", "--base", str(library["base"]), "--expert", "models:/cli-rev/1", "--out",
                  str(tmp_path / "pool"), "--register-as", "cli-pool", "--tracking-uri", library["uri"]]) == 0

@@ -9,8 +9,8 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from moa.pipelines.registry import CHAMPION, register_and_gate, register_bundle
-from moa.pipelines.service import SERVICE_FILE
+from moa.pipelines.tracking.registry import CHAMPION, register_and_gate, register_bundle
+from moa.pipelines.kinds.recommender.service import SERVICE_FILE
 
 MODEL_CODE = """
 import mlflow
@@ -70,7 +70,7 @@ def test_concurrent_registrations_leave_the_better_version_as_champion(store, mo
     import threading
     import types
 
-    from moa.pipelines import registry
+    import moa.pipelines.tracking.registry as registry
 
     worse_at_write, better_blocked = threading.Event(), threading.Event()
     release_worse = threading.Event()  # the better registration finished or waits for the lock

@@ -20,9 +20,9 @@ WORDS = {"good": ("polarity", "pos"), "bad": ("polarity", "neg"), "cats": ("topi
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
-    from moa.pipelines.modules import MoAClassifier
-    from moa.pipelines.registry import register_bundle
-    from moa.pipelines.text_data import TextData
+    from moa.pipelines.kinds.classifier.module import MoAClassifier
+    from moa.pipelines.tracking.registry import register_bundle
+    from moa.pipelines.data.text import TextData
 
     root = tmp_path_factory.mktemp("ray")
     rows = [{"text": f"item {i % 7} is about {w}", "label": WORDS[w][1], "task": WORDS[w][0]}
@@ -55,7 +55,7 @@ def registered(tmp_path_factory):
 def cluster(registered):
     import ray
 
-    from moa.pipelines.ray_engine import init_ray
+    from moa.pipelines.serving.ray_engine import init_ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     init_ray(None, registered["uri"])
@@ -73,7 +73,7 @@ def test_ray_data_batch_scores_like_the_module_with_each_answer_on_its_row(regis
     import numpy as np
     import ray
 
-    from moa.pipelines.ray_engine import score_rows_on_ray
+    from moa.pipelines.serving.ray_engine import score_rows_on_ray
 
     context = ray.data.DataContext.get_current()
     settings = lambda: repr(context) + repr(vars(context.execution_options))  # noqa: E731
@@ -93,7 +93,7 @@ def test_ray_data_batch_scores_like_the_module_with_each_answer_on_its_row(regis
 
 def test_a_refused_row_is_named_by_its_row_in_the_input_not_in_its_ray_batch(registered, cluster):
     from moa.experts.errors import UserError
-    from moa.pipelines.ray_engine import score_rows_on_ray
+    from moa.pipelines.serving.ray_engine import score_rows_on_ray
 
     n = 1000
     frame = pd.DataFrame({"text": [registered["texts"][i % 24] for i in range(n)],
@@ -105,8 +105,8 @@ def test_a_refused_row_is_named_by_its_row_in_the_input_not_in_its_ray_batch(reg
 
 
 def test_ray_serve_replicas_answer_like_the_module(registered, cluster):
-    from moa.pipelines.ray_engine import serve_on_ray
-    from moa.pipelines.serving import free_port, post
+    from moa.pipelines.serving.ray_engine import serve_on_ray
+    from moa.pipelines.serving.commands import free_port, post
 
     port = free_port()  # last in the module: its replicas hold the cluster's CPUs until serve.shutdown()
     serve_on_ray("models:/clf@champion", replicas=2, port=port, tracking_uri=registered["uri"], blocking=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from moa.pipelines.recommendation import RecBoleDomains
+from moa.pipelines.kinds.recommender.module import RecBoleDomains
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,20 +52,20 @@ def test_recbole_domains_from_a_domain_column_or_a_category_map(tmp_path):
 
 @pytest.mark.slow
 def test_the_recommender_config_trains_on_any_dataset_and_serves_its_item_tokens(tmp_path, monkeypatch):
-    from moa.pipelines.cli import callback_override, run_cli
-    from moa.pipelines.recommendation import tiny_encoder
-    from moa.pipelines.service import RecommendationService
+    from moa.pipelines.cli.lightning_cli import callback_override, run_cli
+    from moa.pipelines.kinds.recommender.module import tiny_encoder
+    from moa.pipelines.kinds.recommender.service import RecommendationService
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     folder = write_dataset(tmp_path / "toy")
     run_cli(["fit", "-c", str(ROOT / "configs" / "recsys-experts.yaml"),
-             "--data.class_path", "moa.pipelines.recommendation.RecBoleDomains",
+             "--data.class_path", "moa.pipelines.kinds.recommender.module.RecBoleDomains",
              "--data.init_args.folder", str(folder), "--data.init_args.domain_field", "domain",
              "--data.init_args.domains", "[books, games]", "--data.init_args.batch_size", "16",
              "--model.init_args.encoder", str(tiny_encoder(tmp_path / "encoder")), "--model.init_args.hidden", "16",
              "--model.init_args.inner", "32", "--model.init_args.negatives", "8", "--model.init_args.verbose", "false",
-             *callback_override(ROOT / "configs" / "recsys-experts.yaml", "moa.pipelines.tracking.LogBundle",
+             *callback_override(ROOT / "configs" / "recsys-experts.yaml", "moa.pipelines.tracking.callbacks.LogBundle",
                                 directory=str(tmp_path / "bundle")), "--trainer.max_epochs", "1",
              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
     service = RecommendationService.from_bundle(tmp_path / "bundle")
@@ -82,8 +82,8 @@ def test_the_recommender_config_trains_on_any_dataset_and_serves_its_item_tokens
     with pytest.raises(RequestError, match="k=10 is more than the 9 unseen items"):
         service.predict(pd.DataFrame({"history": [["g1"]], "domain": ["games"]}), {"k": 10})
     # every user of the dataset scored by the registered model, in the dataset's tokens
-    from moa.pipelines.registry import register_bundle
-    from moa.pipelines.serving import batch_main
+    from moa.pipelines.tracking.registry import register_bundle
+    from moa.pipelines.serving.commands import batch_main
 
     register_bundle(tmp_path / "bundle", "toy-rec", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert batch_main(["--model-uri", "models:/toy-rec@champion", "--data", str(folder), "--out",

@@ -143,7 +143,7 @@ def test_training_windows_cut_each_sequence_from_its_end():
 
 
 def test_every_trainer_cuts_its_windows_with_the_one_function():
-    import moa.pipelines.recommendation as recommendation
+    import moa.pipelines.kinds.recommender.module as recommendation
     import moa.recsys.trainer as trainer
     from moa.recsys.baselines import SASRec
 

@@ -4,7 +4,7 @@ generation that cannot block the server.
 The model is a random tiny Llama with random (non-zero) adapters per task, written as a text bundle and loaded with
 ``load_service``. Expected answers come from the bundle's files through ``moa.load`` and the model's own
 ``generate`` / forward on each single, unpadded prompt, never from the service. The server runs in this process
-(:func:`moa.pipelines.server.serve_in_thread`: uvicorn on 127.0.0.1, real HTTP) so that a test can hold the long
+(:func:`moa.pipelines.serving.server.serve_in_thread`: uvicorn on 127.0.0.1, real HTTP) so that a test can hold the long
 generation at a decode step of its choosing: the deadline then always passes mid-generation, whatever the speed
 of the machine.
 """
@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from moa.pipelines.bundle import RequestError, load_service
-from moa.pipelines.server import Limits, create_app, serve_in_thread
-from moa.pipelines.serving import post
-from moa.pipelines.text_bundle import MAX_TEXT_CHARS, ClassifierService, RowSampling, write_text_bundle
+from moa.pipelines.serving.server import Limits, create_app, serve_in_thread
+from moa.pipelines.serving.commands import post
+from moa.pipelines.kinds.text_bundle import MAX_TEXT_CHARS, ClassifierService, RowSampling, write_text_bundle
 
 TASKS = ["echo", "rev"]
 EOS = 102  # MiniLM's [SEP], the presets' eos
@@ -34,7 +34,7 @@ BOUND = 60  # seconds: the most any wait of these tests lasts (a safety bound, n
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    from moa.pipelines.causal import MoACausalLM
+    from moa.pipelines.kinds.causal_lm.module import MoACausalLM
 
     torch.set_num_threads(1)
     module = MoACausalLM(backbone="tiny-llama", router="static", n_experts=2, r=4, top_k=1,
@@ -188,7 +188,7 @@ def test_top_p_keeps_the_smallest_prefix_whose_mass_reaches_top_p_exactly():
 def test_texts_at_the_length_limit_are_accepted_and_one_character_over_is_refused(bundle):
     from transformers import AutoTokenizer
 
-    from moa.pipelines.modules import MoAClassifier, minilm_dir
+    from moa.pipelines.kinds.classifier.module import MoAClassifier, minilm_dir
 
     module = MoAClassifier(backbone="tiny-bert", backbone_options={"vocab_size": 30522}, n_classes=2, router="static", n_experts=2, r=2,
                            router_options={"key": "task_ids"}).eval()

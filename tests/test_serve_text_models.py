@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from moa.pipelines.serving import ModelServer, post
+from moa.pipelines.serving.commands import ModelServer, post
 
 MOA = str(Path(sys.executable).with_name("moa"))
 WORDS = {"good": ("polarity", "pos"), "bad": ("polarity", "neg"), "cats": ("topic", "animals"),
@@ -26,18 +26,18 @@ pytestmark = pytest.mark.slow
 def config(root: Path, train: Path) -> Path:
     cfg = {
         "seed_everything": 0,
-        "model": {"class_path": "moa.pipelines.modules.MoAClassifier",
+        "model": {"class_path": "moa.pipelines.kinds.classifier.module.MoAClassifier",
                   "init_args": {"backbone": "minilm", "router": "static", "n_experts": 2, "r": 4, "top_k": 1,
                                 "router_options": {"key": "task_ids"}, "target_modules": ["query", "value"],
                                 "lr": 0.005}},
-        "data": {"class_path": "moa.pipelines.text_data.TextData",
+        "data": {"class_path": "moa.pipelines.data.text.TextData",
                  "init_args": {"train": str(train), "val": str(train), "task_column": "task", "batch_size": 10,
                                "max_length": 16}},
         "trainer": {"max_epochs": 2, "enable_progress_bar": False, "enable_model_summary": False,
                     "enable_checkpointing": False, "default_root_dir": str(root / "runs"),
-                    "logger": {"class_path": "moa.pipelines.tracking.MLflowLogger",
+                    "logger": {"class_path": "moa.pipelines.tracking.callbacks.MLflowLogger",
                                "init_args": {"experiment_name": "text"}},
-                    "callbacks": [{"class_path": "moa.pipelines.tracking.LogBundle",
+                    "callbacks": [{"class_path": "moa.pipelines.tracking.callbacks.LogBundle",
                                    "init_args": {"directory": str(root / "bundle"), "register_as": "clf"}}]},
     }
     path = root / "fit.yaml"
@@ -65,7 +65,7 @@ def expected_answers(bundle: Path, texts, tasks):
     from transformers import AutoModel, AutoTokenizer
 
     import moa
-    from moa.pipelines.modules import TaskLabelHead
+    from moa.pipelines.kinds.classifier.module import TaskLabelHead
 
     meta = json.loads((bundle / "service.json").read_text())
     model = moa.load(bundle / "adapter", AutoModel.from_pretrained(str(bundle / "base"))).eval()
@@ -114,7 +114,7 @@ def test_moa_batch_scores_a_csv_file_of_named_rows(fitted, capsys):
         assert got_label == label and list(got_probs) == pytest.approx(probs, abs=1e-5)
 
     # user errors as one line, in process (the command's own entry point; the subprocess above is the real CLI)
-    from moa.pipelines.command import main
+    from moa.pipelines.cli.command import main
 
     store = fitted["env"]["MLFLOW_TRACKING_URI"]
     assert main(["batch", "--model-uri", "models:/clf@champion", "--input", str(root / "nope.csv"),

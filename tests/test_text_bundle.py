@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from moa.pipelines.bundle import RequestError, load_service
-from moa.pipelines.causal import MoACausalLM
-from moa.pipelines.modules import MoAClassifier
-from moa.pipelines.text_bundle import RowSampling
-from moa.pipelines.text_data import TextData
+from moa.pipelines.kinds.causal_lm.module import MoACausalLM
+from moa.pipelines.kinds.classifier.module import MoAClassifier
+from moa.pipelines.kinds.text_bundle import RowSampling
+from moa.pipelines.data.text import TextData
 
 WORDS = {"good": ("polarity", "pos"), "bad": ("polarity", "neg"), "cats": ("topic", "animals"),
          "cars": ("topic", "vehicles"), "songs": ("topic", "music")}
@@ -239,7 +239,7 @@ def test_row_sampling_scales_and_cuts_each_row_by_hand():
 def test_causal_bundle_registers_with_a_loss_gate_and_generates_through_mlflow(causal, tmp_path, monkeypatch):
     import mlflow
 
-    from moa.pipelines.registry import register_bundle
+    from moa.pipelines.tracking.registry import register_bundle
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -260,8 +260,8 @@ def test_causal_bundle_registers_with_a_loss_gate_and_generates_through_mlflow(c
 
 
 def test_causal_model_served_over_http_generates_per_row(causal, tmp_path):
-    from moa.pipelines.registry import register_bundle
-    from moa.pipelines.serving import ModelServer, post
+    from moa.pipelines.tracking.registry import register_bundle
+    from moa.pipelines.serving.commands import ModelServer, post
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     register_bundle(causal["bundle"], "lm-http", tracking_uri=uri)

@@ -9,8 +9,8 @@ import lightning as L
 import pytest
 import torch
 
-from moa.pipelines.modules import MoAClassifier, TaskLabelHead, macro_f1
-from moa.pipelines.text_data import TextData
+from moa.pipelines.kinds.classifier.module import MoAClassifier, TaskLabelHead, macro_f1
+from moa.pipelines.data.text import TextData
 
 
 def test_task_label_head_scores_each_task_in_its_own_label_set():
@@ -92,7 +92,7 @@ def test_text_classifier_learns_per_task_labels_and_speaks_names(tmp_path, one_t
 
 
 def test_classifier_without_n_classes_needs_named_labels():
-    from moa.pipelines.data import MultiTaskTokens
+    from moa.pipelines.data.tokens import MultiTaskTokens
 
     module = MoAClassifier(n_experts=2, r=2, top_k=1)
     trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,

@@ -36,7 +36,7 @@ def test_text_config_parses_and_trains_two_steps(name, tmp_path, monkeypatch, fi
     tiny_tasks(tmp_path / "data")
     config = ROOT / "configs" / f"text-{name}.yaml"
     text = config.read_text()
-    assert "class_path: moa.pipelines.text_data.TextData" in text and "n_classes" not in text
+    assert "class_path: moa.pipelines.data.text.TextData" in text and "n_classes" not in text
     cli = fit_config(["-c", str(config), "--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar", "false",
                       "--trainer.enable_model_summary", "false",
                       *(f"--data.init_args.{split}={tmp_path / 'data' / f'{split}.jsonl'}" for split in ("train", "val", "test")),

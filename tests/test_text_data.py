@@ -15,8 +15,8 @@ from torch.utils.data import DistributedSampler
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from moa.pipelines.modules import minilm_dir  # noqa: E402
-from moa.pipelines.text_data import LengthBatchSampler, TextData  # noqa: E402
+from moa.pipelines.kinds.classifier.module import minilm_dir  # noqa: E402
+from moa.pipelines.data.text import LengthBatchSampler, TextData  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +326,7 @@ def test_a_bare_carriage_return_in_a_csv_field_is_refused_with_its_row_and_colum
 
 
 def test_ml100k_text_tasks(tmp_path, tok):
-    from moa.pipelines.ml100k_text import AGE_GROUPS, DECADES, OCCUPATIONS, build_tasks, main, write_tasks
+    from moa.pipelines.examples.ml100k_text import AGE_GROUPS, DECADES, OCCUPATIONS, build_tasks, main, write_tasks
 
     frames = write_tasks(tmp_path / "tasks", seed=0)
     again = build_tasks(seed=0)

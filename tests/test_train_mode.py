@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 import moa
 from moa.lightning import ClassificationHead, MoAModule
-from moa.pipelines.modules import MoAClassifier, minilm_dir
+from moa.pipelines.kinds.classifier.module import MoAClassifier, minilm_dir
 
 
 class ModeProbe(L.Callback):

@@ -1,6 +1,6 @@
 """Four small text-classification tasks derived from MovieLens-100K, as JSON lines for :class:`TextData`.
 
-    python -m moa.pipelines.ml100k_text outputs/ml100k-text          # train.jsonl, val.jsonl, test.jsonl
+    python -m moa.pipelines.examples.ml100k_text outputs/ml100k-text          # train.jsonl, val.jsonl, test.jsonl
 
 Tasks (columns ``text, label, task, target_text``; ``target_text`` is the label in words, for causal LMs):
 

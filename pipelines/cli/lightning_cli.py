@@ -9,8 +9,8 @@
     moa batch --model-uri models:/<name>@champion ...    # top-k for every user to Parquet
 
 Models and data modules are chosen by class path in the config (subclass mode): any ``LightningModule`` /
-``LightningDataModule``, e.g. :class:`moa.pipelines.modules.MoAClassifier` with
-:class:`moa.pipelines.data.MultiTaskTokens`. The logger defaults to :class:`moa.pipelines.tracking.MLflowLogger`
+``LightningDataModule``, e.g. :class:`moa.pipelines.kinds.classifier.module.MoAClassifier` with
+:class:`moa.pipelines.data.tokens.MultiTaskTokens`. The logger defaults to :class:`moa.pipelines.tracking.callbacks.MLflowLogger`
 (``$MLFLOW_TRACKING_URI`` or the embedded sqlite store); the routing statistics callback is always on
 (configure it under ``routing_stats:``).
 """
@@ -28,10 +28,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning.pytorch.loggers import MLFlowLogger
 
-from .tracking import MLflowLogger, MLflowSaveConfig, ResumeState, RoutingStats, checkpoint_run_id, find_moa_model, run_name
+from moa.pipelines.tracking.callbacks import MLflowLogger, MLflowSaveConfig, ResumeState, RoutingStats, checkpoint_run_id, find_moa_model, run_name
 from moa.experts.errors import UserError, UserTypeError
 
-LOGGER_DEFAULT = {"class_path": "moa.pipelines.tracking.MLflowLogger", "init_args": {"experiment_name": "moa"}}
+LOGGER_DEFAULT = {"class_path": "moa.pipelines.tracking.callbacks.MLflowLogger", "init_args": {"experiment_name": "moa"}}
 
 
 class ParquetPredictionWriter(BasePredictionWriter):
@@ -160,8 +160,8 @@ def lightning_main(args: Sequence[str] | None) -> int:
 
 
 def main(args: Sequence[str] | None = None) -> int:
-    """The ``moa`` command (see :mod:`moa.pipelines.command`)."""
-    from .command import main as command_main
+    """The ``moa`` command (see :mod:`moa.pipelines.cli.command`)."""
+    from moa.pipelines.cli.command import main as command_main
 
     return command_main(args)
 

@@ -15,7 +15,7 @@ LIGHTNING_COMMANDS = {
     "fit": "train a model from a config (Lightning CLI), tracked in MLflow",
     "validate": "evaluate a model or checkpoint (--ckpt_path) on the validation split",
     "test": "evaluate a model or checkpoint (--ckpt_path) on the test split",
-    "predict": "write predictions (add moa.pipelines.cli.ParquetPredictionWriter to the callbacks)",
+    "predict": "write predictions (add moa.pipelines.cli.lightning_cli.ParquetPredictionWriter to the callbacks)",
 }
 OTHER_COMMANDS = {
     "register": "log a model bundle (any kind) to MLflow, register it, promote it to @champion when it wins",
@@ -61,7 +61,9 @@ def usage() -> str:
 
 
 def _commands() -> dict[str, Callable[[list[str]], int | None]]:
-    from . import cli, expert_library, registry, serving
+    from moa.pipelines.cli import lightning_cli as cli
+    from moa.pipelines.serving import commands as serving
+    from moa.pipelines.tracking import expert_library, registry
 
     return {
         **{name: cli.lightning_main for name in LIGHTNING_COMMANDS},

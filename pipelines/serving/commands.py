@@ -4,7 +4,7 @@
     moa batch --model-uri models:/my-classifier@champion --input rows.jsonl --out answers.parquet
     moa batch --model-uri models:/moa-recommender@champion --out recs.parquet [--k 10]  # every user of ml-100k
 
-``moa serve`` runs moa's own scoring server (:mod:`moa.pipelines.server`: FastAPI + uvicorn, the registered pyfunc
+``moa serve`` runs moa's own scoring server (:mod:`moa.pipelines.serving.server`: FastAPI + uvicorn, the registered pyfunc
 model loaded with ``mlflow.pyfunc.load_model``). REST requests go to ``POST /invocations`` as MLflow's
 ``dataframe_split`` / ``dataframe_records`` JSON::
 
@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from .tracking import resolve_tracking_uri
+from moa.pipelines.tracking.callbacks import resolve_tracking_uri
 from moa.experts.errors import UserError
 
 HOST = "127.0.0.1"
@@ -56,19 +56,19 @@ def server_env(tracking_uri: str | None = None) -> dict[str, str]:
 
 
 class ModelServer:
-    """moa's scoring server (:mod:`moa.pipelines.server`) for ``model_uri`` on a loopback port, as a context manager.
+    """moa's scoring server (:mod:`moa.pipelines.serving.server`) for ``model_uri`` on a loopback port, as a context manager.
 
     ``start()`` returns once ``/ping`` answers (or raises with the server's log); ``stop()`` ends the server's
     process group. The server runs in its own process group, with the tracking URI in its environment only
     (``MLFLOW_TRACKING_URI``: a URI may hold credentials, and a command line is visible to every user). ``limits``
-    (a :class:`moa.pipelines.server.Limits`) sets the body, row and time limits; ``docs`` turns on ``/docs``;
+    (a :class:`moa.pipelines.serving.server.Limits`) sets the body, row and time limits; ``docs`` turns on ``/docs``;
     ``engine="ray"`` serves with ``replicas`` Ray Serve replicas on a local Ray cluster the server starts.
     """
 
     def __init__(self, model_uri: str, *, port: int | None = None, host: str = HOST, tracking_uri: str | None = None,
                  workers: int = 1, log_path: str | Path | None = None, startup_timeout: float = 180.0,
                  limits=None, docs: bool = False, engine: str = "uvicorn", replicas: int = 2):
-        from .server import Limits
+        from moa.pipelines.serving.server import Limits
 
         self.model_uri, self.host, self.port = model_uri, host, port or free_port(host)
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
@@ -84,9 +84,9 @@ class ModelServer:
         return f"http://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
-        from .server import limit_arguments
+        from moa.pipelines.serving.server import limit_arguments
 
-        return [sys.executable, "-m", "moa.pipelines.server", "--model-uri", self.model_uri, "--host", self.host,
+        return [sys.executable, "-m", "moa.pipelines.serving.server", "--model-uri", self.model_uri, "--host", self.host,
                 "--port", str(self.port), "--workers", str(self.workers), *limit_arguments(self.limits),
                 "--engine", self.engine, "--replicas", str(self.replicas), *(["--docs"] if self.docs else [])]
 
@@ -166,10 +166,10 @@ def request_body(histories: Sequence[Sequence], domains: Sequence[str], k: int |
 
 
 def serve_main(argv: Sequence[str] | None = None) -> int:
-    from . import server
+    import moa.pipelines.serving.server as server
 
     parser = argparse.ArgumentParser(prog="moa serve", description="Serve a registered model on 127.0.0.1 with "
-                                     "moa's scoring server (see moa.pipelines.server) until interrupted.")
+                                     "moa's scoring server (see moa.pipelines.serving.server) until interrupted.")
     parser.add_argument("--name", default="moa-recommender", help="registered model name")
     parser.add_argument("--alias", default="champion", help="alias to serve")
     parser.add_argument("--model-uri", default=None, help="serve this URI instead of models:/<name>@<alias>")
@@ -291,7 +291,7 @@ def score_rows(model, frame: pd.DataFrame, params: dict | None = None, *, batch_
     from mlflow.exceptions import MlflowException
     from tqdm.auto import tqdm
 
-    from .server import shift_rows
+    from moa.pipelines.serving.server import shift_rows
 
     outputs = []
     with tqdm(total=len(frame), unit="row", desc="scoring", disable=not progress, file=sys.stderr,
@@ -337,7 +337,7 @@ def batch_main(argv: Sequence[str] | None = None) -> int:
                         "folder whose users to score (<name>.inter; default: ml-100k from the installed recbole wheel)")
     parser.add_argument("--data-name", default=None, help="the dataset files' stem (default: the folder's name)")
     parser.add_argument("--engine", choices=("local", "ray"), default="local",
-                        help="score in this process, or with Ray Data over a Ray cluster (see moa.pipelines.ray_engine)")
+                        help="score in this process, or with Ray Data over a Ray cluster (see moa.pipelines.serving.ray_engine)")
     parser.add_argument("--workers", type=int, default=2, help="model copies scoring in parallel (--engine ray)")
     parser.add_argument("--ray-address", default=None, help="Ray cluster to join (--engine ray; default: a local one)")
     parser.add_argument("--tracking-uri", default=None)
@@ -360,7 +360,7 @@ def batch_main(argv: Sequence[str] | None = None) -> int:
         return 0
     import mlflow
 
-    from .text_data import read_table
+    from moa.pipelines.data.text import read_table
 
     if not args.input.is_file():
         raise FileNotFoundError(f"--input {args.input}: no such file")
@@ -370,7 +370,7 @@ def batch_main(argv: Sequence[str] | None = None) -> int:
     if frame.empty:
         raise UserError(f"--input {args.input}: no rows")
     if args.engine == "ray":
-        from .ray_engine import score_rows_on_ray
+        from moa.pipelines.serving.ray_engine import score_rows_on_ray
 
         result = score_rows_on_ray(args.model_uri, frame, params, workers=args.workers, batch_size=args.batch_size,
                                    address=args.ray_address, tracking_uri=args.tracking_uri)

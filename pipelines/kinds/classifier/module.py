@@ -104,9 +104,9 @@ def gather_rows(module, rows: Tensor) -> Tensor:
 
 
 def write_text_bundle_of(module, directory, datamodule=None, *, metrics=None, base: str = "include"):
-    """The module's serving bundle (:func:`moa.pipelines.text_bundle.write_text_bundle`); what
-    :class:`moa.pipelines.tracking.LogBundle` calls at the end of fit."""
-    from .text_bundle import write_text_bundle
+    """The module's serving bundle (:func:`moa.pipelines.kinds.text_bundle.write_text_bundle`); what
+    :class:`moa.pipelines.tracking.callbacks.LogBundle` calls at the end of fit."""
+    from moa.pipelines.kinds.text_bundle import write_text_bundle
 
     return write_text_bundle(directory, module, datamodule, metrics=metrics, base=base)
 
@@ -118,7 +118,7 @@ class MoAClassifier(MoAModule):
         backbone: ``"tiny-bert"``, ``"minilm"`` or a local model folder (see :func:`build_backbone`).
         backbone_options: overrides of the tiny BERT's config, or ``from_pretrained`` keyword arguments.
         n_classes: classes of one head shared by all tasks; ``None`` (the default): one label set per task, read
-            from the data module's ``label_names`` (:class:`moa.pipelines.text_data.TextData`); checkpoints keep
+            from the data module's ``label_names`` (:class:`moa.pipelines.data.text.TextData`); checkpoints keep
             the names, so ``load_from_checkpoint`` rebuilds the head without data.
         pooling: ``"mean"`` or ``"first"`` token pooling of the head.
         n_experts, r, alpha, router, top_k, target_modules, dropout, router_options, impl, expert_kind,
@@ -195,7 +195,7 @@ class MoAClassifier(MoAModule):
             return
         if not labels:
             raise UserError("set model.init_args.n_classes, or use a data module with named labels per task "
-                             "(moa.pipelines.text_data.TextData with target: label)")
+                             "(moa.pipelines.data.text.TextData with target: label)")
         self._build_task_head(datamodule.vocab())
 
     def _build_task_head(self, names: dict[str, Any]) -> None:

@@ -539,7 +539,7 @@ class LogBundle(Callback):
         metric, mode: the gate (``None``: the kind's default, e.g. ``val/accuracy`` max for classifiers,
             ``val/loss`` min for causal LMs, ``val/ndcg_10`` max for recommenders).
         base: ``"include"`` the base weights, or ``"reference"`` the backbone by name (see
-            :func:`moa.pipelines.text_bundle.write_text_bundle`).
+            :func:`moa.pipelines.kinds.text_bundle.write_text_bundle`).
         ship: ``"last"`` or ``"best"`` (the monitoring ``ModelCheckpoint``'s best epoch).
     """
 
@@ -565,7 +565,7 @@ class LogBundle(Callback):
             raise UserTypeError(f"LogBundle: {type(pl_module).__name__} cannot write a serving bundle (no write_bundle)")
         if self.register_as and mlflow_logger(trainer) is None:
             raise UserError(f"LogBundle(register_as={self.register_as!r}) needs the MLflow logger "
-                             "(moa.pipelines.tracking.MLflowLogger); trainer.logger is off")
+                             "(moa.pipelines.tracking.callbacks.MLflowLogger); trainer.logger is off")
         if self.ship == "best" and self._monitor(trainer) is None:
             raise UserError("LogBundle(ship='best') needs a ModelCheckpoint with a monitor (the best epoch's keeper)")
 
@@ -579,8 +579,8 @@ class LogBundle(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero or trainer.interrupted:
             return
-        from .bundle import bundle_meta, default_gate
-        from .registry import check_metric, log_bundle, register_and_gate
+        from moa.pipelines.bundle import bundle_meta, default_gate
+        from moa.pipelines.tracking.registry import check_metric, log_bundle, register_and_gate
 
         self.metrics, self.epoch = _scalars(trainer.callback_metrics), trainer.current_epoch - 1  # the last one
         if self.ship == "best":

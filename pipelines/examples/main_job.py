@@ -1,8 +1,8 @@
 """The main job: the whole recommendation pipeline on embedded defaults, printed.
 
-    python -m moa.pipelines.demo              # ./run main; about 4 min on a 2-core CPU
-    python -m moa.pipelines.demo --sasrec     # also SASRec (item IDs), to its best epoch, tested the same way
-    python -m moa.pipelines.demo --epochs 20  # longer (the benchmark's models peak after 13 to 26 epochs)
+    python -m moa.pipelines.examples.main_job              # ./run main; about 4 min on a 2-core CPU
+    python -m moa.pipelines.examples.main_job --sasrec     # also SASRec (item IDs), to its best epoch, tested the same way
+    python -m moa.pipelines.examples.main_job --epochs 20  # longer (the benchmark's models peak after 13 to 26 epochs)
 
 1. MovieLens-100K in genre domains (each its own catalogue), leave-one-out per domain.
 2. ``moa fit -c configs/recsys-experts.yaml`` on the four domains: moa's best recommender of
@@ -19,7 +19,7 @@
 
 X-Cross (``configs/recsys-xcross.yaml``) trains from this bundle of domain LoRA experts:
 ``moa fit -c configs/recsys-xcross.yaml --model.init_args.sources_from outputs/main/bundle``. The foundation tour that used to be the main job is
-``python -m moa.pipelines.tour``.
+``python -m moa.pipelines.examples.tour``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import time
 import warnings
 from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DOMAINS = ["children", "comedy", "action", "drama"]
 
 
@@ -56,16 +56,16 @@ def quiet() -> None:
 
 def fit(config: str, overrides: list[str], **bundle):
     """``moa fit -c configs/<config>`` with ``overrides``; ``bundle`` updates the config's LogBundle callback."""
-    from moa.pipelines.cli import callback_override, run_cli
+    from moa.pipelines.cli.lightning_cli import callback_override, run_cli
 
     return run_cli(["fit", "-c", str(CONFIGS / config), "--trainer.enable_progress_bar", "false",
                     "--trainer.enable_model_summary", "false", *overrides,
-                    *callback_override(CONFIGS / config, "moa.pipelines.tracking.LogBundle", **bundle)])
+                    *callback_override(CONFIGS / config, "moa.pipelines.tracking.callbacks.LogBundle", **bundle)])
 
 
 def shipped(cli):
     """The LogBundle callback of a fit: what it shipped (``metrics``, ``epoch``, ``promotion``)."""
-    from moa.pipelines.tracking import LogBundle
+    from moa.pipelines.tracking.callbacks import LogBundle
 
     return next(c for c in cli.trainer.callbacks if isinstance(c, LogBundle))
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    from moa.pipelines.tracking import resolve_tracking_uri
+    from moa.pipelines.tracking.callbacks import resolve_tracking_uri
 
     print(f"MLflow store: {resolve_tracking_uri()} (artifacts under ./mlruns); outputs in {out}/")
 
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     step(f"4. REST: moa serve --model-uri models:/{args.name}@champion (127.0.0.1)")
     import pandas as pd
 
-    from moa.pipelines.serving import ModelServer, post, request_body, score_all_users
+    from moa.pipelines.serving.commands import ModelServer, post, request_body, score_all_users
 
     items = pd.read_parquet(out / "bundle" / "items.parquet")
     title = dict(zip(items["item_id"].astype(int), items["title"]))

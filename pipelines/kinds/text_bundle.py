@@ -1,5 +1,5 @@
-"""The serving flavour of the text model kinds: a classifier (:class:`~moa.pipelines.modules.MoAClassifier`) or a
-causal LM (:class:`~moa.pipelines.causal.MoACausalLM`) as a bundle of plain files, and the services that answer
+"""The serving flavour of the text model kinds: a classifier (:class:`~moa.pipelines.kinds.classifier.module.MoAClassifier`) or a
+causal LM (:class:`~moa.pipelines.kinds.causal_lm.module.MoACausalLM`) as a bundle of plain files, and the services that answer
 requests in names.
 
 A text bundle is a folder (no pickle, no absolute path)::
@@ -41,7 +41,7 @@ from moa.experts.errors import UserError, UserTypeError
 import moa
 from moa.atomic import atomic_folder, read_json, read_safetensors, readable, verify
 
-from .bundle import RequestError
+from moa.pipelines.bundle import RequestError
 
 SERVICE_FILE, ADAPTER_DIR, BASE_DIR, TOKENIZER_DIR, HEAD_FILE, CONFIG_FILE = (
     "service.json", "adapter", "base", "tokenizer", "head.safetensors", "config.yaml")
@@ -54,7 +54,7 @@ MAX_NEW_TOKENS = 512
 def write_text_bundle(directory: str | Path, module, datamodule=None, *, metrics: Mapping[str, float] | None = None,
                       base: str = "include", config_yaml: str | Path | None = None) -> Path:
     """Write the bundle of a trained :class:`MoAClassifier` or :class:`MoACausalLM` (``datamodule``: the
-    :class:`~moa.pipelines.text_data.TextData` it was trained on, for the tokenizer, names, template and lengths).
+    :class:`~moa.pipelines.data.text.TextData` it was trained on, for the tokenizer, names, template and lengths).
 
     ``base="include"`` ships the base model's weights; ``"reference"`` records the backbone's name instead
     (``"minilm"``, the installed all-MiniLM-L6-v2, or a relative folder / hub name ``from_pretrained`` finds where
@@ -71,7 +71,7 @@ def write_text_bundle(directory: str | Path, module, datamodule=None, *, metrics
         tokenizer = module._tokenizer()
     if tokenizer is None:
         raise UserError("a text bundle needs the tokenizer the model was trained with: pass the data module "
-                         "(moa.pipelines.text_data.TextData)")
+                         "(moa.pipelines.data.text.TextData)")
     head = module.head if meta["kind"] == CLASSIFIER else None
     return write_bundle_files(directory, module.model, tokenizer, meta, head=head, include_base=base == "include",
                               config_yaml=config_yaml)
@@ -100,8 +100,8 @@ def write_bundle_files(directory: str | Path, model: moa.MoAModel, tokenizer, me
 
 
 def _describe(module, datamodule) -> dict[str, Any]:
-    from .causal import MoACausalLM
-    from .modules import MoAClassifier, TaskLabelHead
+    from moa.pipelines.kinds.causal_lm.module import MoACausalLM
+    from moa.pipelines.kinds.classifier.module import MoAClassifier, TaskLabelHead
 
     template = getattr(datamodule, "prompt_template", "{text}")
     max_length = int(getattr(datamodule, "max_length", 128))
@@ -147,7 +147,7 @@ def _portable_reference(backbone: Any) -> str:
 def _load_base(folder: Path, meta: Mapping[str, Any]) -> nn.Module:
     import transformers
 
-    from .modules import minilm_dir
+    from moa.pipelines.kinds.classifier.module import minilm_dir
 
     reference = meta.get("base_reference")
     source = folder / BASE_DIR if reference is None else (minilm_dir() if reference == "minilm" else reference)
@@ -166,7 +166,7 @@ def load_text_bundle(directory: str | Path) -> tuple[dict[str, Any], moa.MoAMode
 
     from moa.lightning import ClassificationHead
 
-    from .modules import TaskLabelHead
+    from moa.pipelines.kinds.classifier.module import TaskLabelHead
 
     folder = readable(directory)
     verify(folder)

@@ -39,7 +39,7 @@ from moa.atomic import MANIFEST, atomic_folder, read_json, read_safetensors, rea
 from moa.experts.errors import UserError
 from moa.recsys.data import RecDataset, left_pad
 
-from .bundle import RequestError
+from moa.pipelines.bundle import RequestError
 
 SERVICE_FILE, ITEMS_FILE, TABLES_FILE, RECOMMENDERS_DIR, CONFIG_FILE = (
     "service.json", "items.parquet", "item_tables.safetensors", "recommenders", "config.yaml")

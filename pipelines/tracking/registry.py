@@ -2,7 +2,7 @@
 
     moa register --bundle outputs/bundle --name my-classifier [--metric val/accuracy --mode max] [--run-id RUN]
 
-The model is logged from code (:mod:`moa.pipelines.pyfunc_model`, nothing pickled) with the bundle folder as its
+The model is logged from code (:mod:`moa.pipelines.tracking.pyfunc_model`, nothing pickled) with the bundle folder as its
 one artifact, the signature and an input example of its kind (:mod:`moa.pipelines.bundle`), and requirements
 that pin the moa version that wrote it. Each registered version carries its gating metric as tags
 (``gate_metric``, ``gate_mode``, ``gate_value``: the value's ``repr``, compared exactly); the alias ``champion``
@@ -36,8 +36,8 @@ import moa
 from moa.atomic import readable
 from mlflow.exceptions import MlflowException
 
-from .bundle import bundle_meta, default_gate, signature_and_example
-from .tracking import resolve_tracking_uri
+from moa.pipelines.bundle import bundle_meta, default_gate, signature_and_example
+from moa.pipelines.tracking.callbacks import resolve_tracking_uri
 
 CHAMPION = "champion"
 METRIC_TAG, METRIC_NAME_TAG, MODE_TAG = "gate_value", "gate_metric", "gate_mode"

@@ -10,7 +10,7 @@ Batches follow the text data contract: ``input_ids``/``attention_mask`` (prompt 
 ``labels`` (-100 on prompt and padding), ``task_ids``, ``domain_ids``, ``row``, ``prompt_input_ids``/
 ``prompt_attention_mask`` (left-padded prompts) and ``target_text``.
 
-    python -m moa.pipelines.causal --save-preset tiny-llama out/tiny-llama   # a folder from_pretrained reads
+    python -m moa.pipelines.kinds.causal_lm.module --save-preset tiny-llama out/tiny-llama   # a folder from_pretrained reads
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from moa.lightning import MoAModule
 from moa.rloo import RLOOModule
 from moa.routers import CONTEXT_KEYS
 
-from .modules import metric_name, minilm_dir, write_text_bundle_of
+from moa.pipelines.kinds.classifier.module import metric_name, minilm_dir, write_text_bundle_of
 
 MINILM_VOCAB = 30522
 MINILM_SPECIAL = dict(pad_token_id=0, bos_token_id=101, eos_token_id=102)  # [PAD], [CLS], [SEP] (eos of the data)
@@ -352,7 +352,7 @@ class RLOOCausalLM(MoACausalLM, RLOOModule):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moa.pipelines.causal", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m moa.pipelines.kinds.causal_lm.module", description=__doc__.split("\n")[0])
     parser.add_argument("--save-preset", nargs=2, metavar=("NAME", "FOLDER"), required=True,
                         help=f"save preset NAME ({', '.join(sorted(PRESETS))}) with MiniLM's tokenizer to FOLDER")
     parser.add_argument("--seed", type=int, default=0)

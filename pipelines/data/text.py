@@ -436,7 +436,7 @@ class TextData(L.LightningDataModule):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            from .modules import minilm_dir
+            from moa.pipelines.kinds.classifier.module import minilm_dir
 
             path = minilm_dir() if self.tokenizer_name == "minilm" else Path(self.tokenizer_name).expanduser()
             if not path.is_dir():

@@ -1,6 +1,6 @@
 """moa's REST scoring server: a registered pyfunc model behind a small, defensive ASGI app (FastAPI + uvicorn).
 
-    python -m moa.pipelines.server --model-uri models:/moa-recommender@champion [--port 5055] [--timeout 30]
+    python -m moa.pipelines.serving.server --model-uri models:/moa-recommender@champion [--port 5055] [--timeout 30]
 
 ``POST /invocations`` takes MLflow's ``dataframe_records`` / ``dataframe_split`` JSON with optional ``params``
 and answers ``{"predictions": [...]}`` like ``mlflow models serve``; ``GET /ping`` and ``GET /health`` answer 200
@@ -315,7 +315,7 @@ def create_app(model, limits: Limits | None = None, *, docs: bool = False):
 def load(model_uri: str, tracking_uri: str | None = None):
     import mlflow
 
-    from .tracking import resolve_tracking_uri
+    from moa.pipelines.tracking.callbacks import resolve_tracking_uri
 
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
     return mlflow.pyfunc.load_model(model_uri)
@@ -336,7 +336,7 @@ def run(model_uri: str, *, host: str = "127.0.0.1", port: int = 5055, workers: i
     os.environ[ENV] = json.dumps({"model_uri": model_uri, "tracking_uri": tracking_uri, "docs": docs,
                                   "limits": asdict(limits or Limits())})
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    uvicorn.run("moa.pipelines.server:app_from_env", factory=True, host=host, port=port, workers=workers,
+    uvicorn.run("moa.pipelines.serving.server:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level="warning", access_log=False, timeout_graceful_shutdown=5)
 
 
@@ -358,7 +358,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests scored at once per server process (they take turns on the model)")
     parser.add_argument("--docs", action="store_true", help="serve interactive API docs at /docs")
     parser.add_argument("--engine", choices=("uvicorn", "ray"), default="uvicorn",
-                        help="uvicorn worker processes on this machine, or Ray Serve replicas (see moa.pipelines.ray_engine)")
+                        help="uvicorn worker processes on this machine, or Ray Serve replicas (see moa.pipelines.serving.ray_engine)")
     parser.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas (--engine ray)")
     parser.add_argument("--ray-address", default=None, help="Ray cluster to join (--engine ray; default: start a "
                         "local one; 'auto': the cluster of this machine; ray://host:10001: a remote one)")
@@ -367,7 +367,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def serve(model_uri: str, args: argparse.Namespace) -> None:
     """Serve until interrupted with the engine, host, port and limits of the parsed ``args``."""
     if args.engine == "ray":
-        from .ray_engine import serve_on_ray
+        from moa.pipelines.serving.ray_engine import serve_on_ray
 
         serve_on_ray(model_uri, replicas=args.replicas, host=args.host, port=args.port, tracking_uri=args.tracking_uri,
                      limits=limits_of(args), docs=args.docs, address=args.ray_address)
@@ -395,7 +395,7 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int | None = None) -> It
     notebooks)."""
     import uvicorn
 
-    from .serving import free_port
+    from moa.pipelines.serving.commands import free_port
 
     port = port or free_port(host)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
@@ -414,7 +414,7 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int | None = None) -> It
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moa.pipelines.server", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m moa.pipelines.serving.server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-uri", required=True)
     add_arguments(parser)

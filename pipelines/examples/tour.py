@@ -1,6 +1,6 @@
 """A one-minute tour of the foundation, printed (the main job before the recommendation pipeline landed).
 
-    python -m moa.pipelines.tour [--out outputs/tour] [--steps 60]
+    python -m moa.pipelines.examples.tour [--out outputs/tour] [--steps 60]
 
 1. attach a top-k routed pool of LoRA experts to a tiny Llama built from a config, and train it with Lightning
    on a seeded two-domain sequence task (the routers' load-balancing loss included);

@@ -6,7 +6,7 @@ combined without retraining any of them.
     moa expert pool --base models/tiny-llama --expert models:/echo/1 --expert models:/reverse@champion \\
         --out pool-bundle [--register-as my-pool]
 
-A pool is a causal-LM bundle (:mod:`moa.pipelines.text_bundle`) whose tasks are the experts: a request row
+A pool is a causal-LM bundle (:mod:`moa.pipelines.kinds.text_bundle`) whose tasks are the experts: a request row
 ``{"prompt": ..., "task": "echo"}`` is answered by the base with expert ``echo`` (static routing on ``task_ids``,
 rows of different experts in one batch through the grouped kernels). ``service.json`` records which registry
 version each expert came from. Adding an expert is assembling again with one more URI: the other experts'
@@ -40,7 +40,7 @@ def register_expert(adapter: str | Path, name: str, *, tracking_uri: str | None 
 
     from moa.peft_bridge import _read_adapter
 
-    from .tracking import resolve_tracking_uri
+    from moa.pipelines.tracking.callbacks import resolve_tracking_uri
 
     folder = Path(adapter)
     config, factors = _read_adapter(folder)  # raises naming the folder and the problem
@@ -67,7 +67,7 @@ def resolve_experts(uris: Sequence[str], *, tracking_uri: str | None = None,
     import mlflow
     from mlflow import MlflowClient
 
-    from .tracking import resolve_tracking_uri
+    from moa.pipelines.tracking.callbacks import resolve_tracking_uri
 
     if not uris:
         raise UserError("a pool needs at least one expert URI (models:/<name>/<version> or models:/<name>@<alias>)")
@@ -108,8 +108,8 @@ def write_pool_bundle(directory: str | Path, base: str | Path, uris: Sequence[st
     ``uris``; ``tokenizer``: a folder (default: the base's, else MiniLM's)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .modules import minilm_dir
-    from .text_bundle import CAUSAL_LM, write_bundle_files
+    from moa.pipelines.kinds.classifier.module import minilm_dir
+    from moa.pipelines.kinds.text_bundle import CAUSAL_LM, write_bundle_files
 
     base = Path(base)
     if not (base / "config.json").is_file():
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p in (reg, pool):
         p.add_argument("--tracking-uri", default=None)
     args = parser.parse_args(argv)
-    from .tracking import resolve_tracking_uri
+    from moa.pipelines.tracking.callbacks import resolve_tracking_uri
 
     os.environ.setdefault("MLFLOW_TRACKING_URI", resolve_tracking_uri(args.tracking_uri))
     if args.action == "register":
@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.register_as:
         import mlflow
 
-        from .registry import log_bundle
+        from moa.pipelines.tracking.registry import log_bundle
 
         info = log_bundle(bundle, experiment=EXPERIMENT, tracking_uri=args.tracking_uri)
         out["version"] = str(mlflow.register_model(info.model_uri, args.register_as).version)

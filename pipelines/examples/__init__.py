@@ -1,0 +1,1 @@
+"""The main job, the tour and their example data (not library code)."""

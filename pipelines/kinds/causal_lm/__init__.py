@@ -1,0 +1,1 @@
+"""The causal-LM kind: a decoder with MoA pools, trained on target tokens, served by generation."""

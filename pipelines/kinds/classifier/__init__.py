@@ -1,0 +1,1 @@
+"""The classifier kind: an encoder with MoA pools and a label head per task."""

@@ -1,0 +1,1 @@
+"""The recommender kind: text-based sequential recommenders with domain experts."""

@@ -1,0 +1,1 @@
+"""Serving: the REST server, the serve and batch commands, and Ray scale-out."""
