@@ -34,7 +34,7 @@ def batch_wall(command: list[str], env: dict) -> float:
 
 
 def serve_load(model_uri: str, tracking: str, rows: list[dict], clients: int, requests: int, **server) -> dict:
-    from moa.pipelines.serving.commands import ModelServer
+    from moa.pipelines.serving.process import ModelServer
 
     with ModelServer(model_uri, tracking_uri=tracking, startup_timeout=600, **server) as running:
         warm = Client(running.host, running.port)

@@ -88,7 +88,7 @@ class Client:
 
 def bad_input_answers(url: str, good: dict) -> list[tuple[int, str]]:
     """(status, body) for a set of malformed requests: bad JSON, types, ids, sizes, content types, nesting."""
-    from moa.pipelines.serving.commands import post
+    from moa.pipelines.serving.client import post
 
     history, domain = good["history"], good["domain"]
     bodies = [
@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import mlflow
 
-    from moa.pipelines.serving.commands import ModelServer
-    from moa.pipelines.tracking.callbacks import resolve_tracking_uri
+    from moa.pipelines.serving.process import ModelServer
+    from moa.pipelines.tracking.store import resolve_tracking_uri
 
     tracking, model_uri, note = resolve_tracking_uri(), args.model_uri, "registered model"
     temporary = None

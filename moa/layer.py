@@ -11,7 +11,8 @@ from transformers.pytorch_utils import Conv1D
 from moa.experts import ExpertPlan, ExpertPool, choose_impl, grouped_lora
 from moa.experts.errors import UserTypeError
 from moa.experts.kernels.cpp import cpp_expand, cpp_expand_routed
-from moa.experts.kernels.fused import dense_expand, fused_shrink, grouped_expand
+from moa.experts.kernels.fused import dense_expand, fused_shrink
+from moa.experts.kernels.grouped import grouped_expand
 from moa.routers import Router, Routing, RoutingContext
 
 

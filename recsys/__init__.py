@@ -1,6 +1,6 @@
 """Cross-domain sequential recommendation on top of moa (imports moa core only, never the pipelines).
 
-Modules, each importing only those above it in this list (``tests/test_recsys_layout.py`` checks the graph):
+Modules, each importing only those above it in this list (``tests/test_layout.py`` checks the graph):
 
 * :mod:`~moa.recsys.data`: datasets and splits. :func:`ml100k` (MovieLens-100K in genre domains,
   :data:`ML100K_DOMAINS`), :func:`load_atomic` (RecBole atomic files), :func:`load_amazon` (Amazon Reviews) give a

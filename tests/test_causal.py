@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 import moa
 from moa.pipelines.kinds.causal_lm.module import MoACausalLM, build_causal_lm, rouge_l, save_preset
-from moa.pipelines.kinds.classifier.module import minilm_dir
+from moa.pipelines.data.pretrained import minilm_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PAD, EOS = 0, 102  # MiniLM's [PAD]; [SEP] is the data's eos
@@ -295,7 +295,7 @@ def test_preset_saves_and_reloads_from_its_folder(name, tok, tmp_path, one_threa
 
 
 def test_text_data_fit_then_moa_predict_writes_one_generation_per_row(tok, tmp_path, monkeypatch, one_thread):
-    from moa.pipelines.cli.lightning_cli import main
+    from moa.pipelines.cli.command import main
 
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "data"

@@ -44,7 +44,7 @@ def test_moa_fit_refuses_a_checkpoint_with_a_pickled_payload(tmp_path):
     evil = tmp_path / "evil.ckpt"
     torch.save({"epoch": 0, "global_step": 0, "state_dict": {}, "moa_resume": {"mlflow_run_id": armed(marker)}}, evil)
     script = Path(sys.executable).with_name("moa")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "moa.pipelines.cli.lightning_cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "moa.pipelines.cli.command"]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     done = subprocess.run([*command, "fit", "-c", str(ROOT / "configs" / "topk.yaml"), "--ckpt_path", str(evil),
                            "--trainer.max_steps", "1"], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -84,7 +84,7 @@ class ScriptedModule(L.LightningModule):
 def test_log_bundle_restores_the_best_checkpoint_as_data_only(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from moa.pipelines.tracking.callbacks import LogBundle
+    from moa.pipelines.tracking.log_bundle import LogBundle
 
     marker = tmp_path / "marker"
     module, data = ScriptedModule(), DataLoader(torch.ones(4, 1), batch_size=2)

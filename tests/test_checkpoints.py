@@ -99,7 +99,7 @@ class ScriptedModule(L.LightningModule):
 def test_log_bundle_ships_the_best_checkpoint_with_its_own_metrics(tmp_path, ship, one_thread):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from moa.pipelines.tracking.callbacks import LogBundle
+    from moa.pipelines.tracking.log_bundle import LogBundle
 
     module, data = ScriptedModule(), DataLoader(torch.zeros(4, 1), batch_size=2)
     bundle = LogBundle(str(tmp_path / "bundle"), ship=ship)
@@ -115,7 +115,7 @@ def test_log_bundle_ships_the_best_checkpoint_with_its_own_metrics(tmp_path, shi
 
 
 def test_log_bundle_ship_best_needs_a_monitoring_checkpoint(tmp_path):
-    from moa.pipelines.tracking.callbacks import LogBundle
+    from moa.pipelines.tracking.log_bundle import LogBundle
 
     data = DataLoader(torch.zeros(4, 1), batch_size=2)
     trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,

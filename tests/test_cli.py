@@ -24,7 +24,7 @@ SMALL = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 
 def moa_command() -> list[str]:
     script = Path(sys.executable).with_name("moa")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "moa.pipelines.cli.lightning_cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "moa.pipelines.cli.command"]
 
 
 def run_moa(args, cwd, env=None, timeout=300) -> str:
@@ -47,7 +47,7 @@ def runs_of(db: Path, experiment: str):
 
 @pytest.mark.parametrize("name", ROUTER_CONFIGS)
 def test_router_config_prints_and_trains_one_step(name, tmp_path, monkeypatch, fit_config):
-    from moa.pipelines.cli.lightning_cli import main
+    from moa.pipelines.cli.command import main
 
     monkeypatch.chdir(tmp_path)
     out = io.StringIO()
@@ -106,7 +106,7 @@ def test_fit_logs_to_mlflow_then_test_resume_validate_and_predict(tmp_path, monk
     assert torch.load(last, weights_only=False)["global_step"] == 8
 
     # test (in-process: the same main() the console script calls): a run of its own, nested under the fit's run
-    from moa.pipelines.cli.lightning_cli import main
+    from moa.pipelines.cli.command import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -151,7 +151,7 @@ def test_fit_logs_to_mlflow_then_test_resume_validate_and_predict(tmp_path, monk
 
 
 def test_poly_fit_logs_the_task_skill_matrix(tmp_path, monkeypatch):
-    from moa.pipelines.cli.lightning_cli import main
+    from moa.pipelines.cli.command import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -166,7 +166,7 @@ def test_poly_fit_logs_the_task_skill_matrix(tmp_path, monkeypatch):
 
 
 def test_help_overrides_and_bad_values(tmp_path, monkeypatch, capsys):
-    from moa.pipelines.cli.lightning_cli import main
+    from moa.pipelines.cli.command import main
 
     monkeypatch.chdir(tmp_path)
     assert main(["--help"]) == 0

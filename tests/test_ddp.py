@@ -26,7 +26,7 @@ def launch_env() -> dict[str, str]:
 
 def test_fit_with_ddp_on_two_cpu_processes(tmp_path):
     script = Path(sys.executable).with_name("moa")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "moa.pipelines.cli.lightning_cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "moa.pipelines.cli.command"]
     args = ["fit", "-c", str(ROOT / "configs" / "topk.yaml"), "--trainer.strategy", "ddp", "--trainer.devices", "2",
             "--trainer.accelerator", "cpu", "--trainer.max_epochs", "2", "--data.init_args.n_train", "64",
             "--data.init_args.n_val", "32", "--data.init_args.batch_size", "16", "--trainer.log_every_n_steps", "1",

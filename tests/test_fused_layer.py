@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
-import moa.experts.kernels.fused as fused_mod
+import moa.experts.kernels.grouped as grouped_mod
 import moa.layer as layer_mod
 from moa.experts import LoRAPool
 from moa.experts.kernels import cpp as cpp_mod
@@ -54,7 +54,7 @@ def kernel(request, monkeypatch, require_cpp):
         monkeypatch.setattr(cpp_mod, "_tried", True)
         monkeypatch.setattr(cpp_mod, "_lib", None)
     ran = _Ran()
-    for name, fn in (("cpp_expand", cpp_mod._CppLoRA), ("grouped_expand", fused_mod._GroupedExpand)):
+    for name, fn in (("cpp_expand", cpp_mod._CppLoRA), ("grouped_expand", grouped_mod._GroupedExpand)):
         real = fn.apply
         monkeypatch.setattr(fn, "apply", lambda *a, _real=real, _name=name: (ran.append(_name), _real(*a))[1])
     ran.kind = request.param

@@ -20,7 +20,8 @@ from moa.pipelines.tracking.registry import CHAMPION, log_bundle, register_and_g
 from moa.pipelines.kinds.recommender.module import tiny_encoder
 from moa.pipelines.kinds.recommender.service import (SERVICE_FILE, RecommendationService, RequestError, item_table,
                                    write_bundle)
-from moa.pipelines.tracking.callbacks import heatmap_png, resolve_tracking_uri, usage_entropy
+from moa.pipelines.tracking.routing_stats import heatmap_png, usage_entropy
+from moa.pipelines.tracking.store import resolve_tracking_uri
 from moa.recsys.data import ml100k
 from moa.recsys.recommender import RecommenderConfig, TextSeqRecommender
 
@@ -149,7 +150,7 @@ def test_logged_from_code_with_signature_and_no_pickle(world, store):
 
 
 def test_register_command_and_the_promotion_gate(world, store, capsys):
-    from moa.pipelines.cli.lightning_cli import main
+    from moa.pipelines.cli.command import main
 
     client = MlflowClient()
     main(["register", "--bundle", str(world["bundle"]), "--name", "rec"])  # log + register + gate (NDCG@10 0.05)
@@ -206,12 +207,12 @@ def test_tracking_uri_resolution_and_routing_statistics(monkeypatch, tmp_path):
 def test_recsys_configs_train_export_register_and_serve_in_process(world, store):
     """configs/recsys-experts.yaml then configs/recsys-xcross.yaml (tiny encoder, a few steps), as the main job."""
     from moa.pipelines.cli.lightning_cli import callback_override, run_cli
-    from moa.pipelines.tracking.callbacks import LogBundle
+    from moa.pipelines.tracking.log_bundle import LogBundle
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     fast = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.enable_progress_bar",
             "false", "--trainer.enable_model_summary", "false", "--model.init_args.verbose", "false"]
-    bundle = "moa.pipelines.tracking.callbacks.LogBundle"
+    bundle = "moa.pipelines.tracking.log_bundle.LogBundle"
     experts = run_cli(["fit", "-c", str(configs / "recsys-experts.yaml"), "--model.init_args.encoder",
                        str(world["root"] / "encoder"), "--model.init_args.hidden", "16", "--model.init_args.inner", "32",
                        *callback_override(configs / "recsys-experts.yaml", bundle, directory=str(store / "experts")),

@@ -4,10 +4,10 @@ these. Everything else moa needs from Lightning and MLflow goes through public A
 ``logger.experiment``, ``MlflowClient.tracking_uri``, ``mlflow.get_registry_uri()``, ``trainer_defaults``
 callbacks, ``LightningCLI.parse_arguments``, torch / numpy / random RNG states).
 
-* ``MLFlowLogger._run_name`` / ``_run_id`` / ``_initialized``: :class:`moa.pipelines.tracking.callbacks.MLflowLogger`
+* ``MLFlowLogger._run_name`` / ``_run_id`` / ``_initialized``: :class:`moa.pipelines.tracking.logger.MLflowLogger`
   names, continues or nests its run before it starts (the constructor's ``run_name`` / ``run_id``, set late).
 * ``trainer.fit_loop._data_fetcher`` (iterated, advanced, its ``fetched`` count reset):
-  :class:`moa.pipelines.tracking.callbacks.ResumeState` replays an interrupted epoch's loader.
+  :class:`moa.pipelines.tracking.resume.ResumeState` replays an interrupted epoch's loader.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ def require(condition: bool, api: str, user: str) -> None:
 def test_mlflow_logger_run_choice_attributes(tmp_path):
     from mlflow import MlflowClient
 
-    from moa.pipelines.tracking.callbacks import MLflowLogger
+    from moa.pipelines.tracking.logger import MLflowLogger
 
-    user = "moa.pipelines.tracking.callbacks.MLflowLogger"
+    user = "moa.pipelines.tracking.logger.MLflowLogger"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     fresh = MLflowLogger(experiment_name="private", tracking_uri=uri, run_name="given")
     for attribute, value in (("_run_name", "given"), ("_run_id", None), ("_initialized", False)):
@@ -51,7 +51,7 @@ class Probe(L.Callback):
     """Checks at train start what ResumeState does with the fit loop's data fetcher."""
 
     def on_train_start(self, trainer, pl_module):
-        user = "moa.pipelines.tracking.callbacks.ResumeState"
+        user = "moa.pipelines.tracking.resume.ResumeState"
         fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
         require(fetcher is not None, "trainer.fit_loop._data_fetcher", user)
         require(isinstance(getattr(fetcher, "fetched", None), int), "trainer.fit_loop._data_fetcher.fetched", user)

@@ -106,7 +106,8 @@ def test_a_refused_row_is_named_by_its_row_in_the_input_not_in_its_ray_batch(reg
 
 def test_ray_serve_replicas_answer_like_the_module(registered, cluster):
     from moa.pipelines.serving.ray_engine import serve_on_ray
-    from moa.pipelines.serving.commands import free_port, post
+    from moa.pipelines.serving.client import post
+    from moa.pipelines.serving.server import free_port
 
     port = free_port()  # last in the module: its replicas hold the cluster's CPUs until serve.shutdown()
     serve_on_ray("models:/clf@champion", replicas=2, port=port, tracking_uri=registered["uri"], blocking=False)

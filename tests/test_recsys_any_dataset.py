@@ -65,7 +65,7 @@ def test_the_recommender_config_trains_on_any_dataset_and_serves_its_item_tokens
              "--data.init_args.domains", "[books, games]", "--data.init_args.batch_size", "16",
              "--model.init_args.encoder", str(tiny_encoder(tmp_path / "encoder")), "--model.init_args.hidden", "16",
              "--model.init_args.inner", "32", "--model.init_args.negatives", "8", "--model.init_args.verbose", "false",
-             *callback_override(ROOT / "configs" / "recsys-experts.yaml", "moa.pipelines.tracking.callbacks.LogBundle",
+             *callback_override(ROOT / "configs" / "recsys-experts.yaml", "moa.pipelines.tracking.log_bundle.LogBundle",
                                 directory=str(tmp_path / "bundle")), "--trainer.max_epochs", "1",
              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
     service = RecommendationService.from_bundle(tmp_path / "bundle")
@@ -83,7 +83,7 @@ def test_the_recommender_config_trains_on_any_dataset_and_serves_its_item_tokens
         service.predict(pd.DataFrame({"history": [["g1"]], "domain": ["games"]}), {"k": 10})
     # every user of the dataset scored by the registered model, in the dataset's tokens
     from moa.pipelines.tracking.registry import register_bundle
-    from moa.pipelines.serving.commands import batch_main
+    from moa.pipelines.serving.batch import batch_main
 
     register_bundle(tmp_path / "bundle", "toy-rec", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert batch_main(["--model-uri", "models:/toy-rec@champion", "--data", str(folder), "--out",

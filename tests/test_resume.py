@@ -25,7 +25,7 @@ def environment() -> dict[str, str]:
 
 def moa_command() -> list[str]:
     script = Path(sys.executable).with_name("moa")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "moa.pipelines.cli.lightning_cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "moa.pipelines.cli.command"]
 
 
 def run_moa(args, cwd) -> str:

@@ -24,8 +24,10 @@ import torch
 
 from moa.pipelines.bundle import RequestError, load_service
 from moa.pipelines.serving.server import Limits, create_app, serve_in_thread
-from moa.pipelines.serving.commands import post
-from moa.pipelines.kinds.text_bundle import MAX_TEXT_CHARS, ClassifierService, RowSampling, write_text_bundle
+from moa.pipelines.serving.client import post
+from moa.pipelines.kinds.causal_lm.service import RowSampling
+from moa.pipelines.kinds.classifier.service import ClassifierService
+from moa.pipelines.kinds.text_bundle import MAX_TEXT_CHARS, write_text_bundle
 
 TASKS = ["echo", "rev"]
 EOS = 102  # MiniLM's [SEP], the presets' eos
@@ -188,7 +190,8 @@ def test_top_p_keeps_the_smallest_prefix_whose_mass_reaches_top_p_exactly():
 def test_texts_at_the_length_limit_are_accepted_and_one_character_over_is_refused(bundle):
     from transformers import AutoTokenizer
 
-    from moa.pipelines.kinds.classifier.module import MoAClassifier, minilm_dir
+    from moa.pipelines.data.pretrained import minilm_dir
+    from moa.pipelines.kinds.classifier.module import MoAClassifier
 
     module = MoAClassifier(backbone="tiny-bert", backbone_options={"vocab_size": 30522}, n_classes=2, router="static", n_experts=2, r=2,
                            router_options={"key": "task_ids"}).eval()

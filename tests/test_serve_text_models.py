@@ -15,7 +15,8 @@ import pytest
 import torch
 import yaml
 
-from moa.pipelines.serving.commands import ModelServer, post
+from moa.pipelines.serving.client import post
+from moa.pipelines.serving.process import ModelServer
 
 MOA = str(Path(sys.executable).with_name("moa"))
 WORDS = {"good": ("polarity", "pos"), "bad": ("polarity", "neg"), "cats": ("topic", "animals"),
@@ -35,9 +36,9 @@ def config(root: Path, train: Path) -> Path:
                                "max_length": 16}},
         "trainer": {"max_epochs": 2, "enable_progress_bar": False, "enable_model_summary": False,
                     "enable_checkpointing": False, "default_root_dir": str(root / "runs"),
-                    "logger": {"class_path": "moa.pipelines.tracking.callbacks.MLflowLogger",
+                    "logger": {"class_path": "moa.pipelines.tracking.logger.MLflowLogger",
                                "init_args": {"experiment_name": "text"}},
-                    "callbacks": [{"class_path": "moa.pipelines.tracking.callbacks.LogBundle",
+                    "callbacks": [{"class_path": "moa.pipelines.tracking.log_bundle.LogBundle",
                                    "init_args": {"directory": str(root / "bundle"), "register_as": "clf"}}]},
     }
     path = root / "fit.yaml"

@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from moa.pipelines.serving.commands import ModelServer
+from moa.pipelines.serving.process import ModelServer
 
 MODEL_CODE = """
 import mlflow
@@ -49,7 +49,7 @@ def test_the_server_gets_the_tracking_uri_from_its_environment_not_its_command_l
     with server:
         pid = server.process.pid
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        assert b"moa.pipelines.serving.server" in argv  # the server itself, not a wrapper
+        assert b"moa.pipelines.serving.serve_command" in argv  # the server itself, not a wrapper
         assert not [arg for arg in argv if str(store).encode() in arg or b"tracking" in arg], argv
         environ = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if item)
         assert environ[b"MLFLOW_TRACKING_URI"] == uri.encode()

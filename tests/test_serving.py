@@ -22,7 +22,8 @@ from moa.pipelines.kinds.recommender.module import tiny_encoder
 from moa.pipelines.tracking.registry import register_bundle
 from moa.pipelines.serving.server import Limits, create_app, serve_in_thread
 from moa.pipelines.kinds.recommender.service import item_table, write_bundle
-from moa.pipelines.serving.commands import ModelServer, post, request_body
+from moa.pipelines.serving.client import post, request_body
+from moa.pipelines.serving.process import ModelServer
 from moa.recsys.data import left_pad, ml100k
 from moa.recsys.loading import load_recommender
 from moa.recsys.recommender import RecommenderConfig, TextSeqRecommender
@@ -113,7 +114,7 @@ def assert_good(served, histories, domains, k):
 
 def test_server_binds_loopback_and_answers_mixed_domain_batches(served):
     server, items = served["server"], served["items"]
-    assert server.host == "127.0.0.1" and "moa.pipelines.serving.server" in server.command()
+    assert server.host == "127.0.0.1" and "moa.pipelines.serving.serve_command" in server.command()
     comedy = ids_of(items, "comedy", 8)
     # row 1's history is row 0's unmasked favourites: masking another row's history would change row 0's answer
     favourites, _ = expected_top(served, [comedy[0]], "comedy", 5)
@@ -234,7 +235,7 @@ def test_docs_are_off(served):
 
 
 def test_batch_command_scores_every_user_to_parquet(served, tmp_path, capsys):
-    from moa.pipelines.cli.lightning_cli import main
+    from moa.pipelines.cli.command import main
 
     out = tmp_path / "recs.parquet"
     main(["batch", "--model-uri", "models:/rec@champion", "--out", str(out), "--k", "5", "--tracking-uri",
@@ -286,7 +287,7 @@ def short_history(served):
 
 
 def test_every_user_batch_scores_each_users_newest_history(served, short_history, tmp_path):
-    from moa.pipelines.serving.commands import score_all_users
+    from moa.pipelines.serving.batch import score_all_users
 
     out = tmp_path / "recs.jsonl"
     score_all_users(short_history["uri"], out, k=5, dataset=short_history["dataset"], tracking_uri=served["uri"])
@@ -308,7 +309,7 @@ def test_every_user_batch_scores_each_users_newest_history(served, short_history
 
 def test_every_user_batch_output_is_written_whole_or_not_at_all(served, short_history, tmp_path, monkeypatch):
     """A write that fails half-way leaves the previous output as it was and no partial file."""
-    from moa.pipelines.serving.commands import score_all_users
+    from moa.pipelines.serving.batch import score_all_users
 
     out = tmp_path / "recs.parquet"
     out.write_bytes(b"the previous output")

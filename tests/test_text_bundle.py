@@ -16,7 +16,7 @@ import torch
 from moa.pipelines.bundle import RequestError, load_service
 from moa.pipelines.kinds.causal_lm.module import MoACausalLM
 from moa.pipelines.kinds.classifier.module import MoAClassifier
-from moa.pipelines.kinds.text_bundle import RowSampling
+from moa.pipelines.kinds.causal_lm.service import RowSampling
 from moa.pipelines.data.text import TextData
 
 WORDS = {"good": ("polarity", "pos"), "bad": ("polarity", "neg"), "cats": ("topic", "animals"),
@@ -261,7 +261,8 @@ def test_causal_bundle_registers_with_a_loss_gate_and_generates_through_mlflow(c
 
 def test_causal_model_served_over_http_generates_per_row(causal, tmp_path):
     from moa.pipelines.tracking.registry import register_bundle
-    from moa.pipelines.serving.commands import ModelServer, post
+    from moa.pipelines.serving.client import post
+    from moa.pipelines.serving.process import ModelServer
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     register_bundle(causal["bundle"], "lm-http", tracking_uri=uri)

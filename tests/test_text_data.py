@@ -15,7 +15,7 @@ from torch.utils.data import DistributedSampler
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from moa.pipelines.kinds.classifier.module import minilm_dir  # noqa: E402
+from moa.pipelines.data.pretrained import minilm_dir  # noqa: E402
 from moa.pipelines.data.text import LengthBatchSampler, TextData  # noqa: E402
 
 

@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..errors import UserError
+from .grouped import grouped_expand, lora_grouped
 from .plan import ExpertPlan
 
 logger = logging.getLogger(__name__)
@@ -251,8 +252,6 @@ def lora_cpp(x: Tensor, A: Tensor, B: Tensor, plan: ExpertPlan, weights: Tensor)
     """x: [N, d_in], A: [E, r, d_in], B: [E, d_out, r], weights: [N, k] (scaling folded in); the ``grouped`` path
     for tensors the kernel does not take (see :func:`supports`)."""
     if not supports(x, A, B, weights):
-        from .grouped import lora_grouped
-
         return lora_grouped(x, A, B, plan, weights)
     return _CppLoRA.apply(None, x, A, B, weights, plan.expert_ids, None)
 
@@ -268,12 +267,10 @@ def cpp_expand(
     inplace: bool = False,
 ) -> Tensor:
     """``y0 + bias + lora(x)`` with each token's expert outputs accumulated onto its row of ``y0`` (the fused layer
-    path's sparse expand; ``bias`` frozen, added in the same pass); :func:`~.fused.grouped_expand` for tensors the
+    path's sparse expand; ``bias`` frozen, added in the same pass); :func:`~.grouped.grouped_expand` for tensors the
     kernel does not take. ``inplace``: the result is written into ``y0`` itself (rows of unit stride; a buffer the
     caller owns and reads no more, such as the base GEMM's output) where the kernel runs."""
     if not supports(x, A, B, weights) or y0.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        from .fused import grouped_expand
-
         out = grouped_expand(y0, x, A, B, plan, weights)
         return out if bias is None else out + bias
     return _CppLoRA.apply(y0, x, A, B, weights, plan.expert_ids, bias, inplace)

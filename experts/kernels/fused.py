@@ -15,7 +15,7 @@ Backward, with the base weight frozen: ``dx = dy @ W + [dh | dlogits] @ [A; W_ga
 (``addmm_``; sparse: into the LoRA part of ``dx`` that the grouped backward combined), and
 ``[dA; dW_gate] = [dh | dlogits]^T x`` in one GEMM. The routing between the two steps (softmax, top-k, ...) stays in
 autograd: :func:`fused_shrink` returns ``h`` and ``logits``, the router turns the logits into a routing, and
-:func:`dense_expand` / :func:`grouped_expand` finish the layer.
+:func:`dense_expand` / :func:`~.grouped.grouped_expand` finish the layer.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .cpp import sparse_gate_backward
-from .grouped import combine_bags, gmm, grouped_backward, row_weights
-from .plan import ExpertPlan
 
 
 class _FusedShrink(torch.autograd.Function):
@@ -101,7 +99,7 @@ def fused_shrink(
 
     x: ``[N, d_in]``; W: ``[d_out, d_in]``; bias: ``[d_out]`` or None (added to ``y0`` only); A: ``[E, r, d_in]`` or
     None (then ``h`` is ``[N, 0]``); gate_w: ``[E, d_in]`` or None (then ``logits`` is ``[N, 0]``). ``x_alias`` is
-    ``x`` for a consumer whose gradient this op's backward should accumulate into (:func:`grouped_expand`).
+    ``x`` for a consumer whose gradient this op's backward should accumulate into (:func:`~.grouped.grouped_expand`).
     """
     return _FusedShrink.apply(x, W, bias, A, gate_w)
 
@@ -146,29 +144,3 @@ def dense_expand(y0: Tensor, h: Tensor, gate: Tensor, B: Tensor, scaling: float,
     experts); B: ``[E, d_out, r]``.
     """
     return _DenseExpand.apply(y0, h, gate, B, bias, scaling)
-
-
-class _GroupedExpand(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y0, x, A, B, weights, plan: ExpertPlan):
-        w_rows = row_weights(weights, plan)
-        xs = x.index_select(0, plan.row_token)
-        h = gmm(xs, A.transpose(1, 2), plan)
-        B = B.contiguous()  # a pool's B is a strided view; both the expand and the backward's B-GEMM run faster on a copy
-        out = combine_bags(gmm(h * w_rows.unsqueeze(1), B.transpose(1, 2), plan), plan).add_(y0)
-        ctx.save_for_backward(xs, A, B, h, w_rows)
-        ctx.plan = plan
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        xs, A, B, h, w_rows = ctx.saved_tensors
-        need_y0, *needs = ctx.needs_input_grad[:5]
-        grads = grouped_backward(dy, xs, A, B, h, w_rows, ctx.plan, combine_bags, tuple(needs))
-        return ((dy if need_y0 else None), *grads, None)
-
-
-def grouped_expand(y0: Tensor, x: Tensor, A: Tensor, B: Tensor, plan: ExpertPlan, weights: Tensor) -> Tensor:
-    """``y0 + grouped_lora(x, A, B, plan, weights)`` (scaling folded into ``weights``), combined straight into y0."""
-    return _GroupedExpand.apply(y0, x, A, B, weights, plan)

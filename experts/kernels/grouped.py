@@ -167,3 +167,29 @@ def lora_grouped(
 ) -> Tensor:
     """x: [N, d_in], A: [E, r, d_in], B: [E, d_out, r], weights: [N, k] (scaling folded in)."""
     return _GroupedLoRA.apply(x, A, B, weights, plan, combine)
+
+
+class _GroupedExpand(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y0, x, A, B, weights, plan: ExpertPlan):
+        w_rows = row_weights(weights, plan)
+        xs = x.index_select(0, plan.row_token)
+        h = gmm(xs, A.transpose(1, 2), plan)
+        B = B.contiguous()  # a pool's B is a strided view; both the expand and the backward's B-GEMM run faster on a copy
+        out = combine_bags(gmm(h * w_rows.unsqueeze(1), B.transpose(1, 2), plan), plan).add_(y0)
+        ctx.save_for_backward(xs, A, B, h, w_rows)
+        ctx.plan = plan
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        xs, A, B, h, w_rows = ctx.saved_tensors
+        need_y0, *needs = ctx.needs_input_grad[:5]
+        grads = grouped_backward(dy, xs, A, B, h, w_rows, ctx.plan, combine_bags, tuple(needs))
+        return ((dy if need_y0 else None), *grads, None)
+
+
+def grouped_expand(y0: Tensor, x: Tensor, A: Tensor, B: Tensor, plan: ExpertPlan, weights: Tensor) -> Tensor:
+    """``y0 + grouped_lora(x, A, B, plan, weights)`` (scaling folded into ``weights``), combined straight into y0."""
+    return _GroupedExpand.apply(y0, x, A, B, weights, plan)

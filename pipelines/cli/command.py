@@ -62,12 +62,12 @@ def usage() -> str:
 
 def _commands() -> dict[str, Callable[[list[str]], int | None]]:
     from moa.pipelines.cli import lightning_cli as cli
-    from moa.pipelines.serving import commands as serving
+    from moa.pipelines.serving import batch, serve_command
     from moa.pipelines.tracking import expert_library, registry
 
     return {
         **{name: cli.lightning_main for name in LIGHTNING_COMMANDS},
-        "register": registry.main, "serve": serving.serve_main, "batch": serving.batch_main,
+        "register": registry.main, "serve": serve_command.serve_main, "batch": batch.batch_main,
         "expert": expert_library.main,
     }
 

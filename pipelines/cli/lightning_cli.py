@@ -1,4 +1,5 @@
-"""The ``moa`` command: Lightning CLI training plus the registry and serving steps.
+"""The Lightning CLI of ``moa fit|validate|test|predict`` (:class:`MoACLI`, :func:`run_cli`); the ``moa`` command
+that dispatches to it and to the registry and serving steps is :mod:`moa.pipelines.cli.command`.
 
     moa fit -c configs/topk.yaml                         # train; MLflow run on ./mlflow.db + ./mlruns
     moa fit -c configs/topk.yaml --print_config          # the resolved config
@@ -10,14 +11,13 @@
 
 Models and data modules are chosen by class path in the config (subclass mode): any ``LightningModule`` /
 ``LightningDataModule``, e.g. :class:`moa.pipelines.kinds.classifier.module.MoAClassifier` with
-:class:`moa.pipelines.data.tokens.MultiTaskTokens`. The logger defaults to :class:`moa.pipelines.tracking.callbacks.MLflowLogger`
+:class:`moa.pipelines.data.tokens.MultiTaskTokens`. The logger defaults to :class:`moa.pipelines.tracking.logger.MLflowLogger`
 (``$MLFLOW_TRACKING_URI`` or the embedded sqlite store); the routing statistics callback is always on
 (configure it under ``routing_stats:``).
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -25,13 +25,15 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
 from lightning.pytorch.loggers import MLFlowLogger
 
-from moa.pipelines.tracking.callbacks import MLflowLogger, MLflowSaveConfig, ResumeState, RoutingStats, checkpoint_run_id, find_moa_model, run_name
 from moa.experts.errors import UserError, UserTypeError
+from moa.pipelines.tracking.config import MLflowSaveConfig, run_name
+from moa.pipelines.tracking.logger import MLflowLogger, find_moa_model
+from moa.pipelines.tracking.resume import ResumeState, checkpoint_run_id
+from moa.pipelines.tracking.routing_stats import RoutingStats
 
-LOGGER_DEFAULT = {"class_path": "moa.pipelines.tracking.callbacks.MLflowLogger", "init_args": {"experiment_name": "moa"}}
+LOGGER_DEFAULT = {"class_path": "moa.pipelines.tracking.logger.MLflowLogger", "init_args": {"experiment_name": "moa"}}
 
 
 class ParquetPredictionWriter(BasePredictionWriter):
@@ -157,14 +159,3 @@ def lightning_main(args: Sequence[str] | None) -> int:
     """``moa fit|validate|test|predict ...``: the Lightning CLI (``None``: the arguments of ``sys.argv``)."""
     run_cli(args)
     return 0
-
-
-def main(args: Sequence[str] | None = None) -> int:
-    """The ``moa`` command (see :mod:`moa.pipelines.cli.command`)."""
-    from moa.pipelines.cli.command import main as command_main
-
-    return command_main(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

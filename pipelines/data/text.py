@@ -10,6 +10,9 @@ longest row). Two target kinds:
 * ``target="text"``: causal LM. ``input_ids`` = prompt + target + eos, ``labels`` = the same with -100 on the prompt
   and the padding, plus left-padded ``prompt_input_ids`` and the ``target_text`` for generation.
 
+:class:`TextEncoder` is the pre-processing of one row (template, tokens, truncation, padding side, eos cut); the
+text kinds' services run the same one from their bundle, so serving encodes a row as training does.
+
 Bad input (missing file or column, a missing or empty text / target / task / domain value, a task or label that
 training never saw, an unreadable file, a bare carriage return inside a CSV/TSV field) raises one ``ValueError``
 naming the file, column and row (rows are counted from 0, header excluded).
@@ -171,15 +174,84 @@ class _Rows(Dataset):
         return self.rows[i]
 
 
-def _pad(seqs: list[list[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+# ---- the pre-processing of a row: training (TextData, Collate) and serving (the text kinds' services) run this code
+def _pad(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     width = max((len(s) for s in seqs), default=0)
     ids = torch.full((len(seqs), width), value, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for b, s in enumerate(seqs):
         span = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[b, span] = torch.tensor(s, dtype=torch.long)
+        ids[b, span] = torch.tensor(list(s), dtype=torch.long)
         mask[b, span] = 1
     return ids, mask
+
+
+def pad_inputs(seqs: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of model inputs (classifier texts, training sequences): right-padded."""
+    return _pad(seqs, pad_token_id)
+
+
+def pad_prompts(seqs: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of generation prompts: LEFT-padded, so every row's next token follows its
+    last column."""
+    return _pad(seqs, pad_token_id, left=True)
+
+
+def decode_generation(tokenizer, new_ids: Sequence[int], eos_token_id: int | Sequence[int] | None) -> str:
+    """The text of generated tokens: cut before the first eos (one id or several), decoded without special
+    tokens, stripped."""
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    new_ids = list(new_ids)
+    end = next((j for j, i in enumerate(new_ids) if i in eos), len(new_ids))
+    return tokenizer.decode(new_ids[:end], skip_special_tokens=True).strip()
+
+
+class TextEncoder:
+    """One row's pre-processing, the same in training (:class:`TextData`) and serving (the text services, built
+    from the bundle's tokenizer, template and ``max_length``): the prompt from the template, its tokens truncated
+    like training, padded on the kind's side, and a generation cut at eos.
+
+    ``pad_token_id``: given, else the tokenizer's pad, else its eos, else 0; ``eos_token_id``: given, else the
+    tokenizer's eos, else its sep, else the pad.
+    """
+
+    def __init__(self, tokenizer, prompt_template: str = "{text}", max_length: int = 128,
+                 pad_token_id: int | None = None, eos_token_id: int | Sequence[int] | None = None):
+        self.tokenizer, self.prompt_template, self.max_length = tokenizer, prompt_template, int(max_length)
+        self.pad_token_id = next((i for i in (pad_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id)
+                                  if i is not None), 0)
+        self.eos_token_id = next((i for i in (eos_token_id, tokenizer.eos_token_id, tokenizer.sep_token_id)
+                                  if i is not None), self.pad_token_id)
+
+    def prompt(self, text: str, task: str, domain: str) -> str:
+        """The model's input text of a row: the template with its ``{text}``, ``{task}`` and ``{domain}``."""
+        return self.prompt_template.format(text=text, task=task, domain=domain)
+
+    def input_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Classifier inputs: with the special tokens, at most ``max_length`` (cut on the tokenizer's
+        ``truncation_side``, saved with it in the bundle)."""
+        return self.tokenizer(list(prompts), truncation=True, max_length=self.max_length)["input_ids"]
+
+    def inputs(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A classifier batch: ``(input_ids, attention_mask)``, right-padded."""
+        return pad_inputs(self.input_ids(prompts), self.pad_token_id)
+
+    def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Generation prompts: no special tokens, the LAST ``max_length`` kept (the end, next to the target)."""
+        return [x[-self.max_length:] for x in self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+
+    def prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A generation batch: ``(input_ids, attention_mask)`` of the prompts, left-padded."""
+        return pad_prompts(self.prompt_ids(prompts), self.pad_token_id)
+
+    def target_ids(self, targets: Sequence[str], max_length: int) -> list[list[int]]:
+        """Training targets: no special tokens, the first ``max_length``, then eos."""
+        ids = self.tokenizer(list(targets), add_special_tokens=False, truncation=True, max_length=max_length)
+        return [y + [self.eos_token_id] for y in ids["input_ids"]]
+
+    def decode(self, new_ids: Sequence[int]) -> str:
+        """A generation's text (:func:`decode_generation` with this eos)."""
+        return decode_generation(self.tokenizer, new_ids, self.eos_token_id)
 
 
 @dataclass
@@ -195,15 +267,15 @@ class Collate:
         if self.text:
             prompts = [r["prompt"] for r in rows]
             full = [r["prompt"] + r.get("target", []) for r in rows]
-            batch["input_ids"], batch["attention_mask"] = _pad(full, self.pad_token_id)
+            batch["input_ids"], batch["attention_mask"] = pad_inputs(full, self.pad_token_id)
             if has_target:
                 labels = [[-100] * len(r["prompt"]) + r["target"] for r in rows]
-                batch["labels"] = _pad(labels, -100)[0]
-            batch["prompt_input_ids"], batch["prompt_attention_mask"] = _pad(prompts, self.pad_token_id, left=True)
+                batch["labels"] = pad_inputs(labels, -100)[0]
+            batch["prompt_input_ids"], batch["prompt_attention_mask"] = pad_prompts(prompts, self.pad_token_id)
             if has_target:
                 batch["target_text"] = [r["target_text"] for r in rows]
         else:
-            batch["input_ids"], batch["attention_mask"] = _pad([r["ids"] for r in rows], self.pad_token_id)
+            batch["input_ids"], batch["attention_mask"] = pad_inputs([r["ids"] for r in rows], self.pad_token_id)
             if has_target:
                 batch["labels"] = torch.tensor([r["target"] for r in rows], dtype=torch.long)
         for key in ("task_ids", "domain_ids", "row"):
@@ -436,7 +508,7 @@ class TextData(L.LightningDataModule):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            from moa.pipelines.kinds.classifier.module import minilm_dir
+            from moa.pipelines.data.pretrained import minilm_dir
 
             path = minilm_dir() if self.tokenizer_name == "minilm" else Path(self.tokenizer_name).expanduser()
             if not path.is_dir():
@@ -445,14 +517,17 @@ class TextData(L.LightningDataModule):
         return self._tokenizer
 
     @property
+    def encoder(self) -> TextEncoder:
+        """The pre-processing of a row (the text services run the same, from the bundle)."""
+        return TextEncoder(self.tokenizer, self.prompt_template, self.max_length)
+
+    @property
     def pad_token_id(self) -> int:
-        tok = self.tokenizer
-        return next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
+        return self.encoder.pad_token_id
 
     @property
     def eos_token_id(self) -> int:
-        tok = self.tokenizer
-        return next((i for i in (tok.eos_token_id, tok.sep_token_id) if i is not None), self.pad_token_id)
+        return self.encoder.eos_token_id
 
     @property
     def vocab_size(self) -> int:
@@ -460,31 +535,27 @@ class TextData(L.LightningDataModule):
 
     # ---- tokenized splits and loaders
     def _encode(self, frame: pd.DataFrame) -> list[dict]:
-        tok = self.tokenizer
-        prompts = [self.prompt_template.format(text=x, task=t, domain=d)
-                   for x, t, d in zip(frame["text"], frame["task"], frame["domain"])]
+        encoder = self.encoder
+        prompts = [encoder.prompt(x, t, d) for x, t, d in zip(frame["text"], frame["task"], frame["domain"])]
         tasks = {name: i for i, name in enumerate(self.task_names)}
         domains = {name: i for i, name in enumerate(self.domain_names)}
         rows = [{"task_ids": tasks[t], "domain_ids": domains[d], "row": i}
                 for i, (t, d) in enumerate(zip(frame["task"], frame["domain"]))]
         has_target = "target" in frame.columns
         if self.target == "label":
-            ids = tok(prompts, truncation=True, max_length=self.max_length)["input_ids"]
-            for r, x in zip(rows, ids):
+            for r, x in zip(rows, encoder.input_ids(prompts)):
                 r["ids"] = x
             if has_target:
                 label_ids = {t: {y: i for i, y in enumerate(ys)} for t, ys in self.label_names.items()}
                 for r, t, y in zip(rows, frame["task"], frame["target"]):
                     r["target"] = label_ids[t][y]
         else:
-            ids = tok(prompts, add_special_tokens=False)["input_ids"]
-            for r, x in zip(rows, ids):
-                r["prompt"] = x[-self.max_length:] if len(x) > self.max_length else x
+            for r, x in zip(rows, encoder.prompt_ids(prompts)):
+                r["prompt"] = x
             if has_target:
-                targets = tok(frame["target"].tolist(), add_special_tokens=False, truncation=True,
-                              max_length=self.target_max_length)["input_ids"]
+                targets = encoder.target_ids(frame["target"].tolist(), self.target_max_length)
                 for r, y, text in zip(rows, targets, frame["target"]):
-                    r["target"], r["target_text"] = y + [self.eos_token_id], text
+                    r["target"], r["target_text"] = y, text
         return rows
 
     def setup(self, stage: str | None = None) -> None:

@@ -60,12 +60,12 @@ def fit(config: str, overrides: list[str], **bundle):
 
     return run_cli(["fit", "-c", str(CONFIGS / config), "--trainer.enable_progress_bar", "false",
                     "--trainer.enable_model_summary", "false", *overrides,
-                    *callback_override(CONFIGS / config, "moa.pipelines.tracking.callbacks.LogBundle", **bundle)])
+                    *callback_override(CONFIGS / config, "moa.pipelines.tracking.log_bundle.LogBundle", **bundle)])
 
 
 def shipped(cli):
     """The LogBundle callback of a fit: what it shipped (``metrics``, ``epoch``, ``promotion``)."""
-    from moa.pipelines.tracking.callbacks import LogBundle
+    from moa.pipelines.tracking.log_bundle import LogBundle
 
     return next(c for c in cli.trainer.callbacks if isinstance(c, LogBundle))
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    from moa.pipelines.tracking.callbacks import resolve_tracking_uri
+    from moa.pipelines.tracking.store import resolve_tracking_uri
 
     print(f"MLflow store: {resolve_tracking_uri()} (artifacts under ./mlruns); outputs in {out}/")
 
@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     step(f"4. REST: moa serve --model-uri models:/{args.name}@champion (127.0.0.1)")
     import pandas as pd
 
-    from moa.pipelines.serving.commands import ModelServer, post, request_body, score_all_users
+    from moa.pipelines.serving.batch import score_all_users
+    from moa.pipelines.serving.client import post, request_body
+    from moa.pipelines.serving.process import ModelServer
 
     items = pd.read_parquet(out / "bundle" / "items.parquet")
     title = dict(zip(items["item_id"].astype(int), items["title"]))

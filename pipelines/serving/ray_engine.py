@@ -11,7 +11,7 @@ cluster this machine belongs to (``ray start --head`` here, ``ray start --addres
 server, or a shared file system).
 
 Batch: rows are split into blocks of about ``batch_size`` rows; an actor pool of ``workers`` scorers (one model copy
-each) runs :func:`moa.pipelines.serving.commands.score_rows` on ``batch_size`` rows at a time; order is preserved (an option
+each) runs :func:`moa.pipelines.serving.scoring.score_rows` on ``batch_size`` rows at a time; order is preserved (an option
 of this dataset only: Ray's process-wide ``DataContext`` is left as it was) and a refused row is named by its row
 number in the whole input, as the local engine names it. Serving: the same
 defensive app as ``moa serve`` (:func:`moa.pipelines.serving.server.create_app`: limits, 400/413/415/503, no tracebacks)
@@ -28,8 +28,10 @@ from typing import Any
 
 import pandas as pd
 
-from moa.pipelines.tracking.callbacks import resolve_tracking_uri
 from moa.experts.errors import UserError
+from moa.pipelines.serving.scoring import conform, score_rows
+from moa.pipelines.serving.server import Limits, create_app, load
+from moa.pipelines.tracking.store import resolve_tracking_uri
 
 
 def init_ray(address: str | None, tracking_uri: str | None) -> None:
@@ -72,8 +74,6 @@ class _Scorer:
         self.model, self.params = mlflow.pyfunc.load_model(model_uri), params
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from moa.pipelines.serving.commands import conform, score_rows
-
         rows = batch[ROW].tolist()
         batch = batch.drop(columns=[ROW])
         try:
@@ -98,7 +98,7 @@ def _user_error(error: BaseException) -> UserError | None:
 def score_rows_on_ray(model_uri: str, frame: pd.DataFrame, params: dict[str, Any] | None = None, *,
                       workers: int = 2, batch_size: int = 256, address: str | None = None,
                       tracking_uri: str | None = None) -> pd.DataFrame:
-    """:func:`moa.pipelines.serving.commands.score_rows` over a Ray cluster with Ray Data (``workers`` model copies); rows in
+    """:func:`moa.pipelines.serving.scoring.score_rows` over a Ray cluster with Ray Data (``workers`` model copies); rows in
     input order, a refused row named by its input row number."""
     import ray
 
@@ -132,8 +132,6 @@ def score_rows_on_ray(model_uri: str, frame: pd.DataFrame, params: dict[str, Any
 
 def _app(model_uri: str, tracking_uri: str, limits: dict[str, Any], docs: bool):
     """The replica's ASGI app (built on the replica, so the model loads there)."""
-    from moa.pipelines.serving.server import Limits, create_app, load
-
     return create_app(load(model_uri, tracking_uri), Limits(**limits), docs=docs)
 
 
@@ -142,8 +140,6 @@ def serve_on_ray(model_uri: str, *, replicas: int = 2, host: str = "127.0.0.1", 
                  blocking: bool = True) -> None:
     """Serve ``model_uri`` with ``replicas`` Ray Serve replicas of moa's scoring app on ``host:port``."""
     from ray import serve
-
-    from moa.pipelines.serving.server import Limits
 
     if replicas < 1:
         raise UserError(f"--replicas must be >= 1, got {replicas}")

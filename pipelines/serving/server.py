@@ -1,6 +1,9 @@
 """moa's REST scoring server: a registered pyfunc model behind a small, defensive ASGI app (FastAPI + uvicorn).
 
-    python -m moa.pipelines.serving.server --model-uri models:/moa-recommender@champion [--port 5055] [--timeout 30]
+    moa serve --model-uri models:/moa-recommender@champion [--port 5055] [--timeout 30] [--engine ray]
+
+(the command and the server process are :mod:`moa.pipelines.serving.serve_command`, which runs this app with
+uvicorn or on Ray Serve; :class:`moa.pipelines.serving.process.ModelServer` starts it as a process of its own).
 
 ``POST /invocations`` takes MLflow's ``dataframe_records`` / ``dataframe_split`` JSON with optional ``params``
 and answers ``{"predictions": [...]}`` like ``mlflow models serve``; ``GET /ping`` and ``GET /health`` answer 200
@@ -30,16 +33,18 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from starlette.requests import Request
 
 from moa.experts.errors import UserError, UserTypeError
+from moa.pipelines.serving.scoring import shift_rows
 
 log = logging.getLogger("moa.server")
 JSON_TYPES = ("application/json",)
@@ -122,11 +127,6 @@ def parse_request(body: bytes, limits: Limits):
         return make(), params
     except (ValueError, TypeError) as error:
         raise HTTPError(400, "BAD_REQUEST", f"Invalid input: {error}") from None
-
-
-def shift_rows(message: str, offset: int) -> str:
-    """A service's ``row i: ...`` message for a chunk starting at ``offset``, in the request's row numbers."""
-    return re.sub(r"^row (\d+)", lambda m: f"row {int(m.group(1)) + offset}", message) if offset else message
 
 
 class Scorer:
@@ -315,7 +315,7 @@ def create_app(model, limits: Limits | None = None, *, docs: bool = False):
 def load(model_uri: str, tracking_uri: str | None = None):
     import mlflow
 
-    from moa.pipelines.tracking.callbacks import resolve_tracking_uri
+    from moa.pipelines.tracking.store import resolve_tracking_uri
 
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
     return mlflow.pyfunc.load_model(model_uri)
@@ -364,18 +364,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "local one; 'auto': the cluster of this machine; ray://host:10001: a remote one)")
 
 
-def serve(model_uri: str, args: argparse.Namespace) -> None:
-    """Serve until interrupted with the engine, host, port and limits of the parsed ``args``."""
-    if args.engine == "ray":
-        from moa.pipelines.serving.ray_engine import serve_on_ray
-
-        serve_on_ray(model_uri, replicas=args.replicas, host=args.host, port=args.port, tracking_uri=args.tracking_uri,
-                     limits=limits_of(args), docs=args.docs, address=args.ray_address)
-    else:
-        run(model_uri, host=args.host, port=args.port, workers=args.workers, tracking_uri=args.tracking_uri,
-            limits=limits_of(args), docs=args.docs)
-
-
 def limits_of(args: argparse.Namespace) -> Limits:
     return Limits(max_body_bytes=args.max_body_bytes, max_rows=args.max_rows, timeout=args.timeout,
                   chunk_rows=args.chunk_rows, max_generated_tokens=args.max_generated_tokens,
@@ -389,13 +377,19 @@ def limit_arguments(limits: Limits) -> list[str]:
             str(limits.max_generated_tokens), "--scoring-threads", str(limits.scoring_threads)]
 
 
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 @contextlib.contextmanager
 def serve_in_thread(app, host: str = "127.0.0.1", port: int | None = None) -> Iterator[str]:
     """Serve ``app`` with uvicorn in a thread of this process; yields its URL and stops it on exit (tests,
     notebooks)."""
     import uvicorn
-
-    from moa.pipelines.serving.commands import free_port
 
     port = port or free_port(host)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
@@ -411,19 +405,3 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int | None = None) -> It
     finally:
         server.should_exit = True
         thread.join(timeout=30)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moa.pipelines.serving.server", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-uri", required=True)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    print(f"moa server: {args.model_uri} on http://{args.host}:{args.port} ({args.engine}; {limits_of(args)})", flush=True)
-    serve(args.model_uri, args)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

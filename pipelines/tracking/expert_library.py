@@ -40,7 +40,7 @@ def register_expert(adapter: str | Path, name: str, *, tracking_uri: str | None 
 
     from moa.peft_bridge import _read_adapter
 
-    from moa.pipelines.tracking.callbacks import resolve_tracking_uri
+    from moa.pipelines.tracking.store import resolve_tracking_uri
 
     folder = Path(adapter)
     config, factors = _read_adapter(folder)  # raises naming the folder and the problem
@@ -67,7 +67,7 @@ def resolve_experts(uris: Sequence[str], *, tracking_uri: str | None = None,
     import mlflow
     from mlflow import MlflowClient
 
-    from moa.pipelines.tracking.callbacks import resolve_tracking_uri
+    from moa.pipelines.tracking.store import resolve_tracking_uri
 
     if not uris:
         raise UserError("a pool needs at least one expert URI (models:/<name>/<version> or models:/<name>@<alias>)")
@@ -108,7 +108,7 @@ def write_pool_bundle(directory: str | Path, base: str | Path, uris: Sequence[st
     ``uris``; ``tokenizer``: a folder (default: the base's, else MiniLM's)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moa.pipelines.kinds.classifier.module import minilm_dir
+    from moa.pipelines.data.pretrained import minilm_dir
     from moa.pipelines.kinds.text_bundle import CAUSAL_LM, write_bundle_files
 
     base = Path(base)
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p in (reg, pool):
         p.add_argument("--tracking-uri", default=None)
     args = parser.parse_args(argv)
-    from moa.pipelines.tracking.callbacks import resolve_tracking_uri
+    from moa.pipelines.tracking.store import resolve_tracking_uri
 
     os.environ.setdefault("MLFLOW_TRACKING_URI", resolve_tracking_uri(args.tracking_uri))
     if args.action == "register":

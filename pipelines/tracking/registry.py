@@ -37,7 +37,7 @@ from moa.atomic import readable
 from mlflow.exceptions import MlflowException
 
 from moa.pipelines.bundle import bundle_meta, default_gate, signature_and_example
-from moa.pipelines.tracking.callbacks import resolve_tracking_uri
+from moa.pipelines.tracking.store import resolve_tracking_uri
 
 CHAMPION = "champion"
 METRIC_TAG, METRIC_NAME_TAG, MODE_TAG = "gate_value", "gate_metric", "gate_mode"

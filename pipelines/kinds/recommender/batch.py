@@ -1,0 +1,51 @@
+"""``moa batch`` without ``--input`` for recommenders: the top-k of every (user, domain) of a dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+
+
+def user_histories(dataset, items: pd.DataFrame, max_history: int) -> pd.DataFrame:
+    """Each user's history (source item ids) within each domain, oldest first, cut to its newest ``max_history``
+    items (the service refuses longer ones): columns user_id, domain, history."""
+    inter = dataset.interactions.sort_values("timestamp", kind="stable")  # equal times keep the dataset's order
+    source_ids = dataset.items["item_id"].astype(str)
+    frame = pd.DataFrame({"user_id": inter["user_id"].to_numpy(),
+                          "item_id": source_ids.loc[inter["item"].to_numpy()].to_numpy()})
+    domain_of = dict(zip(items["item_id"].astype(str), items["domain"]))
+    frame["domain"] = frame["item_id"].map(domain_of)
+    frame = frame.dropna(subset=["domain"])
+    grouped = frame.groupby(["user_id", "domain"], sort=True)["item_id"].agg(lambda s: list(s)[-max_history:])
+    return grouped.reset_index().rename(columns={"item_id": "history"})
+
+
+def load_dataset(data: str | Path | None = None, data_name: str | None = None):
+    """ml-100k (the installed recbole wheel's, or ``data``'s ``ml-100k.inter``), else the RecBole atomic dataset
+    ``data/<data_name>.*`` (each item's domain comes from the served bundle's item table)."""
+    from moa.recsys.data import load_atomic, ml100k
+
+    folder = Path(data) if data else None
+    if folder is None or (data_name in (None, "ml-100k") and (folder / "ml-100k.inter").is_file()):
+        return ml100k(folder)
+    return load_atomic(folder, data_name)
+
+
+def score_all(model, params: Mapping[str, Any] | None = None, *, data: str | Path | None = None,
+              data_name: str | None = None, dataset=None, batch_size: int = 512) -> pd.DataFrame:
+    """Top-``k`` (``params["k"]``, default 10) of every (user, domain) of ``dataset`` (default: :func:`load_dataset`)
+    with the loaded pyfunc ``model``, from each user's newest ``max_history`` items (the bundle's limit): columns
+    user_id, domain, items, scores."""
+    service = model.unwrap_python_model().service
+    dataset = dataset if dataset is not None else load_dataset(data, data_name)
+    items = pd.DataFrame([(str(i), d) for d, ids in service.index_of.items() for i in ids], columns=["item_id", "domain"])
+    frame = user_histories(dataset, items, service.max_history)
+    if service.integer_ids:
+        frame["history"] = frame["history"].map(lambda h: [int(i) for i in h])
+    params = {"k": 10, **dict(params or {})}
+    outputs = [model.predict(frame.iloc[lo:lo + batch_size][["history", "domain"]].reset_index(drop=True), params=params)
+               for lo in range(0, len(frame), batch_size)]
+    return pd.concat([frame[["user_id", "domain"]].reset_index(drop=True), pd.concat(outputs, ignore_index=True)],
+                     axis=1)
