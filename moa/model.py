@@ -162,15 +162,38 @@ class MoAModel(nn.Module):
                 groups["experts"].extend(p for p in module.parameters() if p.requires_grad)
         return {name: params for name, params in groups.items() if params}
 
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts of the wrapped model (shared modules included), counted as
+        ``peft.PeftModel.get_nb_trainable_parameters`` counts: each parameter once (tied ones too); a parameter
+        that DeepSpeed ZeRO-3 has partitioned (empty, ``ds_numel`` set) counts ``ds_numel``; a bitsandbytes 4-bit
+        parameter (``Params4bit``, two values per byte of its storage) counts ``numel * 2 * bytes per element``."""
+        trainable = total = 0
+        for _, param in self.named_parameters():
+            n = param.numel()
+            if n == 0 and hasattr(param, "ds_numel"):
+                n = param.ds_numel
+            if param.__class__.__name__ == "Params4bit":
+                if hasattr(param, "element_size"):
+                    n_bytes = param.element_size()
+                elif not hasattr(param, "quant_storage"):
+                    n_bytes = 1
+                else:
+                    n_bytes = param.quant_storage.itemsize
+                n = n * 2 * n_bytes
+            total += n
+            if param.requires_grad:
+                trainable += n
+        return trainable, total
+
     def count_parameters(self) -> tuple[int, int]:
-        """``(trainable, total)`` parameter counts of the wrapped model (shared modules included)."""
-        params = list(self.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        """Same as :meth:`get_nb_trainable_parameters` (the name the MLflow params use)."""
+        return self.get_nb_trainable_parameters()
 
     def print_trainable_parameters(self) -> str:
-        """Print and return PEFT's one-line summary: ``trainable params: ... || all params: ... || trainable%: ...``."""
-        trainable, total = self.count_parameters()
-        line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
+        """Print and return PEFT's one-line summary of :meth:`get_nb_trainable_parameters`:
+        ``trainable params: ... || all params: ... || trainable%: ...`` (PEFT's format; PEFT returns None)."""
+        trainable, total = self.get_nb_trainable_parameters()
+        line = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}"
         print(line)
         return line
 

@@ -166,7 +166,7 @@ def test_register_command_and_the_promotion_gate(world, store, capsys):
     assert tags["promotion"] == "rejected" and tags["promotion_reason"] == worse.reason and tags["gate_value"] == "0.04"
     assert (tags["gate_metric"], tags["gate_mode"]) == ("val/ndcg_10", "max")
     better = register_and_gate(uri, "rec", 0.20)
-    assert better.promoted and better.champion_version == "1" and better.version == "3"
+    assert better.promoted and better.champion_version == better.version == "3" and better.previous_champion == "1"
     assert {k: str(v) for k, v in client.get_registered_model("rec").aliases.items()} == {CHAMPION: "3"}
     assert client.get_model_version("rec", "3").tags["promotion"] == "promoted"
     tie = register_and_gate(uri, "rec", 0.20)  # a tie does not move the champion

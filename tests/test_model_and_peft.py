@@ -776,3 +776,47 @@ def test_generate_with_beams_repeats_the_routing_context(llama):
     for i, expert in enumerate((0, 2)):
         alone = moa_model.generate(input_ids=ids[i : i + 1], expert_ids=[expert], num_beams=2, max_new_tokens=3, do_sample=False)
         assert torch.equal(beams[i : i + 1], alone)
+
+
+# -- parameter counts, as PEFT counts them ------------------------------------------------------------------------
+
+
+def test_get_nb_trainable_parameters_matches_a_hand_count_and_peft_lora(capsys):
+    """A single static expert is one LoRA adapter: same A [r, d_in] and B [d_out, r] per layer, no router
+    parameters, so moa and PEFT (same base, same LoRA config) must give the same two numbers and the same line."""
+    targets, r = ["query", "value"], 4
+    moa_model = moa.attach(tiny_bert(), MoAConfig(n_experts=1, r=r, router="static", target_modules=targets))
+    trainable, total = moa_model.get_nb_trainable_parameters()  # was: AttributeError naming 'BertModel'
+    named = dict(moa_model.named_parameters())
+    assert trainable == sum(p.numel() for p in named.values() if p.requires_grad)
+    assert total == sum(p.numel() for p in named.values())
+    base_total = sum(p.numel() for p in tiny_bert().parameters())
+    adapted = 2 * 2  # query and value in each of the 2 layers, each 32 -> 32
+    assert trainable == adapted * r * (32 + 32) and total == base_total + trainable
+    assert moa_model.count_parameters() == (trainable, total)
+
+    peft_model = get_peft_model(tiny_bert(), LoraConfig(r=r, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
+    assert peft_model.get_nb_trainable_parameters() == (trainable, total)
+    peft_model.print_trainable_parameters()
+    peft_line = capsys.readouterr().out.strip()
+    assert moa_model.print_trainable_parameters() == peft_line == capsys.readouterr().out.strip()
+
+
+def test_get_nb_trainable_parameters_counts_4bit_and_zero3_params_like_peft(llama):
+    """bitsandbytes 4-bit weights hold two values per byte of storage; DeepSpeed ZeRO-3 leaves partitioned
+    parameters empty with their size in ``ds_numel``. Both counts follow PEFT's rule, checked by running PEFT's
+    own counting function on the same wrapper."""
+
+    class Params4bit(torch.nn.Parameter):  # the class name is what PEFT (and moa) look at
+        pass
+
+    moa_model = moa.attach(fresh(llama), MoAConfig(n_experts=2, r=2, target_modules=["q_proj"]))
+    before_trainable, before_total = moa_model.get_nb_trainable_parameters()
+    head = moa_model.model.lm_head
+    head.register_parameter("packed", Params4bit(torch.zeros(6, 5, dtype=torch.int16), requires_grad=False))
+    sharded = torch.nn.Parameter(torch.empty(0))
+    sharded.ds_numel = 77
+    head.register_parameter("sharded", sharded)
+    counts = moa_model.get_nb_trainable_parameters()
+    assert counts == (before_trainable + 77, before_total + 30 * 2 * 2 + 77)  # int16: 2 bytes, 2 values each
+    assert counts == PeftModel.get_nb_trainable_parameters(moa_model)

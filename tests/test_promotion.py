@@ -115,7 +115,8 @@ def test_concurrent_registrations_leave_the_better_version_as_champion(store, mo
     assert not errors and not worse.is_alive() and not better.is_alive(), errors
     assert champion("race") == (results["better"].version, "0.6"), "the worse version ended as champion"
     assert better_blocked.is_set()  # the two gates did overlap, and the lock ordered them
-    assert results["better"].promoted and results["better"].champion_version == results["worse"].version
+    assert results["better"].promoted and results["better"].previous_champion == results["worse"].version
+    assert results["better"].champion_version == results["better"].version
 
 
 def test_close_values_are_compared_exactly_and_older_rounded_tags_still_read(store):
@@ -207,3 +208,96 @@ def test_a_gate_on_another_metric_than_the_champions_is_refused_before_registeri
     assert len(all_runs()) == runs
     with pytest.raises(ValueError, match="mode must be 'max'"):
         register_and_gate(uri, "modes", 0.5, mode="up")
+
+
+class _Toy:  # the service of the lineage test's kind (never loaded: the kind gives no input example)
+    @classmethod
+    def from_bundle(cls, directory):
+        return cls()
+
+
+def _fit_a_toy_bundle(root):
+    """A real (tiny) fit with moa's MLflow logger and LogBundle: its bundle, and the fit's run id."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from moa.pipelines.bundle import register_kind
+    from moa.pipelines.tracking.log_bundle import LogBundle
+    from moa.pipelines.tracking.logger import MLflowLogger
+
+    register_kind(TOY_KIND)
+
+    class Toy(L.LightningModule):
+        bundle_kind = "promotion-toy"
+
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.linear(batch[0]).pow(2).mean()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/mse", self.linear(batch[0]).pow(2).mean())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def write_bundle(self, directory, datamodule=None, *, metrics=None, base="include"):
+            from moa.atomic import atomic_folder
+
+            with atomic_folder(directory) as tmp:
+                (tmp / SERVICE_FILE).write_text(json.dumps({"kind": "promotion-toy", "metrics": metrics}))
+            return directory
+
+    data = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4)
+    logger = MLflowLogger(experiment_name="toy-fit")
+    trainer = L.Trainer(max_epochs=1, logger=logger, callbacks=[LogBundle(str(root / "bundle"))],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(root), accelerator="cpu")
+    trainer.fit(Toy(), data, data)
+    return root / "bundle", logger.run_id
+
+
+def _register(capsys, *args):
+    from moa.pipelines.tracking.registry import main
+
+    assert main(list(args)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_register_without_run_id_logs_into_the_fits_run_and_names_the_promoted_champion(store, tmp_path, capsys):
+    """`moa register --bundle` of a fit's bundle: the version's run is the fit's (its params and metrics), no new
+    run appears; the printed champion_version is the version just promoted (a first version)."""
+    bundle, fit_run = _fit_a_toy_bundle(tmp_path)
+    client = MlflowClient()
+    assert json.loads((bundle / "mlflow_run.json").read_text())["run_id"] == fit_run
+    runs = {r.info.run_id for r in all_runs()}
+    printed = _register(capsys, "--bundle", str(bundle), "--name", "lineage")
+    assert printed["promoted"] and printed["version"] == "1"
+    assert printed["champion_version"] == printed["version"] == champion("lineage")[0]
+    assert printed["previous_champion"] is None
+    version = client.get_model_version("lineage", printed["version"])
+    assert version.run_id == fit_run
+    assert {r.info.run_id for r in all_runs()} == runs  # logged into the fit's run, not a new one
+    assert "val/mse" in client.get_run(fit_run).data.metrics
+
+    # a run the store does not have (another store's bundle): a new run, as before, with a note
+    (bundle / "mlflow_run.json").write_text(json.dumps({"run_id": "0" * 32}))
+    with pytest.warns(UserWarning, match="not in the store"):
+        again = _register(capsys, "--bundle", str(bundle), "--name", "lineage")
+    new_run = client.get_model_version("lineage", again["version"]).run_id
+    assert new_run not in runs and client.get_run(new_run).info.experiment_id == \
+        client.get_experiment_by_name("moa-promotion-toy").experiment_id
+    assert not again["promoted"] and again["champion_version"] == "1"  # a tie keeps v1
+
+
+def _toy_kind():
+    from moa.pipelines.bundle import ModelKind
+
+    return ModelKind(name="promotion-toy", service=_Toy, gate=("val/mse", "min"), signature=lambda meta: None,
+                     input_example=lambda folder: None)
+
+
+TOY_KIND = _toy_kind()

@@ -329,3 +329,85 @@ def test_every_user_batch_output_is_written_whole_or_not_at_all(served, short_hi
     written = pd.read_parquet(out)
     assert len(written) == len(result) == 3 and list(tmp_path.iterdir()) == [out]
     assert [list(map(int, i)) for i in written["items"]] == [list(map(int, i)) for i in result["items"]]
+
+
+def test_refused_requests_are_logged_to_the_server_process_stderr(served):
+    """The server process (ModelServer: its stdout and stderr go to server.log) writes one line per refused
+    request, with status, method, path, error code and the message; the line is written before the answer."""
+    log_path = served["root"] / "server.log"
+    for body, status, line in [
+        ('{"dataframe_records": [', 400, "400 POST /invocations BAD_REQUEST: Invalid input: the body is not valid JSON"),
+        (request_body([[4]], ["horror"], 3), 400, "400 POST /invocations INVALID_PARAMETER_VALUE: row 0: unknown "
+         "domain 'horror'"),
+    ]:
+        got, reply = invoke(served, body)
+        assert got == status, reply
+        assert line in log_path.read_text(errors="replace"), served["server"]._tail()
+    got, _ = raw(served, b"{}", {"Content-Type": "text/csv"})
+    assert got == 415 and "415 POST /invocations UNSUPPORTED_MEDIA_TYPE: Content-Type must be application/json" \
+        in log_path.read_text(errors="replace")
+    got, _ = raw(served, None, {}, method="GET", path="/nowhere")
+    assert got == 404 and "404 GET /nowhere NOT_FOUND" in log_path.read_text(errors="replace")
+
+
+def test_a_timed_out_request_names_the_options_and_is_logged(served, caplog):
+    """The 503 (a chunk held past the deadline, as in the timeout test above) names --timeout and --max-rows with
+    their values, and the server logs it (WARNING, ``moa.server``); with access_log an answered request is an INFO
+    line, without it only refused ones are logged."""
+    import logging
+
+    import mlflow
+
+    mlflow.set_tracking_uri(served["uri"])
+    history = ids_of(served["items"], "comedy", 20)
+    for access_log in (True, False):
+        held = HeldService(mlflow.pyfunc.load_model("models:/rec@champion").unwrap_python_model().service)
+        limits = Limits(timeout=1.0, chunk_rows=10, max_rows=321)
+        caplog.clear()
+        caplog.set_level(logging.INFO, logger="moa.server")
+        with serve_in_thread(create_app(held, limits, access_log=access_log)) as url:
+            answer = {}
+            thread = threading.Thread(target=lambda: answer.update(
+                long=post(f"{url}/invocations", request_body([history] * 50, ["comedy"] * 50, 10), timeout=BOUND)))
+            thread.start()
+            try:
+                assert held.reached.wait(BOUND), answer
+                thread.join(BOUND)  # the held chunk outlasts the deadline
+                status, reply = answer["long"]
+            finally:
+                held.release.set()
+                thread.join(BOUND)
+            assert status == 503 and reply["error_code"] == "TIMEOUT", reply
+            message = reply["message"]
+            assert "send fewer rows" in message and "larger --timeout (seconds; now 1)" in message, message
+            assert "smaller --max-rows (now 321)" in message, message
+            status, reply = post(f"{url}/invocations", request_body([history[:5]], ["comedy"], 3))
+            assert status == 200, reply
+        lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "moa.server"]
+        assert (logging.WARNING, f"503 POST /invocations TIMEOUT: {message}"[:len("503 POST /invocations TIMEOUT: ") + 197]
+                + ("..." if len(message) > 200 else "")) in lines, lines
+        answered = [m for level, m in lines if level == logging.INFO and m.startswith("200 POST /invocations")]
+        assert len(answered) == (1 if access_log else 0), lines
+
+
+def test_serve_help_shows_every_default(tmp_path):
+    """``moa serve --help`` (the installed command, in a process of its own) shows each option's default."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from moa.pipelines.serving.server import limit_arguments
+
+    moa = Path(sys.executable).parent / "moa"
+    env = {**os.environ, "COLUMNS": "80"}
+    done = subprocess.run([str(moa), "serve", "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split()).split(" options: ", 1)[1]  # past the usage; help lines wrap anywhere
+    assert "--port PORT TCP port (default: 5055)" in text, text
+    assert "--alias ALIAS alias of the version to serve (default: champion)" in text, text
+    assert "(default: moa-recommender)" in text and "(default: 127.0.0.1)" in text, text
+    options = limit_arguments(Limits())  # ["--max-rows", "10000", ...]: the defaults, as the server is started
+    for option, value in zip(options[::2], options[1::2]):
+        after = text.split(f"{option} {option[2:].upper().replace('-', '_')}", 1)[1]
+        assert after.split("(default: ", 1)[1].split(")", 1)[0] == value, (option, value, text)

@@ -19,7 +19,6 @@ the problem), 413 over the body or row limit, 415 without a JSON Content-Type, 5
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from typing import Sequence
 
@@ -35,19 +34,22 @@ def serve(model_uri: str, args: argparse.Namespace) -> None:
                      limits=server.limits_of(args), docs=args.docs, address=args.ray_address)
     else:
         server.run(model_uri, host=args.host, port=args.port, workers=args.workers, tracking_uri=args.tracking_uri,
-                   limits=server.limits_of(args), docs=args.docs)
+                   limits=server.limits_of(args), docs=args.docs, access_log=args.access_log)
 
 
 def serve_main(argv: Sequence[str] | None = None) -> int:
     """``moa serve``: the model ``--model-uri``, else ``models:/<name>@<alias>``."""
     parser = argparse.ArgumentParser(prog="moa serve", description="Serve a registered model on 127.0.0.1 with "
-                                     "moa's scoring server (see moa.pipelines.serving.server) until interrupted.")
+                                     "moa's scoring server (see moa.pipelines.serving.server) until interrupted;\n"
+                                     "refused and failed requests are logged to stderr.",
+                                     formatter_class=server.HelpFormatter)
     parser.add_argument("--name", default="moa-recommender", help="registered model name")
-    parser.add_argument("--alias", default="champion", help="alias to serve")
+    parser.add_argument("--alias", default="champion", help="alias of the version to serve")
     parser.add_argument("--model-uri", default=None, help="serve this URI instead of models:/<name>@<alias>")
     server.add_arguments(parser)
     args = parser.parse_args(argv)
     uri = args.model_uri or f"models:/{args.name}@{args.alias}"
+    server.log_to_stderr()
     os.environ.update(server_env(args.tracking_uri))
     limits = server.limits_of(args)
     print(f"serving {uri} on http://{args.host}:{args.port} ({args.engine}; {limits}); POST /invocations, GET /ping",
@@ -60,11 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The server process (:class:`moa.pipelines.serving.process.ModelServer` starts it): ``--model-uri`` required,
     INFO logging to stderr."""
     parser = argparse.ArgumentParser(prog="python -m moa.pipelines.serving.serve_command", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=server.HelpFormatter)
     parser.add_argument("--model-uri", required=True)
     server.add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server.log_to_stderr()
     print(f"moa server: {args.model_uri} on http://{args.host}:{args.port} ({args.engine}; {server.limits_of(args)})",
           flush=True)
     serve(args.model_uri, args)

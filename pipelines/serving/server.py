@@ -12,7 +12,13 @@ log): 415 without ``Content-Type: application/json``; 413 for a body over ``max_
 refused before it is all read or parsed), more than ``max_rows`` rows, or (generation) more than
 ``max_generated_tokens`` new tokens in all (rows x each row's ``max_new_tokens``); 400 for JSON that is invalid,
 nested deeper than ``max_depth`` (checked before parsing) or not the expected shape, and for requests the model
-refuses; 503 when scoring takes longer than ``timeout`` seconds.
+refuses; 503 when scoring takes longer than ``timeout`` seconds (the message names ``--timeout`` to raise and
+``--max-rows`` to refuse such requests up front).
+
+Every refused or failed request (4xx, 5xx, 503) is one WARNING line (ERROR for 500, with the traceback) of the
+``moa.server`` logger: status, method, path, error code and the message, cut to 200 characters; with
+``access_log=True`` (``--access-log``) each answered ``/invocations`` is also an INFO line. The server process
+(``moa serve``, ``python -m moa.pipelines.serving.serve_command``, each uvicorn worker) sends it to stderr.
 
 Timeouts really stop the work: scoring runs ``chunk_rows`` rows at a time and checks the request's deadline
 between chunks and, for generation, between decode steps; a timed-out request stops at its next check (a request
@@ -208,9 +214,15 @@ def _plain(value: Any):
     raise UserTypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def create_app(model, limits: Limits | None = None, *, docs: bool = False):
+def log_to_stderr() -> None:
+    """The server process's logging: INFO lines to stderr (nothing changes where logging is set up already)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def create_app(model, limits: Limits | None = None, *, docs: bool = False, access_log: bool = False):
     """The ASGI app serving ``model`` (a loaded ``mlflow.pyfunc`` model, or anything with ``predict(frame,
-    params=)``) under ``limits``."""
+    params=)``) under ``limits``; refused and failed requests are logged (``moa.server``), answered ones too
+    with ``access_log``."""
     from fastapi import FastAPI
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.responses import JSONResponse, Response
@@ -224,17 +236,22 @@ def create_app(model, limits: Limits | None = None, *, docs: bool = False):
     cost = "rows or a smaller max_new_tokens" if scorer.generates else "rows"
     lock = threading.Lock()
 
-    def error(status: int, code: str, message: str) -> JSONResponse:
+    def error(request: Request, status: int, code: str, message: str, *, trace: bool = False) -> JSONResponse:
+        """The JSON error answer, and its line in the log (WARNING; a failure of the server, 5xx but not the 503 of
+        a timeout, as ERROR, with the traceback if ``trace``)."""
+        short = message if len(message) <= 200 else message[:197] + "..."
+        log.log(logging.ERROR if status >= 500 and status != 503 else logging.WARNING, "%d %s %s %s: %s", status, request.method,
+                request.url.path, code, short, exc_info=trace)
         return JSONResponse({"error_code": code, "message": message}, status_code=status)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):  # 404, 405, ... as JSON without details of the app
-        return error(exc.status_code, "NOT_FOUND" if exc.status_code == 404 else "BAD_REQUEST", str(exc.detail))
+        return error(request, exc.status_code, "NOT_FOUND" if exc.status_code == 404 else "BAD_REQUEST",
+                     str(exc.detail))
 
     @app.exception_handler(Exception)
     async def internal_error(request, exc):
-        log.exception("internal error")
-        return error(500, "INTERNAL_ERROR", "internal error (details in the server's log)")
+        return error(request, 500, "INTERNAL_ERROR", "internal error (details in the server's log)", trace=True)
 
     @app.get("/ping")
     async def ping():
@@ -276,13 +293,13 @@ def create_app(model, limits: Limits | None = None, *, docs: bool = False):
         stats["requests"] += 1
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type not in JSON_TYPES:
-            return error(415, "UNSUPPORTED_MEDIA_TYPE", f"Content-Type must be application/json, got "
+            return error(request, 415, "UNSUPPORTED_MEDIA_TYPE", f"Content-Type must be application/json, got "
                          f"{content_type or 'none'}; send dataframe_records or dataframe_split JSON")
         declared = request.headers.get("content-length", "")
-        too_large = error(413, "REQUEST_TOO_LARGE", f"the body is over the limit of {limits.max_body_bytes} bytes; "
-                          "send fewer rows per request")
+        too_large = lambda: error(request, 413, "REQUEST_TOO_LARGE", "the body is over the limit of "  # noqa: E731
+                                  f"{limits.max_body_bytes} bytes; send fewer rows per request")
         if declared.isdigit() and int(declared) > DRAIN * limits.max_body_bytes:
-            return too_large  # not worth reading to the end: the client may see the connection close instead
+            return too_large()  # not worth reading to the end: the client may see the connection close instead
         chunks, size = [], 0
         async for chunk in request.stream():  # a body over the limit is read on (up to DRAIN x) but not kept
             size += len(chunk)
@@ -291,7 +308,8 @@ def create_app(model, limits: Limits | None = None, *, docs: bool = False):
             elif size > DRAIN * limits.max_body_bytes:
                 break
         if size > limits.max_body_bytes:
-            return too_large
+            return too_large()
+        started = time.monotonic()
         deadline = time.monotonic() + limits.timeout
         future = asyncio.get_running_loop().run_in_executor(workers, job, b"".join(chunks), deadline)
         try:
@@ -299,14 +317,18 @@ def create_app(model, limits: Limits | None = None, *, docs: bool = False):
         except (asyncio.TimeoutError, TimedOut):
             future.add_done_callback(lambda f: f.cancelled() or f.exception())  # its TimedOut is expected
             stats["timed_out"] += 1
-            return error(503, "TIMEOUT", f"scoring took longer than the limit of {limits.timeout:g} s and was "
-                         f"stopped; send fewer {cost} per request")
+            return error(request, 503, "TIMEOUT", f"scoring took longer than the limit of {limits.timeout:g} s and "
+                         f"was stopped; send fewer {cost} per request, or start the server with a larger --timeout "
+                         f"(seconds; now {limits.timeout:g}) or a smaller --max-rows (now {limits.max_rows}) to "
+                         "refuse such requests up front with 413")
         except HTTPError as failure:
-            return error(failure.status, failure.code, failure.message)
+            return error(request, failure.status, failure.code, failure.message)
         except Exception:  # noqa: BLE001 - the traceback goes to the log, never into the response
-            log.exception("scoring failed")
-            return error(500, "INTERNAL_ERROR", "internal error (details in the server's log)")
+            return error(request, 500, "INTERNAL_ERROR", "internal error (details in the server's log)", trace=True)
         body = json.dumps({"predictions": predictions}, default=_plain)
+        if access_log:
+            log.info("200 %s %s: %d bytes in %.1f ms", request.method, request.url.path, size,
+                     1000 * (time.monotonic() - started))
         return Response(body, media_type="application/json")
 
     return app
@@ -324,28 +346,42 @@ def load(model_uri: str, tracking_uri: str | None = None):
 def app_from_env():
     """uvicorn factory of each worker process: the settings of :func:`run` from ``$MOA_SERVE_CONFIG``."""
     config = json.loads(os.environ[ENV])
+    log_to_stderr()  # a worker process of its own (workers > 1) has no logging set up yet
     return create_app(load(config["model_uri"], config.get("tracking_uri")), Limits(**config["limits"]),
-                      docs=config["docs"])
+                      docs=config["docs"], access_log=config.get("access_log", False))
 
 
 def run(model_uri: str, *, host: str = "127.0.0.1", port: int = 5055, workers: int = 1,
-        tracking_uri: str | None = None, limits: Limits | None = None, docs: bool = False) -> None:
+        tracking_uri: str | None = None, limits: Limits | None = None, docs: bool = False,
+        access_log: bool = False) -> None:
     """Serve until interrupted (``workers`` uvicorn processes, each with its own copy of the model)."""
     import uvicorn
 
     os.environ[ENV] = json.dumps({"model_uri": model_uri, "tracking_uri": tracking_uri, "docs": docs,
-                                  "limits": asdict(limits or Limits())})
+                                  "access_log": access_log, "limits": asdict(limits or Limits())})
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uvicorn.run("moa.pipelines.serving.server:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level="warning", access_log=False, timeout_graceful_shutdown=5)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with every option's default, ``(default: ...)``, except where there is none (``None``, a flag
+    that is off) or the help says it already; descriptions as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The server's options (give the parser ``formatter_class=HelpFormatter`` to show their defaults)."""
     defaults = Limits()
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
-    parser.add_argument("--port", type=int, default=5055)
+    parser.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 exposes it")
+    parser.add_argument("--port", type=int, default=5055, help="TCP port")
     parser.add_argument("--workers", type=int, default=1, help="server processes, each with the model loaded")
-    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--tracking-uri", default=None, help="MLflow store of the model (default: "
+                        "$MLFLOW_TRACKING_URI, else ./mlflow.db; prefer the variable for credentials)")
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help="larger bodies get 413")
     parser.add_argument("--max-rows", type=int, default=defaults.max_rows, help="more rows per request get 413")
     parser.add_argument("--timeout", type=float, default=defaults.timeout,
@@ -357,6 +393,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scoring-threads", type=int, default=defaults.scoring_threads,
                         help="requests scored at once per server process (they take turns on the model)")
     parser.add_argument("--docs", action="store_true", help="serve interactive API docs at /docs")
+    parser.add_argument("--access-log", action="store_true", help="log every answered request (INFO, stderr); "
+                        "refused and failed ones are always logged")
     parser.add_argument("--engine", choices=("uvicorn", "ray"), default="uvicorn",
                         help="uvicorn worker processes on this machine, or Ray Serve replicas (see moa.pipelines.serving.ray_engine)")
     parser.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas (--engine ray)")

@@ -25,6 +25,9 @@ class LogBundle(Callback):
     (``trainer.callback_metrics``); ``ship="best"`` first restores the best checkpoint of the trainer's monitoring
     ``ModelCheckpoint`` (best-epoch selection is Lightning's) and ships it with the validation values recorded in
     that checkpoint. Either way the gate sees the figures of the weights it ships.
+    With the MLflow logger the fit's run id is recorded in the bundle (``mlflow_run.json``, see
+    :func:`moa.pipelines.tracking.registry.record_run`) before it is logged: ``moa register`` of the bundle logs
+    into that run.
 
     Args:
         directory: where the bundle is written (replaced as a whole).
@@ -77,7 +80,7 @@ class LogBundle(Callback):
         if not trainer.is_global_zero or trainer.interrupted:
             return
         from moa.pipelines.bundle import bundle_meta, default_gate
-        from moa.pipelines.tracking.registry import check_metric, log_bundle, register_and_gate
+        from moa.pipelines.tracking.registry import check_metric, log_bundle, record_run, register_and_gate
 
         self.metrics, self.epoch = _scalars(trainer.callback_metrics), trainer.current_epoch - 1  # the last one
         if self.ship == "best":
@@ -93,6 +96,7 @@ class LogBundle(Callback):
         if self.ship == "best":
             logger.log_metrics({"best/epoch": float(self.epoch),
                                 **{f"best/{k}": v for k, v in self.metrics.items() if k.startswith("val/")}})
+        record_run(self.bundle, logger.run_id, logger.experiment.tracking_uri)  # `moa register` logs into this run
         info = log_bundle(self.bundle, run_id=logger.run_id, tracking_uri=logger.experiment.tracking_uri)
         self.model_uri = info.model_uri
         if self.register_as:

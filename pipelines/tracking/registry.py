@@ -2,6 +2,9 @@
 
     moa register --bundle outputs/bundle --name my-classifier [--metric val/accuracy --mode max] [--run-id RUN]
 
+Without ``--run-id`` the model is logged into the fit's run that ``LogBundle`` recorded in the bundle
+(``mlflow_run.json``) when the store has it, so the version keeps its lineage; else into a new run of ``moa-<kind>``.
+
 The model is logged from code (:mod:`moa.pipelines.tracking.pyfunc_model`, nothing pickled) with the bundle folder as its
 one artifact, the signature and an input example of its kind (:mod:`moa.pipelines.bundle`), and requirements
 that pin the moa version that wrote it. Each registered version carries its gating metric as tags
@@ -24,6 +27,7 @@ import numbers
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,7 +37,7 @@ from mlflow import MlflowClient
 
 from moa.experts.errors import UserError
 import moa
-from moa.atomic import readable
+from moa.atomic import atomic_file, readable
 from mlflow.exceptions import MlflowException
 
 from moa.pipelines.bundle import bundle_meta, default_gate, signature_and_example
@@ -42,6 +46,43 @@ from moa.pipelines.tracking.store import resolve_tracking_uri
 CHAMPION = "champion"
 METRIC_TAG, METRIC_NAME_TAG, MODE_TAG = "gate_value", "gate_metric", "gate_mode"
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+RUN_FILE = "mlflow_run.json"  # beside service.json: the MLflow run of the fit that wrote the bundle (LogBundle)
+
+
+def record_run(bundle: str | Path, run_id: str, tracking_uri: str | None = None) -> Path:
+    """Write ``mlflow_run.json`` (``{"run_id": ..., "tracking_uri": ...}``) into the bundle folder: the fit's run,
+    which ``moa register`` without ``--run-id`` logs the model into (its lineage). Outside the bundle's manifest; a
+    new bundle written into the folder drops it."""
+    path = Path(bundle) / RUN_FILE
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri}))
+    return path
+
+
+def recorded_run(bundle: str | Path) -> str | None:
+    """The run id in the bundle's ``mlflow_run.json``, or ``None`` when it has none (or an unreadable one)."""
+    try:
+        run_id = json.loads((Path(bundle) / RUN_FILE).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run_id if isinstance(run_id, str) and run_id else None
+
+
+def _fit_run(bundle: str | Path, client: MlflowClient) -> str | None:
+    """The fit's run recorded in the bundle when the store has it (not deleted); else ``None``, with a note."""
+    run_id = recorded_run(bundle)
+    if run_id is None:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        run = None
+    if run is None or run.info.lifecycle_stage == "deleted":
+        warnings.warn(f"the bundle's fit run {run_id} ({RUN_FILE}) is not in the store "
+                      f"{mlflow.get_tracking_uri()}: the model is logged to a new run (pass --run-id to choose one)",
+                      stacklevel=3)
+        return None
+    return run_id
 
 
 def _requirements() -> list[str]:
@@ -84,7 +125,8 @@ class Promotion:
     promoted: bool
     reason: str
     metric: float
-    champion_version: str | None
+    champion_version: str  # the alias's holder after the decision: this version when promoted
+    previous_champion: str | None  # the holder it was compared with (None: there was none)
 
 
 def check_metric(metric: Any, what: str = "the gating metric") -> float:
@@ -200,7 +242,7 @@ def register_and_gate(model_uri: str, name: str, metric: Any, *, metric_name: st
         client.set_model_version_tag(name, version, "promotion_reason", reason)
     if promoted and not locked:
         _reassert(client, name, alias, version, metric, mode)
-    return Promotion(name, version, promoted, reason, metric, holder)
+    return Promotion(name, version, promoted, reason, metric, version if promoted else holder, holder)
 
 
 def _check_same_gate(champion, name: str, metric_name: str, mode: str) -> None:
@@ -238,7 +280,10 @@ def register_bundle(bundle: str | Path, name: str, *, metric: str | None = None,
                     tracking_uri: str | None = None) -> Promotion:
     """Log, register and gate a bundle in one step (what ``moa register`` does). ``metric`` / ``mode`` default to
     the kind's gate (:func:`moa.pipelines.bundle.default_gate`). The bundle's metric and the gate are checked
-    before anything is logged: a missing, NaN, infinite or non-numeric metric leaves no run and no version."""
+    before anything is logged: a missing, NaN, infinite or non-numeric metric leaves no run and no version.
+    Without ``run_id`` the model is logged into the fit's run recorded in the bundle (``mlflow_run.json``, written by
+    :class:`~moa.pipelines.tracking.log_bundle.LogBundle`) when the store has it, else into a new run of
+    ``experiment``."""
     meta = bundle_meta(bundle)
     metric = metric or default_gate(meta["kind"])[0]
     mode = _check_mode(mode or default_gate(meta["kind"])[1])
@@ -247,7 +292,10 @@ def register_bundle(bundle: str | Path, name: str, *, metric: str | None = None,
         raise UserError(f"the bundle's service.json has no metric {metric!r} to gate on; it has {sorted(metrics)}")
     value = check_metric(metrics[metric], f"the bundle's {metric}")
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
-    _check_same_gate(_champion(MlflowClient(), name, CHAMPION), name, metric, mode)
+    client = MlflowClient()
+    _check_same_gate(_champion(client, name, CHAMPION), name, metric, mode)
+    if run_id is None:
+        run_id = _fit_run(bundle, client)
     info = log_bundle(bundle, run_id=run_id, experiment=experiment, tracking_uri=tracking_uri)
     return register_and_gate(info.model_uri, name, value, metric_name=metric, mode=mode)
 
@@ -261,8 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "the kind's: val/ndcg_10 for recommenders, val/accuracy for classifiers, val/loss for LMs)")
     parser.add_argument("--mode", choices=("max", "min"), default=None, help="higher or lower is better "
                         "(default: the kind's)")
-    parser.add_argument("--run-id", default=None, help="log into this MLflow run (default: a new run)")
-    parser.add_argument("--experiment", default=None, help="experiment of the new run (default: moa-<kind>)")
+    parser.add_argument("--run-id", default=None, help="log into this MLflow run "
+                        "(default: the fit's run recorded in the bundle's mlflow_run.json, else a new run)")
+    parser.add_argument("--experiment", default=None, help="experiment of a new run (default: moa-<kind>)")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     args = parser.parse_args(argv)
