@@ -301,3 +301,12 @@ def _toy_kind():
 
 
 TOY_KIND = _toy_kind()
+
+
+def test_the_recorded_fit_run_holds_no_tracking_uri(tmp_path):
+    """The bundle is shipped (logged, copied): ``mlflow_run.json`` holds the run id only, never the store's URI,
+    which may carry credentials."""
+    from moa.pipelines.tracking.registry import record_run, recorded_run
+
+    path = record_run(tmp_path, "a" * 32)
+    assert json.loads(path.read_text()) == {"run_id": "a" * 32} and recorded_run(tmp_path) == "a" * 32

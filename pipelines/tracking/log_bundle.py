@@ -96,7 +96,7 @@ class LogBundle(Callback):
         if self.ship == "best":
             logger.log_metrics({"best/epoch": float(self.epoch),
                                 **{f"best/{k}": v for k, v in self.metrics.items() if k.startswith("val/")}})
-        record_run(self.bundle, logger.run_id, logger.experiment.tracking_uri)  # `moa register` logs into this run
+        record_run(self.bundle, logger.run_id)  # `moa register` logs into this run
         info = log_bundle(self.bundle, run_id=logger.run_id, tracking_uri=logger.experiment.tracking_uri)
         self.model_uri = info.model_uri
         if self.register_as:

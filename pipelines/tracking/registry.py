@@ -49,13 +49,13 @@ MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 RUN_FILE = "mlflow_run.json"  # beside service.json: the MLflow run of the fit that wrote the bundle (LogBundle)
 
 
-def record_run(bundle: str | Path, run_id: str, tracking_uri: str | None = None) -> Path:
-    """Write ``mlflow_run.json`` (``{"run_id": ..., "tracking_uri": ...}``) into the bundle folder: the fit's run,
-    which ``moa register`` without ``--run-id`` logs the model into (its lineage). Outside the bundle's manifest; a
-    new bundle written into the folder drops it."""
+def record_run(bundle: str | Path, run_id: str) -> Path:
+    """Write ``mlflow_run.json`` (``{"run_id": ...}``) into the bundle folder: the fit's run, which ``moa register``
+    without ``--run-id`` logs the model into (its lineage). Not the tracking URI: it may hold credentials, and the
+    bundle is shipped. Outside the bundle's manifest; a new bundle written into the folder drops it."""
     path = Path(bundle) / RUN_FILE
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri}))
+        tmp.write_text(json.dumps({"run_id": run_id}))
     return path
 
 
