@@ -274,6 +274,7 @@ def test_register_without_run_id_logs_into_the_fits_run_and_names_the_promoted_c
     client = MlflowClient()
     assert json.loads((bundle / "mlflow_run.json").read_text())["run_id"] == fit_run
     runs = {r.info.run_id for r in all_runs()}
+    mlflow.set_experiment("another-experiment")  # made active earlier in the process (another register): no matter
     printed = _register(capsys, "--bundle", str(bundle), "--name", "lineage")
     assert printed["promoted"] and printed["version"] == "1"
     assert printed["champion_version"] == printed["version"] == champion("lineage")[0]
@@ -310,3 +311,4 @@ def test_the_recorded_fit_run_holds_no_tracking_uri(tmp_path):
 
     path = record_run(tmp_path, "a" * 32)
     assert json.loads(path.read_text()) == {"run_id": "a" * 32} and recorded_run(tmp_path) == "a" * 32
+

@@ -105,6 +105,8 @@ def log_bundle(bundle: str | Path, *, run_id: str | None = None, experiment: str
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
     if run_id is None:
         mlflow.set_experiment(experiment or f"moa-{meta['kind']}")
+    else:  # the run's own experiment: one set earlier in this process (another register) would refuse the run
+        mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id)
     names = {key: meta[key] for key in ("tasks", "domains", "labels") if key in meta}
     with mlflow.start_run(run_id=run_id):
         return mlflow.pyfunc.log_model(
