@@ -194,6 +194,25 @@ class HeldService:
         return self
 
 
+def post_held_past_deadline(url: str, held: HeldService, history: list) -> tuple[int, dict, float]:
+    """POST 50 rows to ``url`` while ``held`` holds the second chunk until the request's answer came (the deadline
+    passes mid-request), then release it: ``(status, reply, seconds to the answer)``."""
+    answer = {}
+    started = time.monotonic()
+    thread = threading.Thread(target=lambda: answer.update(
+        long=post(f"{url}/invocations", request_body([history] * 50, ["comedy"] * 50, 10), timeout=BOUND)))
+    thread.start()
+    try:
+        assert held.reached.wait(BOUND), answer
+        thread.join(BOUND)  # the held chunk outlasts the deadline
+        elapsed = time.monotonic() - started
+        status, reply = answer["long"]
+    finally:
+        held.release.set()
+        thread.join(BOUND)
+    return status, reply, elapsed
+
+
 def test_timed_out_work_is_stopped_and_the_server_stays_responsive(served):
     """50 rows in chunks of 10, the second chunk held past the 1 s deadline (the registered model, served in this
     process over real HTTP): 503 at the deadline, the work stops at the next chunk boundary (counted in /health
@@ -205,20 +224,9 @@ def test_timed_out_work_is_stopped_and_the_server_stays_responsive(served):
     limits = Limits(timeout=1.0, chunk_rows=10)
     history = ids_of(served["items"], "comedy", 20)
     with serve_in_thread(create_app(held, limits)) as url:
-        answer = {}
-        started = time.monotonic()
-        thread = threading.Thread(target=lambda: answer.update(
-            long=post(f"{url}/invocations", request_body([history] * 50, ["comedy"] * 50, 10), timeout=BOUND)))
-        thread.start()
-        try:
-            assert held.reached.wait(BOUND), answer
-            thread.join(BOUND)  # the held chunk outlasts the deadline
-            status, reply = answer["long"]
-            assert status == 503 and reply["error_code"] == "TIMEOUT" and "send fewer rows" in reply["message"], reply
-            assert limits.timeout <= time.monotonic() - started < limits.timeout + 5
-        finally:
-            held.release.set()
-            thread.join(BOUND)
+        status, reply, elapsed = post_held_past_deadline(url, held, history)
+        assert status == 503 and reply["error_code"] == "TIMEOUT" and "send fewer rows" in reply["message"], reply
+        assert limits.timeout <= elapsed < limits.timeout + 5
         give_up = time.monotonic() + BOUND
         while (now := json.loads(urllib.request.urlopen(f"{url}/health", timeout=BOUND).read()))["scoring"] \
                 or not now["stopped"]:
@@ -366,17 +374,7 @@ def test_a_timed_out_request_names_the_options_and_is_logged(served, caplog):
         caplog.clear()
         caplog.set_level(logging.INFO, logger="moa.server")
         with serve_in_thread(create_app(held, limits, access_log=access_log)) as url:
-            answer = {}
-            thread = threading.Thread(target=lambda: answer.update(
-                long=post(f"{url}/invocations", request_body([history] * 50, ["comedy"] * 50, 10), timeout=BOUND)))
-            thread.start()
-            try:
-                assert held.reached.wait(BOUND), answer
-                thread.join(BOUND)  # the held chunk outlasts the deadline
-                status, reply = answer["long"]
-            finally:
-                held.release.set()
-                thread.join(BOUND)
+            status, reply, _ = post_held_past_deadline(url, held, history)
             assert status == 503 and reply["error_code"] == "TIMEOUT", reply
             message = reply["message"]
             assert "send fewer rows" in message and "larger --timeout (seconds; now 1)" in message, message
