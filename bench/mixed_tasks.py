@@ -32,7 +32,7 @@ def build(tasks: int, rank: int, folder: Path):
     from transformers import AutoModel
 
     import moa
-    from moa.pipelines.data.pretrained import minilm_dir
+    from moa.pretrained import minilm_dir
 
     base = AutoModel.from_pretrained(str(minilm_dir())).eval()
     names = [f"task{t}" for t in range(tasks)]

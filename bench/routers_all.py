@@ -68,7 +68,7 @@ logging.getLogger("lightning").setLevel(logging.ERROR)
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 from moa.pipelines.examples.ml100k_text import write_tasks  # noqa: E402
-from moa.pipelines.data.pretrained import minilm_dir  # noqa: E402
+from moa.pretrained import minilm_dir  # noqa: E402
 from moa.pipelines.kinds.classifier.module import MoAClassifier, RLOOClassifier, TaskLabelHead  # noqa: E402
 from moa.pipelines.data.text import TextData  # noqa: E402
 from moa.pipelines.tracking.logger import MLflowLogger  # noqa: E402

@@ -1,12 +1,13 @@
 """Scale-out on Ray against one process, in one run: batch scoring (``moa batch`` vs ``moa batch --engine ray``) and
 REST serving with concurrent clients (1 uvicorn worker vs Ray Serve replicas), on a local Ray cluster.
 
-    python bench/scale_out.py                       # 4000 batch rows, 8 clients x 40 requests, 2 Ray workers/replicas
-    python bench/scale_out.py --rows 1000 --clients 4 --requests 20
+    python bench/scale_out.py                       # 6000 batch rows; Ray with 1 and 2 workers; 8 clients x 40 requests
+    python bench/scale_out.py --rows 1000 --workers 2 --clients 4 --requests 20
 
 The model is the registered recommender stand-in of ``bench/serving.py`` (the real recommender class with a tiny
 encoder, rows from real ml-100k users). Batch times are the wall time of each command as a user runs it (a
-subprocess: imports, Ray start-up and model loads included); rate = rows / wall. Serving: ``--clients`` threads each send ``--requests`` single-user requests over a
+subprocess: imports, Ray start-up and model loads included); rate = rows / wall; Ray runs once per ``--workers``
+count (the replicas of the serving part: the largest). Serving: ``--clients`` threads each send ``--requests`` single-user requests over a
 keep-alive connection; throughput = all requests / wall time; p50 / p99 over every request.
 """
 
@@ -62,11 +63,13 @@ def serve_load(model_uri: str, tracking: str, rows: list[dict], clients: int, re
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=4000, help="rows of the batch job")
+    parser.add_argument("--rows", type=int, default=6000, help="rows of the batch job")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=40, help="requests per client")
-    parser.add_argument("--workers", type=int, default=2, help="Ray Data model copies and Ray Serve replicas")
+    parser.add_argument("--workers", default="1,2", help="Ray Data model copies, one batch run per count "
+                        "(comma-separated); Ray Serve replicas: the largest")
     args = parser.parse_args()
+    workers = [int(w) for w in args.workers.split(",")]
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import mlflow
@@ -83,20 +86,25 @@ def main() -> None:
         moa = str(Path(sys.executable).with_name("moa"))
         base = [moa, "batch", "--model-uri", model_uri, "--input", str(root / "rows.parquet"), "--param", "k=10"]
         local = batch_wall([*base, "--out", str(root / "local.parquet")], env)
-        ray = batch_wall([*base, "--out", str(root / "ray.parquet"), "--engine", "ray", "--workers", str(args.workers)], env)
-        same = pd.read_parquet(root / "local.parquet")["items"].map(list).equals(
-            pd.read_parquet(root / "ray.parquet")["items"].map(list))
+        items = pd.read_parquet(root / "local.parquet")["items"].map(list)
+        ray, same = {}, True
+        for n in workers:
+            out = root / f"ray-{n}.parquet"
+            ray[n] = batch_wall([*base, "--out", str(out), "--engine", "ray", "--workers", str(n)], env)
+            same &= items.equals(pd.read_parquet(out)["items"].map(list))
         uvicorn = serve_load(model_uri, tracking, rows, args.clients, args.requests)
         replicas = serve_load(model_uri, tracking, rows, args.clients, args.requests, engine="ray",
-                              replicas=args.workers)
+                              replicas=max(workers))
     print(f"command: python bench/scale_out.py {' '.join(sys.argv[1:])}".rstrip()
           + f"   ({os.cpu_count()} CPUs; recommender stand-in; local Ray cluster)")
     print(f"\nbatch, {args.rows} rows (wall of the whole command; answers identical: {same}):")
-    print(f"  moa batch (one process)              {local:7.1f} s  {args.rows / local:7.0f} rows/s")
-    print(f"  moa batch --engine ray, {args.workers} workers      {ray:7.1f} s  {args.rows / ray:7.0f} rows/s   "
-          f"{local / ray:.2f}x one process")
+    print(f"  moa batch (one process)               {local:7.1f} s  {args.rows / local:7.0f} rows/s")
+    for n, wall in ray.items():
+        print(f"  moa batch --engine ray, {n} worker{'s' if n > 1 else ' '}      {wall:7.1f} s  {args.rows / wall:7.0f} rows/s"
+              f"   {local / wall:.2f}x one process")
     print(f"\nserving, {args.clients} concurrent clients x {args.requests} single-user requests:")
-    for name, r in (("moa serve, 1 uvicorn worker", uvicorn), (f"moa serve --engine ray, {args.workers} replicas", replicas)):
+    for name, r in (("moa serve, 1 uvicorn worker", uvicorn),
+                    (f"moa serve --engine ray, {max(workers)} replicas", replicas)):
         print(f"  {name:38s} {r['rps']:7.1f} req/s  p50 {r['p50']:6.1f} ms  p99 {r['p99']:6.1f} ms")
 
 

@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "MoAConfig": "config", "MoALinear": "layer", "MoAModel": "model", "attach": "model", "load": "model",
     "from_peft": "peft_bridge", "to_peft": "peft_bridge", "follow_optimizer": "training_hooks",
+    "MoATrainer": "hf_trainer",
 }
 
 
@@ -45,4 +46,4 @@ def merge(moa_model: "MoAModel", route) -> "object":
     return moa_model.merge(route)
 
 
-__all__ = ["MoAConfig", "MoALinear", "MoAModel", "attach", "follow_optimizer", "from_peft", "load", "merge", "to_peft"]
+__all__ = ["MoAConfig", "MoALinear", "MoAModel", "MoATrainer", "attach", "follow_optimizer", "from_peft", "load", "merge", "to_peft"]

@@ -22,7 +22,8 @@ class MoAConfig:
         n_experts: experts per adapted layer (E).
         r: rank of each expert.
         alpha: LoRA alpha; the update is scaled by ``alpha / r`` as in PEFT (default ``alpha = r``, scale 1).
-        router: registered router name (``"topk"``, ``"static"``, ...).
+        router: registered router name (``"topk"``, ``"static"``, ...; ``"lora"``: one plain LoRA adapter with
+            ``n_experts=1``, PEFT's LoRA).
         top_k: experts per token (k <= E), for routers that use it; others (static, xcross, poly, mhr) ignore it
             and it is set to 1.
         target_modules: module names (matched as the full name or its last components, like PEFT) or one
@@ -59,6 +60,10 @@ class MoAConfig:
             raise UserError(f"n_experts must be a positive integer, got {self.n_experts!r}")
         if not isinstance(self.r, int) or self.r < 1:
             raise UserError(f"r (the rank of each expert) must be an integer >= 1, got {self.r!r}")
+        required = getattr(ROUTERS[self.router], "n_experts_required", None)
+        if required is not None and self.n_experts != required:  # "lora": one plain adapter
+            raise UserError(f"router {self.router!r} takes n_experts={required} (one plain LoRA adapter, no routing); "
+                            f"got n_experts={self.n_experts}")
         if not ROUTERS[self.router].uses_top_k:  # e.g. static, poly: top_k is not the user's to set
             self.top_k = 1
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.n_experts:

@@ -178,6 +178,9 @@ class MoALinear(nn.Module):
     @torch.no_grad()
     def _record_usage(self, routing: Routing) -> None:
         ids = routing.expert_ids
+        if self.pool.n_experts == 1:  # one expert (router "lora"): no routing to report
+            self.last_usage = None
+            return
         if routing.usage is not None:
             usage = routing.usage.detach().float()
         elif routing.factors is not None:  # ids index the router's own adapters, not experts

@@ -24,6 +24,7 @@ from moa.routers import CONTEXT_KEYS, RoutingContext, build_router
 from .atomic import atomic_folder, read_json, read_safetensors, readable, verify
 from .config import CONFIG_NAME, MoAConfig
 from .layer import ContextSlot, MoALinear, linear_shape
+from .pretrained import is_pretrained_name, resolve_pretrained
 
 WEIGHTS_NAME = "moa_model.safetensors"
 SHARED_PREFIX = "moa_shared."  # state-dict keys of the modules shared by all layers
@@ -139,9 +140,13 @@ class MoAModel(nn.Module):
                 total[name] = total[name] + value if name in total else value
         return total
 
-    def aux_loss(self) -> Tensor | None:
+    def aux_loss(self) -> Tensor:
+        """The sum of :meth:`aux_losses`; a zero scalar when the routers have none (``out.loss + model.aux_loss()``
+        works for every router)."""
         losses = self.aux_losses()
-        return sum(losses.values()) if losses else None
+        if losses:
+            return sum(losses.values())
+        return torch.zeros((), device=next(self.parameters()).device)
 
     def routing_stats(self) -> dict[str, Tensor]:
         """Per layer: the fraction of routing slots each expert received in the last forward call."""
@@ -234,7 +239,8 @@ class MoAModel(nn.Module):
         moment leaves the old save or the new one; other files in it (a tokenizer) are kept.
 
         The config records where the base model comes from (``base_model_name_or_path``, by default the folder or
-        name it was loaded from with ``from_pretrained``) and its class, so :func:`load` can rebuild it.
+        name it was loaded from with ``from_pretrained``), its class and its labels (``id2label``: a classifier
+        built with ``num_labels=3`` on a folder that has none), so :func:`load` can rebuild it.
         """
         directory = Path(directory)
         base_config = getattr(self.model, "config", None)
@@ -246,6 +252,7 @@ class MoAModel(nn.Module):
             "base_model_type": getattr(base_config, "model_type", None),
             "base_model_class": type(self.model).__name__,
             "base_model_name_or_path": base_model_name_or_path or getattr(base_config, "_name_or_path", None) or None,
+            "base_model_config": base_config_overrides(base_config),
         }
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.moa_state_dict().items()}
         with atomic_folder(directory, keep_others=True) as tmp:
@@ -299,7 +306,8 @@ def check_output_mixture(moa_model: "MoAModel") -> None:
     if not router.mixes_expert_outputs:
         raise UserError(
             f"router {router.name!r} mixes expert parameters, not expert outputs: a fixed route over the pool's "
-            "experts is not what it computes, so it cannot be merged or exported this way"
+            "experts is not what it computes, so it cannot be merged or exported this way (one task's adapter "
+            "exports with moa.to_peft(model, folder, task=t))"
         )
 
 
@@ -443,8 +451,38 @@ def load(directory: str | os.PathLike, base_model: nn.Module | None = None) -> M
 
     Without ``base_model``, the base is loaded with ``from_pretrained`` from the path recorded at save time (see
     :meth:`MoAModel.save_pretrained`; a relative path is first looked up next to ``directory``), with the class
-    it had.
+    and labels it had.
     """
+    meta, state, source = read_save(directory)
+    config = MoAConfig.from_dict(meta["config"])
+    if base_model is None:
+        base_model = load_recorded_base(meta, source.parent / CONFIG_NAME)
+    missing = [name for name in meta["layers"] if not _has_submodule(base_model, name)]
+    if missing:
+        raise UserError(f"the base model has no modules {missing[:5]}: it is not the model these MoA layers were saved from")
+    moa_model = attach(base_model, config, layers=meta["layers"])
+    try:
+        load_moa_state(moa_model, state, source=str(source))
+    except BaseException:
+        moa_model.unload()  # leave the caller's model as it was
+        raise
+    return moa_model
+
+
+def load_saved_state(moa_model: MoAModel, directory: str | os.PathLike) -> None:
+    """Load the adapters saved in ``directory`` (:meth:`MoAModel.save_pretrained`) into ``moa_model`` in place,
+    e.g. to resume training; a save of another configuration or of other layers is refused by name."""
+    meta, state, source = read_save(directory)
+    saved, own = meta["config"], json.loads(json.dumps(moa_model.config.to_dict()))  # as saved: tuples as lists
+    differ = sorted(k for k in set(saved) | set(own) if saved.get(k) != own.get(k))
+    if differ or meta["layers"] != sorted(moa_model.moa_layers()):
+        raise UserError(f"{source.parent} holds adapters of another configuration (differs in "
+                        f"{differ or ['the adapted layers']}); attach the MoAConfig it was saved with")
+    load_moa_state(moa_model, state, source=str(source))
+
+
+def read_save(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor], Path]:
+    """``(meta, tensors, weights path)`` of a :meth:`MoAModel.save_pretrained` folder, checked against its manifest."""
     directory = readable(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for path in (config_path, weights_path):
@@ -454,24 +492,25 @@ def load(directory: str | os.PathLike, base_model: nn.Module | None = None) -> M
     meta = read_json(config_path)
     if meta.get("format") != "moa" or meta.get("format_version", 0) > FORMAT_VERSION:
         raise UserError(f"{config_path} is not a MoA config this version can read (format {meta.get('format_version')})")
-    config = MoAConfig.from_dict(meta["config"])
-    if base_model is None:
-        base_model = load_recorded_base(meta, config_path)
-    missing = [name for name in meta["layers"] if not _has_submodule(base_model, name)]
-    if missing:
-        raise UserError(f"the base model has no modules {missing[:5]}: it is not the model these MoA layers were saved from")
-    state = read_safetensors(weights_path)
-    moa_model = attach(base_model, config, layers=meta["layers"])
-    try:
-        load_moa_state(moa_model, state, source=str(weights_path))
-    except BaseException:
-        moa_model.unload()  # leave the caller's model as it was
-        raise
-    return moa_model
+    return meta, read_safetensors(weights_path), weights_path
+
+
+# Base config fields a saved model records because ``from_pretrained`` of the base folder would not give them back:
+# the labels (a classifier built with ``num_labels=3`` on a folder that has none) and the classification loss.
+BASE_CONFIG_FIELDS = ("id2label", "label2id", "problem_type")
+
+
+def base_config_overrides(base_config: Any) -> dict[str, Any]:
+    """The :data:`BASE_CONFIG_FIELDS` of a base model's config that are set, as JSON (``id2label`` keys are strings)."""
+    values = {name: getattr(base_config, name, None) for name in BASE_CONFIG_FIELDS}
+    if values["id2label"] is not None:
+        values["id2label"] = {str(k): v for k, v in values["id2label"].items()}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def load_recorded_base(meta: dict[str, Any], config_path: Path) -> nn.Module:
-    """The base model named in a saved config (``base_model_name_or_path``, ``base_model_class``)."""
+    """The base model named in a saved config (``base_model_name_or_path``, ``base_model_class``), with the labels
+    recorded in ``base_model_config``."""
     import transformers
 
     path = meta.get("base_model_name_or_path")
@@ -481,11 +520,16 @@ def load_recorded_base(meta: dict[str, Any], config_path: Path) -> nn.Module:
     beside = config_path.parent / path  # a relative path names a folder next to the save first (a bundle's base)
     if not Path(path).is_absolute() and beside.is_dir():
         path = str(beside)
+    elif is_pretrained_name(path) or Path(path).suffix.lower() == ".gguf":  # "smollm2-135m", a GGUF: its folder
+        path = str(resolve_pretrained(beside if beside.is_file() else path))
     cls = getattr(transformers, meta.get("base_model_class") or "", None)
     if not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
         cls = transformers.AutoModel
+    overrides = dict(meta.get("base_model_config") or {})
+    if "id2label" in overrides:
+        overrides["id2label"] = {int(k): v for k, v in overrides["id2label"].items()}
     try:
-        return cls.from_pretrained(path)
+        return cls.from_pretrained(path, **overrides)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load the base model {path!r} recorded in {config_path}: {error}; pass the base "
                          "model, moa.load(folder, base_model)") from error

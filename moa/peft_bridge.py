@@ -2,8 +2,9 @@
 
 * :func:`from_peft` turns existing PEFT LoRA adapters into the experts of a pool (expert e routed with weight 1
   gives the same outputs as PEFT with adapter e active).
-* :func:`to_peft` exports a fixed route (one expert, or a fixed mixture reduced exactly to one LoRA) as an adapter
-  folder that ``PeftModel.from_pretrained`` loads.
+* :func:`to_peft` exports a fixed route (one expert, or a fixed mixture reduced exactly to one LoRA) or one task's
+  adapter (Poly / MHR: the task's mixture of skills) as an adapter folder that ``PeftModel.from_pretrained`` and
+  ``AutoPeftModel*.from_pretrained`` load, with the ``modules_to_save`` (a classifier head).
 
 Adapters of different ranks or alphas share one pool: ranks are zero-padded to the largest (exact), and each
 adapter's own scale is folded into its B so the pool uses scale 1.
@@ -11,7 +12,9 @@ adapter's own scale is folded into its B so the pool uses scale 1.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import operator
 import os
 import shutil
 import tempfile
@@ -27,7 +30,8 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import MoAConfig
 from .model import MoAModel, attach, check_output_mixture, route_to_mixture
-from moa.experts.errors import UserError
+from moa.experts.errors import UserError, UserTypeError
+from moa.routers.poly import mix_skills
 
 PEFT_PREFIX = "base_model.model."
 _UNSUPPORTED = {
@@ -126,47 +130,66 @@ def _copy_experts(moa_model: MoAModel, read: dict[str, tuple[LoraConfig, dict[st
 def to_peft(
     moa_model: MoAModel,
     directory: str | os.PathLike,
-    route: int | Sequence[float] | Tensor = 0,
+    route: int | Sequence[float] | Tensor | None = None,
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
+    *,
+    task: int | None = None,
 ) -> Path:
-    """Export a fixed route as a PEFT LoRA adapter folder.
+    """Export a fixed route, or one task's adapter, as a PEFT LoRA adapter folder (expert 0 when neither is given).
 
-    One expert exports as itself (rank r, same alpha). A fixed mixture ``sum_e m_e s B_e A_e`` exports exactly as
-    one LoRA of rank ``r * (number of experts with m_e != 0)``: A is the experts' A stacked, B their ``m_e``-weighted
-    B side by side. The folder is written completely or not at all.
+    ``route``: one expert exports as itself (rank r, same alpha). A fixed mixture ``sum_e m_e s B_e A_e`` exports
+    exactly as one LoRA of rank ``r * (number of experts with m_e != 0)``: A is the experts' A stacked, B their
+    ``m_e``-weighted B side by side.
+
+    ``task``: the adapter the router gives that task. Poly / MHR: the task's mixture of skills as the routers compute
+    it in evaluation, ``A_t = sum_k w_tk A_k`` and ``B_t = sum_k w_tk B_k`` (per head block for MHR), one LoRA of
+    rank r, exact. ``static`` keyed on ``task_ids``: expert ``task``. Routers that choose experts per token have no
+    single adapter per task and are refused.
+
+    The folder loads with ``PeftModel.from_pretrained(base, folder)`` and, without a base, with ``AutoPeftModel`` /
+    ``AutoPeftModelFor<Task>.from_pretrained(folder)``: it records the base's folder (``base_model_name_or_path``,
+    by default the one the base was loaded from) and class (``auto_mapping``, as PEFT writes for an adapter without
+    ``task_type``); the ``modules_to_save`` (a classifier head) are exported in full. As for PEFT's own adapters,
+    a head whose size the base folder does not say needs it again: ``from_pretrained(folder, num_labels=3)``.
+    The folder is written completely or not at all.
     """
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()) and not overwrite:
         raise FileExistsError(f"{directory} exists and is not empty; pass overwrite=True to replace it")
-    mixture = route_to_mixture(route, moa_model.config.n_experts)
-    active = torch.nonzero(mixture).flatten().tolist()
-    if not active:
-        raise UserError("the route gives every expert weight 0; there is nothing to export")
-    check_output_mixture(moa_model)
+    if task is not None and route is not None:
+        raise UserError("give a route or a task to export, not both")
+    if task is not None:
+        factors = _task_factors(moa_model, task)
+    else:
+        factors = _route_factors(moa_model, 0 if route is None else route)
     layers = moa_model.moa_layers()
-    pool0 = next(iter(layers.values())).pool
-    rank = pool0.r * len(active)
+    rank = next(iter(factors.values()))[0].shape[0]
     tensors = {}
-    for name, layer in layers.items():
-        pool = layer.pool
-        a = pool.A[active].reshape(rank, pool.in_features)
-        b = (pool.B[active] * mixture[active].to(pool.B.dtype).view(-1, 1, 1)).permute(1, 0, 2).reshape(pool.out_features, rank)
+    for name, (a, b) in factors.items():
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.detach().contiguous().cpu()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.detach().contiguous().cpu()
+    saved = moa_model.saved_modules()
+    for name in saved:  # PEFT saves a module of modules_to_save under its own name
+        for key, value in moa_model.model.get_submodule(name).state_dict().items():
+            tensors[f"{PEFT_PREFIX}{name}.{key}"] = value.detach().contiguous().cpu()
+    base = moa_model.model
+    recorded = getattr(getattr(base, "config", None), "_name_or_path", None) or None  # from_pretrained's source
     config = LoraConfig(
         r=rank,
-        lora_alpha=pool0.scaling * rank,
+        lora_alpha=next(iter(layers.values())).pool.scaling * rank,
         target_modules=sorted(layers),
         lora_dropout=0.0,
         bias="none",
         fan_in_fan_out=any(isinstance(layer.base_layer, Conv1D) for layer in layers.values()),
-        base_model_name_or_path=base_model_name_or_path,
+        base_model_name_or_path=base_model_name_or_path or recorded,
+        modules_to_save=saved or None,
     )
+    auto_mapping = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
-        config.save_pretrained(str(tmp))
+        config.save_pretrained(str(tmp), auto_mapping_dict=auto_mapping)
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         if directory.exists():
             shutil.rmtree(directory)
@@ -175,3 +198,56 @@ def to_peft(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _route_factors(moa_model: MoAModel, route: int | Sequence[float] | Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per layer, ``(A [R, d_in], B [d_out, R])`` of a fixed route as one LoRA (the pool's scale left out)."""
+    mixture = route_to_mixture(route, moa_model.config.n_experts)
+    active = torch.nonzero(mixture).flatten().tolist()
+    if not active:
+        raise UserError("the route gives every expert weight 0; there is nothing to export")
+    check_output_mixture(moa_model)
+    factors = {}
+    for name, layer in moa_model.moa_layers().items():
+        pool = layer.pool
+        rank = pool.r * len(active)
+        a = pool.A[active].reshape(rank, pool.in_features)
+        b = pool.B[active] * mixture[active].to(pool.B).view(-1, 1, 1)
+        b = b.permute(1, 0, 2).reshape(pool.out_features, rank)
+        factors[name] = (a, b)
+    return factors
+
+
+def _task_id(task: object) -> int:
+    """``task`` as an int (a Python, numpy or 0-d tensor integer; not a bool)."""
+    if not isinstance(task, bool):
+        with contextlib.suppress(TypeError):
+            return operator.index(task)
+    raise UserTypeError(f"task must be an integer task id, got {task!r}")
+
+
+def _task_factors(moa_model: MoAModel, task: int) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per layer, ``(A [r, d_in], B [d_out, r])`` of the adapter the router gives ``task`` (see :func:`to_peft`)."""
+    task = _task_id(task)
+    layers = moa_model.moa_layers()
+    router = next(iter(layers.values())).router
+    if router.name == "static":
+        if router.key != "task_ids":
+            raise UserError(f"router 'static' routes by {router.key}, not task ids: export expert e with route=e")
+        if not 0 <= task < router.n_experts:
+            raise UserError(f"task {task} out of range: the pool holds one expert per task, {router.n_experts} in all")
+        return _route_factors(moa_model, task)
+    if not hasattr(router, "task_skill_weights"):  # Poly, MHR: one mixture of skills per task
+        raise UserError(
+            f"router {router.name!r} chooses experts per token, so one task is not a single LoRA adapter: export a "
+            "fixed route instead (route=expert index or per-expert weights)"
+        )
+    if not 0 <= task < router.n_tasks:
+        raise UserError(f"task {task} out of range: router {router.name!r} has {router.n_tasks} tasks")
+    factors = {}
+    for name, layer in layers.items():
+        pool = layer.pool
+        weights = layer.router.task_skill_weights()[task : task + 1].to(pool.A.device)  # [1, heads, skills]
+        a, b = mix_skills(pool.A, pool.B, weights)
+        factors[name] = (a[0], b[0])
+    return factors

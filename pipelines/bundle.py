@@ -48,6 +48,24 @@ class RequestError(UserError):
     problem. Served, it is a 400."""
 
 
+def unread_columns(columns, signature=None, names: Mapping[str, Any] | None = None) -> list[str]:
+    """Of ``columns``, in their order, those a model does not read, for every kind: those its MLflow ``signature``
+    does not name (none when it names no inputs), and ``task`` / ``domain`` when ``names`` (the logged model's
+    metadata or its service's meta) lists only the placeholder ``default`` as its tasks / domains (a model trained
+    without them). Every way in ignores them and names them once (see :mod:`moa.pipelines.serving.scoring`)."""
+    from moa.pipelines.data.text import DEFAULT
+
+    schema = getattr(signature, "inputs", None)
+    read = set(schema.input_names()) if schema is not None and schema.has_input_names() else None
+    placeholder = {c for c in ("task", "domain") if list((names or {}).get(f"{c}s") or ()) == [DEFAULT]}
+    return [c for c in columns if (read is not None and c not in read) or c in placeholder]
+
+
+def ignored_note(ignored) -> str:
+    """The one line that names the ignored columns (``moa batch``'s stderr, the pyfunc model's log)."""
+    return f"ignored the columns {list(ignored)}: the model does not read them"
+
+
 @dataclass(frozen=True)
 class ModelKind:
     """A model kind: what moa needs to log, register, serve and batch-score its bundles.

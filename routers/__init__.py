@@ -6,5 +6,6 @@ from . import poly  # noqa: F401,E402  (registers "poly" and "mhr")
 from . import xcross  # noqa: F401,E402  (registers "xcross")
 from . import flylora  # noqa: F401,E402  (registers "flylora")
 from . import remix  # noqa: F401,E402  (registers "remix")
+from . import lora  # noqa: F401,E402  (registers "lora": one plain LoRA adapter, no routing)
 
 __all__ = ["CONTEXT_KEYS", "ROUTERS", "Router", "Routing", "RoutingContext", "build_router", "register_router"]

@@ -37,9 +37,12 @@ class StaticRouter(Router):
             weights = ctx.cached(("static-weights", lead), lambda: self._mixture(ctx, lead))
             return Routing(None, weights.to(x.dtype))
         if getattr(ctx, self.key) is None:
-            raise UserError(
-                f"router 'static' needs {self.key}=... (one expert id per sample or per token) in the forward call"
-            )
+            given = [key for key in reversed(KEYS) if getattr(ctx, key) is not None]  # task_ids first
+            hint = (f"; this call gives {', '.join(given)}: route by them with router_options: {{key: {given[0]}}}"
+                    if given else "; moa's data modules give task_ids: route by them with router_options: "
+                    "{key: task_ids}")
+            raise UserError(f"router 'static' needs {self.key}=... (one expert id per sample or per token) in the "
+                            f"forward call{hint}")
         plan, weights = ctx.cached(("static", self.key, lead), lambda: self._plan(ctx, lead))
         return Routing(plan, weights.to(x.dtype))
 

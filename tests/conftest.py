@@ -71,3 +71,21 @@ def fit_config():
         return cli
 
     return run
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct as a plain folder (``moa.pretrained``: the installed GGUF, dequantised once
+    into the user's cache; about 30 s the first time on this CPU, then a lookup)."""
+    from moa.pretrained import resolve_pretrained
+
+    return resolve_pretrained("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    """``(model, tokenizer)`` of the real SmolLM2, loaded as users load it (``from_pretrained``: eval mode). Shared
+    by the session: tests that train copy it (``copy.deepcopy``) or attach adapters to a fresh load."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir), AutoTokenizer.from_pretrained(smollm2_dir)

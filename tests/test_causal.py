@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 import moa
 from moa.pipelines.kinds.causal_lm.module import MoACausalLM, build_causal_lm, rouge_l, save_preset
-from moa.pipelines.data.pretrained import minilm_dir
+from moa.pretrained import minilm_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PAD, EOS = 0, 102  # MiniLM's [PAD]; [SEP] is the data's eos
@@ -229,6 +229,29 @@ def test_generation_during_fit_only_every_n_epochs(tok, one_thread):
     trainer(max_epochs=2, num_sanity_val_steps=0, callbacks=[Keys()]).fit(module, datamodule=ToyText(tok, TOY))
     assert "val/animal/perplexity" in seen[0] and "val/exact_match" not in seen[0]
     assert "val/exact_match" in seen[1] and "val/food/rougeL" in seen[1]
+
+
+def test_generation_stops_at_the_data_eos_and_at_every_eos_of_the_model(tok, one_thread):
+    """A model whose generation config names several eos ids (Llama 3 style) stops at each of them, and at the
+    data's eos that training appended; the texts are cut there."""
+    stop = tok.convert_tokens_to_ids("stop")
+    module = MoACausalLM(router="static", n_experts=2, top_k=1, router_options={"key": "task_ids"}, max_new_tokens=4,
+                         backbone_options={"eos_token_id": [stop, EOS]})
+    calls = []
+    generate = module.model.generate
+
+    def recording(**kwargs):  # put the model's other eos second in each row's new tokens
+        calls.append(kwargs["eos_token_id"])
+        out = generate(**kwargs).clone()
+        out[:, kwargs["input_ids"].shape[1] + 1] = stop
+        return out
+
+    module.model.generate = recording
+    batch = make_batch(TOY[:2], tok)
+    trainer().validate(module, datamodule=ToyText(tok, TOY[:2]))
+    assert module.eos_token_id == [EOS, stop] and calls == [[EOS, stop]]  # the data's first
+    texts = module.generate_texts(batch)
+    assert all(len(tok(t, add_special_tokens=False)["input_ids"]) <= 1 for t in texts)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# 2 training steps and 1 validation batch (not fast_dev_run: LogBundle writes no bundle under it)
+TWO_STEPS = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+             "--trainer.log_every_n_steps", "1", "--trainer.logger", "false"]
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
-CAUSAL_CONFIGS = ["topk", "static", "poly", "mhr", "flylora", "remix", "hypelora"]
+CAUSAL_CONFIGS = ["lora", "topk", "static", "poly", "mhr", "flylora", "remix", "hypelora"]
 
 
 def write_tasks(folder: Path) -> None:
@@ -34,7 +37,7 @@ def test_causal_config_parses_and_trains_two_steps(name, tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     write_tasks(tmp_path / "data")
-    fit_config(["-c", str(ROOT / "configs" / f"causal-{name}.yaml"), "--trainer.fast_dev_run", "2",
+    fit_config(["-c", str(ROOT / "configs" / f"causal-{name}.yaml"), *TWO_STEPS,
                 "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
                 *(f"--data.init_args.{s}={tmp_path / 'data' / f'{s}.jsonl'}" for s in ("train", "val", "test")),
                 "--data.init_args.batch_size", "4"])

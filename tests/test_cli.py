@@ -68,7 +68,7 @@ def test_fit_logs_to_mlflow_then_test_resume_validate_and_predict(tmp_path, monk
     client, runs = runs_of(tmp_path / "mlflow.db", "moa-routers")
     assert len(runs) == 1
     run = runs[0]
-    assert run.info.run_name == "topk-E4-k2" and run.info.status == "FINISHED"  # named after the adapters
+    assert run.info.run_name == "topk-E4-k2-s0" and run.info.status == "FINISHED"  # the adapters and the seed
     tags = run.data.tags
     assert {k: tags[k] for k in ("moa.router", "moa.expert_kind", "moa.backbone", "moa.model_class", "moa.data_class")} \
         == {"moa.router": "topk", "moa.expert_kind": "lora", "moa.backbone": "tiny-bert",
@@ -113,7 +113,7 @@ def test_fit_logs_to_mlflow_then_test_resume_validate_and_predict(tmp_path, monk
     assert main(["test", "-c", config, "--ckpt_path", str(last), "--trainer.limit_test_batches", "2", *SMALL]) == 0
     runs = runs_of(tmp_path / "mlflow.db", "moa-routers")[1]
     tested = next(r for r in runs if r.info.run_id != run.info.run_id)
-    assert len(runs) == 2 and tested.info.run_name == "topk-E4-k2-test" and tested.info.status == "FINISHED"
+    assert len(runs) == 2 and tested.info.run_name == "topk-E4-k2-s0-test" and tested.info.status == "FINISHED"
     assert tested.data.tags["mlflow.parentRunId"] == run.info.run_id
     assert {"test/loss", "test/accuracy"} <= set(tested.data.metrics) and tested.data.params["model.router"] == "topk"
 
@@ -126,7 +126,7 @@ def test_fit_logs_to_mlflow_then_test_resume_validate_and_predict(tmp_path, monk
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert len(runs_of(tmp_path / "mlflow.db", "moa-routers")[1]) == 2
     team_client, team_runs = runs_of(team, "moa-routers")
-    assert [(r.info.run_name, r.info.status) for r in team_runs] == [("topk-E4-k2", "FINISHED")]
+    assert [(r.info.run_name, r.info.status) for r in team_runs] == [("topk-E4-k2-s0", "FINISHED")]
     resumed = team_runs[0]
     assert [m.value for m in team_client.get_metric_history(resumed.info.run_id, "epoch")][-1] == 2
     resumed_last = tmp_path / "runs" / resumed.info.experiment_id / resumed.info.run_id / "checkpoints" / "last.ckpt"
@@ -158,7 +158,7 @@ def test_poly_fit_logs_the_task_skill_matrix(tmp_path, monkeypatch):
     assert main(["fit", "-c", str(CONFIGS / "poly.yaml"), "--trainer.max_epochs", "1", "--trainer.limit_train_batches",
                  "2", "--trainer.limit_val_batches", "1", "--trainer.logger.init_args.run_name", "null", *SMALL]) == 0
     client, runs = runs_of(tmp_path / "mlflow.db", "moa-routers")
-    assert [(r.info.run_name, r.info.status) for r in runs] == [("poly-E4", "FINISHED")]
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("poly-E4-s0", "FINISHED")]
     artifacts = [a.path for a in client.list_artifacts(runs[0].info.run_id, "routing")]
     assert "routing/task_skill_matrix.png" in artifacts
     png = Path(client.download_artifacts(runs[0].info.run_id, "routing/task_skill_matrix.png", str(tmp_path)))

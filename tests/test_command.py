@@ -68,7 +68,7 @@ def assert_one_line_error(done: subprocess.CompletedProcess, *expected: str) -> 
         (["fit", "-c", "missing.yaml"], ["missing.yaml"]),
         (["validate", "-c", "configs/topk.yaml", "--ckpt_path", "nowhere/last.ckpt"], ["nowhere/last.ckpt"]),
         (["fit", "-c", "configs/static.yaml", "--data.init_args.n_tasks", "8", "--trainer.max_steps", "1"],
-         ["task_ids must lie in [-1, 3]"]),
+         ["router 'static' on task_ids: n_experts=4 but the data has 8 tasks"]),  # found before the model loads
     ],
     ids=["command", "router", "option", "config", "checkpoint", "task-id"],
 )
@@ -77,6 +77,30 @@ def test_user_errors_print_one_line_without_traceback(args, expected, tmp_path):
     extra = SMALL if args[0] in ("fit", "validate") and "missing.yaml" not in args else []
     done = moa(*args, *extra, cwd=tmp_path)
     assert_one_line_error(done, *expected)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def write_typo(folder: Path, typo: str, key: str) -> str:
+    """configs/topk.yaml with the option ``typo`` (e.g. ``n_experts:``) misspelt as the last part of ``key``."""
+    text = (CONFIGS / "topk.yaml").read_text()
+    assert text.count(f" {typo}") == 1
+    (folder / "typo.yaml").write_text(text.replace(f" {typo}", f" {key.rsplit('.', 1)[-1]}:"))
+    return "typo.yaml"
+
+
+@pytest.mark.slow
+def test_a_typo_in_a_config_is_one_line_naming_the_key(tmp_path, monkeypatch, capsys):
+    """Not jsonargparse's usage (about 60 lines) before its message: stderr is the one line naming the bad key."""
+    done = moa("fit", "-c", write_typo(tmp_path, "n_experts:", "n_expert"), cwd=tmp_path)  # the real command
+    assert_one_line_error(done, "'n_expert'", "MoAClassifier", "moa fit --help")
+    assert len(done.stderr.strip().splitlines()) == 1 and "Given value" not in done.stderr, done.stderr
+    from moa.pipelines.cli.command import main  # the same main, in-process: a trainer and a data option
+
+    monkeypatch.chdir(tmp_path)
+    for typo, key in (("max_epochs:", "trainer.max_epoch"), ("batch_size:", "batch_siz")):
+        assert main(["fit", "-c", write_typo(tmp_path, typo, key)]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and f"'{key}'" in error[0] and error[0].startswith("moa fit: error: "), error
     assert not (tmp_path / "mlflow.db").exists()
 
 

@@ -5,6 +5,7 @@ adapter alone."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import subprocess
@@ -55,12 +56,15 @@ def library(tmp_path_factory):
         os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
-def peft_generations(base: Path, adapter: Path, prompts, service, max_new_tokens: int):
-    """Greedy generation with PEFT and one adapter, decoded as the service decodes (cut at eos)."""
+def peft_generations(base: Path, adapter: Path | None, prompts, service, max_new_tokens: int):
+    """Greedy generation with PEFT and one adapter (``None``: the base alone), decoded as the service decodes (cut
+    at eos)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(adapter)).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(base)).eval()
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter)).eval()
     eos, pad = service.meta["eos_token_id"], service.meta["pad_token_id"]
     texts = []
     for prompt in prompts:
@@ -83,29 +87,38 @@ def test_a_pool_from_registry_uris_serves_each_expert_like_peft_and_adding_one_r
     assert all(str(v.version) == "1" and v.tags["moa.kind"] == "expert" for v in stored), stored
     first = write_pool_bundle(tmp_path / "pool-1", library["base"], ["models:/echo/1", "models:/reverse/1"])
     meta = json.loads((first / "service.json").read_text())
-    assert meta["tasks"] == ["echo", "reverse"]
+    assert meta["tasks"] == ["echo", "reverse", "base"]  # "base": the base alone
     assert meta["experts"] == [{"name": "echo", "uri": "models:/echo/1", "version": "1"},
                                {"name": "reverse", "uri": "models:/reverse/1", "version": "1"}]
+    # the base is referenced (its folder and the sha256 of its config), not copied
+    assert not (first / "base").exists()
+    assert meta["base_reference"] == str(library["base"].resolve())
+    assert meta["base_sha256"] == hashlib.sha256((library["base"] / "config.json").read_bytes()).hexdigest()
+    assert sum(f.stat().st_size for f in first.rglob("*") if f.is_file()) < (library["base"] / "model.safetensors").stat().st_size
 
     service = load_service(first)
-    rows = pd.DataFrame({"prompt": PROMPTS + PROMPTS, "task": ["echo"] * 3 + ["reverse"] * 3}).sample(frac=1, random_state=0)
+    tasks = ["echo"] * 3 + ["reverse"] * 3 + ["base"] * 3
+    rows = pd.DataFrame({"prompt": PROMPTS * 3, "task": tasks}).sample(frac=1, random_state=0)
     answer = service.predict(rows.reset_index(drop=True), {"max_new_tokens": 5})
-    for name in ("echo", "reverse"):
-        expected = peft_generations(library["base"], library["adapters"][name], PROMPTS, service, 5)
+    for name in ("echo", "reverse", "base"):
+        adapter = library["adapters"].get(name)  # base rows: the base model alone, no adapter
+        expected = peft_generations(library["base"], adapter, PROMPTS, service, 5)
         got = dict(zip(answer["text"][rows["task"].to_numpy() == name],
                        rows["prompt"][rows["task"] == name]))
         assert {p: t for t, p in got.items()} == dict(zip(PROMPTS, expected)), name
-    assert len(set(answer["text"])) > 1  # the experts differ
+    assert len(set(answer["text"])) > 2  # the experts and the base differ
 
     # a third expert, from another run: the pool is assembled again, nothing is retrained
     second = write_pool_bundle(tmp_path / "pool-2", library["base"],
                                ["models:/echo/1", "models:/reverse/1", "models:/shout/1"])
     old, new = load_file(str(first / "adapter" / "moa_model.safetensors")), load_file(str(second / "adapter" / "moa_model.safetensors"))
-    # experts stacked along the rank: A [E * r, in], B [out, E * r]; the first two experts' blocks are unchanged
+    # experts stacked along the rank: A [E * r, in], B [out, E * r] (E: the experts and the base's zero expert);
+    # the first two experts' blocks are unchanged
     a_keys, b_keys = [k for k in old if k.endswith("lora_A")], [k for k in old if k.endswith("lora_B")]
-    assert a_keys and len(a_keys) == len(b_keys) and all(new[k].shape[0] == old[k].shape[0] * 3 // 2 for k in a_keys)
-    assert all(torch.equal(old[k], new[k][: old[k].shape[0]]) for k in a_keys)
-    assert all(torch.equal(old[k], new[k][:, : old[k].shape[1]]) for k in b_keys)
+    assert a_keys and len(a_keys) == len(b_keys) and all(new[k].shape[0] == old[k].shape[0] * 4 // 3 for k in a_keys)
+    two = old[a_keys[0]].shape[0] * 2 // 3
+    assert all(torch.equal(old[k][:two], new[k][:two]) for k in a_keys)
+    assert all(torch.equal(old[k][:, :two], new[k][:, :two]) for k in b_keys)
     shout = load_service(second).predict(pd.DataFrame({"prompt": PROMPTS, "task": ["shout"] * 3}), {"max_new_tokens": 5})
     assert list(shout["text"]) == peft_generations(library["base"], library["adapters"]["shout"], PROMPTS, service, 5)
 
@@ -114,10 +127,17 @@ def test_a_new_version_and_an_alias_resolve_and_bad_uris_are_refused(library, tm
     from mlflow import MlflowClient
 
     register_expert(library["adapters"]["echo"], "echo-lib")
-    v2 = register_expert(library["adapters"]["shout"], "echo-lib")  # a retrained expert: version 2
-    MlflowClient().set_registered_model_alias("echo-lib", "champion", v2.version)
+    assert str(MlflowClient().get_model_version_by_alias("echo-lib", "champion").version) == "1"
+    v2 = register_expert(library["adapters"]["shout"], "echo-lib")  # a retrained expert: version 2, the champion
+    assert {k: str(v) for k, v in MlflowClient().get_registered_model("echo-lib").aliases.items()} == {"champion": "2"}
     experts = resolve_experts(["models:/echo-lib@champion", "models:/echo-lib/1"], directory=tmp_path)
     assert [(e["name"], e["version"]) for e in experts] == [("echo-lib-v2", "2"), ("echo-lib-v1", "1")]
+    for uri, message in (("models:/nosuch/1", r"no registered model 'nosuch' .*registered: .*echo-lib"),
+                         ("models:/echo-lib/7", r"model 'echo-lib' has no version 7 \(its versions: \[1, 2\]\)"),
+                         ("models:/echo-lib@gold", r"model 'echo-lib' has no alias @gold \(its aliases: @champion -> v2")):
+        with pytest.raises(ValueError, match=message) as error:
+            resolve_experts([uri], directory=tmp_path / "missing")
+        assert uri in str(error.value) and "\n" not in str(error.value)
     assert (experts[0]["folder"] / "adapter_config.json").is_file()
     with pytest.raises(ValueError, match="write models:/<name>/<version>"):
         resolve_experts(["runs:/abc/adapter"])
@@ -143,6 +163,7 @@ def test_expert_commands_register_and_pool_from_the_cli(library, tmp_path, capsy
                           env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # the real CLI
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["version"] == "1"
+    assert json.loads(done.stdout.strip().splitlines()[-1])["alias"] == "champion"
     from moa.pipelines.cli.command import main  # the rest through the command's entry point, in process
 
     assert main(["expert", "pool", "--base", str(library["base"]), "--expert", "models:/cli-rev/1", "--out",
@@ -153,13 +174,26 @@ def test_expert_commands_register_and_pool_from_the_cli(library, tmp_path, capsy
 
     mlflow.set_tracking_uri(library["uri"])
     model = mlflow.pyfunc.load_model("models:/cli-pool/1")
-    assert model.metadata.metadata["tasks"] == ["cli-rev"]
-    answer = model.predict(pd.DataFrame({"prompt": ["say cat"]}), params={"max_new_tokens": 3})  # one task: no column needed
+    assert model.metadata.metadata["tasks"] == ["cli-rev", "base"]
+    answer = model.predict(pd.DataFrame({"prompt": ["say cat"], "task": ["cli-rev"]}), params={"max_new_tokens": 3})
     expected = peft_generations(library["base"], library["adapters"]["reverse"], ["say cat"],
                                 load_service(tmp_path / "pool"), 3)  # PEFT with the registered adapter alone
     assert list(answer["text"]) == expected
     assert main(["expert", "pool", "--base", str(tmp_path / "nope"), "--expert", "models:/cli-rev/1",
                  "--out", str(tmp_path / "bad"), "--tracking-uri", library["uri"]]) == 2
     error = capsys.readouterr().err
-    assert "no config.json" in error and "Traceback" not in error
+    assert str(tmp_path / "nope") in error.strip().splitlines()[-1] and "Traceback" not in error
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_pool_on_a_base_the_experts_do_not_fit_names_both_bases(library, tmp_path):
+    from moa.experts.errors import UserError
+    from moa.pipelines.kinds.causal_lm.module import save_preset
+
+    register_expert(library["adapters"]["echo"], "echo-fit")
+    gpt2 = save_preset("tiny-gpt2", tmp_path / "gpt2")  # no q_proj / v_proj: not the experts' base
+    with pytest.raises(UserError) as error:
+        write_pool_bundle(tmp_path / "pool", gpt2, ["models:/echo-fit/1"])
+    message = str(error.value)
+    assert repr(str(library["base"])) in message and repr(str(gpt2)) in message, message  # recorded and given
+    assert "q_proj" in message and not (tmp_path / "pool").exists()

@@ -16,7 +16,10 @@ import pandas as pd
 import pytest
 import torch
 
+from transformers import AutoTokenizer
+
 from moa.pipelines.bundle import load_service
+from moa.pretrained import minilm_dir
 from moa.pipelines.kinds.causal_lm.module import MoACausalLM
 from moa.pipelines.kinds.classifier.module import MoAClassifier
 from moa.pipelines.data.text import TextData
@@ -118,7 +121,16 @@ def test_a_served_prompt_is_generated_from_as_in_its_validation_batch(tmp_path):
     lengths = {int(m.sum()) for call in trained for m in call["attention_mask"]}
     assert len(trained) == len(batches) == 3 and len(lengths) > 3 and max(lengths) == MAX_LENGTH
     module.eval()
+    long_row = 7  # over MAX_LENGTH: training cuts it (and says so); a server generates from it whole
     for rows, expected in zip(batches, trained):
+        if long_row in rows:
+            whole = service.predict(request(data, [long_row], "prompt"))
+            prompt = data.rows("val").iloc[long_row]
+            text = data.prompt_template.format(text=prompt["text"], task=prompt["task"], domain=prompt["domain"])
+            expected_ids = AutoTokenizer.from_pretrained(str(minilm_dir()))(text, add_special_tokens=False)["input_ids"]
+            assert served[-1]["input_ids"][0].tolist() == expected_ids and len(expected_ids) > MAX_LENGTH
+            assert len(whole["text"]) == 1
+            continue
         answer = service.predict(request(data, rows, "prompt"))
         assert_same(served[-1], expected, KEYS)
         for option in ("max_new_tokens", "eos_token_id", "pad_token_id"):

@@ -5,6 +5,7 @@ registered MiniLM classifier's rows like the trained module itself."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import lightning as L
@@ -58,7 +59,7 @@ def cluster(registered):
     from moa.pipelines.serving.ray_engine import init_ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    init_ray(None, registered["uri"])
+    init_ray(None, registered["uri"], log_to_driver=True)  # as serve_on_ray starts it: the replicas' log lines here
     yield
     from ray import serve
 
@@ -66,10 +67,23 @@ def cluster(registered):
     ray.shutdown()
 
 
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
 def test_ray_data_batch_scores_like_the_module_with_each_answer_on_its_row(registered, cluster):
     """3000 rows in blocks of 20, two actors working at once: each answer is on its own input row (the row's id
     and text are still beside it, the label is the trained module's for that text); Ray's process-wide
-    DataContext is left as it was (the order option belongs to the engine's dataset only)."""
+    DataContext is left as it was (the order option belongs to the engine's dataset only). The ``id`` and the
+    ``domain`` of a model trained without domains are ignored and named, as the local engine names them; Ray logs
+    and warns nothing about ``concurrency`` (deprecated: the actor pool is given as ``compute``)."""
+    import warnings
+
     import numpy as np
     import ray
 
@@ -82,9 +96,21 @@ def test_ray_data_batch_scores_like_the_module_with_each_answer_on_its_row(regis
     n, texts, expected = 3000, registered["texts"], registered["expected"]
     which = np.random.default_rng(0).integers(0, len(texts), n)
     frame = pd.DataFrame({"id": range(n), "text": [texts[i] for i in which],
-                          "task": [registered["tasks"][i] for i in which]})
-    answers = score_rows_on_ray("models:/clf@champion", frame, workers=2, batch_size=20,
-                                tracking_uri=registered["uri"])
+                          "task": [registered["tasks"][i] for i in which], "domain": "books"})
+    ray_log = Lines()
+    logging.getLogger("ray").addHandler(ray_log)
+    logging.getLogger("ray.data").addHandler(ray_log)  # (ray.data's own logger may not pass records up)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            answers = score_rows_on_ray("models:/clf@champion", frame, workers=2, batch_size=20,
+                                        tracking_uri=registered["uri"])
+    finally:
+        logging.getLogger("ray").removeHandler(ray_log)
+        logging.getLogger("ray.data").removeHandler(ray_log)
+    said = ray_log.lines + [str(w.message) for w in caught]
+    assert not [line for line in said if "concurrency" in line and "deprecated" in line], said
+    assert answers.attrs["ignored_columns"] == ["id", "domain"]
     assert list(answers["id"]) == list(range(n)) and list(answers["text"]) == list(frame["text"])
     assert list(answers["label"]) == [expected[i] for i in which]
     assert all(len(p) == len(labels) for p, labels in zip(answers["probabilities"], answers["labels"]))
@@ -104,13 +130,18 @@ def test_a_refused_row_is_named_by_its_row_in_the_input_not_in_its_ray_batch(reg
     assert "\n" not in str(info.value) and "Traceback" not in str(info.value)
 
 
-def test_ray_serve_replicas_answer_like_the_module(registered, cluster):
+def test_ray_serve_replicas_answer_like_the_module(registered, cluster, capfd):
+    """Two replicas answer like the module; with ``access_log`` each replica's ``moa.server`` lines (the answered
+    request, the refused one) reach this process's output, as ``moa serve --access-log`` prints them."""
+    import time
+
     from moa.pipelines.serving.ray_engine import serve_on_ray
     from moa.pipelines.serving.client import post
     from moa.pipelines.serving.server import free_port
 
-    port = free_port()  # last in the module: its replicas hold the cluster's CPUs until serve.shutdown()
-    serve_on_ray("models:/clf@champion", replicas=2, port=port, tracking_uri=registered["uri"], blocking=False)
+    port = free_port()  # next to last in the module: its replicas hold the cluster's CPUs until serve.shutdown()
+    serve_on_ray("models:/clf@champion", replicas=2, port=port, tracking_uri=registered["uri"], access_log=True,
+                 blocking=False)
     url = f"http://127.0.0.1:{port}"
     rows = [{"text": x, "task": t} for x, t in zip(registered["texts"], registered["tasks"])]
     status, body = post(f"{url}/invocations", {"dataframe_records": rows})
@@ -120,3 +151,25 @@ def test_ray_serve_replicas_answer_like_the_module(registered, cluster):
     assert status == 400 and "unknown task 'nope'" in body["message"]
     status, body = post(f"{url}/invocations", b"{}", content_type="text/csv")
     assert status == 415 and "Traceback" not in json.dumps(body)
+    printed, give_up = "", time.monotonic() + 60
+    while not all(line in printed for line in ("moa.server INFO 200 POST /invocations",
+                                                "moa.server WARNING 400 POST /invocations INVALID_PARAMETER_VALUE")):
+        assert time.monotonic() < give_up, printed[-4000:]  # Ray forwards the replicas' lines in the background
+        time.sleep(0.1)
+        printed += "".join(capfd.readouterr())
+
+
+def test_a_batch_while_serve_replicas_hold_every_cpu_says_so_instead_of_hanging(registered, cluster, monkeypatch):
+    """After the test above, its two replicas hold both CPUs of the cluster: no scorer can start, and the batch
+    ends with one line naming the free CPUs (here after a start timeout of 3 s instead of 600)."""
+    import ray
+
+    from moa.experts.errors import UserError
+    from moa.pipelines.serving import ray_engine
+
+    assert ray.available_resources().get("CPU", 0) < 1  # the replicas' (the serve app is still up)
+    monkeypatch.setattr(ray_engine, "START_TIMEOUT", 3)
+    frame = pd.DataFrame({"text": registered["texts"][:4], "task": registered["tasks"][:4]})
+    with pytest.raises(UserError, match=r"^no scorer started on the Ray cluster in 3 s: 0 of its 2 CPUs are free"):
+        ray_engine.score_rows_on_ray("models:/clf@champion", frame, workers=2, batch_size=2,
+                                     tracking_uri=registered["uri"])

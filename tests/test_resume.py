@@ -84,7 +84,7 @@ def test_killed_mid_epoch_fit_resumes_bit_identical_in_the_same_run(tmp_path):
     # the same MLflow run, ended FINISHED, and no other run
     client, runs = runs_of(killed / "mlflow.db", "moa-routers")
     assert [(r.info.run_id, r.info.status) for r in runs] == [(killed_run, "FINISHED")]
-    assert runs[0].info.run_name == "topk-E4-k2"
+    assert runs[0].info.run_name == "topk-E4-k2-s0"
     steps = [m.step for m in client.get_metric_history(killed_run, "train/loss")]
     assert max(steps) == BATCHES * EPOCHS - 1 and len(client.get_metric_history(killed_run, "val/loss")) == EPOCHS
 

@@ -76,6 +76,15 @@ def test_static_router_per_token_ids_and_errors():
         domain(torch.randn(2, 3, 8), RoutingContext(expert_ids=ids))
 
 
+def test_static_router_without_its_key_names_the_key_the_call_gives():
+    """moa's data modules give task_ids (and domain_ids), never expert_ids: the error says which key to route by."""
+    router = build_router("static", 8, n_experts=3, top_k=1)
+    with pytest.raises(ValueError, match=r"needs expert_ids.*gives task_ids, domain_ids.*router_options: \{key: task_ids\}"):
+        router(torch.randn(2, 3, 8), RoutingContext(task_ids=torch.tensor([0, 1]), domain_ids=torch.tensor([1, 1])))
+    with pytest.raises(ValueError, match=r"needs expert_ids.*router_options: \{key: task_ids\}"):
+        router(torch.randn(2, 3, 8), RoutingContext())
+
+
 def test_static_router_fixed_mixture():
     router = build_router("static", 8, n_experts=3, top_k=1)
     mix = torch.tensor([[0.2, 0.8, 0.0], [0.0, 0.0, 1.0]])

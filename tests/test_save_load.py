@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import moa
-from moa.pipelines.data.pretrained import minilm_dir
+from moa.pretrained import minilm_dir
 
 
 def tokens(n: int = 2, length: int = 6) -> dict:

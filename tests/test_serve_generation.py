@@ -190,7 +190,7 @@ def test_top_p_keeps_the_smallest_prefix_whose_mass_reaches_top_p_exactly():
 def test_texts_at_the_length_limit_are_accepted_and_one_character_over_is_refused(bundle):
     from transformers import AutoTokenizer
 
-    from moa.pipelines.data.pretrained import minilm_dir
+    from moa.pretrained import minilm_dir
     from moa.pipelines.kinds.classifier.module import MoAClassifier
 
     module = MoAClassifier(backbone="tiny-bert", backbone_options={"vocab_size": 30522}, n_classes=2, router="static", n_experts=2, r=2,
@@ -202,11 +202,37 @@ def test_texts_at_the_length_limit_are_accepted_and_one_character_over_is_refuse
     at_limit = ("word " * MAX_TEXT_CHARS)[:MAX_TEXT_CHARS - 1] + "x"
     assert len(at_limit) == MAX_TEXT_CHARS
     for service, column, extra in [(classifier, "text", {}), (generator, "prompt", {"task": ["echo"], "max_new_tokens": [1.0]})]:
-        answer = service.predict(pd.DataFrame({column: [at_limit], **extra}))
-        assert len(answer) == 1
+        if service is classifier:
+            assert len(service.predict(pd.DataFrame({column: [at_limit], **extra}))) == 1
+        else:  # 20 001 tokens: past the model's context (never cut)
+            with pytest.raises(RequestError, match="the prompt is 20001 tokens .* context of 1024"):
+                service.predict(pd.DataFrame({column: [at_limit], **extra}))
         with pytest.raises(RequestError, match=f"row 0: {column} of {MAX_TEXT_CHARS + 1} characters is over the "
                                                f"limit of {MAX_TEXT_CHARS}"):
             service.predict(pd.DataFrame({column: [at_limit + "y"], **extra}))
+
+
+def test_a_prompt_is_never_cut_it_fits_the_context_with_its_new_tokens_or_is_refused(bundle, reference):
+    """The tiny Llama's context is 1024 tokens: a prompt of 1016 tokens with 8 new ones reaches the model whole
+    (not its last ``max_length`` tokens, as training cuts) and answers what the model's own generate does; one
+    more token is refused naming the lengths; max_new_tokens is bounded by the context, not a fixed number."""
+    service = load_service(bundle)
+    context = reference[0].model.config.max_position_embeddings
+    assert context == 1024 and service.meta["max_length"] < context - 8
+    prompt = " ".join(["a", "b", "c", "d"] * 254)
+    assert len(prompt_ids(reference, prompt)) == context - 8
+    widths = []
+    service.model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    answer = service.predict(pd.DataFrame({"prompt": [prompt], "task": ["rev"], "max_new_tokens": [8.0]}))
+    assert widths[0] == context - 8 and answer["text"][0] == alone(reference, prompt, "rev", 8)
+    with pytest.raises(RequestError, match="row 0: the prompt is 1017 tokens and max_new_tokens 8: 1025 tokens, "
+                                           "more than the model's context of 1024"):
+        service.predict(pd.DataFrame({"prompt": [prompt + " e"], "task": ["rev"], "max_new_tokens": [8.0]}))
+    frame = pd.DataFrame({"prompt": ["a"], "task": ["rev"]})
+    assert service.generated_tokens(frame, {"max_new_tokens": context}) == context
+    with pytest.raises(RequestError, match=r"max_new_tokens must be an integer in \[1, 1024\]"):
+        service.generated_tokens(frame, {"max_new_tokens": context + 1})
 
 
 # ---------------------------------------------------------------------------------------------- the server

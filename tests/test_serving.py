@@ -126,6 +126,41 @@ def test_server_binds_loopback_and_answers_mixed_domain_batches(served):
     assert status == 200 and reply["predictions"][0]["items"] == expected_top(served, histories[2], "children", 10)[0]
 
 
+def test_columns_the_recommender_does_not_read_are_ignored_and_named_once(served, tmp_path, capsys, caplog):
+    """A user's extra columns (``user``, ``note``) change no answer: REST names them in ``ignored_columns`` (absent
+    when there are none), ``moa batch`` in one stderr line (and copies them to the output), the pyfunc model
+    through MLflow's schema (which names them); ``domain`` is read by a recommender, so it is never named."""
+    import logging
+
+    import mlflow
+
+    from moa.pipelines.cli.command import main
+
+    comedy, children = ids_of(served["items"], "comedy", 3), ids_of(served["items"], "children", 2)
+    rows = [{"user": "u1", "history": comedy, "domain": "comedy", "note": "x"},
+            {"user": "u2", "history": children, "domain": "children", "note": None}]
+    expected = [expected_top(served, r["history"], r["domain"], 3)[0] for r in rows]
+    status, reply = invoke(served, {"dataframe_records": rows, "params": {"k": 3}})
+    assert status == 200 and reply["ignored_columns"] == ["user", "note"], reply
+    assert [p["items"] for p in reply["predictions"]] == expected
+    status, reply = invoke(served, request_body([comedy], ["comedy"], 3))
+    assert status == 200 and "ignored_columns" not in reply, reply
+
+    pd.DataFrame(rows * 300).to_parquet(tmp_path / "rows.parquet")  # 600 rows: 3 model calls of 256, named once
+    assert main(["batch", "--model-uri", "models:/rec@champion", "--input", str(tmp_path / "rows.parquet"), "--out",
+                 str(tmp_path / "out.parquet"), "--k", "3", "--tracking-uri", served["uri"]]) == 0
+    err = capsys.readouterr().err
+    assert err.count("ignored the columns ['user', 'note']: the model does not read them") == 1, err
+    out = pd.read_parquet(tmp_path / "out.parquet")
+    assert list(out["user"]) == ["u1", "u2"] * 300 and [list(i) for i in out["items"][:2]] == expected
+
+    mlflow.set_tracking_uri(served["uri"])
+    caplog.set_level(logging.WARNING)
+    answer = mlflow.pyfunc.load_model("models:/rec@champion").predict(pd.DataFrame(rows), params={"k": 3})
+    assert [list(i) for i in answer["items"]] == expected
+    assert any("['user', 'note']" in r.getMessage() for r in caplog.records), caplog.records
+
+
 def test_k_larger_than_the_unseen_items_is_refused(served):
     children = ids_of(served["items"], "children", 1000)
     history = children[:-2]  # all but two of the domain's items
@@ -225,7 +260,7 @@ def test_timed_out_work_is_stopped_and_the_server_stays_responsive(served):
     history = ids_of(served["items"], "comedy", 20)
     with serve_in_thread(create_app(held, limits)) as url:
         status, reply, elapsed = post_held_past_deadline(url, held, history)
-        assert status == 503 and reply["error_code"] == "TIMEOUT" and "send fewer rows" in reply["message"], reply
+        assert status == 503 and reply["error_code"] == "TIMEOUT" and "send at most 10 rows" in reply["message"], reply
         assert limits.timeout <= elapsed < limits.timeout + 5
         give_up = time.monotonic() + BOUND
         while (now := json.loads(urllib.request.urlopen(f"{url}/health", timeout=BOUND).read()))["scoring"] \
@@ -359,9 +394,10 @@ def test_refused_requests_are_logged_to_the_server_process_stderr(served):
 
 
 def test_a_timed_out_request_names_the_options_and_is_logged(served, caplog):
-    """The 503 (a chunk held past the deadline, as in the timeout test above) names --timeout and --max-rows with
-    their values, and the server logs it (WARNING, ``moa.server``); with access_log an answered request is an INFO
-    line, without it only refused ones are logged."""
+    """The 503 (a chunk held past the deadline, as in the timeout test above: 10 of 50 rows scored in the 1 s)
+    names the limits to change and to what at that pace: --timeout 5 lets such a request finish, --max-rows 10
+    refuses it up front (each with its value now); the server logs it (WARNING, ``moa.server``); with access_log
+    an answered request is an INFO line, without it only refused ones are logged."""
     import logging
 
     import mlflow
@@ -377,8 +413,9 @@ def test_a_timed_out_request_names_the_options_and_is_logged(served, caplog):
             status, reply, _ = post_held_past_deadline(url, held, history)
             assert status == 503 and reply["error_code"] == "TIMEOUT", reply
             message = reply["message"]
-            assert "send fewer rows" in message and "larger --timeout (seconds; now 1)" in message, message
-            assert "smaller --max-rows (now 321)" in message, message
+            assert "was stopped after 10 of 50 rows; send at most 10 rows per request" in message, message
+            assert "--timeout 5 (now 1) to let such requests finish" in message, message
+            assert "--max-rows 10 (now 321) to refuse them up front with 413" in message, message
             status, reply = post(f"{url}/invocations", request_body([history[:5]], ["comedy"], 3))
             assert status == 200, reply
         lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "moa.server"]
@@ -386,6 +423,26 @@ def test_a_timed_out_request_names_the_options_and_is_logged(served, caplog):
                 + ("..." if len(message) > 200 else "")) in lines, lines
         answered = [m for level, m in lines if level == logging.INFO and m.startswith("200 POST /invocations")]
         assert len(answered) == (1 if access_log else 0), lines
+
+
+def test_the_default_max_rows_follows_the_timeout():
+    """A request the server accepts by default has the time to finish at ROWS_PER_SECOND: the default --max-rows
+    is --timeout x ROWS_PER_SECOND (30 s: 3000 rows, not the 10 000 that 30 s could not score here); one given
+    is kept; the 503 before any chunk finished still names both options."""
+    import argparse
+
+    from moa.pipelines.serving.server import ROWS_PER_SECOND, add_arguments, limits_of, timeout_message
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert limits_of(parser.parse_args([])).max_rows == Limits().max_rows == 30 * ROWS_PER_SECOND == 3000
+    assert limits_of(parser.parse_args(["--timeout", "90"])).max_rows == 9000
+    assert limits_of(parser.parse_args(["--timeout", "90", "--max-rows", "10000"])).max_rows == 10_000
+    assert Limits(timeout=0.001).max_rows == 1
+    with pytest.raises(ValueError, match="max_rows must be a positive integer, got 0"):
+        Limits(max_rows=0)
+    message = timeout_message(Limits(), "rows", rows=0, of=3000)
+    assert "larger --timeout (seconds; now 30)" in message and "smaller --max-rows (now 3000)" in message
 
 
 def test_serve_help_shows_every_default(tmp_path):

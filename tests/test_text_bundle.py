@@ -93,46 +93,74 @@ def test_a_mixed_task_request_equals_each_task_alone(classifier):
         assert mixed.loc[row, "label"] == labels[max(range(len(alone)), key=alone.__getitem__)]
 
 
-def test_bundle_is_portable_and_a_referenced_base_is_not_shipped(classifier, tmp_path):
-    bundle = classifier["bundle"]
+def test_the_base_is_referenced_by_default_included_on_request_and_checked_at_load(classifier, tmp_path):
+    import hashlib
+
+    import moa
+    from moa.pretrained import minilm_dir
+
+    bundle = classifier["bundle"]  # written with the default: the base referenced, not copied
     meta = json.loads((bundle / "service.json").read_text())
     assert meta["kind"] == "classifier" and meta["tasks"] == ["polarity", "topic"]
     assert meta["labels"] == {"polarity": ["neg", "pos"], "topic": ["animals", "music", "vehicles"]}
     assert meta["metrics"] == pytest.approx(classifier["metrics"]) and "val/accuracy" in meta["metrics"]
-    import moa
-
     assert meta["moa_version"] == moa.__version__
-    prefixes = [str(Path(p).resolve()) for p in (classifier["root"], Path(moa.__file__).parents[1], "/tmp", "/work")]
-    for path in bundle.rglob("*"):
-        if path.is_file() and path.suffix in (".json", ".txt", ".yaml"):
-            text = path.read_text()
-            assert not [p for p in prefixes if p in text], f"{path.relative_to(bundle)} holds an absolute path"
-    assert (bundle / "base" / "config.json").is_file()
+    assert meta["base_reference"] == "minilm" and not (bundle / "base").exists()
+    assert meta["base_sha256"] == hashlib.sha256((minilm_dir() / "config.json").read_bytes()).hexdigest()
+    base_bytes = (minilm_dir() / "model.safetensors").stat().st_size
 
-    referenced = classifier["module"].write_bundle(tmp_path / "ref", classifier["data"], base="reference")
-    assert not (referenced / "base").exists()
-    # a bundle moved away from where it was written (its old folder gone) answers as the trained module does
-    written = classifier["module"].write_bundle(tmp_path / "written", classifier["data"])
+    def size(folder):
+        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+    assert size(bundle) < base_bytes / 10  # adapters, head and tokenizer only
+    prefixes = [str(Path(p).resolve()) for p in (classifier["root"], Path(moa.__file__).parents[1], "/tmp", "/work")]
+    module, data = classifier["module"], classifier["data"]
+    included = module.write_bundle(tmp_path / "written", data, base="include")  # as every bundle was before
+    assert (included / "base" / "config.json").is_file() and size(included) > base_bytes
+    for folder in (bundle, included):  # a named or shipped base: no absolute path anywhere
+        for path in folder.rglob("*"):
+            if path.is_file() and path.suffix in (".json", ".txt", ".yaml"):
+                text = path.read_text()
+                assert not [p for p in prefixes if p in text], f"{path.relative_to(folder)} holds an absolute path"
+    # a bundle with its base moved away from where it was written (its old folder gone) answers as the module does
     (tmp_path / "elsewhere").mkdir()
-    moved = Path(shutil.move(str(written), str(tmp_path / "elsewhere" / "moved")))
-    assert not written.exists()
+    moved = Path(shutil.move(str(included), str(tmp_path / "elsewhere" / "moved")))
+    assert not included.exists()
     texts = ["item 3 is about cats", "item 1 is about good", "item 4 is about songs", "item 6 is about bad"]
     tasks = ["topic", "polarity", "topic", "polarity"]
-    expected = module_probabilities(classifier["module"], classifier["data"], texts, tasks)
-    for folder in (moved, referenced):
-        answer = load_service(folder).predict(pd.DataFrame({"text": texts, "task": tasks}))
-        for row, probs in enumerate(expected):
-            assert answer.loc[row, "probabilities"] == pytest.approx(probs, abs=1e-5), (folder.name, row)
+    expected = module_probabilities(module, data, texts, tasks)
 
-    module = classifier["module"]
+    def answers(folder):
+        answer = load_service(folder).predict(pd.DataFrame({"text": texts, "task": tasks}))
+        return [list(p) for p in answer["probabilities"]]
+
+    for folder in (moved, bundle):
+        for row, probs in enumerate(answers(folder)):
+            assert probs == pytest.approx(expected[row], abs=1e-5), (folder.name, row)
+
+    # a model folder by absolute path: recorded with its config's sha256; another model there, or none, is named
+    folder = tmp_path / "my-minilm"
+    folder.mkdir()
+    shutil.copy(minilm_dir() / "config.json", folder / "config.json")
+    (folder / "model.safetensors").symlink_to(minilm_dir() / "model.safetensors")
     saved = module.backbone
     try:
-        module.backbone = str(Path("/abs/model").resolve())
-        with pytest.raises(ValueError, match="absolute path .* is not portable"):
-            module.write_bundle(tmp_path / "abs", classifier["data"], base="reference")
+        module.backbone = str(folder)
+        at_path = module.write_bundle(tmp_path / "at-path", data)
     finally:
         module.backbone = saved
-    assert not (tmp_path / "abs").exists()  # nothing half-written
+    assert json.loads((at_path / "service.json").read_text())["base_reference"] == str(folder)
+    assert not (at_path / "base").exists()
+    for row, probs in enumerate(answers(at_path)):
+        assert probs == pytest.approx(expected[row], abs=1e-5), row
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "layer_norm_eps": 1e-6}))  # another model now
+    with pytest.raises(ValueError, match=f"base '{folder}' is not the model it was written with: config.json"):
+        load_service(at_path)
+    shutil.rmtree(folder)
+    with pytest.raises(ValueError, match=f"base model '{folder}' is not on this machine") as error:
+        load_service(at_path)
+    assert "\n" not in str(error.value) and "base: include" in str(error.value)
 
 
 @pytest.mark.parametrize("rows, params, message", [
@@ -216,7 +244,7 @@ def test_generation_settings_are_per_row(causal):
 
 
 @pytest.mark.parametrize("column, value, message", [
-    ("max_new_tokens", 0, r"max_new_tokens must be an integer in \[1, 512\]"),
+    ("max_new_tokens", 0, r"max_new_tokens must be an integer in \[1, \d+\].*got 0"),
     ("max_new_tokens", 2.5, "max_new_tokens must be an integer"),
     ("temperature", -1.0, "temperature must be a number in"),
     ("top_p", 0.0, r"top_p must be a number in \(0, 1\]"),
@@ -280,3 +308,28 @@ def test_causal_model_served_over_http_generates_per_row(causal, tmp_path):
         assert status == 400 and "row 0: top_p must be a number in (0, 1]" in body["message"]
         status, body = post(f"{server.url}/invocations", {"dataframe_records": rows[:1], "params": {"beams": 4}})
         assert status == 400 and "unknown params ['beams']" in body["message"]
+
+
+def test_moa_batch_takes_whole_number_budgets_from_a_file_and_refuses_a_fraction(causal, tmp_path, monkeypatch,
+                                                                                capsys):
+    from moa.pipelines.cli.command import main
+    from moa.pipelines.tracking.registry import register_bundle
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    register_bundle(causal["bundle"], "lm-batch", tracking_uri=uri)
+    rows = [{"prompt": "say cat", "task": "echo", "max_new_tokens": 1}, {"prompt": "say dog", "task": "rev", "max_new_tokens": 3}]
+    write_jsonl(tmp_path / "rows.jsonl", rows)  # read back as an int64 column; the signature says double
+    assert main(["batch", "--model-uri", "models:/lm-batch/1", "--input", str(tmp_path / "rows.jsonl"),
+                 "--out", str(tmp_path / "out.jsonl")]) == 0
+    texts = list(pd.read_json(tmp_path / "out.jsonl", lines=True)["text"])
+    service = load_service(causal["bundle"])
+    assert texts == list(service.predict(pd.DataFrame(rows).astype({"max_new_tokens": float}))["text"])
+    assert len(service.tokenizer(texts[0], add_special_tokens=False)["input_ids"]) == 1  # the row's own budget
+    write_jsonl(tmp_path / "half.jsonl", [{**rows[0], "max_new_tokens": 2.5}])
+    capsys.readouterr()
+    assert main(["batch", "--model-uri", "models:/lm-batch/1", "--input", str(tmp_path / "half.jsonl"),
+                 "--out", str(tmp_path / "half-out.jsonl")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("moa batch: error: row 0: max_new_tokens must be an integer in [1, ") and "got 2.5" in error
+    assert not (tmp_path / "half-out.jsonl").exists()

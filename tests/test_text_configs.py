@@ -10,8 +10,11 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# 2 training steps and 1 validation batch (not fast_dev_run: LogBundle writes no bundle under it)
+TWO_STEPS = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+             "--trainer.log_every_n_steps", "1", "--trainer.logger", "false"]
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
-TEXT_CONFIGS = ["topk", "static", "poly", "mhr", "flylora", "remix", "hypelora"]
+TEXT_CONFIGS = ["lora", "topk", "static", "poly", "mhr", "flylora", "remix", "hypelora"]
 
 
 def tiny_tasks(folder: Path) -> None:
@@ -37,7 +40,7 @@ def test_text_config_parses_and_trains_two_steps(name, tmp_path, monkeypatch, fi
     config = ROOT / "configs" / f"text-{name}.yaml"
     text = config.read_text()
     assert "class_path: moa.pipelines.data.text.TextData" in text and "n_classes" not in text
-    cli = fit_config(["-c", str(config), "--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar", "false",
+    cli = fit_config(["-c", str(config), *TWO_STEPS, "--trainer.enable_progress_bar", "false",
                       "--trainer.enable_model_summary", "false",
                       *(f"--data.init_args.{split}={tmp_path / 'data' / f'{split}.jsonl'}" for split in ("train", "val", "test")),
                       "--data.init_args.batch_size", "4"])

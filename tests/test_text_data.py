@@ -15,7 +15,7 @@ from torch.utils.data import DistributedSampler
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from moa.pipelines.data.pretrained import minilm_dir  # noqa: E402
+from moa.pretrained import minilm_dir  # noqa: E402
 from moa.pipelines.data.text import LengthBatchSampler, TextData  # noqa: E402
 
 
@@ -234,6 +234,112 @@ def test_predict_without_targets_and_the_test_fallback(tmp_path):
     batch = next(iter(text.predict_dataloader()))
     assert "labels" not in batch and "target_text" not in batch
     assert torch.equal(batch["input_ids"].ne(0).long(), batch["attention_mask"])
+
+
+# ---- the backbone's tokenizer, targets tokenized after their prompt, long rows
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_dir))
+
+
+def test_the_tokenizer_is_the_backbones_unless_one_is_named(tmp_path, tok, smol, smollm2_dir):
+    from moa.pipelines.data.text import fill_tokenizer
+    from jsonargparse import Namespace
+
+    train = write(tmp_path / "train.jsonl", rows(8))
+    data = TextData(train, val_fraction=0, batch_size=8)
+    first = next(iter(data.train_dataloader()))  # no model yet: MiniLM (the random presets' vocabulary)
+    texts = data.rows("train")["text"]
+    assert first["input_ids"][0, :first["attention_mask"][0].sum()].tolist() == tok(texts[int(first["row"][0])])["input_ids"]
+    data.use_backbone("smollm2-135m")  # what the modules do at setup: encoded again with the backbone's
+    batch = next(iter(data.train_dataloader()))
+    assert data.vocab_size == len(smol) == 49152 and data.eos_token_id == smol.eos_token_id == 2
+    for b, r in enumerate(batch["row"].tolist()):
+        n = int(batch["attention_mask"][b].sum())
+        assert batch["input_ids"][b, :n].tolist() == smol(texts[r])["input_ids"]
+    data.use_backbone("tiny-llama")
+    assert data.vocab_size == len(tok)
+    TextData(train, tokenizer=str(smollm2_dir)).use_backbone("smollm2-135m")  # another name, the same vocabulary
+    with pytest.raises(ValueError, match=r"tokenizer 'smollm2-135m' \(49,152 tokens\) does not match backbone "
+                                         r"'tiny-llama' \(MiniLM's, as every random preset: 30,522 tokens\)"):
+        TextData(train, tokenizer="smollm2-135m").use_backbone("tiny-llama")
+    (tmp_path / "weights-only").mkdir()
+    with pytest.raises(ValueError, match=r"tokenizer: .*weights-only has no tokenizer"):
+        TextData(train, tokenizer=str(tmp_path / "weights-only")).setup()
+    # the CLI fills the tokenizer in from the model's backbone before it builds the classes
+    model = Namespace(class_path="moa.pipelines.kinds.causal_lm.module.MoACausalLM",
+                      init_args=Namespace(backbone="tiny-llama"))
+    config = Namespace(class_path="moa.pipelines.data.text.TextData", init_args=Namespace(train=train, tokenizer=None))
+    fill_tokenizer(config, model)
+    assert config.init_args.tokenizer == "minilm"
+    model.init_args.backbone = "smollm2-135m"
+    with pytest.raises(ValueError, match=r"tokenizer 'minilm' \(30,522 tokens\) does not match backbone 'smollm2-135m'"):
+        fill_tokenizer(config, model)
+
+
+def test_a_target_gets_the_tokens_that_follow_its_prompt(tmp_path, smol):
+    records = [{"text": "Hamlet is the", "label": "Prince of Denmark"},  # joined by a space: ' Prince'
+               {"text": "2 + 2 =\n", "label": "4"},                     # the prompt ends in whitespace: no space
+               {"text": "Answer: ", "label": "Paris"}]                  # a trailing space token: the target alone
+    data = TextData(write(tmp_path / "t.jsonl", records), target="text", tokenizer="smollm2-135m", val_fraction=0,
+                    batch_size=3)
+    batch = next(iter(data.train_dataloader()))
+    eos, order = smol.eos_token_id, batch["row"].tolist()
+    for b, record in zip(range(3), [records[r] for r in order]):
+        prompt = smol(record["text"], add_special_tokens=False)["input_ids"]
+        joined = record["text"] + ("" if record["text"][-1].isspace() else " ") + record["label"]
+        whole = smol(joined, add_special_tokens=False)["input_ids"]
+        alone = smol(record["label"], add_special_tokens=False)["input_ids"]
+        target = whole[len(prompt):] if whole[:len(prompt)] == prompt else alone
+        labels = batch["labels"][b]
+        assert batch["input_ids"][b, :len(prompt)].tolist() == prompt
+        assert labels[labels != -100].tolist() == target + [eos]
+    first_target = {order[b]: smol.convert_ids_to_tokens(int(labels[labels != -100][0]))
+                    for b, labels in enumerate(batch["labels"])}
+    assert first_target == {0: "ĠPrince", 1: "4", 2: "Paris"}  # 'ĠPrince' as generated after the prompt, not 'Prince'
+
+
+def test_the_chat_template_formats_prompts_and_needs_a_tokenizer_that_has_one(tmp_path, smol):
+    from moa.pipelines.data.text import TextEncoder
+
+    train = write(tmp_path / "q.jsonl", [{"text": "Hi there", "label": "Hello"}])
+    data = TextData(train, target="text", tokenizer="smollm2-135m", prompt_template="chat", val_fraction=0)
+    batch = next(iter(data.train_dataloader()))
+    chatml = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+              "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n")
+    assert smol.decode(batch["prompt_input_ids"][0]) == chatml
+    assert batch["prompt_input_ids"][0].tolist() == smol(chatml, add_special_tokens=False)["input_ids"]
+    assert TextEncoder(smol, "chat").prompt("Hi there", "default", "default") == chatml  # the served prompt
+    with pytest.raises(ValueError, match=r"prompt_template 'chat' needs a tokenizer with a chat template"):
+        TextData(train, target="text", tokenizer="minilm", prompt_template="chat", val_fraction=0).setup()  # none
+
+
+def test_rows_longer_than_the_limits_are_counted_in_a_warning_and_serving_can_refuse_them(tmp_path, tok):
+    from moa.pipelines.data.text import TextEncoder
+
+    records = [{"text": " ".join(["word"] * n), "label": " ".join(["yes"] * m)} for n, m in
+               [(3, 1), (12, 1), (5, 6), (20, 2), (8, 1)]]
+    train = write(tmp_path / "t.jsonl", records)
+    prompts = [len(tok(r["text"], add_special_tokens=False)["input_ids"]) for r in records]
+    targets = [len(tok(r["label"], add_special_tokens=False)["input_ids"]) for r in records]
+    data = TextData(train, target="text", max_length=8, target_max_length=4, val_fraction=0)
+    with pytest.warns(UserWarning) as caught:
+        data.train_dataloader()
+    messages = [str(w.message) for w in caught]
+    long = [n for n in prompts if n > 8]
+    assert f"train: {len(long)} of 5 prompts are longer than max_length=8 tokens (the longest {max(long)})" in messages[0]
+    assert f"train: 1 of 5 targets are longer than target_max_length=4 tokens (the longest {max(targets)})" in messages[1]
+    labels = TextData(train, max_length=10, val_fraction=0)
+    with pytest.warns(UserWarning, match=r"train: 2 of 5 inputs are longer than max_length=10 tokens \(the longest 22\)"):
+        labels.train_dataloader()  # with [CLS] and [SEP]
+    encoder = TextEncoder(tok, max_length=8)
+    encoder.check_length([records[0]["text"], records[4]["text"]])
+    with pytest.raises(ValueError, match=r"row 1: prompt of 12 tokens exceeds max_length=8"):
+        encoder.check_length([records[0]["text"], records[1]["text"]])
 
 
 # ---- bad input

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 import moa
 from moa.lightning import ClassificationHead, MoAModule
-from moa.pipelines.data.pretrained import minilm_dir
+from moa.pretrained import minilm_dir
 from moa.pipelines.kinds.classifier.module import MoAClassifier
 
 

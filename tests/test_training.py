@@ -143,3 +143,14 @@ def test_the_optimizer_a_subclass_configures_is_followed_during_the_fit_only():
     model(**{k: v[None] for k, v in lm_batches(n=1)[0].items()})
     t.optimizers[0].step()  # after the fit: not followed any more
     torch.testing.assert_close(router.topk_bias, expected)
+
+
+def test_the_readme_training_loss_works_for_a_router_without_an_auxiliary_loss():
+    """README: ``loss = out.loss + model.aux_loss()``; static routing has no auxiliary loss (aux_loss() was None)."""
+    model = moa.attach(tiny_llama(), moa.MoAConfig(n_experts=2, r=4, router="static", target_modules=["q_proj"]))
+    ids = torch.randint(0, 50, (2, 6))
+    out = model(input_ids=ids, labels=ids, expert_ids=[0, 1])
+    assert model.aux_losses() == {}
+    loss = out.loss + model.aux_loss()
+    assert loss.item() == out.loss.item()
+    loss.backward()

@@ -22,10 +22,11 @@ OTHER_COMMANDS = {
     "serve": "REST server of a registered model on 127.0.0.1",
     "batch": "score a file of rows (or every user) with a registered model",
     "expert": "expert library: register a LoRA adapter as an expert, assemble a served pool from registry URIs",
+    "data": "moa data prepare OUT_DIR: the real tweet and BBC corpora as train/val/test files",
 }
 # Kept in step with moa.routers.ROUTERS and moa.experts.EXPERT_KINDS by tests/test_command.py (listed here so
 # the help needs no torch import).
-ROUTER_NAMES = ("topk", "static", "poly", "mhr", "flylora", "remix", "xcross")
+ROUTER_NAMES = ("lora", "topk", "static", "poly", "mhr", "flylora", "remix", "xcross")
 EXPERT_KIND_NAMES = ("lora", "hyper")
 # moa's own user errors (moa.experts.errors.UserError: raised for bad input) and missing paths; any other
 # ValueError / TypeError is a fault and keeps its traceback.
@@ -62,6 +63,7 @@ def usage() -> str:
 
 def _commands() -> dict[str, Callable[[list[str]], int | None]]:
     from moa.pipelines.cli import lightning_cli as cli
+    from moa.pipelines.data import corpora
     from moa.pipelines.serving import batch, serve_command
     from moa.pipelines.tracking import expert_library, registry
 
@@ -69,6 +71,7 @@ def _commands() -> dict[str, Callable[[list[str]], int | None]]:
         **{name: cli.lightning_main for name in LIGHTNING_COMMANDS},
         "register": registry.main, "serve": serve_command.serve_main, "batch": batch.batch_main,
         "expert": expert_library.main,
+        "data": corpora.prepare_main,
     }
 
 

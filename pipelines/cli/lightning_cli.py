@@ -18,16 +18,19 @@ Models and data modules are chosen by class path in the config (subclass mode): 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
 
 from moa.experts.errors import UserError, UserTypeError
+from moa.pipelines.cli.args import MoAArgumentParser, link_task_count
+from moa.pipelines.cli.progress import PlainProgress
 from moa.pipelines.tracking.config import MLflowSaveConfig, run_name
 from moa.pipelines.tracking.logger import MLflowLogger, find_moa_model
 from moa.pipelines.tracking.resume import ResumeState, checkpoint_run_id
@@ -65,10 +68,13 @@ class MoACLI(LightningCLI):
     """LightningCLI with MLflow by default, the routing statistics callback, the MLflow-aware config saver and
     exact resume (:class:`ResumeState`, always on).
 
-    MLflow runs: ``fit`` names its run after the adapters (:func:`run_name`, e.g. ``topk-E4-k2``) unless the
-    logger has a ``run_name``; resumed from a checkpoint (``--ckpt_path``) of a run in the same store, it continues
+    MLflow runs: ``fit`` names its run after the adapters and the seed (:func:`run_name`, e.g. ``topk-E4-k2-s0``)
+    unless the logger has a ``run_name``; resumed from a checkpoint (``--ckpt_path``) of a run in the same store, it continues
     that run. ``validate`` / ``test`` log to a run of their own, nested under the checkpoint's run when the store
-    has it; ``predict`` makes no MLflow run.
+    has it and tagged with the checkpoint (``ckpt_path``); ``predict`` makes no MLflow run.
+
+    Before the classes are built, Poly / MHR take ``n_tasks`` from the data module (:func:`link_task_count`). A
+    parse error is one line (:class:`MoAArgumentParser`); with stdout not a terminal, progress is plain lines.
 
     A checkpoint is data: ``--ckpt_path`` is only ever read with ``weights_only=True`` (by moa for its run id, and
     by Lightning, URLs included); one holding pickled objects is refused with a one-line error before Lightning
@@ -89,6 +95,32 @@ class MoACLI(LightningCLI):
                             "objects from a checkpoint could run code)")
         self.checkpoint_run_id = checkpoint_run_id(config.get("ckpt_path"))
 
+    def before_instantiate_classes(self) -> None:
+        """Text data without a tokenizer takes the model's backbone's; a named one must match the backbone's
+        vocabulary, checked before the model's weights load (:func:`moa.pipelines.data.text.fill_tokenizer`). A
+        router that routes by task takes the data's task count (:func:`link_task_count`)."""
+        from moa.pipelines.data.text import fill_tokenizer
+
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        fill_tokenizer(config.get("data"), config.get("model"))
+        self._counted_data = link_task_count(config.get("data"), config.get("model"))  # Poly / MHR's n_tasks
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if self._counted_data is not None:  # the data module that read the files to count the tasks: no second read
+            self.datamodule = self._counted_data
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The trainer; when stdout is not a terminal (a log file), Lightning's default progress bar, which draws
+        nothing useful there, becomes plain lines (:class:`PlainProgress`). A progress bar the config names stays."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        named = [c for c in (config.get("trainer") or {}).get("callbacks") or [] if isinstance(c, ProgressBar)]
+        trainer = super().instantiate_trainer(**kwargs)  # (the trainer's callbacks extend the config's list)
+        bar = trainer.progress_bar_callback
+        if bar is not None and not named and not sys.stdout.isatty():
+            trainer.callbacks[trainer.callbacks.index(bar)] = PlainProgress()
+        return trainer
+
     def _load_as_data(self) -> None:
         self.config_init[self.subcommand]["weights_only"] = True  # Lightning's default, except for URLs
 
@@ -99,14 +131,20 @@ class MoACLI(LightningCLI):
         if logger is None:
             return
         model = find_moa_model(self.model)
-        name = run_name(model) if model is not None else None
+        name = run_name(model, self._config().get("seed_everything")) if model is not None else None
         if stage != "fit":
-            logger.stage_run(stage, source, name)
+            logger.stage_run(stage, source, name, self._config().get("ckpt_path"))
         elif source is None or not logger.continue_run(source):
             logger.name_by_default(name)
 
+    def _config(self):
+        return self.config[self.subcommand] if self.subcommand else self.config
+
     def before_fit(self) -> None:
         self._mlflow_run("fit")
+        # the fit trains in train mode (MoAModule.on_fit_start); a backbone from from_pretrained arrives in eval
+        # mode, and Lightning's model summary, printed before that hook, would count its modules as in eval mode
+        self.model.train()
 
     def before_validate(self) -> None:
         self._mlflow_run("validate")
@@ -131,6 +169,7 @@ def run_cli(args: Sequence[str] | None = None, run: bool = True) -> MoACLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=MLflowSaveConfig,
+        parser_class=MoAArgumentParser,  # a typo in a config: one line naming it, not the usage first
         save_config_kwargs={"overwrite": True},
         # ResumeState: a persistent callback (after the config's and routing_stats); MLflowSaveConfig logs hparams
         trainer_defaults={"logger": LOGGER_DEFAULT, "enable_autolog_hparams": False, "callbacks": [ResumeState()]},

@@ -2,16 +2,18 @@
 
 :class:`TextData` reads train / val / test / predict files (paths or globs), maps task, domain and label names to
 ids (sorted, from the training rows only, exposed as :meth:`TextData.vocab` so a model can save them), tokenizes
-with the backbone's tokenizer, and batches rows of similar length together (each batch padded only to its own
-longest row). Two target kinds:
+with the backbone's tokenizer (unless another is named; see :meth:`TextData.use_backbone`), and batches rows of
+similar length together (each batch padded only to its own longest row). Two target kinds:
 
 * ``target="label"``: classification. Each task has its own label list (``label_names[task]``); ``labels`` are
   indices within the row's task's list.
 * ``target="text"``: causal LM. ``input_ids`` = prompt + target + eos, ``labels`` = the same with -100 on the prompt
   and the padding, plus left-padded ``prompt_input_ids`` and the ``target_text`` for generation.
 
-:class:`TextEncoder` is the pre-processing of one row (template, tokens, truncation, padding side, eos cut); the
-text kinds' services run the same one from their bundle, so serving encodes a row as training does.
+:class:`TextEncoder` is the pre-processing of one row (template or chat template, tokens, truncation, padding side,
+eos cut); the text kinds' services run the same one from their bundle, so serving encodes a row as training does.
+Rows longer than ``max_length`` (or targets longer than ``target_max_length``) are cut, with a warning that counts
+them; serving can refuse them instead (:meth:`TextEncoder.check_length`).
 
 Bad input (missing file or column, a missing or empty text / target / task / domain value, a task or label that
 training never saw, an unreadable file, a bare carriage return inside a CSV/TSV field) raises one ``ValueError``
@@ -23,6 +25,7 @@ from __future__ import annotations
 import glob
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
@@ -206,48 +209,182 @@ def decode_generation(tokenizer, new_ids: Sequence[int], eos_token_id: int | Seq
     return tokenizer.decode(new_ids[:end], skip_special_tokens=True).strip()
 
 
+CHAT = "chat"
+"""The ``prompt_template`` that writes a row's text as the user's turn of the tokenizer's chat template."""
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of a pretrained name (``"minilm"``, ``"smollm2-135m"``: :mod:`moa.pretrained`), a GGUF file or a
+    local model folder."""
+    from transformers import AutoTokenizer
+
+    from moa.pretrained import NAMES, is_pretrained_name, resolve_pretrained
+
+    path = Path(name).expanduser()
+    if not (is_pretrained_name(name) or path.suffix.lower() == ".gguf" or path.is_dir()):
+        raise UserError(f"tokenizer: no folder {str(path)!r}; use one of {list(NAMES)}, a .gguf file or a local "
+                        "model folder")
+    folder = resolve_pretrained(name)
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as error:
+        raise UserError(f"tokenizer: {folder} has no tokenizer ({str(error).splitlines()[0][:200]}); name one with "
+                        "data.init_args.tokenizer") from error
+
+
+def tokenizer_source(backbone: str) -> str:
+    """Where a backbone's tokenizer comes from: the backbone itself (a pretrained name, a GGUF file, a model
+    folder), else ``"minilm"``: the random presets (``tiny-llama``, ``tiny-gpt2``, ``tiny-bert``) use MiniLM's
+    vocabulary."""
+    from moa.pretrained import is_pretrained_name
+
+    path = Path(str(backbone)).expanduser()
+    if is_pretrained_name(backbone) or path.suffix.lower() == ".gguf" or path.is_dir():
+        return str(backbone)
+    return "minilm"
+
+
+def check_tokenizer(name: str, backbone: str, tokenizer=None) -> None:
+    """A named tokenizer must have the vocabulary of the backbone's own: else its token ids would mean other tokens
+    to the model (``UserError`` naming both). Skipped when the backbone has no tokenizer of its own."""
+    source = tokenizer_source(backbone)
+    if str(name) == source:
+        return
+    try:
+        own = load_tokenizer(source)
+    except UserError:  # a model folder without a tokenizer: the modules still check the vocabulary's size
+        return
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name)
+    if tokenizer.get_vocab() != own.get_vocab():
+        whose = "its tokenizer" if source == str(backbone) else "MiniLM's, as every random preset"
+        raise UserError(f"tokenizer {str(name)!r} ({len(tokenizer):,} tokens) does not match backbone {backbone!r} "
+                        f"({whose}: {len(own):,} tokens): leave data.init_args.tokenizer unset to use the "
+                        "backbone's, or name one with the same vocabulary")
+
+
+def fill_tokenizer(data: Any, model: Any) -> None:
+    """For the CLI, before it builds the classes (``data`` / ``model``: their ``class_path`` + ``init_args``
+    configs): a :class:`TextData` without a tokenizer gets its model's backbone's (the saved config records it); a
+    named one is checked against the backbone, before the model's weights load."""
+    import pydoc
+
+    data_class = pydoc.locate(str(getattr(data, "class_path", "")))
+    if not (isinstance(data_class, type) and issubclass(data_class, TextData)):
+        return
+    backbone = getattr(getattr(model, "init_args", None), "backbone", None)
+    if not isinstance(backbone, str):
+        return
+    if data.init_args.get("tokenizer") is None:
+        data.init_args["tokenizer"] = tokenizer_source(backbone)
+    else:
+        check_tokenizer(data.init_args["tokenizer"], backbone)
+
+
+def _joiner(prompt: str, target: str) -> str:
+    """What goes between a prompt and its target: a space, unless one of them has whitespace there."""
+    return "" if not prompt or prompt[-1].isspace() or target[:1].isspace() else " "
+
+
 class TextEncoder:
     """One row's pre-processing, the same in training (:class:`TextData`) and serving (the text services, built
     from the bundle's tokenizer, template and ``max_length``): the prompt from the template, its tokens truncated
     like training, padded on the kind's side, and a generation cut at eos.
 
-    ``pad_token_id``: given, else the tokenizer's pad, else its eos, else 0; ``eos_token_id``: given, else the
-    tokenizer's eos, else its sep, else the pad.
+    ``prompt_template``: a format string with ``{text}``, ``{task}`` and ``{domain}``, or ``"chat"``: the row's text
+    as the user's turn of the tokenizer's chat template, with the assistant's turn opened (e.g. SmolLM2's ChatML).
+    ``pad_token_id``: given, else the tokenizer's pad, else its eos, else 0; ``eos_token_id`` (one id or several;
+    training appends the first): given, else the tokenizer's eos, else its sep, else the pad.
     """
 
     def __init__(self, tokenizer, prompt_template: str = "{text}", max_length: int = 128,
                  pad_token_id: int | None = None, eos_token_id: int | Sequence[int] | None = None):
         self.tokenizer, self.prompt_template, self.max_length = tokenizer, prompt_template, int(max_length)
+        if prompt_template == CHAT and not getattr(tokenizer, "chat_template", None):
+            raise UserError(f"prompt_template 'chat' needs a tokenizer with a chat template; "
+                            f"{getattr(tokenizer, 'name_or_path', 'this tokenizer')!r} has none: write the prompt "
+                            "as a template with {text}")
         self.pad_token_id = next((i for i in (pad_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id)
                                   if i is not None), 0)
         self.eos_token_id = next((i for i in (eos_token_id, tokenizer.eos_token_id, tokenizer.sep_token_id)
                                   if i is not None), self.pad_token_id)
 
     def prompt(self, text: str, task: str, domain: str) -> str:
-        """The model's input text of a row: the template with its ``{text}``, ``{task}`` and ``{domain}``."""
+        """The model's input text of a row: the template with its ``{text}``, ``{task}`` and ``{domain}``, or the
+        chat template's user turn of ``text``."""
+        if self.prompt_template == CHAT:
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                      add_generation_prompt=True)
         return self.prompt_template.format(text=text, task=task, domain=domain)
+
+    def _tokens(self, texts: Sequence[str], special_tokens: bool = False) -> list[list[int]]:
+        return self.tokenizer(list(texts), add_special_tokens=special_tokens)["input_ids"]
+
+    def encode_inputs(self, prompts: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+        """Classifier inputs (:meth:`input_ids`) and each one's length before the cut."""
+        ids = self._tokens(prompts, special_tokens=True)
+        lengths = [len(x) for x in ids]
+        long = [i for i, n in enumerate(lengths) if n > self.max_length]
+        if long:  # the tokenizer cuts them, keeping its special tokens
+            cut = self.tokenizer([prompts[i] for i in long], truncation=True, max_length=self.max_length)
+            for i, x in zip(long, cut["input_ids"]):
+                ids[i] = x
+        return ids, lengths
 
     def input_ids(self, prompts: Sequence[str]) -> list[list[int]]:
         """Classifier inputs: with the special tokens, at most ``max_length`` (cut on the tokenizer's
         ``truncation_side``, saved with it in the bundle)."""
-        return self.tokenizer(list(prompts), truncation=True, max_length=self.max_length)["input_ids"]
+        return self.encode_inputs(prompts)[0]
 
     def inputs(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """A classifier batch: ``(input_ids, attention_mask)``, right-padded."""
         return pad_inputs(self.input_ids(prompts), self.pad_token_id)
 
+    def prompt_tokens(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Generation prompts' tokens, whole (no special tokens): what a server generates from (it refuses what
+        exceeds the model's context instead of cutting) and what training cuts to ``max_length``, reporting it."""
+        return self._tokens(prompts)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+        """Generation prompts (:meth:`prompt_ids`) and each one's length before the cut."""
+        ids = self.prompt_tokens(prompts)
+        return [x[-self.max_length:] for x in ids], [len(x) for x in ids]
+
     def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
         """Generation prompts: no special tokens, the LAST ``max_length`` kept (the end, next to the target)."""
-        return [x[-self.max_length:] for x in self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+        return self.encode_prompts(prompts)[0]
 
     def prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """A generation batch: ``(input_ids, attention_mask)`` of the prompts, left-padded."""
         return pad_prompts(self.prompt_ids(prompts), self.pad_token_id)
 
-    def target_ids(self, targets: Sequence[str], max_length: int) -> list[list[int]]:
-        """Training targets: no special tokens, the first ``max_length``, then eos."""
-        ids = self.tokenizer(list(targets), add_special_tokens=False, truncation=True, max_length=max_length)
-        return [y + [self.eos_token_id] for y in ids["input_ids"]]
+    def check_length(self, prompts: Sequence[str], special_tokens: bool = False) -> None:
+        """Refuse a prompt longer than ``max_length`` tokens (``special_tokens``: count them, as classifier inputs
+        do) instead of cutting it: ``UserError`` naming the row and both lengths."""
+        for row, ids in enumerate(self._tokens(prompts, special_tokens)):
+            if len(ids) > self.max_length:
+                raise UserError(f"row {row}: prompt of {len(ids)} tokens exceeds max_length={self.max_length}, the "
+                                "longest this model was trained on: shorten it")
+
+    def pair_ids(self, prompts: Sequence[str], targets: Sequence[str], target_max_length: int
+                 ) -> tuple[list[list[int]], list[list[int]], list[int], list[int]]:
+        """Training pairs: ``(prompt_ids, target_ids, prompt_lengths, target_lengths)`` (lengths before the cut).
+
+        The prompt's tokens are :meth:`prompt_ids`' (what generation starts from). The target's are the tokens that
+        follow them when prompt and target are tokenized as one text (joined by a space unless either has
+        whitespace there): what the model generates after the prompt, e.g. SmolLM2's ``' Paris'``, not the
+        ``'Paris'`` of the target alone. Where the joint tokens do not begin with the prompt's (a token across the
+        boundary), the target is tokenized alone. Targets keep their first ``target_max_length`` tokens, then eos.
+        """
+        prompts, targets = list(prompts), list(targets)
+        alone = self.prompt_tokens(prompts)  # cut as encode_prompts cuts them, below
+        joint = self._tokens([p + _joiner(p, t) + t for p, t in zip(prompts, targets)])
+        target_ids = [j[len(p):] if j[:len(p)] == p else None for p, j in zip(alone, joint)]
+        apart = [i for i, y in enumerate(target_ids) if not y]
+        for i, y in zip(apart, self._tokens([targets[i] for i in apart]) if apart else []):
+            target_ids[i] = y
+        eos = self.eos_token_id if isinstance(self.eos_token_id, int) else list(self.eos_token_id)[0]
+        return ([x[-self.max_length:] for x in alone], [y[:target_max_length] + [eos] for y in target_ids],
+                [len(x) for x in alone], [len(y) for y in target_ids])
 
     def decode(self, new_ids: Sequence[int]) -> str:
         """A generation's text (:func:`decode_generation` with this eos)."""
@@ -283,6 +420,14 @@ class Collate:
         return batch
 
 
+def _warn_cut(split: str, what: str, lengths: Sequence[int], limit: int, option: str, cut: str) -> None:
+    """Count the rows longer than ``limit`` tokens in a warning (they are cut, not dropped)."""
+    long = [n for n in lengths if n > limit]
+    if long:
+        warnings.warn(f"{split}: {len(long)} of {len(lengths)} {what} are longer than {option}={limit} tokens (the "
+                      f"longest {max(long)}), {cut}: raise data.init_args.{option} to keep them whole", stacklevel=2)
+
+
 class TextData(L.LightningDataModule):
     """Text classification or generation data from your own JSONL / CSV / Parquet files.
 
@@ -294,9 +439,9 @@ class TextData(L.LightningDataModule):
     * ``target="text"``: ``input_ids`` = prompt + target + eos (right-padded), ``attention_mask``, ``labels`` =
       ``input_ids`` with -100 on the prompt and the padding, ``prompt_input_ids`` / ``prompt_attention_mask``
       (LEFT-padded prompts, for ``generate``), ``target_text`` (list of str), ``task_ids``, ``domain_ids``, ``row``.
-      Prompt and target are tokenized separately without special tokens and concatenated; eos is the tokenizer's
-      eos, else sep, else pad. Predict files without a target column give the prompts alone (no ``labels`` /
-      ``target_text``).
+      The target's tokens are those that follow the prompt's when both are tokenized as one text
+      (:meth:`TextEncoder.pair_ids`); eos is the tokenizer's eos, else sep, else pad. Predict files without a target
+      column give the prompts alone (no ``labels`` / ``target_text``).
 
     T is each batch's own longest row. Task, domain and label names come from the training rows, sorted
     (numerically when all are integers); after construction (read on first access) and after ``setup``:
@@ -314,11 +459,15 @@ class TextData(L.LightningDataModule):
         task_column: the column naming each row's task (``task_ids``); ``None``: one task, ``"default"``.
         domain_column: the column naming each row's domain (``domain_ids``); ``None``: one domain, ``"default"``.
         target: ``"label"`` (classification, one label set per task) or ``"text"`` (causal LM targets).
-        tokenizer: ``"minilm"`` (the installed all-MiniLM-L6-v2) or a local model folder with a tokenizer.
+        tokenizer: ``None`` (the default): the model's backbone's (the CLI fills it in from
+            ``model.init_args.backbone``, the text modules at setup: :meth:`use_backbone`; MiniLM's for the random
+            presets and until a model says); or a pretrained name (``"minilm"``, ``"smollm2-135m"``), a ``.gguf``
+            file or a local model folder with a tokenizer, which must have the backbone's vocabulary.
         max_length: the most tokens of an input (label mode: with the special tokens; text mode: the prompt,
-            truncated from the left so its end, next to the target, is kept).
+            truncated from the left so its end, next to the target, is kept); longer rows are counted in a warning.
         target_max_length: the most tokens of a target text before the eos (text mode).
-        prompt_template: the input built from each row, with fields ``{text}``, ``{task}`` and ``{domain}``.
+        prompt_template: the input built from each row, with fields ``{text}``, ``{task}`` and ``{domain}``; or
+            ``"chat"``: the row's text as the user's turn of the tokenizer's chat template (e.g. SmolLM2's).
         batch_size: rows per batch.
         val_fraction: the share of training rows held out for validation when ``val`` is not given (0: no
             validation).
@@ -341,7 +490,7 @@ class TextData(L.LightningDataModule):
         task_column: str | None = None,
         domain_column: str | None = None,
         target: Literal["label", "text"] = "label",
-        tokenizer: str = "minilm",
+        tokenizer: str | None = None,
         max_length: int = 128,
         target_max_length: int = 32,
         prompt_template: str = "{text}",
@@ -372,8 +521,9 @@ class TextData(L.LightningDataModule):
         self.prompt_template, self.batch_size, self.num_workers = prompt_template, batch_size, num_workers
         self.val_fraction, self.test_fraction, self.split_seed, self.bucket = val_fraction, test_fraction, split_seed, bucket
         self._frames: dict[str, pd.DataFrame] | None = None
-        self._tokenizer = None
-        self.datasets: dict[str, _Rows] = {}
+        self.backbone: str | None = None  # the model's, once known (use_backbone)
+        self._tokenizer = self._encoder = None
+        self.datasets: dict[str, _Rows] = {}  # encoded on first use
 
     # ---- reading and the name -> id maps
     def _read_split(self, split: str) -> pd.DataFrame:
@@ -503,23 +653,32 @@ class TextData(L.LightningDataModule):
         return self._frames[split]
 
     # ---- tokenizer
+    def _tokenizer_source(self) -> str:
+        return self.tokenizer_name or (tokenizer_source(self.backbone) if self.backbone else "minilm")
+
+    def use_backbone(self, backbone: str) -> None:
+        """The model's backbone (the text modules call this at setup): without a named tokenizer the data takes
+        the backbone's (encoding again if it had used another); a named one must have the backbone's vocabulary
+        (:func:`check_tokenizer`)."""
+        if self.tokenizer_name is not None:
+            check_tokenizer(self.tokenizer_name, backbone, self._tokenizer)
+        elif tokenizer_source(backbone) != self._tokenizer_source():
+            self._tokenizer = self._encoder = None
+            self.datasets = {}
+        self.backbone = backbone
+
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            from moa.pipelines.data.pretrained import minilm_dir
-
-            path = minilm_dir() if self.tokenizer_name == "minilm" else Path(self.tokenizer_name).expanduser()
-            if not path.is_dir():
-                raise UserError(f"tokenizer: no folder {str(path)!r}; use 'minilm' or a local model folder")
-            self._tokenizer = AutoTokenizer.from_pretrained(str(path))
+            self._tokenizer = load_tokenizer(self._tokenizer_source())
         return self._tokenizer
 
     @property
     def encoder(self) -> TextEncoder:
         """The pre-processing of a row (the text services run the same, from the bundle)."""
-        return TextEncoder(self.tokenizer, self.prompt_template, self.max_length)
+        if self._encoder is None:
+            self._encoder = TextEncoder(self.tokenizer, self.prompt_template, self.max_length)
+        return self._encoder
 
     @property
     def pad_token_id(self) -> int:
@@ -534,7 +693,7 @@ class TextData(L.LightningDataModule):
         return len(self.tokenizer)
 
     # ---- tokenized splits and loaders
-    def _encode(self, frame: pd.DataFrame) -> list[dict]:
+    def _encode(self, frame: pd.DataFrame, split: str) -> list[dict]:
         encoder = self.encoder
         prompts = [encoder.prompt(x, t, d) for x, t, d in zip(frame["text"], frame["task"], frame["domain"])]
         tasks = {name: i for i, name in enumerate(self.task_names)}
@@ -543,33 +702,47 @@ class TextData(L.LightningDataModule):
                 for i, (t, d) in enumerate(zip(frame["task"], frame["domain"]))]
         has_target = "target" in frame.columns
         if self.target == "label":
-            for r, x in zip(rows, encoder.input_ids(prompts)):
+            ids, lengths = encoder.encode_inputs(prompts)
+            _warn_cut(split, "inputs", lengths, self.max_length, "max_length", "cut")
+            for r, x in zip(rows, ids):
                 r["ids"] = x
             if has_target:
                 label_ids = {t: {y: i for i, y in enumerate(ys)} for t, ys in self.label_names.items()}
                 for r, t, y in zip(rows, frame["task"], frame["target"]):
                     r["target"] = label_ids[t][y]
+        elif has_target:
+            ids, targets, lengths, target_lengths = encoder.pair_ids(prompts, frame["target"].tolist(),
+                                                                     self.target_max_length)
+            _warn_cut(split, "prompts", lengths, self.max_length, "max_length", "their first tokens cut")
+            _warn_cut(split, "targets", target_lengths, self.target_max_length, "target_max_length",
+                      "their last tokens cut")
+            for r, x, y, text in zip(rows, ids, targets, frame["target"]):
+                r["prompt"], r["target"], r["target_text"] = x, y, text
         else:
-            for r, x in zip(rows, encoder.prompt_ids(prompts)):
+            ids, lengths = encoder.encode_prompts(prompts)
+            _warn_cut(split, "prompts", lengths, self.max_length, "max_length", "their first tokens cut")
+            for r, x in zip(rows, ids):
                 r["prompt"] = x
-            if has_target:
-                targets = encoder.target_ids(frame["target"].tolist(), self.target_max_length)
-                for r, y, text in zip(rows, targets, frame["target"]):
-                    r["target"], r["target_text"] = y, text
         return rows
 
     def setup(self, stage: str | None = None) -> None:
+        """Read the files (:meth:`prepare`); each split is tokenized when its loader is first asked for, with the
+        tokenizer of the model's backbone by then (:meth:`use_backbone`)."""
         self.prepare()
-        for split, frame in self._frames.items():
-            if split not in self.datasets:
-                self.datasets[split] = _Rows(self._encode(frame))
+        if self.tokenizer_name is not None or self.backbone is not None:
+            self.encoder  # a bad tokenizer or template fails here
+
+    def _dataset(self, split: str) -> _Rows:
+        if split not in self.datasets:
+            self.datasets[split] = _Rows(self._encode(self._frames[split], split))
+        return self.datasets[split]
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         self.rows(split)  # the clear error when the split does not exist
         if split == "predict" and "predict" not in self._frames:
             split = "test"
         self.setup()
-        data = self.datasets[split]
+        data = self._dataset(split)
         lengths = [len(r["ids"]) if "ids" in r else len(r["prompt"]) + len(r.get("target", [])) for r in data.rows]
         sampler = EpochShuffle(data, self.split_seed) if train else SequentialSampler(data)
         batches = LengthBatchSampler(sampler, self.batch_size, False, lengths, self.bucket, train, self.split_seed)

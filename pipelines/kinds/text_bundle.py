@@ -4,15 +4,21 @@ their services (:class:`TextService`: a row's task and domain names, the prompt 
 signature and input example. What differs by kind comes from the module (``text_bundle_meta``, ``head``,
 ``random_backbones``, ``default_tokenizer``) and the kind's service (``KIND``, ``BASE_FALLBACK``, ``from_bundle``).
 
-A text bundle is a folder (no pickle, no absolute path)::
+A text bundle is a folder (no pickle; no absolute path but a referenced base's)::
 
     service.json        kind ("classifier" | "causal-lm"), task / domain / label names, the prompt template and
                         lengths of the training data, the head's shape, the gating metrics, the moa version
     adapter/            the MoA layers (:meth:`moa.MoAModel.save_pretrained`)
     head.safetensors    the classification head (classifiers)
-    base/               the base model without adapters (``save_pretrained``), unless referenced by name
+    base/               the base model without adapters (``save_pretrained``), only when it is included (see below)
     tokenizer/          the tokenizer the data was encoded with
     moa_manifest.json   sha256 of every file, checked at load
+
+The base is referenced by default, not copied (:func:`base_reference`): ``service.json`` records a name
+(``"minilm"``, ``"smollm2-135m"``: :mod:`moa.pretrained`), a GGUF file or a model folder, with the sha256 of the
+GGUF file or of the folder's ``config.json`` (a different model found there at load is named, and so is a missing
+one). A backbone built from a random config (``tiny-bert``, ``tiny-llama``, ``tiny-gpt2``) cannot be referenced:
+its weights are included in ``base/``, as they are for every backbone with ``base="include"``.
 
 Requests are rows of names: a classifier takes ``{text, task, domain}`` and answers ``label``, ``probability``,
 ``labels`` and ``probabilities`` (the row's task's label set); a causal LM takes ``{prompt, task, domain,
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import threading
 from pathlib import Path
@@ -41,12 +48,13 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import moa
-from moa.atomic import atomic_folder, read_json, read_safetensors, readable, verify
+from moa.atomic import atomic_folder, read_json, read_safetensors, readable, sha256, verify
 from moa.experts.errors import UserError, UserTypeError
 from moa.pipelines.bundle import RequestError
-from moa.pipelines.data.pretrained import minilm_dir
+from moa.pretrained import is_pretrained_name, minilm_dir, resolve_pretrained, smollm2_gguf
 from moa.pipelines.data.text import TextEncoder
 
+BASE_MODES = ("reference", "include")  # a bundle's base: recorded by name / path, or its weights copied in
 SERVICE_FILE, ADAPTER_DIR, BASE_DIR, TOKENIZER_DIR, HEAD_FILE, CONFIG_FILE = (
     "service.json", "adapter", "base", "tokenizer", "head.safetensors", "config.yaml")
 CLASSIFIER, CAUSAL_LM = "classifier", "causal-lm"
@@ -59,27 +67,28 @@ def metric_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\- ]", "_", str(name))
 
 
-def write_text_bundle_of(module, directory, datamodule=None, *, metrics=None, base: str = "include"):
+def write_text_bundle_of(module, directory, datamodule=None, *, metrics=None, base: str = "reference"):
     """The module's serving bundle (:func:`moa.pipelines.kinds.text_bundle.write_text_bundle`); what
     :class:`moa.pipelines.tracking.log_bundle.LogBundle` calls at the end of fit."""
     return write_text_bundle(directory, module, datamodule, metrics=metrics, base=base)
 
 
 def write_text_bundle(directory: str | Path, module, datamodule=None, *, metrics: Mapping[str, float] | None = None,
-                      base: str = "include", config_yaml: str | Path | None = None) -> Path:
+                      base: str = "reference", config_yaml: str | Path | None = None) -> Path:
     """Write the bundle of a trained :class:`MoAClassifier` or :class:`MoACausalLM` (``datamodule``: the
     :class:`~moa.pipelines.data.text.TextData` it was trained on, for the tokenizer, names, template and lengths).
 
-    ``base="include"`` ships the base model's weights; ``"reference"`` records the backbone's name instead
-    (``"minilm"``, the installed all-MiniLM-L6-v2, or a relative folder / hub name ``from_pretrained`` finds where
-    the bundle is loaded); an absolute path is refused as not portable. The folder is replaced as a whole.
+    ``base="reference"`` (the default) records the backbone (:func:`base_reference`: a pretrained name, a GGUF
+    file or a model folder, with its checksum) instead of copying its weights; a backbone built from a random
+    config is included all the same. ``base="include"`` ships the base's weights in ``base/``. The folder is
+    replaced as a whole.
     """
-    if base not in ("include", "reference"):
-        raise UserError(f"base must be 'include' or 'reference', got {base!r}")
+    if base not in BASE_MODES:
+        raise UserError(f"base must be 'reference' or 'include', got {base!r}")
     meta = _describe(module, datamodule)
     if base == "reference":
-        meta["base_reference"] = _portable_reference(getattr(module, "backbone", None),
-                                                     getattr(module, "random_backbones", ()))
+        options = (getattr(module, "hparams", None) or {}).get("backbone_options")
+        meta.update(base_reference(getattr(module, "backbone", None), options, getattr(module, "random_backbones", ())))
     meta["metrics"] = {str(k): float(v) for k, v in (metrics or {}).items()}
     tokenizer = getattr(datamodule, "tokenizer", None) or getattr(module, "tokenizer", None)
     if tokenizer is None and callable(getattr(module, "default_tokenizer", None)):
@@ -88,22 +97,20 @@ def write_text_bundle(directory: str | Path, module, datamodule=None, *, metrics
         raise UserError("a text bundle needs the tokenizer the model was trained with: pass the data module "
                          "(moa.pipelines.data.text.TextData)")
     head = getattr(module, "head", None)
-    return write_bundle_files(directory, module.model, tokenizer, meta, head=head, include_base=base == "include",
-                              config_yaml=config_yaml)
+    return write_bundle_files(directory, module.model, tokenizer, meta, head=head, config_yaml=config_yaml)
 
 
 def write_bundle_files(directory: str | Path, model: moa.MoAModel, tokenizer, meta: Mapping[str, Any], *,
-                       head: nn.Module | None = None, include_base: bool = True,
-                       config_yaml: str | Path | None = None) -> Path:
-    """The files of a text bundle from its parts (``meta``: the ``service.json``; without ``include_base`` it must
-    name ``base_reference``). The folder is replaced as a whole (:func:`moa.atomic.atomic_folder`)."""
-    if not include_base and not meta.get("base_reference"):
-        raise UserError("a bundle without its base needs meta['base_reference'] (how to load the base)")
+                       head: nn.Module | None = None, config_yaml: str | Path | None = None) -> Path:
+    """The files of a text bundle from its parts (``meta``: the ``service.json``; the base's weights go into
+    ``base/`` unless it names ``base_reference``: :func:`base_reference`). The folder is replaced as a whole
+    (:func:`moa.atomic.atomic_folder`)."""
+    reference = meta.get("base_reference")
     target = Path(directory)
     with atomic_folder(target) as tmp:
         # the adapters name their base relative to themselves (moa.load(bundle / "adapter") finds it)
-        model.save_pretrained(tmp / ADAPTER_DIR, base_model_name_or_path=meta.get("base_reference") or f"../{BASE_DIR}")
-        if include_base:
+        model.save_pretrained(tmp / ADAPTER_DIR, base_model_name_or_path=reference or f"../{BASE_DIR}")
+        if not reference:
             model.save_base(tmp / BASE_DIR)
         tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
         if head is not None:
@@ -131,30 +138,67 @@ def _describe(module, datamodule) -> dict[str, Any]:
     return meta
 
 
-def _portable_reference(backbone: Any, random_backbones=()) -> str:
-    if not isinstance(backbone, str) or backbone in random_backbones:
-        raise UserError(f"base='reference' needs a backbone others can load by name; {backbone!r} is built from "
-                         "a random config: use base='include'")
-    if Path(backbone).expanduser().is_absolute():
-        raise UserError(f"base='reference' with the absolute path {backbone!r} is not portable: use "
-                         "base='include', or a relative folder or hub name")
-    return backbone
+def base_reference(backbone: Any, options: Mapping[str, Any] | None = None, random_backbones=()) -> dict[str, Any]:
+    """The ``service.json`` entries that reference the base instead of shipping it: ``base_reference`` (a name of
+    :mod:`moa.pretrained`, else the absolute path of the GGUF file or model folder), ``base_sha256`` (of the GGUF
+    file, else of the folder's ``config.json``: :func:`_identity_file`) and the ``from_pretrained`` options it
+    was loaded with (``base_options``). ``{}`` for a backbone that cannot be referenced, which the bundle then
+    includes: one built from a random config (``random_backbones``), a model object, options that are not JSON."""
+    if not isinstance(backbone, (str, os.PathLike)) or str(backbone) in random_backbones:
+        return {}
+    try:
+        options = json.loads(json.dumps(dict(options or {})))
+    except (TypeError, ValueError):
+        return {}
+    reference = str(backbone) if is_pretrained_name(backbone) else str(Path(backbone).expanduser().resolve())
+    meta = {"base_reference": reference, "base_sha256": sha256(_identity_file(reference))}
+    return {**meta, "base_options": options} if options else meta
+
+
+def _identity_file(reference: str) -> Path:
+    """The file whose sha256 identifies a referenced base: its GGUF file, else its folder's ``config.json``; a
+    :class:`UserError` naming the reference when it is not on this machine."""
+    try:
+        if is_pretrained_name(reference):
+            source = smollm2_gguf() if reference == "smollm2-135m" else resolve_pretrained(reference)
+        else:
+            source = Path(reference)
+        path = source if source.suffix.lower() == ".gguf" else source / "config.json"
+        if not path.is_file():
+            raise UserError(f"{path} does not exist")
+    except UserError as error:
+        raise UserError(f"the base model {reference!r} is not on this machine ({error}): install or copy it there, "
+                        "or write the bundle with base: include") from None
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------- loading
 def _load_base(folder: Path, meta: Mapping[str, Any], fallback: str) -> nn.Module:
     import transformers
 
-
     reference = meta.get("base_reference")
-    source = folder / BASE_DIR if reference is None else (minilm_dir() if reference == "minilm" else reference)
+    source = folder / BASE_DIR if reference is None else _referenced_base(reference, meta.get("base_sha256"))
     fallback = getattr(transformers, fallback)
     cls = getattr(transformers, meta.get("base_class") or "", None)
     cls = cls if isinstance(cls, type) and hasattr(cls, "from_pretrained") else fallback
     try:
-        return cls.from_pretrained(str(source))
+        return cls.from_pretrained(str(source), **dict(meta.get("base_options") or {}))
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load the bundle's base model from {source}: {error}") from error
+
+
+def _referenced_base(reference: str, recorded: str | None) -> Path | str:
+    """The folder ``from_pretrained`` reads for a referenced base, checked against the recorded sha256 (bundles
+    of older moa record none, and may name a folder relative to the working directory)."""
+    if recorded is None:
+        return minilm_dir() if reference == "minilm" else reference
+    path = _identity_file(reference)
+    found = sha256(path)
+    if found != recorded:
+        raise UserError(f"the bundle's base {reference!r} is not the model it was written with: {path.name} has "
+                        f"sha256 {found[:12]}..., the bundle recorded {recorded[:12]}...; put that model back, or "
+                        "write the bundle with base: include")
+    return resolve_pretrained(reference)
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:

@@ -4,18 +4,23 @@ scores alone (a recommender: the top-k of every user of a dataset).
 
     moa batch --model-uri models:/my-classifier@champion --input rows.jsonl --out answers.parquet
     moa batch --model-uri models:/moa-recommender@champion --out recs.parquet [--k 10]  # every user of ml-100k
+
+Columns the model does not read (a ``label``, or a ``domain`` the model was trained without) are copied to the
+output as they are and named in one line on stderr (:mod:`moa.pipelines.serving.scoring`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
 
 from moa.experts.errors import UserError
+from moa.pipelines.bundle import ignored_note
 from moa.pipelines.serving.scoring import conform, score_rows
 from moa.pipelines.tracking.store import resolve_tracking_uri
 
@@ -109,6 +114,9 @@ def batch_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = _params(args.param)
     output_format(args.out)  # a bad --out before any work
+    from moa.pipelines.tracking.registry import check_model_uri
+
+    check_model_uri(args.model_uri, args.tracking_uri)  # an unknown model, version or alias: one line
     if args.k is not None:
         params["k"] = args.k
     if args.input is None:  # the kind says what it scores without rows (a recommender: every user)
@@ -136,6 +144,9 @@ def batch_main(argv: Sequence[str] | None = None) -> int:
         mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri))
         model = mlflow.pyfunc.load_model(args.model_uri)
         result = score_rows(model, conform(frame, model), params, batch_size=args.batch_size)
+    ignored = result.attrs.get("ignored_columns")
+    if ignored:  # kept in the output as they are, never passed to the model
+        print(f"moa batch: {ignored_note(ignored)} (they are copied to {args.out} as they are)", file=sys.stderr)
     write_table(result, args.out)
     print(f"wrote {len(result)} rows to {args.out}")
     return 0

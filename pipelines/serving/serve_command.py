@@ -19,19 +19,37 @@ the problem), 413 over the body or row limit, 415 without a JSON Content-Type, 5
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 from typing import Sequence
+
+from moa.experts.errors import UserError
 
 from moa.pipelines.serving import server
 from moa.pipelines.serving.process import server_env
 from moa.pipelines.serving.ray_engine import serve_on_ray
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse, in one line, a port the server could not listen on, before anything is loaded."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a closing socket is no user
+            sock.bind(address)
+    except OSError as error:
+        taken = error.errno == errno.EADDRINUSE
+        raise UserError(f"port {port} on {host} is taken (another server?): stop it or serve with --port <another>"
+                        if taken else f"cannot serve on {host}:{port}: {error.strerror or error}") from None
+
+
 def serve(model_uri: str, args: argparse.Namespace) -> None:
     """Serve until interrupted with the engine, host, port and limits of the parsed ``args``."""
     if args.engine == "ray":
         serve_on_ray(model_uri, replicas=args.replicas, host=args.host, port=args.port, tracking_uri=args.tracking_uri,
-                     limits=server.limits_of(args), docs=args.docs, address=args.ray_address)
+                     limits=server.limits_of(args), docs=args.docs, access_log=args.access_log,
+                     address=args.ray_address)
     else:
         server.run(model_uri, host=args.host, port=args.port, workers=args.workers, tracking_uri=args.tracking_uri,
                    limits=server.limits_of(args), docs=args.docs, access_log=args.access_log)
@@ -49,8 +67,12 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     server.add_arguments(parser)
     args = parser.parse_args(argv)
     uri = args.model_uri or f"models:/{args.name}@{args.alias}"
+    check_port(args.host, args.port)  # before the registry is read or anything loaded
     server.log_to_stderr()
     os.environ.update(server_env(args.tracking_uri))
+    from moa.pipelines.tracking.registry import check_model_uri
+
+    check_model_uri(uri, args.tracking_uri)  # an unknown model, version or alias: one line, before any worker starts
     limits = server.limits_of(args)
     print(f"serving {uri} on http://{args.host}:{args.port} ({args.engine}; {limits}); POST /invocations, GET /ping",
           flush=True)
@@ -67,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.add_arguments(parser)
     args = parser.parse_args(argv)
     server.log_to_stderr()
+    check_port(args.host, args.port)
     print(f"moa server: {args.model_uri} on http://{args.host}:{args.port} ({args.engine}; {server.limits_of(args)})",
           flush=True)
     serve(args.model_uri, args)

@@ -5,15 +5,20 @@
 (the command and the server process are :mod:`moa.pipelines.serving.serve_command`, which runs this app with
 uvicorn or on Ray Serve; :class:`moa.pipelines.serving.process.ModelServer` starts it as a process of its own).
 
-``POST /invocations`` takes MLflow's ``dataframe_records`` / ``dataframe_split`` JSON with optional ``params``
-and answers ``{"predictions": [...]}`` like ``mlflow models serve``; ``GET /ping`` and ``GET /health`` answer 200
-once the model is loaded. Every error is ``{"error_code", "message"}`` with no traceback (those go to the server's
-log): 415 without ``Content-Type: application/json``; 413 for a body over ``max_body_bytes`` (read in chunks,
-refused before it is all read or parsed), more than ``max_rows`` rows, or (generation) more than
+A causal LM also answers OpenAI's ``/v1/completions``, ``/v1/chat/completions`` and ``/v1/models``
+(:mod:`moa.pipelines.serving.openai_api`: under the same limits, errors in OpenAI's shape).
+
+``POST /invocations`` takes MLflow's ``dataframe_records`` / ``dataframe_split`` JSON with optional ``params`` and
+answers ``{"predictions": [...]}`` like ``mlflow models serve``, with ``"ignored_columns"`` naming the request's
+columns the model does not read, if any (:mod:`moa.pipelines.serving.scoring`); ``GET /ping`` and ``GET /health``
+answer 200 once the model is loaded. Every error is ``{"error_code", "message"}`` with no traceback (those go to
+the server's log): 415 without ``Content-Type: application/json``; 413 for a body over ``max_body_bytes`` (read in
+chunks, refused before it is all read or parsed), more than ``max_rows`` rows, or (generation) more than
 ``max_generated_tokens`` new tokens in all (rows x each row's ``max_new_tokens``); 400 for JSON that is invalid,
 nested deeper than ``max_depth`` (checked before parsing) or not the expected shape, and for requests the model
-refuses; 503 when scoring takes longer than ``timeout`` seconds (the message names ``--timeout`` to raise and
-``--max-rows`` to refuse such requests up front).
+refuses; 503 when scoring takes longer than ``timeout`` seconds (the message names the ``--timeout`` that lets such
+a request finish and the ``--max-rows`` that refuses it up front, at the pace of its finished chunks). ``max_rows``
+follows ``timeout`` unless given (:class:`Limits`).
 
 Every refused or failed request (4xx, 5xx, 503) is one WARNING line (ERROR for 500, with the traceback) of the
 ``moa.server`` logger: status, method, path, error code and the message, cut to 200 characters; with
@@ -37,6 +42,7 @@ import contextlib
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -50,18 +56,22 @@ import numpy as np
 from starlette.requests import Request
 
 from moa.experts.errors import UserError, UserTypeError
-from moa.pipelines.serving.scoring import shift_rows
+from moa.pipelines.serving.scoring import shift_rows, unread_by
 
 log = logging.getLogger("moa.server")
 JSON_TYPES = ("application/json",)
 DRAIN = 4  # a body over the limit is read to its end (discarded) up to DRAIN x the limit, so the client gets the 413
 ENV = "MOA_SERVE_CONFIG"  # the server settings of the uvicorn workers (JSON)
+ROWS_PER_SECOND = 100  # the pace the default max_rows allows for: a MiniLM classifier, ~64-token rows, 2 cores
 
 
 @dataclass
 class Limits:
+    """A server's limits; ``max_rows`` follows ``timeout`` unless given: ``timeout`` x :data:`ROWS_PER_SECOND` rows
+    (3000 for the default 30 s), so a request the server accepts has the time to finish."""
+
     max_body_bytes: int = 16 * 2**20
-    max_rows: int = 10_000
+    max_rows: int | None = None
     max_depth: int = 32
     timeout: float = 30.0
     chunk_rows: int = 256
@@ -71,10 +81,14 @@ class Limits:
     def __post_init__(self):
         for field in fields(self):
             value = getattr(self, field.name)
+            if value is None and field.name == "max_rows":
+                continue  # follows the timeout, below
             kind = (int, float) if field.name == "timeout" else int
             if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
                 raise UserError(f"the server limit {field.name} must be a positive "
                                 f"{'number' if kind is not int else 'integer'}, got {value!r}")
+        if self.max_rows is None:
+            self.max_rows = max(1, int(self.timeout * ROWS_PER_SECOND))
 
 
 class HTTPError(Exception):
@@ -185,9 +199,10 @@ class Scorer:
             raise HTTPError(400, "INVALID_PARAMETER_VALUE", str(error)) from None
 
 
-def score(scorer: Scorer, frame, params: dict, check: Callable[[], None], limits: Limits) -> list:
+def score(scorer: Scorer, frame, params: dict, check: Callable[[], None], limits: Limits,
+          progress: dict | None = None) -> list:
     """``scorer.predict`` over ``chunk_rows`` rows at a time, ``check()`` (which raises :class:`TimedOut` past the
-    deadline) before each chunk and, for generation, between decode steps."""
+    deadline) before each chunk and, for generation, between decode steps; ``progress["rows"]``: the rows done."""
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
@@ -197,6 +212,8 @@ def score(scorer: Scorer, frame, params: dict, check: Callable[[], None], limits
         part = frame.iloc[lo:lo + limits.chunk_rows].reset_index(drop=True)
         try:
             outputs.append(scorer.predict(part, params, check))
+            if progress is not None:
+                progress["rows"] = lo + len(part)
         except MlflowException as error:
             status = error.get_http_status_code()
             if status >= 500:
@@ -204,6 +221,20 @@ def score(scorer: Scorer, frame, params: dict, check: Callable[[], None], limits
             raise HTTPError(status, error.error_code, shift_rows(error.message, lo)) from None
     result = pd.concat(outputs, ignore_index=True) if isinstance(outputs[0], pd.DataFrame) else sum(map(list, outputs), [])
     return result.to_dict(orient="records") if isinstance(result, pd.DataFrame) else list(result)
+
+
+def timeout_message(limits: Limits, cost: str, rows: int, of: int) -> str:
+    """The 503's message: which limit to change, and to what at the pace of the stopped request (``rows`` of its
+    ``of`` rows done in ``limits.timeout`` seconds) when it finished a chunk."""
+    stopped = f"scoring took longer than the limit of {limits.timeout:g} s and was stopped"
+    if not rows:
+        return (f"{stopped}; send fewer {cost} per request, or start the server with a larger --timeout (seconds; now "
+                f"{limits.timeout:g}) or a smaller --max-rows (now {limits.max_rows}) to refuse such requests up "
+                "front with 413")
+    needed = math.ceil(limits.timeout * of / rows)
+    return (f"{stopped} after {rows} of {of} rows; send at most {rows} {cost} per request, or restart the server "
+            f"with --timeout {needed} (now {limits.timeout:g}) to let such requests finish, or with --max-rows {rows} "
+            f"(now {limits.max_rows}) to refuse them up front with 413")
 
 
 def _plain(value: Any):
@@ -219,10 +250,12 @@ def log_to_stderr() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
-def create_app(model, limits: Limits | None = None, *, docs: bool = False, access_log: bool = False):
+def create_app(model, limits: Limits | None = None, *, docs: bool = False, access_log: bool = False,
+               model_name: str = "moa"):
     """The ASGI app serving ``model`` (a loaded ``mlflow.pyfunc`` model, or anything with ``predict(frame,
     params=)``) under ``limits``; refused and failed requests are logged (``moa.server``), answered ones too
-    with ``access_log``."""
+    with ``access_log``. A causal LM also answers the OpenAI-compatible ``/v1`` API
+    (:mod:`moa.pipelines.serving.openai_api`), where ``model_name`` names it."""
     from fastapi import FastAPI
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.responses import JSONResponse, Response
@@ -261,7 +294,7 @@ def create_app(model, limits: Limits | None = None, *, docs: bool = False, acces
     async def health():
         return {"status": "ok", **stats}
 
-    def job(body: bytes, deadline: float):
+    def job(body: bytes, deadline: float, progress: dict):
         def check():  # between chunks and decode steps: stop the work once the deadline passed
             with lock:
                 stats["steps"] += 1
@@ -274,12 +307,14 @@ def create_app(model, limits: Limits | None = None, *, docs: bool = False, acces
             if time.monotonic() > deadline:
                 raise TimedOut()
             frame, params = parse_request(body, limits)
+            ignored = unread_by(scorer.model, frame.columns)  # named in the answer, never passed to the model
+            frame, progress["of"] = frame.drop(columns=ignored), len(frame)
             tokens = scorer.generated_tokens(frame, params)
             if tokens is not None and tokens > limits.max_generated_tokens:
                 raise HTTPError(413, "REQUEST_TOO_LARGE", f"{len(frame)} rows ask for up to {tokens} new tokens in "
                                 f"all (rows x max_new_tokens), more than the limit of {limits.max_generated_tokens} "
                                 "new tokens per request; send fewer rows or a smaller max_new_tokens")
-            return score(scorer, frame, params, check, limits)
+            return score(scorer, frame, params, check, limits, progress), ignored
         except TimedOut:
             with lock:
                 stats["stopped"] += 1
@@ -311,26 +346,29 @@ def create_app(model, limits: Limits | None = None, *, docs: bool = False, acces
             return too_large()
         started = time.monotonic()
         deadline = time.monotonic() + limits.timeout
-        future = asyncio.get_running_loop().run_in_executor(workers, job, b"".join(chunks), deadline)
+        progress = {"rows": 0, "of": 0}
+        future = asyncio.get_running_loop().run_in_executor(workers, job, b"".join(chunks), deadline, progress)
         try:
-            predictions = await asyncio.wait_for(asyncio.shield(future), limits.timeout + 0.05)
+            predictions, ignored = await asyncio.wait_for(asyncio.shield(future), limits.timeout + 0.05)
         except (asyncio.TimeoutError, TimedOut):
             future.add_done_callback(lambda f: f.cancelled() or f.exception())  # its TimedOut is expected
             stats["timed_out"] += 1
-            return error(request, 503, "TIMEOUT", f"scoring took longer than the limit of {limits.timeout:g} s and "
-                         f"was stopped; send fewer {cost} per request, or start the server with a larger --timeout "
-                         f"(seconds; now {limits.timeout:g}) or a smaller --max-rows (now {limits.max_rows}) to "
-                         "refuse such requests up front with 413")
+            return error(request, 503, "TIMEOUT", timeout_message(limits, cost, **progress))
         except HTTPError as failure:
             return error(request, failure.status, failure.code, failure.message)
         except Exception:  # noqa: BLE001 - the traceback goes to the log, never into the response
             return error(request, 500, "INTERNAL_ERROR", "internal error (details in the server's log)", trace=True)
-        body = json.dumps({"predictions": predictions}, default=_plain)
+        answer = {"predictions": predictions, **({"ignored_columns": ignored} if ignored else {})}
+        body = json.dumps(answer, default=_plain)
         if access_log:
             log.info("200 %s %s: %d bytes in %.1f ms", request.method, request.url.path, size,
                      1000 * (time.monotonic() - started))
         return Response(body, media_type="application/json")
 
+    from moa.pipelines.serving import openai_api
+
+    openai_api.add_routes(app, scorer.service, model_name=model_name, limits=limits, workers=workers, stats=stats,
+                          lock=lock)
     return app
 
 
@@ -345,10 +383,13 @@ def load(model_uri: str, tracking_uri: str | None = None):
 
 def app_from_env():
     """uvicorn factory of each worker process: the settings of :func:`run` from ``$MOA_SERVE_CONFIG``."""
+    from moa.pipelines.serving.openai_api import served_name
+
     config = json.loads(os.environ[ENV])
     log_to_stderr()  # a worker process of its own (workers > 1) has no logging set up yet
     return create_app(load(config["model_uri"], config.get("tracking_uri")), Limits(**config["limits"]),
-                      docs=config["docs"], access_log=config.get("access_log", False))
+                      docs=config["docs"], access_log=config.get("access_log", False),
+                      model_name=served_name(config["model_uri"]))
 
 
 def run(model_uri: str, *, host: str = "127.0.0.1", port: int = 5055, workers: int = 1,
@@ -383,7 +424,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", default=None, help="MLflow store of the model (default: "
                         "$MLFLOW_TRACKING_URI, else ./mlflow.db; prefer the variable for credentials)")
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help="larger bodies get 413")
-    parser.add_argument("--max-rows", type=int, default=defaults.max_rows, help="more rows per request get 413")
+    parser.add_argument("--max-rows", type=int, default=None, help="more rows per request get 413; unless given, "
+                        f"{ROWS_PER_SECOND} per second of --timeout (default: {defaults.max_rows})")
     parser.add_argument("--timeout", type=float, default=defaults.timeout,
                         help="seconds of scoring per request; longer requests are stopped and get 503")
     parser.add_argument("--chunk-rows", type=int, default=defaults.chunk_rows,

@@ -23,8 +23,9 @@ from moa import MoAModel
 from moa.pipelines.tracking.logger import find_moa_model, mlflow_logger
 
 
-def run_name(model: MoAModel) -> str:
-    """A short name of the adapters, e.g. ``topk-E4-k2``, ``static-E4-key=task_ids``, ``poly-E4-hyper``."""
+def run_name(model: MoAModel, seed: int | None = None) -> str:
+    """A short name of the adapters and the seed, e.g. ``topk-E4-k2-s0``, ``static-E4-key=task_ids-s0``,
+    ``poly-E4-hyper`` (no seed)."""
     from moa.routers import ROUTERS
 
     config = model.config
@@ -36,7 +37,14 @@ def run_name(model: MoAModel) -> str:
         parts.append(config.expert_kind)
     if "key" in config.router_options:
         parts.append(f"key={config.router_options['key']}")
+    if seed_value(seed) is not None:
+        parts.append(f"s{seed}")
     return "-".join(parts)
+
+
+def seed_value(seed: Any) -> int | None:
+    """The run's seed (``seed_everything``; ``True`` was replaced by the drawn one), or None when not seeded."""
+    return seed if type(seed) is int else None
 
 
 def config_params(config: Namespace | dict) -> dict[str, Any]:
@@ -81,9 +89,12 @@ def _as_dict(value: Any) -> Any:
 
 
 def run_tags(pl_module: LightningModule, config: dict[str, Any]) -> dict[str, str]:
-    """``moa.*`` tags: version, model and data class paths, and router / expert kind / backbone of a MoA model."""
+    """``moa.*`` tags: version, model and data class paths, and router / expert kind / backbone of a MoA model;
+    ``seed``: the run's seed (``seed_everything``) when it has one."""
     config = _as_dict(config)
     tags = {"moa.version": moa.__version__}
+    if seed_value(config.get("seed_everything")) is not None:
+        tags["seed"] = str(config["seed_everything"])
     for section in ("model", "data"):
         value = config.get(section)
         if isinstance(value, dict) and "class_path" in value:

@@ -2,15 +2,20 @@
 its own, and a served pool is assembled from registry URIs (S-LoRA style): experts trained in different runs,
 combined without retraining any of them.
 
-    moa expert register --adapter runs/echo-lora --name echo             # a new version of the expert 'echo'
-    moa expert pool --base models/tiny-llama --expert models:/echo/1 --expert models:/reverse@champion \\
-        --out pool-bundle [--register-as my-pool]
+    moa expert register --adapter runs/echo-lora --name echo     # a new version of the expert 'echo', its @champion
+    moa expert pool --base smollm2-135m --expert models:/echo/1 --expert models:/reverse@champion \\
+        --out pool-bundle [--register-as my-pool] [--include-base]
+
+An expert has no validation metric to gate it: each registered version takes the alias ``@champion`` (the newest
+registered expert is the one pools take by alias; earlier versions stay addressable by number).
 
 A pool is a causal-LM bundle (:mod:`moa.pipelines.kinds.text_bundle`) whose tasks are the experts: a request row
 ``{"prompt": ..., "task": "echo"}`` is answered by the base with expert ``echo`` (static routing on ``task_ids``,
-rows of different experts in one batch through the grouped kernels). ``service.json`` records which registry
-version each expert came from. Adding an expert is assembling again with one more URI: the other experts'
-weights are copied, not retrained (tested bit for bit).
+rows of different experts in one batch through the grouped kernels), and a row ``{"task": "base"}``
+(:data:`BASE_TASK`) by the base alone. ``service.json`` records which registry version each expert came from.
+The pool references its base (a pretrained name, a GGUF file or a folder, checked by checksum at load) and holds
+one copy of it only with ``--include-base``. Adding an expert is assembling again with one more URI: the other
+experts' weights are copied, not retrained (tested bit for bit).
 """
 
 from __future__ import annotations
@@ -25,15 +30,18 @@ from typing import Any, Mapping, Sequence
 
 from moa.experts.errors import UserError
 import moa
+from moa.pipelines.tracking.registry import CHAMPION, registered_version
 
 EXPERIMENT = "moa-experts"
 KIND_TAG = "moa.kind"
+BASE_TASK = "base"  # the pool's task (request rows' "task") answered by the base alone, without an expert
 
 
 def register_expert(adapter: str | Path, name: str, *, tracking_uri: str | None = None):
     """Log a PEFT LoRA adapter folder to a run of the ``moa-experts`` experiment and register it as a new version
-    of ``name`` (tagged ``moa.kind=expert``, with its rank, targets and base); returns the model version. The
-    folder is checked first (a LoRA adapter moa can import): a bad one registers nothing."""
+    of ``name`` (tagged ``moa.kind=expert``, with its rank, targets and base) and move ``@champion`` to it (an
+    expert has no metric to gate on: the newest is the champion); returns the model version. The folder is
+    checked first (a LoRA adapter moa can import): a bad one registers nothing."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -56,8 +64,10 @@ def register_expert(adapter: str | Path, name: str, *, tracking_uri: str | None 
         client.create_registered_model(name, tags={KIND_TAG: "expert"})
     except MlflowException:
         pass  # it exists: a new version of it
-    return client.create_model_version(name, source=f"{run.info.artifact_uri}/adapter", run_id=run.info.run_id,
-                                       tags=tags)
+    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/adapter", run_id=run.info.run_id,
+                                          tags=tags)
+    client.set_registered_model_alias(name, CHAMPION, version.version)
+    return version
 
 
 def resolve_experts(uris: Sequence[str], *, tracking_uri: str | None = None,
@@ -79,8 +89,8 @@ def resolve_experts(uris: Sequence[str], *, tracking_uri: str | None = None,
         match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", uri)
         if match is None:
             raise UserError(f"expert URI {uri!r}: write models:/<name>/<version> or models:/<name>@<alias>")
-        name, number, alias = match.groups()
-        version = client.get_model_version(name, number) if number else client.get_model_version_by_alias(name, alias)
+        name = match.group(1)
+        version = registered_version(uri, client)  # a missing model, version or alias: one line naming it
         if version.tags.get(KIND_TAG) != "expert":
             raise UserError(f"{uri} is not an expert (version {version.version} of {name!r} has no tag "
                              f"{KIND_TAG}=expert; register adapters with `moa expert register`)")
@@ -96,37 +106,84 @@ def resolve_experts(uris: Sequence[str], *, tracking_uri: str | None = None,
     return experts
 
 
-def assemble_pool(base_model, experts: Sequence[Mapping[str, Any]]) -> moa.MoAModel:
-    """The base with one expert per entry of :func:`resolve_experts`, routed by ``task_ids`` (expert i = task i)."""
-    return moa.from_peft(base_model, {e["name"]: str(e["folder"]) for e in experts}, router_options={"key": "task_ids"})
+def assemble_pool(base_model, experts: Sequence[Mapping[str, Any]], *, base_task: bool = False,
+                  base_name: str = "the given base") -> moa.MoAModel:
+    """The base with one expert per entry of :func:`resolve_experts`, routed by ``task_ids`` (expert i = task i);
+    ``base_task``: one more, last, that changes nothing (:data:`BASE_TASK` rows get the base alone). A base the
+    experts do not fit is refused naming the base each expert records and ``base_name``."""
+    adapters = {e["name"]: str(e["folder"]) for e in experts}
+    with tempfile.TemporaryDirectory() as tmp:
+        if base_task:
+            adapters[BASE_TASK] = str(_null_adapter(Path(next(iter(adapters.values()))), Path(tmp) / BASE_TASK))
+        try:
+            return moa.from_peft(base_model, adapters, router_options={"key": "task_ids"})
+        except UserError as error:
+            trained_on = sorted({_recorded_base(Path(e["folder"])) for e in experts})
+            raise UserError(f"the pool's base {base_name} does not fit the experts {[e['name'] for e in experts]}, "
+                            f"trained on the base {' / '.join(trained_on)} (recorded in their adapters): "
+                            f"{error}") from None
+
+
+def _recorded_base(adapter: Path) -> str:
+    try:
+        return repr(json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path"))
+    except (OSError, ValueError, AttributeError):
+        return "(not recorded)"
+
+
+def _null_adapter(like: Path, folder: Path) -> Path:
+    """A PEFT LoRA adapter folder whose only factors are zeros, on one module that ``like`` adapts: an expert that
+    adds exactly nothing (rank 1; the pool pads it to the others' rank with zeros)."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+    import torch
+
+    from moa.peft_bridge import PEFT_PREFIX, _read_adapter
+
+    config, factors = _read_adapter(like)
+    module, (a, b) = next(iter(factors.items()))
+    LoraConfig(r=1, lora_alpha=1, target_modules=[module.rsplit(".", 1)[-1]],
+               base_model_name_or_path=config.base_model_name_or_path).save_pretrained(str(folder))
+    save_file({f"{PEFT_PREFIX}{module}.lora_A.weight": torch.zeros(1, a.shape[1]),
+               f"{PEFT_PREFIX}{module}.lora_B.weight": torch.zeros(b.shape[0], 1)},
+              str(folder / "adapter_model.safetensors"))
+    return folder
 
 
 def write_pool_bundle(directory: str | Path, base: str | Path, uris: Sequence[str], *, tokenizer: str | None = None,
                       prompt_template: str = "{text}", max_length: int = 128, max_new_tokens: int = 32,
-                      tracking_uri: str | None = None) -> Path:
-    """A causal-LM serving bundle of the base (a local ``AutoModelForCausalLM`` folder) with the experts of
-    ``uris``; ``tokenizer``: a folder (default: the base's, else MiniLM's)."""
+                      include_base: bool = False, tracking_uri: str | None = None) -> Path:
+    """A causal-LM serving bundle of the base (a pretrained name such as ``"smollm2-135m"``, a ``.gguf`` file or a
+    local ``AutoModelForCausalLM`` folder) with the experts of ``uris``, and the task :data:`BASE_TASK` for the
+    base alone; ``tokenizer``: a folder (default: the base's, else MiniLM's). The bundle references the base
+    (:func:`moa.pipelines.kinds.text_bundle.base_reference`) unless ``include_base``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moa.pipelines.data.pretrained import minilm_dir
-    from moa.pipelines.kinds.text_bundle import CAUSAL_LM, write_bundle_files
+    from moa.pretrained import minilm_dir, resolve_pretrained
+    from moa.pipelines.kinds.text_bundle import CAUSAL_LM, base_reference, write_bundle_files
 
-    base = Path(base)
+    given = str(base)
+    base = resolve_pretrained(given)  # a name or a GGUF: its cached folder
     if not (base / "config.json").is_file():
         raise FileNotFoundError(f"--base {base}: not a model folder (no config.json)")
     with tempfile.TemporaryDirectory() as tmp:
         experts = resolve_experts(uris, tracking_uri=tracking_uri, directory=tmp)
-        model = assemble_pool(AutoModelForCausalLM.from_pretrained(str(base)).eval(), experts).eval()
+        if BASE_TASK in [e["name"] for e in experts]:
+            raise UserError(f"an expert named {BASE_TASK!r} would hide the pool's base-only task {BASE_TASK!r}: "
+                            "register it under another name")
+        model = assemble_pool(AutoModelForCausalLM.from_pretrained(str(base)).eval(), experts, base_task=True,
+                              base_name=repr(given)).eval()
         source = Path(tokenizer) if tokenizer else (base if (base / "tokenizer_config.json").is_file() else minilm_dir())
         tok = AutoTokenizer.from_pretrained(str(source))
     generation = model.model.generation_config
     eos = generation.eos_token_id if generation.eos_token_id is not None else (tok.eos_token_id or tok.sep_token_id)
     pad = generation.pad_token_id if generation.pad_token_id is not None else (tok.pad_token_id or 0)
     meta = {"format_version": 1, "moa_version": moa.__version__, "kind": CAUSAL_LM,
-            "tasks": [e["name"] for e in experts], "domains": ["default"], "prompt_template": prompt_template,
+            "tasks": [e["name"] for e in experts] + [BASE_TASK], "domains": ["default"], "prompt_template": prompt_template,
             "max_length": max_length, "max_new_tokens": max_new_tokens, "eos_token_id": eos, "pad_token_id": pad,
             "base_class": type(model.model).__name__, "metrics": {},
-            "experts": [{k: e[k] for k in ("name", "uri", "version")} for e in experts]}
+            "experts": [{k: e[k] for k in ("name", "uri", "version")} for e in experts],
+            **({} if include_base else base_reference(given))}
     return write_bundle_files(directory, model, tok, meta)
 
 
@@ -138,13 +195,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     reg.add_argument("--adapter", type=Path, required=True, help="PEFT LoRA adapter folder (adapter_config.json)")
     reg.add_argument("--name", required=True)
     pool = sub.add_parser("pool", help="assemble a served pool (a causal-LM bundle) from expert URIs")
-    pool.add_argument("--base", type=Path, required=True, help="local AutoModelForCausalLM folder")
+    pool.add_argument("--base", type=Path, required=True, help="smollm2-135m, a .gguf file or a local AutoModelForCausalLM folder")
     pool.add_argument("--expert", action="append", required=True, metavar="URI",
                       help="models:/<name>/<version> or models:/<name>@<alias> (repeat; order = task order)")
     pool.add_argument("--out", type=Path, required=True, help="the bundle folder to write")
     pool.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the base's, else MiniLM's)")
     pool.add_argument("--prompt-template", default="{text}")
     pool.add_argument("--max-new-tokens", type=int, default=32)
+    pool.add_argument("--include-base", action="store_true", help="copy the base's weights into the bundle "
+                      "(default: reference it by name or path, checked by checksum where the pool is loaded)")
     pool.add_argument("--register-as", default=None, help="also log the pool and register it as a new version "
                       "of this model (not promoted: a pool has no validation metric; serve models:/<name>/<version>)")
     for p in (reg, pool):
@@ -155,11 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_TRACKING_URI", resolve_tracking_uri(args.tracking_uri))
     if args.action == "register":
         version = register_expert(args.adapter, args.name, tracking_uri=args.tracking_uri)
-        print(json.dumps({"name": version.name, "version": str(version.version), "source": version.source}))
+        print(json.dumps({"name": version.name, "version": str(version.version), "alias": CHAMPION,
+                          "source": version.source}))
         return 0
     bundle = write_pool_bundle(args.out, args.base, args.expert, tokenizer=args.tokenizer,
                                prompt_template=args.prompt_template, max_new_tokens=args.max_new_tokens,
-                               tracking_uri=args.tracking_uri)
+                               include_base=args.include_base, tracking_uri=args.tracking_uri)
     out: dict[str, Any] = {"bundle": str(bundle), "experts": json.loads((bundle / "service.json").read_text())["experts"]}
     if args.register_as:
         import mlflow

@@ -8,6 +8,7 @@ from typing import Any, Literal, Mapping
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
 
 from moa.experts.errors import UserError, UserTypeError
 from moa.pipelines.tracking.logger import mlflow_logger
@@ -18,7 +19,8 @@ METRICS_KEY = "moa_metrics"  # the checkpoint entry of LogBundle: the validation
 
 class LogBundle(Callback):
     """At the end of fit: write the model's serving bundle and, with the MLflow logger, log it to the fit's run as
-    an MLflow pyfunc model and optionally register and gate it (``moa register`` inside ``moa fit``).
+    an MLflow pyfunc model and optionally register and gate it (``moa register`` inside ``moa fit``). Nothing
+    under ``fast_dev_run`` (one line says so).
 
     The module says what its bundle is (``write_bundle(directory, datamodule, metrics=..., base=...)``; every model
     module of moa has it). ``ship="last"`` ships the last weights with the fit's last validation values
@@ -34,13 +36,14 @@ class LogBundle(Callback):
         register_as: registered model name; ``None``: log to the run only.
         metric, mode: the gate (``None``: the kind's default, e.g. ``val/accuracy`` max for classifiers,
             ``val/loss`` min for causal LMs, ``val/ndcg_10`` max for recommenders).
-        base: ``"include"`` the base weights, or ``"reference"`` the backbone by name (see
-            :func:`moa.pipelines.kinds.text_bundle.write_text_bundle`).
-        ship: ``"last"`` or ``"best"`` (the monitoring ``ModelCheckpoint``'s best epoch).
+        base: ``"reference"`` the backbone by name or path (no copy of its weights; a random preset is included
+            all the same), or ``"include"`` its weights (see :func:`moa.pipelines.kinds.text_bundle.write_text_bundle`).
+        ship: ``"last"`` or ``"best"`` (the monitoring ``ModelCheckpoint``'s best epoch); ``"best"`` logs its
+            ``best/epoch``, ``best/step`` (the one that counts with ``val_check_interval`` in steps) and ``best/val/*``.
     """
 
     def __init__(self, directory: str = "bundle", register_as: str | None = None, metric: str | None = None,
-                 mode: Literal["max", "min"] | None = None, base: Literal["include", "reference"] = "include",
+                 mode: Literal["max", "min"] | None = None, base: Literal["reference", "include"] = "reference",
                  ship: Literal["last", "best"] = "last"):
         if mode not in (None, "max", "min"):
             raise UserError(f"mode must be 'max' or 'min', got {mode!r}")
@@ -53,6 +56,7 @@ class LogBundle(Callback):
         self.promotion = None
         self.metrics: dict[str, float] = {}
         self.epoch: int | None = None
+        self.step: int | None = None  # the global step of the weights shipped (validation every N steps: the one)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -79,10 +83,14 @@ class LogBundle(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero or trainer.interrupted:
             return
+        if trainer.fast_dev_run:  # a smoke run: its weights are no model to ship, nor to overwrite a bundle with
+            rank_zero_info(f"LogBundle: fast_dev_run, so no bundle is written ({self.directory} is left as it was)")
+            return
         from moa.pipelines.bundle import bundle_meta, default_gate
         from moa.pipelines.tracking.registry import check_metric, log_bundle, record_run, register_and_gate
 
         self.metrics, self.epoch = _scalars(trainer.callback_metrics), trainer.current_epoch - 1  # the last one
+        self.step = trainer.global_step
         if self.ship == "best":
             self._restore_best(trainer, pl_module)
         self.bundle = pl_module.write_bundle(self.directory, getattr(trainer, "datamodule", None),
@@ -94,7 +102,7 @@ class LogBundle(Callback):
         metric, mode = self.metric or metric, self.mode or mode
         value = check_metric(self.metrics.get(metric), f"the fit's {metric}") if self.register_as else None
         if self.ship == "best":
-            logger.log_metrics({"best/epoch": float(self.epoch),
+            logger.log_metrics({"best/epoch": float(self.epoch), "best/step": float(self.step),
                                 **{f"best/{k}": v for k, v in self.metrics.items() if k.startswith("val/")}})
         record_run(self.bundle, logger.run_id)  # `moa register` logs into this run
         info = log_bundle(self.bundle, run_id=logger.run_id, tracking_uri=logger.experiment.tracking_uri)
@@ -112,6 +120,7 @@ class LogBundle(Callback):
             raise RuntimeError(f"the best checkpoint {path} does not fit the module: unexpected {unexpected[:3]}")
         pl_module.on_load_checkpoint(checkpoint)
         self.metrics, self.epoch = dict(checkpoint.get(METRICS_KEY, self.metrics)), int(checkpoint["epoch"])
+        self.step = int(checkpoint["global_step"])
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from argparse import Namespace
 from collections.abc import MutableMapping
 from dataclasses import asdict, is_dataclass
+from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import torch
@@ -67,13 +68,17 @@ class MLflowLogger(MLFlowLogger):
         self._run_id = run_id
         return True
 
-    def stage_run(self, stage: str, parent_id: str | None, default_name: str | None) -> None:
+    def stage_run(self, stage: str, parent_id: str | None, default_name: str | None,
+                  ckpt_path: str | None = None) -> None:
         """Set up a run of its own for ``validate`` / ``test``: ``<name>-<stage>``, nested under the run
         ``parent_id`` (the checkpoint's) when the store has it; ``<name>``: the logger's, the parent's or
-        ``default_name``."""
+        ``default_name``. The checkpoint evaluated is its tag ``ckpt_path`` (a local file as an absolute path)."""
         if self._run_id is not None or self._initialized:
             return
         parent = self.stored_run(parent_id) if parent_id is not None else None
+        if ckpt_path is not None:
+            local = Path(ckpt_path)
+            self.tags = {**(self.tags or {}), "ckpt_path": str(local.resolve()) if local.is_file() else str(ckpt_path)}
         if parent is not None:
             self.tags = {**(self.tags or {}), "mlflow.parentRunId": parent_id}
         name = self._run_name or (parent.info.run_name if parent is not None else default_name) or "moa"

@@ -26,6 +26,7 @@ import math
 import numbers
 import os
 import random
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -193,6 +194,49 @@ def promotion_lock(registry_uri: str):
             yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+MODEL_URI = re.compile(r"models:/([^/@]+)(?:/([^/@]+)|@([^/@]+))/?")
+SHOWN_NAMES = 20  # registered names listed in an error
+
+
+def registered_version(uri: str, client: MlflowClient | None = None):
+    """The model version that ``models:/<name>/<version>`` (or ``/latest``) or ``models:/<name>@<alias>`` names;
+    a one-line :class:`UserError` naming what the registry lacks: the model (with the names it has), the version
+    (with the model's versions) or the alias (with the model's aliases)."""
+    match = MODEL_URI.fullmatch(uri)
+    if match is None:
+        raise UserError(f"model URI {uri!r}: write models:/<name>/<version> or models:/<name>@<alias>")
+    name, number, alias = match.groups()
+    client = client or MlflowClient()
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        names = sorted(m.name for m in client.search_registered_models(max_results=SHOWN_NAMES + 1))
+        shown = ", ".join(names[:SHOWN_NAMES]) + (", ..." if len(names) > SHOWN_NAMES else "") if names else "none"
+        raise UserError(f"{uri}: no registered model {name!r} in this MLflow store (registered: {shown})") from None
+    versions = sorted((v for v in client.search_model_versions(f"name='{name}'")), key=lambda v: int(v.version))
+    if alias is not None:
+        if alias not in model.aliases:
+            held = ", ".join(f"@{a} -> v{v}" for a, v in sorted(model.aliases.items())) or "none"
+            raise UserError(f"{uri}: model {name!r} has no alias @{alias} (its aliases: {held}; versions: "
+                            f"{[int(v.version) for v in versions]})")
+        number = str(model.aliases[alias])
+    elif number == "latest" and versions:
+        number = str(versions[-1].version)
+    found = next((v for v in versions if str(v.version) == number), None)
+    if found is None:
+        raise UserError(f"{uri}: model {name!r} has no version {number} (its versions: "
+                        f"{[int(v.version) for v in versions] or 'none'})")
+    return found
+
+
+def check_model_uri(uri: str, tracking_uri: str | None = None) -> None:
+    """:func:`registered_version` of a ``models:/`` URI in the store of ``tracking_uri`` (resolved as everywhere),
+    before anything loads it (MLflow's own error is a long traceback); other URIs (``runs:/``, a path) are
+    MLflow's to check."""
+    if uri.startswith("models:/"):
+        registered_version(uri, MlflowClient(resolve_tracking_uri(tracking_uri)))
 
 
 def _champion(client: MlflowClient, name: str, alias: str):

@@ -1,6 +1,7 @@
 """Causal LMs with MoA adapters for the CLI: train on target tokens, route per example, evaluate by generation.
 
-:class:`MoACausalLM` hosts any local ``AutoModelForCausalLM`` folder or a tiny preset built from a config
+:class:`MoACausalLM` hosts a pretrained causal LM (``"smollm2-135m"``, any ``.gguf`` file or local
+``AutoModelForCausalLM`` folder: :func:`moa.pretrained.resolve_pretrained`) or a tiny preset built from a config
 (``"tiny-llama"``, ``"tiny-gpt2"``; MiniLM's 30522-token vocabulary, ``[SEP]`` as eos), attaches a MoA pool, and
 trains it with the loss on the target tokens only. Validation reports token-weighted loss and perplexity per
 task; ``moa validate|test`` (and fit every N epochs on request) also generate greedily per task and report exact
@@ -32,8 +33,8 @@ from moa.lightning import MoAModule
 from moa.rloo import RLOOModule
 from moa.routers import CONTEXT_KEYS
 
-from moa.pipelines.data.text import decode_generation
-from moa.pipelines.data.pretrained import minilm_dir
+from moa.pipelines.data.text import decode_generation, load_tokenizer, tokenizer_source
+from moa.pretrained import minilm_dir, resolve_pretrained
 from moa.pipelines.kinds.text_bundle import metric_name, write_text_bundle_of
 
 MINILM_VOCAB = 30522
@@ -59,17 +60,23 @@ def preset_config(name: str, **overrides: Any):
 
 
 def build_causal_lm(name: str = "tiny-llama", options: dict[str, Any] | None = None, seed: int = 0) -> nn.Module:
-    """A causal LM: a preset (random, seeded; ``options`` override its config) or a local model folder
-    (``options`` are ``from_pretrained`` keyword arguments)."""
+    """A causal LM: a preset (random, seeded; ``options`` override its config) or a pretrained one: a name
+    (``"smollm2-135m"``), a ``.gguf`` file or a local model folder (``options`` are ``from_pretrained`` keyword
+    arguments)."""
     from transformers import AutoModelForCausalLM
 
     options = dict(options or {})
     if name in PRESETS:
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(preset_config(name, **options))
-    if not Path(name).is_dir():
-        raise UserError(f"unknown backbone {name!r}: use one of {sorted(PRESETS)} or a local causal-LM folder")
-    return AutoModelForCausalLM.from_pretrained(name, **options)
+    return AutoModelForCausalLM.from_pretrained(str(resolve_pretrained(name, presets=sorted(PRESETS))), **options)
+
+
+def stop_ids(*ids: int | Sequence[int] | None) -> int | list[int] | None:
+    """The eos ids of generation, in order and once each: one id as an int, several as a list."""
+    out = list(dict.fromkeys(i for group in ids if group is not None
+                             for i in ([group] if isinstance(group, int) else group)))
+    return out[0] if len(out) == 1 else (out or None)
 
 
 def save_preset(name: str, folder: str | Path, seed: int = 0, **overrides: Any) -> Path:
@@ -94,8 +101,9 @@ class MoACausalLM(MoAModule):
     """A causal LM with MoA adapters, trained on target tokens and evaluated by greedy generation per task.
 
     Args:
-        backbone: ``"tiny-llama"``, ``"tiny-gpt2"`` (random presets with MiniLM's vocabulary) or a local
-            ``AutoModelForCausalLM`` folder (e.g. one written by :func:`save_preset`).
+        backbone: ``"tiny-llama"``, ``"tiny-gpt2"`` (random presets with MiniLM's vocabulary), a pretrained
+            name (``"smollm2-135m"``), a ``.gguf`` file or a local ``AutoModelForCausalLM`` folder (e.g. one written
+            by :func:`save_preset`); recorded as given, so a bundle can reference it by name.
         backbone_options: overrides of the preset's config, or ``from_pretrained`` keyword arguments.
         n_experts, r, alpha, router, top_k, target_modules, dropout, router_options, impl, expert_kind,
             expert_options: the :class:`moa.MoAConfig` of the adapters (``target_modules=None``: PEFT's defaults
@@ -148,9 +156,10 @@ class MoACausalLM(MoAModule):
         self.max_new_tokens, self.generate_every_n_epochs = max_new_tokens, generate_every_n_epochs
         self._budget = max_new_tokens or DEFAULT_MAX_NEW_TOKENS  # resolved against the data module in setup
         self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
-        self.tokenizer = None  # the data module's, from setup (else the backbone folder's or MiniLM's)
+        self.tokenizer = None  # the data module's, from setup (else the backbone's: MiniLM's for a preset)
         self.task_names: list[str] = []
-        self.eos_token_id = getattr(base.generation_config, "eos_token_id", None)
+        self._model_eos = getattr(base.generation_config, "eos_token_id", None)  # one id or several
+        self.eos_token_id = self._model_eos
         self.pad_token_id = getattr(base.generation_config, "pad_token_id", None)
         self._sums: dict[str, dict[str, Tensor]] = {}  # stage -> per-task sums of the epoch
 
@@ -171,6 +180,8 @@ class MoACausalLM(MoAModule):
     # -- data --------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if callable(getattr(datamodule, "use_backbone", None)):  # the backbone's tokenizer, or a check of the named
+            datamodule.use_backbone(self.backbone)
         needed = getattr(datamodule, "vocab_size", None)
         if needed is not None and needed > self.vocab_size:
             raise UserError(f"the data uses token ids up to {needed - 1} but the backbone's vocabulary has "
@@ -183,16 +194,12 @@ class MoACausalLM(MoAModule):
         eos = getattr(datamodule, "eos_token_id", None)
         if eos is None and self.tokenizer is not None:
             eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.tokenizer.sep_token_id
-        if eos is not None:
-            self.eos_token_id = eos
+        if eos is not None:  # generation stops at the data's eos (trained) and at the model's own
+            self.eos_token_id = stop_ids(eos, self._model_eos)
 
     def _tokenizer(self):
         if self.tokenizer is None:
-            from transformers import AutoTokenizer
-
-            folder = Path(self.backbone)
-            source = folder if (folder / "tokenizer_config.json").is_file() else minilm_dir()
-            self.tokenizer = AutoTokenizer.from_pretrained(str(source))
+            self.tokenizer = load_tokenizer(tokenizer_source(self.backbone))
         return self.tokenizer
 
     def _task_name(self, task: int) -> str:

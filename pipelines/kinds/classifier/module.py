@@ -1,14 +1,13 @@
 """Config-friendly LightningModules for the CLI: every argument is a plain value a YAML file can hold.
 
-:class:`MoAClassifier` builds its backbone (a tiny BERT from a config, the installed all-MiniLM-L6-v2, or a local
-model folder), attaches a MoA pool with the given router, and trains it with a classification head through
+:class:`MoAClassifier` builds its backbone (a tiny BERT from a config, or a pretrained model: ``"minilm"``,
+``"smollm2-135m"``, a ``.gguf`` file or a local model folder), attaches a MoA pool with the given router, and trains it with a classification head through
 :class:`moa.lightning.MoAModule` (separate learning rates for experts and routers, auxiliary router losses);
 :class:`RLOOClassifier` is the same with RLOO training for sampling routers (ReMix).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ import moa
 from moa.experts.errors import UserError
 from moa.lightning import ClassificationHead, MoAModule
 from moa.metrics import calibration_metrics
-from moa.pipelines.data.pretrained import minilm_dir
+from moa.pretrained import resolve_pretrained
 from moa.pipelines.kinds.text_bundle import metric_name, write_text_bundle_of
 from moa.rloo import RLOOModule
 
@@ -27,18 +26,17 @@ TINY_BERT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attent
 
 
 def build_backbone(name: str = "tiny-bert", options: dict[str, Any] | None = None, seed: int = 0) -> nn.Module:
-    """A transformers encoder: ``"tiny-bert"`` (random, ``options`` override its ``BertConfig``), ``"minilm"``
-    (the installed pretrained all-MiniLM-L6-v2) or a local folder saved with ``save_pretrained``."""
+    """A transformers model without its head: ``"tiny-bert"`` (random, ``options`` override its ``BertConfig``), or
+    a pretrained one (:func:`moa.pretrained.resolve_pretrained`): ``"minilm"`` (the installed all-MiniLM-L6-v2),
+    ``"smollm2-135m"``, a ``.gguf`` file or a local folder saved with ``save_pretrained`` (``options``:
+    ``from_pretrained`` keyword arguments)."""
     from transformers import AutoModel, BertConfig, BertModel
 
     options = dict(options or {})
     if name == "tiny-bert":
         torch.manual_seed(seed)
         return BertModel(BertConfig(**{**TINY_BERT, **options}))
-    path = minilm_dir() if name == "minilm" else Path(name)
-    if not path.is_dir():
-        raise UserError(f"unknown backbone {name!r}: use 'tiny-bert', 'minilm' or a local model folder")
-    return AutoModel.from_pretrained(str(path), **options)
+    return AutoModel.from_pretrained(str(resolve_pretrained(name, presets=["tiny-bert"])), **options)
 
 
 class TaskLabelHead(nn.Module):
@@ -96,7 +94,8 @@ class MoAClassifier(MoAModule):
     """Sequence classification with a MoA-adapted encoder.
 
     Args:
-        backbone: ``"tiny-bert"``, ``"minilm"`` or a local model folder (see :func:`build_backbone`).
+        backbone: ``"tiny-bert"``, ``"minilm"``, ``"smollm2-135m"``, a ``.gguf`` file or a local model folder (see
+            :func:`build_backbone`); recorded as given, so a bundle can reference it by name.
         backbone_options: overrides of the tiny BERT's config, or ``from_pretrained`` keyword arguments.
         n_classes: classes of one head shared by all tasks; ``None`` (the default): one label set per task, read
             from the data module's ``label_names`` (:class:`moa.pipelines.data.text.TextData`); checkpoints keep
@@ -175,6 +174,8 @@ class MoAClassifier(MoAModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
+        if callable(getattr(datamodule, "use_backbone", None)):  # the backbone's tokenizer, or a check of the named
+            datamodule.use_backbone(self.backbone)
         needed = getattr(datamodule, "vocab_size", None)
         if needed is not None and needed > self.vocab_size:
             raise UserError(
