@@ -7,8 +7,9 @@ REST serving with concurrent clients (1 uvicorn worker vs Ray Serve replicas), o
 The model is the registered recommender stand-in of ``bench/serving.py`` (the real recommender class with a tiny
 encoder, rows from real ml-100k users). Batch times are the wall time of each command as a user runs it (a
 subprocess: imports, Ray start-up and model loads included); rate = rows / wall; Ray runs once per ``--workers``
-count (the replicas of the serving part: the largest). Serving: ``--clients`` threads each send ``--requests`` single-user requests over a
-keep-alive connection; throughput = all requests / wall time; p50 / p99 over every request.
+count (the replicas of the serving part: the largest). Serving: ``--clients`` threads each send ``--requests``
+single-user requests over a keep-alive connection; throughput = all requests / wall time; p50 / p99 over every
+request.
 """
 
 from __future__ import annotations
@@ -98,10 +99,10 @@ def main() -> None:
     print(f"command: python bench/scale_out.py {' '.join(sys.argv[1:])}".rstrip()
           + f"   ({os.cpu_count()} CPUs; recommender stand-in; local Ray cluster)")
     print(f"\nbatch, {args.rows} rows (wall of the whole command; answers identical: {same}):")
-    print(f"  moa batch (one process)               {local:7.1f} s  {args.rows / local:7.0f} rows/s")
+    print(f"  {'moa batch (one process)':37s} {local:7.1f} s  {args.rows / local:7.0f} rows/s")
     for n, wall in ray.items():
-        print(f"  moa batch --engine ray, {n} worker{'s' if n > 1 else ' '}      {wall:7.1f} s  {args.rows / wall:7.0f} rows/s"
-              f"   {local / wall:.2f}x one process")
+        name = f"moa batch --engine ray, {n} worker{'s' if n > 1 else ''}"
+        print(f"  {name:37s} {wall:7.1f} s  {args.rows / wall:7.0f} rows/s   {local / wall:.2f}x one process")
     print(f"\nserving, {args.clients} concurrent clients x {args.requests} single-user requests:")
     for name, r in (("moa serve, 1 uvicorn worker", uvicorn),
                     (f"moa serve --engine ray, {max(workers)} replicas", replicas)):

@@ -156,3 +156,29 @@ def test_a_static_router_with_fewer_experts_than_the_datas_tasks_is_refused_befo
     args = ["-c", str(CONFIGS / "text-static.yaml"), *three_tasks(tmp_path / "data"), "--trainer.logger", "false"]
     with pytest.raises(UserError, match=r"n_experts=2 but the data has 3 tasks \['age', 'decade', 'genre'\].*n_experts to 3"):
         run_cli([*args, "--model.init_args.n_experts", "2"], run=False)
+
+
+def test_plain_progress_counts_the_batches_max_steps_leaves_in_the_epoch(capsys):
+    """With max_steps ending the epoch early, Lightning's count of the epoch's batches shrinks as steps are done
+    (a log read '27/3'); the line keeps the count the epoch started with."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from moa.pipelines.cli.progress import PlainProgress
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = L.Trainer(max_steps=5, callbacks=[PlainProgress(every_n_steps=2, every_n_seconds=1e9)], logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(Tiny(), DataLoader(torch.randn(10, 2), batch_size=1))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+    assert [re.search(r"batch (\d+/\d+)", line).group(1) for line in lines] == ["2/5", "4/5", "5/5"], lines

@@ -154,8 +154,8 @@ def test_server_answers_named_rows_and_names_a_bad_task(fitted):
 
 def test_a_causal_lm_without_domains_ignores_and_names_a_domain_column_every_way_in(fitted, tmp_path, capsys, caplog):
     """A causal LM trained without domains (tiny random Llama, two tasks): a ``domain`` and a ``split`` column
-    change no generation; the pyfunc model logs the domain in one warning (MLflow the other), ``moa batch`` names them in one stderr line,
-    the server in ``ignored_columns``. Expected texts: the same model with the rows without those columns."""
+    change no generation; the pyfunc model logs the domain in one warning (MLflow the other), ``moa batch`` names
+    them in one stderr line, the server in ``ignored_columns``. Expected texts: the same model with the rows without those columns."""
     import logging
 
     import mlflow
@@ -176,7 +176,8 @@ def test_a_causal_lm_without_domains_ignores_and_names_a_domain_column_every_way
     module.task_names = ["echo", "rev"]
     uri = fitted["env"]["MLFLOW_TRACKING_URI"]  # the module's store (a new sqlite store takes seconds to create)
     register_bundle(write_text_bundle(tmp_path / "bundle", module, metrics={"val/loss": 1.0}), "lm", tracking_uri=uri)
-    plain = pd.DataFrame({"prompt": ["say cat", "one two three"], "task": ["echo", "rev"], "max_new_tokens": [4.0, 4.0]})
+    plain = pd.DataFrame({"prompt": ["say cat", "one two three"], "task": ["echo", "rev"],
+                          "max_new_tokens": [4.0, 4.0]})
     extra = plain.assign(domain=["books", "films"], split="test")
     model = load("models:/lm@champion", uri)
     caplog.set_level(logging.WARNING)

@@ -35,6 +35,8 @@ class PlainProgress(ProgressBar):
         self.every_n_steps, self.every_n_seconds = every_n_steps, every_n_seconds
         self._enabled = True
         self._mark: tuple[float, int] | None = None  # (time, batches done) at the last line
+        self._total: float = float("inf")  # the epoch's batches, read at its start (Lightning's count then shrinks
+        # by the steps done when max_steps ends the epoch early)
 
     def disable(self) -> None:
         self._enabled = False
@@ -47,7 +49,7 @@ class PlainProgress(ProgressBar):
         return self._enabled
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._mark = None
+        self._mark, self._total = None, self.total_train_batches
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if self._mark is None:  # the epoch's first batch run (not 0 in an epoch resumed midway)
@@ -58,11 +60,10 @@ class PlainProgress(ProgressBar):
             return
         now, done = time.monotonic(), batch_idx + 1
         last_time, last_done = self._mark
-        if done % self.every_n_steps and now - last_time < self.every_n_seconds and done != self.total_train_batches:
+        if done % self.every_n_steps and now - last_time < self.every_n_seconds and done != self._total:
             return
         rate = (done - last_done) / max(now - last_time, 1e-9)
-        total = self.total_train_batches
-        total = "?" if total == float("inf") else int(total)
+        total = "?" if self._total == float("inf") else int(self._total)
         self.print(f"epoch {trainer.current_epoch}  batch {done}/{total}  step {trainer.global_step}  "
                    f"{self._metrics(trainer, pl_module, 'train/')}{rate:.1f} it/s", flush=True)
         self._mark = (now, done)

@@ -10,13 +10,13 @@ cluster this machine belongs to (``ray start --head`` here, ``ray start --addres
 ``mlflow.pyfunc.load_model``: on several machines, the tracking URI must name a store they all reach (a tracking
 server, or a shared file system).
 
-Batch: rows are split into blocks of about ``batch_size`` rows; an actor pool of up to ``workers`` scorers (one model
-copy and one CPU each; as many as the cluster has free CPUs, a ``UserError`` when none starts in :data:`START_TIMEOUT`
-seconds) runs :func:`moa.pipelines.serving.scoring.score_rows` on ``batch_size`` rows at a time; order is preserved (an option
-of this dataset only: Ray's process-wide ``DataContext`` is left as it was) and a refused row is named by its row
-number in the whole input, as the local engine names it. Serving: the same
-defensive app as ``moa serve`` (:func:`moa.pipelines.serving.server.create_app`: limits, 400/413/415/503, no tracebacks)
-runs in each of ``replicas`` Ray Serve replicas behind Serve's HTTP proxy.
+Batch: rows are split into blocks of about ``batch_size`` rows; an actor pool of ``workers`` scorers (one model copy
+and one CPU each; a ``UserError`` at once when the cluster has no free CPU, where Ray would wait for one) runs
+:func:`moa.pipelines.serving.scoring.score_rows` on ``batch_size`` rows at a time; order is preserved (an option of
+this dataset only: Ray's process-wide ``DataContext`` is left as it was) and a refused row is named by its row
+number in the whole input, as the local engine names it. Serving: the same defensive app as ``moa serve``
+(:func:`moa.pipelines.serving.server.create_app`: limits, 400/413/415/503, no tracebacks) runs in each of
+``replicas`` Ray Serve replicas behind Serve's HTTP proxy.
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ QUIET_SERVE = {"enable_access_log": False, "log_level": "WARNING"}  # Serve's ow
 ROW = "__moa_input_row__"
 """The hidden column that carries each row's number in the whole input through Ray Data (for error messages)."""
 MAX_BLOCKS = 2000  # blocks of batch_size rows, fewer and larger past this many
-START_TIMEOUT = 600  # seconds for the first scorer to start (its model loaded): then a UserError, never a hang
 
 
 def input_rows(message: str, rows) -> str:
@@ -112,6 +111,9 @@ def score_rows_on_ray(model_uri: str, frame: pd.DataFrame, params: dict[str, Any
     if ROW in frame.columns:
         raise UserError(f"the input has a column named {ROW!r}, which moa's Ray engine uses itself; rename it")
     init_ray(address, tracking_uri)
+    if ray.available_resources().get("CPU", 0) < 1:  # Ray Data would wait for one (forever, on a fixed cluster)
+        raise UserError(f"no CPU of the Ray cluster is free (all {ray.cluster_resources().get('CPU', 0):g} are held, "
+                        "e.g. by the replicas of moa serve --engine ray); stop them or join a larger cluster")
     ignored = unread_by(_model_info(model_uri, tracking_uri), frame.columns)  # the scorers drop the same ones
     frame = frame.reset_index(drop=True).assign(**{ROW: range(len(frame))})
     size = max(batch_size, math.ceil(len(frame) / MAX_BLOCKS))  # many blocks, so that every actor gets work
@@ -119,21 +121,14 @@ def score_rows_on_ray(model_uri: str, frame: pd.DataFrame, params: dict[str, Any
     options = dataset.context  # this dataset's own copy of the DataContext: the process-wide one is left alone
     options.execution_options.preserve_order = True
     options.raise_original_map_exception = True  # a refused row's UserError, not Ray's UserCodeException
-    options.wait_for_min_actors_s = START_TIMEOUT  # no free CPU at all (Serve replicas hold them): say so
     scored = dataset.map_batches(
         _Scorer, fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": resolve_tracking_uri(tracking_uri),
                                         "params": dict(params or {})},
-        batch_size=batch_size, batch_format="pandas", num_cpus=1,  # as many of the workers as there are free CPUs
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers, initial_size=workers))
+        batch_size=batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
     try:
         result = scored.to_pandas().reset_index(drop=True)
     except Exception as error:  # noqa: BLE001 - a refused row: the scorer's one-line message, without Ray's trace
         refused = _user_error(error)
-        if refused is None and "Timed out while starting actors" in str(error):
-            free, cpus = ray.available_resources().get("CPU", 0), ray.cluster_resources().get("CPU", 0)
-            raise UserError(f"no scorer started on the Ray cluster in {START_TIMEOUT} s: {free:g} of its {cpus:g} "
-                            "CPUs are free (Ray Serve replicas or other jobs hold the rest); stop them (serve "
-                            "shutdown) or join a larger cluster with --ray-address") from None
         if refused is None:
             raise
         raise UserError(str(refused).splitlines()[0]) from None  # without the retry advice Ray appends
