@@ -13,7 +13,6 @@ renamed into place under a file lock, so two processes that start at once conver
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -21,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from moa.atomic import sha256
 from moa.experts.errors import UserError
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -76,14 +76,6 @@ def resolve_pretrained(name: str | os.PathLike, presets: Sequence[str] = ()) -> 
     return path
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def gguf_folder(path: str | os.PathLike) -> Path:
     """The cached fp32 folder of a GGUF file (converted on first use; see the module doc)."""
     import fcntl
@@ -92,7 +84,7 @@ def gguf_folder(path: str | os.PathLike) -> Path:
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise UserError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
-    target = cache_dir() / "gguf" / f"{path.stem}-{_file_sha256(path)[:16]}"
+    target = cache_dir() / "gguf" / f"{path.stem}-{sha256(path)[:16]}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -100,9 +100,14 @@ def test_fast_dev_run_leaves_the_bundle_folder_alone_and_says_so(tmp_path, monke
     said = []
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: said.append(record.getMessage())
-    lightning_log = logging.getLogger("lightning.pytorch")  # where Lightning's info lines go
+    # Lightning's info lines go to lightning.pytorch's or lightning.fabric's rank_zero logger (whichever was imported
+    # last); both propagate to "lightning". Other test modules raise these loggers' levels at import.
+    loggers = [logging.getLogger(name) for name in ("lightning", "lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.INFO)
+    lightning_log = loggers[0]
     lightning_log.addHandler(handler)
-    level, lightning_log.level = lightning_log.level, logging.INFO  # another test may have raised it
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -110,7 +115,8 @@ def test_fast_dev_run_leaves_the_bundle_folder_alone_and_says_so(tmp_path, monke
     finally:
         torch.set_num_threads(threads)
         lightning_log.removeHandler(handler)
-        lightning_log.level = level
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
     assert files(bundle) == {"service.json": len('{"kind": "causal-lm"}')}  # untouched
     assert [line for line in said if "LogBundle" in line] == [
         f"LogBundle: fast_dev_run, so no bundle is written ({bundle} is left as it was)"]

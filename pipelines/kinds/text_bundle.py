@@ -308,6 +308,10 @@ def signature(inputs: list, outputs: list, params: list | None = None, more_inpu
 
 
 def input_example(meta: Mapping[str, Any], column: str, **extra: Any) -> pd.DataFrame:
-    """One row per task (the first domain), short text in ``column`` and the ``extra`` columns."""
-    return pd.DataFrame([{column: "an example input", "task": task, "domain": meta["domains"][0], **extra}
-                         for task in meta["tasks"]])
+    """One row per task (the first domain), short text in ``column`` and the ``extra`` columns; no ``task`` /
+    ``domain`` column where the model was trained without them (its only one is the placeholder)."""
+    from moa.pipelines.data.text import DEFAULT
+
+    rows = [{column: "an example input", "task": task, "domain": meta["domains"][0], **extra} for task in meta["tasks"]]
+    unused = [c for c in ("task", "domain") if list(meta[f"{c}s"]) == [DEFAULT]]
+    return pd.DataFrame(rows).drop(columns=unused)
