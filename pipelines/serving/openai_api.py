@@ -42,11 +42,11 @@ from typing import Any, Callable
 from starlette.requests import Request
 
 from moa.pipelines.bundle import RequestError
+from moa.pipelines.serving.requests import BodyTooLarge, Work, content_type, read_body
 
 log = logging.getLogger("moa.server")
 BASE = "base"  # the model name of the base alone (adapters off)
 ROLES = ("system", "developer", "user", "assistant", "tool")
-DRAIN = 4  # as the server: a body over the limit is read on (discarded) up to DRAIN x the limit, then answered 413
 UNSUPPORTED = {  # field -> the values this server honours (anything else is refused, not ignored)
     "n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logprobs": (None, False, 0),
     "top_logprobs": (None, 0), "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "suffix": (None, ""),
@@ -257,9 +257,9 @@ def error_event(error: APIError) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ routes
-def add_routes(app, service, *, model_name: str, limits, workers, stats: dict, lock: threading.Lock) -> None:
+def add_routes(app, service, *, model_name: str, limits, workers, work: Work) -> None:
     """The ``/v1`` routes on ``app`` for ``service`` (a 404 for every ``/v1`` path unless it generates text),
-    under the server's ``limits``, on its ``workers`` threads, counted in its ``stats``."""
+    under the server's ``limits``, on its ``workers`` threads, counted in its ``work``."""
     from starlette.responses import JSONResponse, StreamingResponse
 
     def refuse(request: Request, error: APIError) -> JSONResponse:
@@ -311,30 +311,20 @@ def add_routes(app, service, *, model_name: str, limits, workers, stats: dict, l
     def generate(plan, ask: Ask, deadline: float, cancelled: threading.Event,
                  on_text: Callable[[int, str], None] | None):
         def check():  # after every decode step: stop once the deadline passed or the stream's client left
-            with lock:
-                stats["steps"] += 1
+            work.step()
             if cancelled.is_set() or time.monotonic() > deadline:
                 raise Stopped()
 
-        with lock:
-            stats["scoring"] += 1
-        try:
+        with work.scoring(Stopped):
             check()
             return service.run(plan, check=check, on_text=on_text, adapters=ask.adapters)
-        except Stopped:
-            with lock:
-                stats["stopped"] += 1
-            raise
-        finally:
-            with lock:
-                stats["scoring"] -= 1
 
     timed_out = APIError(503, f"generation took longer than the limit of {limits.timeout:g} s and was stopped; ask "
                          "for fewer max_tokens or prompts, or start the server with a larger --timeout",
                          code="timeout")
 
     async def answer(request: Request, chat: bool):
-        stats["requests"] += 1
+        work.stats["requests"] += 1
         loop = asyncio.get_running_loop()
         try:
             ask = parse(await read_json(request, limits.max_body_bytes), catalog, chat)
@@ -353,7 +343,7 @@ def add_routes(app, service, *, model_name: str, limits, workers, stats: dict, l
         except (asyncio.TimeoutError, Stopped):
             cancelled.set()
             future.add_done_callback(lambda f: f.cancelled() or f.exception())  # its Stopped is expected
-            stats["timed_out"] += 1
+            work.stats["timed_out"] += 1
             return refuse(request, timed_out)
         except Exception:  # noqa: BLE001 - the traceback goes to the log, never into the response
             log.exception("500 %s %s", request.method, request.url.path)
@@ -376,7 +366,7 @@ def add_routes(app, service, *, model_name: str, limits, workers, stats: dict, l
                 yield chunk(ask, ident, created, [_choice(ask.chat, item[0], item[1], None, delta=True)])
             answers = future.result()
         except (asyncio.TimeoutError, Stopped):
-            stats["timed_out"] += 1
+            work.stats["timed_out"] += 1
             log.warning("503 %s %s timeout: %s", request.method, request.url.path, timed_out.message[:200])
             yield error_event(timed_out)
             return
@@ -418,23 +408,14 @@ def _api_error(error: RequestError, ask: Ask, rows: int) -> APIError:
 
 async def read_json(request: Request, max_bytes: int) -> Any:
     """The request's JSON body, within ``max_bytes`` (413), with a JSON Content-Type (415)."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "application/json":
-        raise APIError(415, f"Content-Type must be application/json, got {content_type or 'none'}")
-    too_large = APIError(413, f"the body is over the limit of {max_bytes} bytes")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > DRAIN * max_bytes:
-        raise too_large
-    chunks, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size <= max_bytes:
-            chunks.append(part)
-        elif size > DRAIN * max_bytes:
-            break
-    if size > max_bytes:
-        raise too_large
+    kind = content_type(request)
+    if kind != "application/json":
+        raise APIError(415, f"Content-Type must be application/json, got {kind or 'none'}")
     try:
-        return json.loads(b"".join(chunks))
+        body = await read_body(request, max_bytes)
+    except BodyTooLarge:
+        raise APIError(413, f"the body is over the limit of {max_bytes} bytes") from None
+    try:
+        return json.loads(body)
     except (ValueError, RecursionError) as error:
         raise APIError(400, f"the body is not valid JSON ({error})"[:300]) from None

@@ -56,11 +56,11 @@ import numpy as np
 from starlette.requests import Request
 
 from moa.experts.errors import UserError, UserTypeError
+from moa.pipelines.serving.requests import BodyTooLarge, Work, content_type, read_body
 from moa.pipelines.serving.scoring import shift_rows, unread_by
 
 log = logging.getLogger("moa.server")
 JSON_TYPES = ("application/json",)
-DRAIN = 4  # a body over the limit is read to its end (discarded) up to DRAIN x the limit, so the client gets the 413
 ENV = "MOA_SERVE_CONFIG"  # the server settings of the uvicorn workers (JSON)
 ROWS_PER_SECOND = 100  # the pace the default max_rows allows for: a MiniLM classifier, ~64-token rows, 2 cores
 
@@ -265,9 +265,8 @@ def create_app(model, limits: Limits | None = None, *, docs: bool = False, acces
     app = FastAPI(title="moa scoring server", docs_url="/docs" if docs else None, redoc_url=None,
                   openapi_url="/openapi.json" if docs else None)
     workers = ThreadPoolExecutor(max_workers=limits.scoring_threads, thread_name_prefix="moa-score")
-    stats = {"requests": 0, "timed_out": 0, "stopped": 0, "scoring": 0, "steps": 0}
+    work = Work()
     cost = "rows or a smaller max_new_tokens" if scorer.generates else "rows"
-    lock = threading.Lock()
 
     def error(request: Request, status: int, code: str, message: str, *, trace: bool = False) -> JSONResponse:
         """The JSON error answer, and its line in the log (WARNING; a failure of the server, 5xx but not the 503 of
@@ -292,18 +291,15 @@ def create_app(model, limits: Limits | None = None, *, docs: bool = False, acces
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", **stats}
+        return {"status": "ok", **work.stats}
 
     def job(body: bytes, deadline: float, progress: dict):
         def check():  # between chunks and decode steps: stop the work once the deadline passed
-            with lock:
-                stats["steps"] += 1
+            work.step()
             if time.monotonic() > deadline:
                 raise TimedOut()
 
-        with lock:
-            stats["scoring"] += 1
-        try:
+        with work.scoring(TimedOut):
             if time.monotonic() > deadline:
                 raise TimedOut()
             frame, params = parse_request(body, limits)
@@ -315,44 +311,28 @@ def create_app(model, limits: Limits | None = None, *, docs: bool = False, acces
                                 f"all (rows x max_new_tokens), more than the limit of {limits.max_generated_tokens} "
                                 "new tokens per request; send fewer rows or a smaller max_new_tokens")
             return score(scorer, frame, params, check, limits, progress), ignored
-        except TimedOut:
-            with lock:
-                stats["stopped"] += 1
-            raise
-        finally:
-            with lock:
-                stats["scoring"] -= 1
 
     @app.post("/invocations")
     async def invocations(request: Request):
-        stats["requests"] += 1
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type not in JSON_TYPES:
+        work.stats["requests"] += 1
+        kind = content_type(request)
+        if kind not in JSON_TYPES:
             return error(request, 415, "UNSUPPORTED_MEDIA_TYPE", f"Content-Type must be application/json, got "
-                         f"{content_type or 'none'}; send dataframe_records or dataframe_split JSON")
-        declared = request.headers.get("content-length", "")
-        too_large = lambda: error(request, 413, "REQUEST_TOO_LARGE", "the body is over the limit of "  # noqa: E731
-                                  f"{limits.max_body_bytes} bytes; send fewer rows per request")
-        if declared.isdigit() and int(declared) > DRAIN * limits.max_body_bytes:
-            return too_large()  # not worth reading to the end: the client may see the connection close instead
-        chunks, size = [], 0
-        async for chunk in request.stream():  # a body over the limit is read on (up to DRAIN x) but not kept
-            size += len(chunk)
-            if size <= limits.max_body_bytes:
-                chunks.append(chunk)
-            elif size > DRAIN * limits.max_body_bytes:
-                break
-        if size > limits.max_body_bytes:
-            return too_large()
+                         f"{kind or 'none'}; send dataframe_records or dataframe_split JSON")
+        try:
+            body = await read_body(request, limits.max_body_bytes)
+        except BodyTooLarge:
+            return error(request, 413, "REQUEST_TOO_LARGE", f"the body is over the limit of {limits.max_body_bytes} "
+                         "bytes; send fewer rows per request")
         started = time.monotonic()
         deadline = time.monotonic() + limits.timeout
         progress = {"rows": 0, "of": 0}
-        future = asyncio.get_running_loop().run_in_executor(workers, job, b"".join(chunks), deadline, progress)
+        future = asyncio.get_running_loop().run_in_executor(workers, job, body, deadline, progress)
         try:
             predictions, ignored = await asyncio.wait_for(asyncio.shield(future), limits.timeout + 0.05)
         except (asyncio.TimeoutError, TimedOut):
             future.add_done_callback(lambda f: f.cancelled() or f.exception())  # its TimedOut is expected
-            stats["timed_out"] += 1
+            work.stats["timed_out"] += 1
             return error(request, 503, "TIMEOUT", timeout_message(limits, cost, **progress))
         except HTTPError as failure:
             return error(request, failure.status, failure.code, failure.message)
@@ -361,14 +341,13 @@ def create_app(model, limits: Limits | None = None, *, docs: bool = False, acces
         answer = {"predictions": predictions, **({"ignored_columns": ignored} if ignored else {})}
         body = json.dumps(answer, default=_plain)
         if access_log:
-            log.info("200 %s %s: %d bytes in %.1f ms", request.method, request.url.path, size,
+            log.info("200 %s %s: %d bytes in %.1f ms", request.method, request.url.path, len(body),
                      1000 * (time.monotonic() - started))
         return Response(body, media_type="application/json")
 
     from moa.pipelines.serving import openai_api
 
-    openai_api.add_routes(app, scorer.service, model_name=model_name, limits=limits, workers=workers, stats=stats,
-                          lock=lock)
+    openai_api.add_routes(app, scorer.service, model_name=model_name, limits=limits, workers=workers, work=work)
     return app
 
 
