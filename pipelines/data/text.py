@@ -287,8 +287,10 @@ def _joiner(prompt: str, target: str) -> str:
 
 class TextEncoder:
     """One row's pre-processing, the same in training (:class:`TextData`) and serving (the text services, built
-    from the bundle's tokenizer, template and ``max_length``): the prompt from the template, its tokens truncated
-    like training, padded on the kind's side, and a generation cut at eos.
+    from the bundle's tokenizer, template and ``max_length``): the prompt from the template, its tokens (classifier
+    inputs cut to ``max_length`` in both; generation prompts cut in training only, with a warning, while a server
+    generates from the whole prompt and refuses one past the model's context), padded on the kind's side, and a
+    generation cut at eos.
 
     ``prompt_template``: a format string with ``{text}``, ``{task}`` and ``{domain}``, or ``"chat"``: the row's text
     as the user's turn of the tokenizer's chat template, with the assistant's turn opened (e.g. SmolLM2's ChatML).
