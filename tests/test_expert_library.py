@@ -65,6 +65,11 @@ def peft_generations(base: Path, adapter: Path | None, prompts, service, max_new
     model = AutoModelForCausalLM.from_pretrained(str(base)).eval()
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    return greedy_texts(model, prompts, service, max_new_tokens)
+
+
+def greedy_texts(model, prompts, service, max_new_tokens: int):
+    """``model``'s greedy generation of each prompt alone, decoded as the service decodes (cut at eos)."""
     eos, pad = service.meta["eos_token_id"], service.meta["pad_token_id"]
     texts = []
     for prompt in prompts:
@@ -197,3 +202,124 @@ def test_a_pool_on_a_base_the_experts_do_not_fit_names_both_bases(library, tmp_p
     message = str(error.value)
     assert repr(str(library["base"])) in message and repr(str(gpt2)) in message, message  # recorded and given
     assert "q_proj" in message and not (tmp_path / "pool").exists()
+
+
+class Served:
+    """What ``mlflow.pyfunc.load_model`` returns for a moa bundle, as far as the server looks at it."""
+
+    def __init__(self, service):
+        self.service = service
+
+    def unwrap_python_model(self):
+        return self
+
+
+def test_an_arrow_pool_served_over_http_answers_rows_without_a_task_like_from_peft(library, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import moa
+    from moa.pipelines.serving.client import post
+    from moa.pipelines.serving.server import create_app, serve_in_thread
+
+    names = ["echo", "reverse", "shout"]
+    for name in names:
+        register_expert(library["adapters"][name], f"arrow-{name}")
+    bundle = write_pool_bundle(tmp_path / "arrow", library["base"], [f"models:/arrow-{n}/1" for n in names],
+                               router="arrow", top_k=2, temperature=0.5)
+    meta = json.loads((bundle / "service.json").read_text())
+    assert meta["tasks"] == ["default"] and meta["routing"] == "arrow"  # no task to name, no "base" task
+    service = load_service(bundle)
+    reference = moa.from_peft(AutoModelForCausalLM.from_pretrained(str(library["base"])),
+                              {f"arrow-{n}": library["adapters"][n] for n in names}, router="arrow", top_k=2,
+                              router_options={"temperature": 0.5}).eval()
+    expected = greedy_texts(reference, PROMPTS, service, 5)
+    assert expected != peft_generations(library["base"], None, PROMPTS, service, 5)  # the experts count
+    with serve_in_thread(create_app(Served(service))) as url:
+        status, body = post(f"{url}/invocations", {"dataframe_records": [{"prompt": p} for p in PROMPTS],
+                                                   "params": {"max_new_tokens": 5}})
+        assert status == 200, body
+        assert [row["text"] for row in body["predictions"]] == expected
+        status, body = post(f"{url}/invocations", {"dataframe_records": [{"prompt": "say cat", "task": "base"}]})
+        assert status == 400 and "unknown task 'base'" in body["message"]
+
+
+def test_a_uniform_pool_equals_peft_s_equal_weighted_merge(library, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    names = ["echo", "reverse", "shout"]
+    for name in names:
+        register_expert(library["adapters"][name], f"uniform-{name}")
+    bundle = write_pool_bundle(tmp_path / "uniform", library["base"], [f"models:/uniform-{n}/1" for n in names],
+                               router="uniform")
+    service = load_service(bundle)
+    answer = service.predict(pd.DataFrame({"prompt": PROMPTS}), {"max_new_tokens": 5})
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(library["base"])),
+                                      str(library["adapters"]["echo"]), adapter_name="echo")
+    for name in names[1:]:
+        model.load_adapter(str(library["adapters"][name]), adapter_name=name)
+    model.add_weighted_adapter(names, [1 / 3] * 3, "mean", combination_type="cat")  # sum_e B_e A_e / 3, exactly
+    model.set_adapter("mean")
+    assert list(answer["text"]) == greedy_texts(model.eval(), PROMPTS, service, 5)
+
+
+def test_an_arrow_pool_assembled_again_with_one_more_expert_computes_only_its_prototypes(library, tmp_path,
+                                                                                         monkeypatch):
+    from collections import OrderedDict
+
+    from moa.routers import arrow
+
+    monkeypatch.setattr(arrow, "_cache", OrderedDict())  # nothing seen before
+    calls, svd = [], arrow.top_right_singular_vector
+    monkeypatch.setattr(arrow, "top_right_singular_vector", lambda a, b: calls.append(1) or svd(a, b))
+    for name in ("echo", "reverse", "shout"):
+        register_expert(library["adapters"][name], f"grow-{name}")
+    uris = ["models:/grow-echo/1", "models:/grow-reverse/1", "models:/grow-shout/1"]
+    rows = pd.DataFrame({"prompt": PROMPTS[:1]})
+    load_service(write_pool_bundle(tmp_path / "two", library["base"], uris[:2], router="arrow")).predict(rows)
+    layers = 2 * 2  # tiny-llama: 2 layers, q_proj and v_proj
+    assert len(calls) == 2 * layers
+    load_service(write_pool_bundle(tmp_path / "three", library["base"], uris, router="arrow")).predict(rows)
+    assert len(calls) == 3 * layers
+    meta = json.loads((tmp_path / "three" / "adapter" / "moa_config.json").read_text())["config"]
+    assert (meta["router"], meta["top_k"], meta["router_options"]) == ("arrow", 3, {"temperature": 1.0})  # defaults
+
+
+def test_routing_choices_are_checked_before_anything_is_written(library, tmp_path, capsys):
+    from moa.pipelines.cli.command import main
+
+    register_expert(library["adapters"]["echo"], "choice-echo")
+    uri = "models:/choice-echo/1"
+    for extra, message in ((["--router", "arrow", "--top-k", "2"], "between 1 and the pool's 1 experts"),
+                           (["--top-k", "1"], "this pool's --router is 'task'"),
+                           (["--router", "arrow", "--temperature", "0"], "must be a positive number")):
+        assert main(["expert", "pool", "--base", str(library["base"]), "--expert", uri, "--out", str(tmp_path / "bad"),
+                     "--tracking-uri", library["uri"], *extra]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert message in error[-1] and "Traceback" not in "\n".join(error), error
+        assert not (tmp_path / "bad").exists()
+
+
+def test_general_adapters_are_subtracted_from_every_expert_gen_know_sub(library, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    import moa
+    from moa.pipelines.cli.command import main
+    from moa.pipelines.tracking.expert_library import gen_know_sub
+
+    for name in ("echo", "reverse", "shout"):
+        register_expert(library["adapters"][name], f"gks-{name}")
+    assert main(["expert", "pool", "--base", str(library["base"]), "--expert", "models:/gks-echo/1", "--expert",
+                 "models:/gks-reverse/1", "--general", "models:/gks-shout/1", "--router", "arrow", "--out",
+                 str(tmp_path / "pool"), "--tracking-uri", library["uri"]]) == 0
+    service = load_service(tmp_path / "pool")
+    assert service.meta["general"] == [{"name": "gks-shout", "uri": "models:/gks-shout/1", "version": "1"}]
+    purified = gen_know_sub({n: library["adapters"][n] for n in ("echo", "reverse")}, [library["adapters"]["shout"]],
+                            tmp_path / "gks")
+    reference = moa.from_peft(AutoModelForCausalLM.from_pretrained(str(library["base"])), purified, router="arrow",
+                              top_k=2).eval()
+    plain = moa.from_peft(AutoModelForCausalLM.from_pretrained(str(library["base"])),
+                          {n: library["adapters"][n] for n in ("echo", "reverse")}, router="arrow", top_k=2).eval()
+    expected = greedy_texts(reference, PROMPTS, service, 5)
+    assert expected != greedy_texts(plain, PROMPTS, service, 5)
+    assert list(service.predict(pd.DataFrame({"prompt": PROMPTS}), {"max_new_tokens": 5})["text"]) == expected

@@ -61,18 +61,20 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def _commands() -> dict[str, Callable[[list[str]], int | None]]:
-    from moa.pipelines.cli import lightning_cli as cli
-    from moa.pipelines.data import corpora
-    from moa.pipelines.serving import batch, serve_command
-    from moa.pipelines.tracking import expert_library, registry
+# each command's function, imported only when that command runs: `moa serve` or `moa batch` never load Lightning
+COMMAND_FUNCTIONS = {
+    **{name: "moa.pipelines.cli.lightning_cli:lightning_main" for name in LIGHTNING_COMMANDS},
+    "register": "moa.pipelines.tracking.registry:main", "serve": "moa.pipelines.serving.serve_command:serve_main",
+    "batch": "moa.pipelines.serving.batch:batch_main", "expert": "moa.pipelines.tracking.expert_library:main",
+    "data": "moa.pipelines.data.corpora:prepare_main",
+}
 
-    return {
-        **{name: cli.lightning_main for name in LIGHTNING_COMMANDS},
-        "register": registry.main, "serve": serve_command.serve_main, "batch": batch.batch_main,
-        "expert": expert_library.main,
-        "data": corpora.prepare_main,
-    }
+
+def command_function(name: str) -> Callable[[list[str] | None], int | None]:
+    from importlib import import_module
+
+    module, function = COMMAND_FUNCTIONS[name].split(":")
+    return getattr(import_module(module), function)
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -118,8 +120,8 @@ def main(args: Sequence[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())                     # as `python -m` finds them
     try:
         if command in LIGHTNING_COMMANDS:  # None: Lightning reads sys.argv itself (and warns if given both)
-            return _commands()[command](None if args is None else argv)
-        return _commands()[command](argv[1:]) or 0
+            return command_function(command)(None if args is None else argv)
+        return command_function(command)(argv[1:]) or 0
     except SystemExit as done:  # argparse / jsonargparse already printed their message
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
     except Exception as error:  # noqa: BLE001 - user errors become one line, anything else keeps its traceback

@@ -4,7 +4,7 @@ combined without retraining any of them.
 
     moa expert register --adapter runs/echo-lora --name echo     # a new version of the expert 'echo', its @champion
     moa expert pool --base smollm2-135m --expert models:/echo/1 --expert models:/reverse@champion \\
-        --out pool-bundle [--register-as my-pool] [--include-base]
+        --out pool-bundle [--register-as my-pool] [--include-base] [--router {task,arrow,uniform}]
 
 An expert has no validation metric to gate it: each registered version takes the alias ``@champion`` (the newest
 registered expert is the one pools take by alias; earlier versions stay addressable by number).
@@ -13,9 +13,12 @@ A pool is a causal-LM bundle (:mod:`moa.pipelines.kinds.text_bundle`) whose task
 ``{"prompt": ..., "task": "echo"}`` is answered by the base with expert ``echo`` (static routing on ``task_ids``,
 rows of different experts in one batch through the grouped kernels), and a row ``{"task": "base"}``
 (:data:`BASE_TASK`) by the base alone. ``service.json`` records which registry version each expert came from.
-The pool references its base (a pretrained name, a GGUF file or a folder, checked by checksum at load) and holds
-one copy of it only with ``--include-base``. Adding an expert is assembling again with one more URI: the other
-experts' weights are copied, not retrained (tested bit for bit).
+With ``--router arrow`` the experts are composed token by token, training-free (:mod:`moa.routers.arrow`), and
+with ``--router uniform`` mixed equally: such a pool reads no task (rows name none) and has no ``base`` task;
+``--general URI`` subtracts general adapters' mean from every expert first (GenKnowSub). The pool references its
+base (a pretrained name, a GGUF file or a folder, checked by checksum at load) and holds one copy of it only with
+``--include-base``. Adding an expert is assembling again with one more URI: the other experts' weights are copied,
+not retrained (tested bit for bit).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from moa.pipelines.tracking.registry import CHAMPION, registered_version
 EXPERIMENT = "moa-experts"
 KIND_TAG = "moa.kind"
 BASE_TASK = "base"  # the pool's task (request rows' "task") answered by the base alone, without an expert
+# how a pool chooses experts: the row's task (one expert per task), Arrow (token-wise, training-free), equal mixture
+ROUTINGS = ("task", "arrow", "uniform")
 
 
 def register_expert(adapter: str | Path, name: str, *, tracking_uri: str | None = None):
@@ -106,17 +111,84 @@ def resolve_experts(uris: Sequence[str], *, tracking_uri: str | None = None,
     return experts
 
 
+def routing_options(router: str, n_experts: int, top_k: int | None = None,
+                    temperature: float | None = None) -> dict[str, Any]:
+    """``moa.from_peft``'s router arguments for a pool of ``n_experts`` chosen the ``router`` way (:data:`ROUTINGS`):
+    ``task``: static on ``task_ids``; ``arrow``: top ``top_k`` (default ``min(3, E)``) at ``temperature`` (1.0);
+    ``uniform``: every expert with weight 1/E."""
+    if router not in ROUTINGS:
+        raise UserError(f"--router {router!r}: choose one of {list(ROUTINGS)}")
+    if router != "arrow" and (top_k is not None or temperature is not None):
+        raise UserError(f"--top-k and --temperature set Arrow's routing; this pool's --router is {router!r}")
+    if router == "task":
+        return {"router": "static", "router_options": {"key": "task_ids"}}
+    if router == "uniform":
+        return {"router": "uniform"}
+    top_k = min(3, n_experts) if top_k is None else top_k
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_experts:
+        raise UserError(f"--top-k {top_k!r}: Arrow picks between 1 and the pool's {n_experts} experts per token")
+    temperature = 1.0 if temperature is None else temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+        raise UserError(f"--temperature {temperature!r}: Arrow's softmax temperature must be a positive number")
+    return {"router": "arrow", "top_k": top_k, "router_options": {"temperature": float(temperature)}}
+
+
+def gen_know_sub(adapters: Mapping[str, str | Path], general: Sequence[str | Path], directory: str | Path
+                 ) -> dict[str, str]:
+    """GenKnowSub (Bagherifard et al., ACL 2025; PEFT's ``ArrowConfig(use_gks=True)``): each adapter's ``lora_A``
+    and ``lora_B`` minus the mean ``lora_A`` and mean ``lora_B`` of the ``general`` adapters (unscaled factors, as
+    PEFT subtracts them), written as new adapter folders under ``directory``; returns ``{name: folder}``. All must
+    adapt the same modules with the same rank."""
+    import shutil
+
+    from peft.utils import load_peft_weights
+    from safetensors.torch import save_file
+
+    states = [load_peft_weights(str(_adapter_folder(g)), device="cpu") for g in general]
+    mean = {key: sum(state[key] for state in states) / len(states) for key in states[0]}
+    experts = {name: load_peft_weights(str(_adapter_folder(folder)), device="cpu") for name, folder in adapters.items()}
+    named = [*((s, f"expert {n!r}") for n, s in experts.items()),
+             *((s, f"general adapter {str(g)!r}") for s, g in zip(states, general))]
+    for state, what in named:  # all checked before anything is written
+        if set(state) != set(mean) or any(state[k].shape != mean[k].shape for k in mean):
+            raise UserError(f"GenKnowSub: {what} adapts other modules or ranks than the general adapters "
+                            f"{[str(g) for g in general]}; all must share modules and rank")
+    out = {}
+    for name, state in experts.items():
+        target = Path(directory) / name
+        target.mkdir(parents=True)
+        shutil.copy(Path(adapters[name]) / "adapter_config.json", target / "adapter_config.json")
+        save_file({k: (v - mean[k]).contiguous() for k, v in state.items()}, str(target / "adapter_model.safetensors"))
+        out[name] = str(target)
+    return out
+
+
+def _adapter_folder(folder: str | Path) -> Path:
+    from moa.peft_bridge import _read_adapter
+
+    _read_adapter(Path(folder))  # a LoRA adapter moa imports, or one line naming the problem
+    return Path(folder)
+
+
 def assemble_pool(base_model, experts: Sequence[Mapping[str, Any]], *, base_task: bool = False,
-                  base_name: str = "the given base") -> moa.MoAModel:
-    """The base with one expert per entry of :func:`resolve_experts`, routed by ``task_ids`` (expert i = task i);
-    ``base_task``: one more, last, that changes nothing (:data:`BASE_TASK` rows get the base alone). A base the
-    experts do not fit is refused naming the base each expert records and ``base_name``."""
+                  base_name: str = "the given base", router: str = "task", top_k: int | None = None,
+                  temperature: float | None = None, general: Sequence[Mapping[str, Any]] = ()) -> moa.MoAModel:
+    """The base with one expert per entry of :func:`resolve_experts`, chosen the ``router`` way
+    (:func:`routing_options`; ``task``: by ``task_ids``, expert i = task i); ``base_task`` (``task`` only): one more,
+    last, that changes nothing (:data:`BASE_TASK` rows get the base alone); ``general`` (entries like ``experts``):
+    :func:`gen_know_sub` of the experts first. A base the experts do not fit is refused naming the base each expert
+    records and ``base_name``."""
     adapters = {e["name"]: str(e["folder"]) for e in experts}
+    if base_task and router != "task":
+        raise UserError(f"a pool routed by {router!r} reads no task, so it has no {BASE_TASK!r} task")
+    options = routing_options(router, len(adapters), top_k, temperature)
     with tempfile.TemporaryDirectory() as tmp:
+        if general:
+            adapters = gen_know_sub(adapters, [e["folder"] for e in general], Path(tmp) / "gks")
         if base_task:
             adapters[BASE_TASK] = str(_null_adapter(Path(next(iter(adapters.values()))), Path(tmp) / BASE_TASK))
         try:
-            return moa.from_peft(base_model, adapters, router_options={"key": "task_ids"})
+            return moa.from_peft(base_model, adapters, **options)
         except UserError as error:
             trained_on = sorted({_recorded_base(Path(e["folder"])) for e in experts})
             raise UserError(f"the pool's base {base_name} does not fit the experts {[e['name'] for e in experts]}, "
@@ -152,37 +224,49 @@ def _null_adapter(like: Path, folder: Path) -> Path:
 
 def write_pool_bundle(directory: str | Path, base: str | Path, uris: Sequence[str], *, tokenizer: str | None = None,
                       prompt_template: str = "{text}", max_length: int = 128, max_new_tokens: int = 32,
-                      include_base: bool = False, tracking_uri: str | None = None) -> Path:
+                      include_base: bool = False, tracking_uri: str | None = None, router: str = "task",
+                      top_k: int | None = None, temperature: float | None = None, general: Sequence[str] = ()) -> Path:
     """A causal-LM serving bundle of the base (a pretrained name such as ``"smollm2-135m"``, a ``.gguf`` file or a
-    local ``AutoModelForCausalLM`` folder) with the experts of ``uris``, and the task :data:`BASE_TASK` for the
-    base alone; ``tokenizer``: a folder (default: the base's, else MiniLM's). The bundle references the base
+    local ``AutoModelForCausalLM`` folder) with the experts of ``uris``, chosen the ``router`` way
+    (:func:`routing_options`): ``task``: the row's task names its expert, and the task :data:`BASE_TASK` the base
+    alone; ``arrow`` / ``uniform``: rows name no task. ``tokenizer``: a folder (default: the base's, else
+    MiniLM's). ``general``: URIs of general adapters whose mean is subtracted from every expert (GenKnowSub,
+    :func:`gen_know_sub`). The bundle references the base
     (:func:`moa.pipelines.kinds.text_bundle.base_reference`) unless ``include_base``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moa.pretrained import minilm_dir, resolve_pretrained
+    from moa.pipelines.data.text import DEFAULT
     from moa.pipelines.kinds.text_bundle import CAUSAL_LM, base_reference, write_bundle_files
 
+    routing_options(router, len(uris), top_k, temperature)  # a bad choice is refused before anything is loaded
     given = str(base)
     base = resolve_pretrained(given)  # a name or a GGUF: its cached folder
     if not (base / "config.json").is_file():
         raise FileNotFoundError(f"--base {base}: not a model folder (no config.json)")
     with tempfile.TemporaryDirectory() as tmp:
         experts = resolve_experts(uris, tracking_uri=tracking_uri, directory=tmp)
-        if BASE_TASK in [e["name"] for e in experts]:
+        if general:
+            general = resolve_experts(general, tracking_uri=tracking_uri, directory=Path(tmp) / "general")
+        by_task = router == "task"
+        if by_task and BASE_TASK in [e["name"] for e in experts]:
             raise UserError(f"an expert named {BASE_TASK!r} would hide the pool's base-only task {BASE_TASK!r}: "
                             "register it under another name")
-        model = assemble_pool(AutoModelForCausalLM.from_pretrained(str(base)).eval(), experts, base_task=True,
-                              base_name=repr(given)).eval()
+        model = assemble_pool(AutoModelForCausalLM.from_pretrained(str(base)).eval(), experts, base_task=by_task,
+                              base_name=repr(given), router=router, top_k=top_k, temperature=temperature,
+                              general=general).eval()
         source = Path(tokenizer) if tokenizer else (base if (base / "tokenizer_config.json").is_file() else minilm_dir())
         tok = AutoTokenizer.from_pretrained(str(source))
     generation = model.model.generation_config
     eos = generation.eos_token_id if generation.eos_token_id is not None else (tok.eos_token_id or tok.sep_token_id)
     pad = generation.pad_token_id if generation.pad_token_id is not None else (tok.pad_token_id or 0)
     meta = {"format_version": 1, "moa_version": moa.__version__, "kind": CAUSAL_LM,
-            "tasks": [e["name"] for e in experts] + [BASE_TASK], "domains": ["default"], "prompt_template": prompt_template,
+            "tasks": ([e["name"] for e in experts] + [BASE_TASK]) if by_task else [DEFAULT], "domains": [DEFAULT],
+            "prompt_template": prompt_template, "routing": router,
             "max_length": max_length, "max_new_tokens": max_new_tokens, "eos_token_id": eos, "pad_token_id": pad,
             "base_class": type(model.model).__name__, "metrics": {},
             "experts": [{k: e[k] for k in ("name", "uri", "version")} for e in experts],
+            **({"general": [{k: e[k] for k in ("name", "uri", "version")} for e in general]} if general else {}),
             **({} if include_base else base_reference(given))}
     return write_bundle_files(directory, model, tok, meta)
 
@@ -204,6 +288,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     pool.add_argument("--max-new-tokens", type=int, default=32)
     pool.add_argument("--include-base", action="store_true", help="copy the base's weights into the bundle "
                       "(default: reference it by name or path, checked by checksum where the pool is loaded)")
+    pool.add_argument("--router", choices=ROUTINGS, default="task", help="how the pool chooses experts: the row's "
+                      "task names one (default; task 'base': none), arrow (token-wise, training-free: rows name no "
+                      "task) or uniform (every expert, equal weights)")
+    pool.add_argument("--top-k", type=int, default=None, help="arrow: experts per token (default min(3, experts))")
+    pool.add_argument("--temperature", type=float, default=None, help="arrow: softmax temperature (default 1.0)")
+    pool.add_argument("--general", action="append", default=[], metavar="URI", help="a general adapter (repeat): "
+                      "their mean A and B are subtracted from every expert's first (GenKnowSub)")
     pool.add_argument("--register-as", default=None, help="also log the pool and register it as a new version "
                       "of this model (not promoted: a pool has no validation metric; serve models:/<name>/<version>)")
     for p in (reg, pool):
@@ -219,7 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     bundle = write_pool_bundle(args.out, args.base, args.expert, tokenizer=args.tokenizer,
                                prompt_template=args.prompt_template, max_new_tokens=args.max_new_tokens,
-                               include_base=args.include_base, tracking_uri=args.tracking_uri)
+                               include_base=args.include_base, tracking_uri=args.tracking_uri, router=args.router,
+                               top_k=args.top_k, temperature=args.temperature, general=args.general)
     out: dict[str, Any] = {"bundle": str(bundle), "experts": json.loads((bundle / "service.json").read_text())["experts"]}
     if args.register_as:
         import mlflow
