@@ -65,6 +65,12 @@ class ExpertPool(nn.Module):
         """``(A [E, r, d_in], B [E, d_out, r])``, the experts' factors in PEFT's layout."""
         raise NotImplementedError
 
+    def packed_factors(self) -> tuple[Tensor, Tensor]:
+        """``(A_packed [E*r, d_in], B_packed [d_out, E*r])``: the factors as two matrices (views for a packed pool),
+        for the dense-masked form ``((x @ A_packed^T) * gate) @ B_packed^T``."""
+        A, B = self.factors()
+        return A.reshape(-1, A.shape[-1]), B.permute(1, 0, 2).reshape(B.shape[1], -1)
+
     @property
     def A(self) -> Tensor:
         return self.factors()[0]

@@ -67,12 +67,14 @@ class MoALinear(nn.Module):
         self._slot = slot  # a plain attribute: not a submodule, not in the state dict
         self.disabled = False
         self.aux_losses: dict[str, Tensor] = {}
-        self.last_usage: Tensor | None = None
+        self._last_routing: Routing | None = None  # the last call's routing; its usage is computed when read
 
     def __getstate__(self):
-        """Copies and pickles leave out the last call's aux losses (graph tensors that deepcopy cannot copy)."""
+        """Copies and pickles leave out the last call's aux losses and routing (graph tensors that deepcopy cannot
+        copy); they keep its usage."""
         state = self.__dict__.copy()
-        state["aux_losses"] = {}
+        usage = self.last_usage
+        state["aux_losses"], state["_last_routing"] = {}, None if usage is None else Routing(None, usage[None])
         return state
 
     @property
@@ -88,7 +90,8 @@ class MoALinear(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         fusable = not args and not kwargs and self._fusable(x)
         if fusable:
-            gate_w = getattr(self.router, "fusable_gate", lambda: None)()
+            fusable_gate = getattr(self.router, "fusable_gate", None)
+            gate_w = fusable_gate() if fusable_gate is not None else None
             if gate_w is not None and gate_w.dtype == x.dtype and gate_w.device == x.device:
                 return self._fused_forward(x, None, gate_w)  # the router's logits come out of the base GEMM
         else:
@@ -103,7 +106,7 @@ class MoALinear(nn.Module):
 
     def _route(self, routing: Routing) -> Routing:
         self.aux_losses = routing.aux_losses
-        self._record_usage(routing)
+        self._last_routing = routing
         return routing
 
     def _fusable(self, x: Tensor) -> bool:
@@ -129,8 +132,7 @@ class MoALinear(nn.Module):
         pool, base = self.pool, self.base_layer
         x2 = x.reshape(-1, x.shape[-1])
         n = x2.shape[0]
-        A, B = pool.factors()
-        E, r = A.shape[0], A.shape[1]
+        E, r = pool.n_experts, pool.r
         if routing is None:
             top_k = self.router.top_k
         elif routing.expert_ids is None:
@@ -140,6 +142,11 @@ class MoALinear(nn.Module):
             top_k = ids.top_k if isinstance(ids, ExpertPlan) else routing.weights.shape[-1]
         impl = choose_impl(n, E, r, top_k, x.device.type)
         no_dropout = isinstance(pool.dropout, nn.Identity) or not pool.dropout.training
+        if impl == "dense" and no_dropout and not torch.is_grad_enabled():  # inference: no autograd, fewest ops
+            y = self._dense_inference(x2, routing, gate_w, x.shape[:-1])
+            if y is not None:
+                return y.view(*x.shape[:-1], y.shape[-1])
+        A, B = pool.factors()
         same = A.dtype == B.dtype == x.dtype and A.device == B.device == x.device
         shrink_in_gemm = impl == "dense" and no_dropout and same
         dense = impl == "dense" and same
@@ -172,28 +179,57 @@ class MoALinear(nn.Module):
             y = y0 + grouped_lora(x_lora, A, B, ids, weights, pool.scaling, impl=impl).to(y0.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
+    def _dense_inference(
+        self, x2: Tensor, routing: Routing | None, gate_w: Tensor | None, lead: torch.Size
+    ) -> Tensor | None:
+        """The dense-masked layer without autograd (decode, serving) in the fewest ops: ``y = x W^T + b``,
+        ``h = x A_packed^T`` scaled in place by the gate, ``y += scaling * h B_packed^T``. A static plan's gate is
+        built once per forward call (:meth:`ExpertPlan.dense_gate`) and shared by every layer. None when the
+        factors' dtype or device differ from ``x``'s (the general path then casts)."""
+        pool, base = self.pool, self.base_layer
+        n, E, r = x2.shape[0], pool.n_experts, pool.r
+        a_packed, b_packed = pool.packed_factors()
+        if not (a_packed.dtype == b_packed.dtype == x2.dtype and a_packed.device == b_packed.device == x2.device):
+            return None
+        y = x2 @ base.weight.t() if base.bias is None else torch.addmm(base.bias, x2, base.weight.t())
+        h = x2 @ a_packed.t()
+        if routing is None:
+            logits = x2 @ gate_w.t()
+            routing = self._route(self.router.route_logits(logits, self._slot.current, lead, x2.dtype))
+        ids, weights = routing.expert_ids, routing.weights
+        if weights.dim() != 2:
+            weights = weights.reshape(n, weights.shape[-1])
+        if ids is None:
+            gate = weights
+        else:  # top-k ids from our own gate are valid by construction
+            plan = ids if isinstance(ids, ExpertPlan) else ExpertPlan(ids.reshape(n, -1), E, validate=gate_w is None)
+            gate = plan.dense_gate(weights)
+        h.view(n, E, r).mul_(gate.unsqueeze(-1))
+        return y.addmm_(h, b_packed.t(), alpha=pool.scaling)
+
     def _sparse_softmax(self) -> bool:
         return getattr(self.router, "sparse_softmax_weights", bool)()
 
+    @property
     @torch.no_grad()
-    def _record_usage(self, routing: Routing) -> None:
+    def last_usage(self) -> Tensor | None:
+        """The share of routing slots each expert received in the last call (computed when read, not per call)."""
+        routing = self._last_routing
+        if routing is None or self.pool.n_experts == 1:  # one expert (router "lora"): no routing to report
+            return None
         ids = routing.expert_ids
-        if self.pool.n_experts == 1:  # one expert (router "lora"): no routing to report
-            self.last_usage = None
-            return
         if routing.usage is not None:
             usage = routing.usage.detach().float()
         elif routing.factors is not None:  # ids index the router's own adapters, not experts
-            self.last_usage = None
-            return
+            return None
         elif ids is None:
-            usage = routing.weights.float().sum(0)
+            usage = routing.weights.detach().float().sum(0)
         else:
             flat = (ids.expert_ids if isinstance(ids, ExpertPlan) else ids).reshape(-1)
             usage = torch.zeros(self.pool.n_experts, device=flat.device).index_add_(
-                0, flat, (routing.weights.reshape(-1) != 0).float()
+                0, flat, (routing.weights.detach().reshape(-1) != 0).float()
             )
-        self.last_usage = usage / usage.sum().clamp_min(1e-12)
+        return usage / usage.sum().clamp_min(1e-12)
 
     @torch.no_grad()
     def merged_weight(self, mixture: Tensor) -> Tensor:

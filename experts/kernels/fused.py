@@ -30,28 +30,12 @@ from .cpp import sparse_gate_backward
 class _FusedShrink(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, bias, A, gate_w):
-        d_out = W.shape[0]
-        if A is None and gate_w is not None:
-            # the gate alone: two GEMMs (no concatenated weight to copy; as fast as one GEMM over [W; W_gate]) and
-            # a contiguous y0 that the sparse expand may accumulate into in place
-            y0 = x @ W.t() if bias is None else torch.addmm(bias, x, W.t())
-            logits = x @ gate_w.t()
-            ctx.save_for_backward(x, W, gate_w)
-            ctx.d_out, ctx.n_a, ctx.a_shape = d_out, 0, None
-            ctx.set_materialize_grads(False)
-            return y0, x.new_empty(x.shape[0], 0), logits, x.view_as(x)
-        extras = [t.reshape(-1, x.shape[1]) for t in (A, gate_w) if t is not None]
-        weight = torch.cat([W, *extras]) if extras else W
-        if bias is None:
-            z = x @ weight.t()
-        else:
-            z = torch.addmm(torch.cat([bias, bias.new_zeros(weight.shape[0] - d_out)]), x, weight.t())
-        ctx.save_for_backward(x, weight)
-        ctx.d_out, ctx.n_a = d_out, 0 if A is None else A.shape[0] * A.shape[1]
-        ctx.a_shape = None if A is None else A.shape
+        d_out, n_a = W.shape[0], 0 if A is None else A.shape[0] * A.shape[1]
+        ctx.d_out, ctx.n_a, ctx.a_shape = d_out, n_a, None if A is None else A.shape
         ctx.set_materialize_grads(False)
         # x_alias: the sparse expand reads x through this output, so its dx arrives here to be accumulated into
-        return z[:, :d_out], z[:, d_out : d_out + ctx.n_a], z[:, d_out + ctx.n_a :], x.view_as(x)
+        y0, h, logits = shrink_forward(x, W, bias, A, gate_w, ctx.save_for_backward)
+        return y0, h, logits, x.view_as(x)
 
     @staticmethod
     @once_differentiable
@@ -92,6 +76,38 @@ class _FusedShrink(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_g
 
 
+# Rows from which one GEMM over the concatenated [W; A; W_gate] pays for copying W into it (prefill, training);
+# below, decode-sized calls run the base GEMM on W itself and one small GEMM over [A; W_gate].
+CONCAT_MIN_ROWS = 256
+
+
+def shrink_forward(x: Tensor, W: Tensor, bias: Tensor | None, A: Tensor | None, gate_w: Tensor | None,
+                   save=None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y0, h, logits)`` of :func:`fused_shrink` without autograd; ``save(x, weight)`` or ``save(x, W, extra)``
+    receives what the backward needs."""
+    d_out, n = W.shape[0], x.shape[0]
+    extras = [t.reshape(-1, x.shape[1]) for t in (A, gate_w) if t is not None]
+    if extras and (n < CONCAT_MIN_ROWS or A is None):
+        # two GEMMs: no copy of W (the gate alone: as fast as one GEMM over [W; W_gate]) and a contiguous y0 that
+        # the expand may accumulate into in place
+        extra = torch.cat(extras) if len(extras) > 1 else extras[0]
+        y0 = x @ W.t() if bias is None else torch.addmm(bias, x, W.t())
+        z = x @ extra.t()
+        if save is not None:
+            save(x, W, extra)
+        n_a = 0 if A is None else A.shape[0] * A.shape[1]
+        return y0, z[:, :n_a], z[:, n_a:]
+    weight = torch.cat([W, *extras]) if extras else W
+    if bias is None:
+        z = x @ weight.t()
+    else:
+        z = torch.addmm(torch.cat([bias, bias.new_zeros(weight.shape[0] - d_out)]), x, weight.t())
+    if save is not None:
+        save(x, weight)
+    n_a = 0 if A is None else A.shape[0] * A.shape[1]
+    return z[:, :d_out], z[:, d_out : d_out + n_a], z[:, d_out + n_a :]
+
+
 def fused_shrink(
     x: Tensor, W: Tensor, bias: Tensor | None, A: Tensor | None, gate_w: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -101,19 +117,27 @@ def fused_shrink(
     None (then ``h`` is ``[N, 0]``); gate_w: ``[E, d_in]`` or None (then ``logits`` is ``[N, 0]``). ``x_alias`` is
     ``x`` for a consumer whose gradient this op's backward should accumulate into (:func:`~.grouped.grouped_expand`).
     """
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, A, gate_w))):
+        return (*shrink_forward(x, W, bias, A, gate_w), x)  # inference: no autograd node to build
     return _FusedShrink.apply(x, W, bias, A, gate_w)
+
+
+def expand_forward(y0, h, gate, B, bias, scaling) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """:func:`dense_expand`'s output and the tensors its backward needs, without autograd."""
+    E, d_out, r = B.shape
+    b_packed = B.permute(1, 0, 2).reshape(d_out, E * r)
+    g = gate * scaling
+    hw = (h.reshape(-1, E, r) * g.unsqueeze(-1)).view(-1, E * r)
+    out = torch.add(y0, bias) if bias is not None else torch.empty(y0.shape, dtype=y0.dtype, device=y0.device).copy_(y0)
+    out.addmm_(hw, b_packed.t())
+    return out, (h, g, b_packed, hw)
 
 
 class _DenseExpand(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y0, h, gate, B, bias, scaling):
-        E, d_out, r = B.shape
-        b_packed = B.permute(1, 0, 2).reshape(d_out, E * r)
-        g = gate * scaling
-        hw = (h.reshape(-1, E, r) * g.unsqueeze(-1)).view(-1, E * r)
-        out = torch.add(y0, bias) if bias is not None else torch.empty(y0.shape, dtype=y0.dtype, device=y0.device).copy_(y0)
-        out.addmm_(hw, b_packed.t())
-        ctx.save_for_backward(h, g, b_packed, hw)
+        out, saved = expand_forward(y0, h, gate, B, bias, scaling)
+        ctx.save_for_backward(*saved)
         ctx.scaling = scaling
         return out
 
@@ -143,4 +167,6 @@ def dense_expand(y0: Tensor, h: Tensor, gate: Tensor, B: Tensor, scaling: float,
     y0: ``[N, d_out]``; h: ``[N, E*r]`` (unscaled ``x @ A_packed^T``); gate: ``[N, E]`` (zero for unrouted
     experts); B: ``[E, d_out, r]``.
     """
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (y0, h, gate, B))):
+        return expand_forward(y0, h, gate, B, bias, scaling)[0]  # inference: no autograd node to build
     return _DenseExpand.apply(y0, h, gate, B, bias, scaling)

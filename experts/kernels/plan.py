@@ -126,6 +126,14 @@ class ExpertPlan:
         return torch.div(self.row_pair, self.top_k, rounding_mode="floor")
 
     def dense_gate(self, weights: Tensor) -> Tensor:
-        """Scatter per-pair ``weights[N, k]`` into a dense ``[N, E]`` gate (zero for unrouted experts)."""
-        gate = weights.new_zeros(self.n_tokens, self.n_experts)
-        return gate.scatter_add(1, self.expert_ids, weights)
+        """Scatter per-pair ``weights[N, k]`` into a dense ``[N, E]`` gate (zero for unrouted experts).
+
+        The gate of the last ``weights`` without gradient is kept: layers that share this plan and its weights
+        (static routing) build it once per forward call."""
+        last = self.__dict__.get("_last_gate")
+        if last is not None and last[0] is weights:
+            return last[1]
+        gate = weights.new_zeros(self.n_tokens, self.n_experts).scatter_add(1, self.expert_ids, weights)
+        if not weights.requires_grad:
+            self._last_gate = (weights, gate)
+        return gate
