@@ -16,7 +16,7 @@ from moa.pipelines.data import corpora
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter", "ignore:.*their first tokens cut")
-ROUTERS = ["static", "topk", "poly", "mhr", "flylora"]
+ROUTERS = ["lora", "static", "topk", "poly", "mhr", "flylora"]
 SPLITS = ("train", "val", "test")
 DOMAINS = {"airline", "apple", "claritin", "coachella", "deflategate", "self_driving"}
 
