@@ -159,26 +159,11 @@ def _fit_option(s: Settings, name: str, default: str) -> str:
 
 
 def train_router(s: Settings, model, data, seed: int) -> None:
-    """Only the routers' parameters train (the experts and the base stay frozen), on TextData's batches."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    gates = [p for name, p in model.named_parameters() if ".router." in name]
-    if not gates:
-        raise RuntimeError("no router parameters found")
-    for p in gates:
-        p.requires_grad_(True)
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(gates, lr=s.router_lr)
-    model.train()
-    batches = iter(data.train_dataloader())
-    for _ in range(s.router_steps):
-        batch = next(batches)
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        loss = out.loss + model.aux_loss()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    """Only the routers' parameters train (the experts and the base stay frozen), on TextData's batches: what
+    `moa expert pool --router learned` runs (moa.pipelines.tracking.expert_library.train_pool_router)."""
+    from moa.pipelines.tracking.expert_library import train_pool_router
+
+    train_pool_router(model, data, steps=s.router_steps, lr=s.router_lr, seed=seed)
 
 
 @torch.no_grad()

@@ -263,6 +263,47 @@ def test_a_uniform_pool_equals_peft_s_equal_weighted_merge(library, tmp_path):
     assert list(answer["text"]) == greedy_texts(model.eval(), PROMPTS, service, 5)
 
 
+def test_a_learned_router_trains_only_its_gate_over_the_frozen_experts_toward_the_rows_expert(library, tmp_path):
+    """``--router learned``: a top-2 gate over two frozen experts, trained on rows whose targets are what expert
+    ``echo`` answers, moves its weight toward ``echo`` (about 1/2 each before); the experts' factors are those of
+    the registered adapters bit for bit; the served pool answers rows naming no task."""
+    from transformers import AutoModelForCausalLM
+
+    import moa
+
+    for name in ("echo", "reverse"):
+        register_expert(library["adapters"][name], f"learned-{name}")
+    uris = ["models:/learned-echo/1", "models:/learned-reverse/1"]
+    task_pool = load_service(write_pool_bundle(tmp_path / "task", library["base"], uris))
+    targets = peft_generations(library["base"], library["adapters"]["echo"], PROMPTS, task_pool, 4)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": p, "target": t}) + "\n" for p, t in zip(PROMPTS * 8, targets * 8)))
+    bundle = write_pool_bundle(tmp_path / "learned", library["base"], uris, router="learned", router_data=rows,
+                               router_steps=20, router_lr=0.05)
+    meta = json.loads((bundle / "service.json").read_text())
+    assert meta["tasks"] == ["default"] and meta["routing"] == "learned"
+    assert meta["router_training"]["last_loss"] < meta["router_training"]["first_loss"]
+
+    untrained = moa.from_peft(AutoModelForCausalLM.from_pretrained(str(library["base"])),
+                              {n: library["adapters"][n] for n in ("echo", "reverse")}, router="topk", top_k=2).eval()
+    service = load_service(bundle)
+    trained = service.model
+
+    def echo_weight(model) -> float:  # the mean gate weight of expert 0 (echo) over the layers, on the prompts
+        ids = service.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            model(**ids)
+        usage = [m.last_usage[0] for m in model.modules() if isinstance(m, moa.MoALinear)]
+        return float(torch.stack(usage).mean())
+
+    assert abs(echo_weight(untrained) - 0.5) < 0.05 and echo_weight(trained) > 0.6
+    ours = {k: v for k, v in trained.state_dict().items() if ".pool." in k}
+    theirs = untrained.state_dict()
+    assert ours and all(torch.equal(v, theirs[k]) for k, v in ours.items())  # the experts did not train
+    answer = service.predict(pd.DataFrame({"prompt": PROMPTS}), {"max_new_tokens": 4})
+    assert len(answer["text"]) == len(PROMPTS)
+
+
 def test_an_arrow_pool_assembled_again_with_one_more_expert_computes_only_its_prototypes(library, tmp_path,
                                                                                          monkeypatch):
     from collections import OrderedDict

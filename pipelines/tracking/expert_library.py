@@ -38,8 +38,9 @@ from moa.pipelines.tracking.registry import CHAMPION, registered_version
 EXPERIMENT = "moa-experts"
 KIND_TAG = "moa.kind"
 BASE_TASK = "base"  # the pool's task (request rows' "task") answered by the base alone, without an expert
-# how a pool chooses experts: the row's task (one expert per task), Arrow (token-wise, training-free), equal mixture
-ROUTINGS = ("task", "arrow", "uniform")
+# how a pool chooses experts: the row's task (one expert per task), Arrow (token-wise, training-free), equal mixture,
+# a top-k gate trained over the frozen experts (MoLE / X-LoRA style: only the gates train)
+ROUTINGS = ("task", "arrow", "uniform", "learned")
 
 
 def register_expert(adapter: str | Path, name: str, *, tracking_uri: str | None = None):
@@ -115,22 +116,79 @@ def routing_options(router: str, n_experts: int, top_k: int | None = None,
                     temperature: float | None = None) -> dict[str, Any]:
     """``moa.from_peft``'s router arguments for a pool of ``n_experts`` chosen the ``router`` way (:data:`ROUTINGS`):
     ``task``: static on ``task_ids``; ``arrow``: top ``top_k`` (default ``min(3, E)``) at ``temperature`` (1.0);
-    ``uniform``: every expert with weight 1/E."""
+    ``uniform``: every expert with weight 1/E; ``learned``: a ``topk`` gate (default ``min(2, E)``) to train with
+    :func:`train_pool_router`."""
     if router not in ROUTINGS:
         raise UserError(f"--router {router!r}: choose one of {list(ROUTINGS)}")
-    if router != "arrow" and (top_k is not None or temperature is not None):
-        raise UserError(f"--top-k and --temperature set Arrow's routing; this pool's --router is {router!r}")
+    if router in ("task", "uniform") and top_k is not None:
+        raise UserError(f"--top-k sets Arrow's or the learned gate's experts per token; this pool's --router is {router!r}")
+    if router != "arrow" and temperature is not None:
+        raise UserError(f"--temperature sets Arrow's routing; this pool's --router is {router!r}")
     if router == "task":
         return {"router": "static", "router_options": {"key": "task_ids"}}
     if router == "uniform":
         return {"router": "uniform"}
-    top_k = min(3, n_experts) if top_k is None else top_k
+    top_k = min(3 if router == "arrow" else 2, n_experts) if top_k is None else top_k
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_experts:
-        raise UserError(f"--top-k {top_k!r}: Arrow picks between 1 and the pool's {n_experts} experts per token")
+        raise UserError(f"--top-k {top_k!r}: the {router} router picks between 1 and the pool's {n_experts} experts "
+                        "per token")
+    if router == "learned":
+        return {"router": "topk", "top_k": top_k}
     temperature = 1.0 if temperature is None else temperature
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
         raise UserError(f"--temperature {temperature!r}: Arrow's softmax temperature must be a positive number")
     return {"router": "arrow", "top_k": top_k, "router_options": {"temperature": float(temperature)}}
+
+
+def train_pool_router(model: moa.MoAModel, data, *, steps: int, lr: float = 0.01, seed: int = 0) -> list[float]:
+    """Train only the routers' parameters of ``model`` (its experts and base stay frozen, bit for bit) for ``steps``
+    batches of ``data`` (a :class:`moa.pipelines.data.text.TextData` with ``target="text"``: the pre-processing
+    serving runs), cycling through its training rows; returns each step's loss (language-model loss plus the
+    routers' auxiliary losses). The model is left in eval mode."""
+    import torch
+
+    gates = [p for name, p in model.named_parameters() if ".router." in name]
+    if not gates:
+        raise UserError("this pool has no router parameters to train (its router is not a learned one)")
+    if steps < 1:
+        raise UserError(f"--router-steps must be >= 1, got {steps}")
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    for p in gates:
+        p.requires_grad_(True)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(gates, lr=lr)
+    losses: list[float] = []
+    model.train()
+    try:
+        while len(losses) < steps:
+            for batch in data.train_dataloader():
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+                loss = out.loss + model.aux_loss()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss))
+                if len(losses) == steps:
+                    break
+    finally:
+        model.eval()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return losses
+
+
+def router_rows(path: str | Path, tokenizer: str | Path, *, prompt_template: str, max_length: int, seed: int = 0):
+    """The :class:`TextData` a learned pool router trains on: a JSONL/CSV/Parquet file of ``text`` and ``target``
+    columns (prompt and the answer wanted), encoded as the pool's served rows are (its tokenizer and template)."""
+    from moa.pipelines.data.text import TextData
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--router-data {path}: no such file")
+    return TextData(train=str(path), text_column="text", target_column="target", target="text",
+                    tokenizer=str(tokenizer), prompt_template=prompt_template, max_length=max_length,
+                    batch_size=8, val_fraction=0.0, split_seed=seed, bucket=False)
 
 
 def gen_know_sub(adapters: Mapping[str, str | Path], general: Sequence[str | Path], directory: str | Path
@@ -225,13 +283,16 @@ def _null_adapter(like: Path, folder: Path) -> Path:
 def write_pool_bundle(directory: str | Path, base: str | Path, uris: Sequence[str], *, tokenizer: str | None = None,
                       prompt_template: str = "{text}", max_length: int = 128, max_new_tokens: int = 32,
                       include_base: bool = False, tracking_uri: str | None = None, router: str = "task",
-                      top_k: int | None = None, temperature: float | None = None, general: Sequence[str] = ()) -> Path:
+                      top_k: int | None = None, temperature: float | None = None, general: Sequence[str] = (),
+                      router_data: str | Path | None = None, router_steps: int = 30, router_lr: float = 0.01,
+                      seed: int = 0) -> Path:
     """A causal-LM serving bundle of the base (a pretrained name such as ``"smollm2-135m"``, a ``.gguf`` file or a
     local ``AutoModelForCausalLM`` folder) with the experts of ``uris``, chosen the ``router`` way
     (:func:`routing_options`): ``task``: the row's task names its expert, and the task :data:`BASE_TASK` the base
     alone; ``arrow`` / ``uniform``: rows name no task. ``tokenizer``: a folder (default: the base's, else
     MiniLM's). ``general``: URIs of general adapters whose mean is subtracted from every expert (GenKnowSub,
-    :func:`gen_know_sub`). The bundle references the base
+    :func:`gen_know_sub`). ``learned``: a top-k gate trained over the frozen experts on ``router_data``
+    (:func:`router_rows`, :func:`train_pool_router`; rows name no task when served). The bundle references the base
     (:func:`moa.pipelines.kinds.text_bundle.base_reference`) unless ``include_base``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -240,6 +301,10 @@ def write_pool_bundle(directory: str | Path, base: str | Path, uris: Sequence[st
     from moa.pipelines.kinds.text_bundle import CAUSAL_LM, base_reference, write_bundle_files
 
     routing_options(router, len(uris), top_k, temperature)  # a bad choice is refused before anything is loaded
+    if (router == "learned") != (router_data is not None):
+        raise UserError("--router learned trains its gate on --router-data ROWS (text, target); other pools take none")
+    if router_data is not None and not Path(router_data).is_file():
+        raise FileNotFoundError(f"--router-data {router_data}: no such file")
     given = str(base)
     base = resolve_pretrained(given)  # a name or a GGUF: its cached folder
     if not (base / "config.json").is_file():
@@ -257,6 +322,12 @@ def write_pool_bundle(directory: str | Path, base: str | Path, uris: Sequence[st
                               general=general).eval()
         source = Path(tokenizer) if tokenizer else (base if (base / "tokenizer_config.json").is_file() else minilm_dir())
         tok = AutoTokenizer.from_pretrained(str(source))
+        trained = {}
+        if router == "learned":
+            data = router_rows(router_data, source, prompt_template=prompt_template, max_length=max_length, seed=seed)
+            losses = train_pool_router(model, data, steps=router_steps, lr=router_lr, seed=seed)
+            trained = {"router_training": {"rows": str(router_data), "steps": router_steps, "lr": router_lr,
+                                           "seed": seed, "first_loss": losses[0], "last_loss": losses[-1]}}
     generation = model.model.generation_config
     eos = generation.eos_token_id if generation.eos_token_id is not None else (tok.eos_token_id or tok.sep_token_id)
     pad = generation.pad_token_id if generation.pad_token_id is not None else (tok.pad_token_id or 0)
@@ -267,6 +338,7 @@ def write_pool_bundle(directory: str | Path, base: str | Path, uris: Sequence[st
             "base_class": type(model.model).__name__, "metrics": {},
             "experts": [{k: e[k] for k in ("name", "uri", "version")} for e in experts],
             **({"general": [{k: e[k] for k in ("name", "uri", "version")} for e in general]} if general else {}),
+            **trained,
             **({} if include_base else base_reference(given))}
     return write_bundle_files(directory, model, tok, meta)
 
@@ -290,8 +362,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "(default: reference it by name or path, checked by checksum where the pool is loaded)")
     pool.add_argument("--router", choices=ROUTINGS, default="task", help="how the pool chooses experts: the row's "
                       "task names one (default; task 'base': none), arrow (token-wise, training-free: rows name no "
-                      "task) or uniform (every expert, equal weights)")
-    pool.add_argument("--top-k", type=int, default=None, help="arrow: experts per token (default min(3, experts))")
+                      "task), uniform (every expert, equal weights) or learned (a top-k gate trained on "
+                      "--router-data over the frozen experts: rows name no task)")
+    pool.add_argument("--top-k", type=int, default=None, help="arrow / learned: experts per token (default "
+                      "min(3, experts) / min(2, experts))")
+    pool.add_argument("--router-data", type=Path, default=None, help="learned: rows (text, target) to train the gate on")
+    pool.add_argument("--router-steps", type=int, default=30, help="learned: training steps (batches of 8)")
+    pool.add_argument("--router-lr", type=float, default=0.01, help="learned: the gate's learning rate")
     pool.add_argument("--temperature", type=float, default=None, help="arrow: softmax temperature (default 1.0)")
     pool.add_argument("--general", action="append", default=[], metavar="URI", help="a general adapter (repeat): "
                       "their mean A and B are subtracted from every expert's first (GenKnowSub)")
@@ -311,7 +388,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     bundle = write_pool_bundle(args.out, args.base, args.expert, tokenizer=args.tokenizer,
                                prompt_template=args.prompt_template, max_new_tokens=args.max_new_tokens,
                                include_base=args.include_base, tracking_uri=args.tracking_uri, router=args.router,
-                               top_k=args.top_k, temperature=args.temperature, general=args.general)
+                               top_k=args.top_k, temperature=args.temperature, general=args.general,
+                               router_data=args.router_data, router_steps=args.router_steps,
+                               router_lr=args.router_lr)
     out: dict[str, Any] = {"bundle": str(bundle), "experts": json.loads((bundle / "service.json").read_text())["experts"]}
     if args.register_as:
         import mlflow
