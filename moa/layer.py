@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from moa.experts import ExpertPlan, ExpertPool, choose_impl, grouped_lora
+from moa.experts import ExpertPlan, ExpertPool, LoRAPool, choose_impl, grouped_lora
 from moa.experts.errors import UserTypeError
 from moa.experts.kernels.cpp import cpp_expand, cpp_expand_routed
 from moa.experts.kernels.fused import dense_expand, fused_shrink
@@ -56,6 +56,26 @@ def linear_weight(module: nn.Module) -> Tensor:
     return module.weight.t() if isinstance(module, Conv1D) else module.weight
 
 
+def packed_factors(pool: ExpertPool) -> tuple[Tensor, Tensor]:
+    """``pool.packed_factors()``; for a pool that keeps :class:`LoRAPool`'s layout, its two parameters themselves
+    (no views built per call)."""
+    cls = type(pool)
+    if cls.factors is LoRAPool.factors and cls.A is LoRAPool.A and cls.B is LoRAPool.B:
+        params = pool._parameters
+        return params["lora_A"], params["lora_B"]
+    return pool.packed_factors()
+
+
+def expert_factors(pool: ExpertPool, expert: int) -> tuple[Tensor, Tensor]:
+    """Expert ``expert``'s ``(A [r, d_in], B [d_out, r])``, views of the pool's factors."""
+    cls = type(pool)
+    if cls.factors is LoRAPool.factors and cls.A is LoRAPool.A and cls.B is LoRAPool.B:
+        params, r = pool._parameters, pool.r
+        return params["lora_A"][expert * r : (expert + 1) * r], params["lora_B"][:, expert * r : (expert + 1) * r]
+    A, B = pool.factors()
+    return A[expert], B[expert]
+
+
 class MoALinear(nn.Module):
     """``y = base(x) + sum_j w_j * (alpha/r) * B_e A_e x`` with (e, w) chosen by the router."""
 
@@ -75,6 +95,7 @@ class MoALinear(nn.Module):
         state = self.__dict__.copy()
         usage = self.last_usage
         state["aux_losses"], state["_last_routing"] = {}, None if usage is None else Routing(None, usage[None])
+        state.pop("_transposed_factors", None)  # a cache, rebuilt on the next inference call
         return state
 
     @property
@@ -88,10 +109,17 @@ class MoALinear(nn.Module):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.disabled:
             return self.base_layer(x, *args, **kwargs)
+        if not args and not kwargs and not torch.is_grad_enabled():
+            y = self._one_expert_forward(x)
+            if y is not None:
+                return y
         fusable = not args and not kwargs and self._fusable(x)
         if fusable:
-            fusable_gate = getattr(self.router, "fusable_gate", None)
-            gate_w = fusable_gate() if fusable_gate is not None else None
+            router = self.router
+            fusable_gate = getattr(type(router), "fusable_gate", None)  # on the class: no Module.__getattr__ miss
+            gate_w = None if fusable_gate is None else (
+                fusable_gate(router, self.pool) if getattr(router, "gate_reads_pool", False) else fusable_gate(router)
+            )
             if gate_w is not None and gate_w.dtype == x.dtype and gate_w.device == x.device:
                 return self._fused_forward(x, None, gate_w)  # the router's logits come out of the base GEMM
         else:
@@ -105,24 +133,55 @@ class MoALinear(nn.Module):
         return result + update.view(result.shape).to(result.dtype)
 
     def _route(self, routing: Routing) -> Routing:
-        self.aux_losses = routing.aux_losses
-        self._last_routing = routing
+        state = self.__dict__  # plain attributes: skip nn.Module.__setattr__'s checks (once per layer and call)
+        state["aux_losses"], state["_last_routing"] = routing.aux_losses, routing
         return routing
+
+    def _one_expert_forward(self, x: Tensor) -> Tensor | None:
+        """Inference when every token of this call uses the same one expert with weight 1 (static routing of a
+        single request or a one-task batch; the router decides once per forward call): ``y = x W^T + b + s (x
+        A_e^T) B_e^T`` on views of expert e's factors, no routing machinery (an expert of -1: the base alone).
+        None when the router cannot say so (then the general paths run)."""
+        modules = self._modules
+        router = modules["router"]
+        one_expert = getattr(type(router), "one_expert", None)
+        if one_expert is None:
+            return None
+        found = one_expert(router, self._slot.current, x.shape[:-1], x.dtype)
+        if found is None or not self._fusable(x):
+            return None
+        routing, expert = found
+        base, pool = modules["base_layer"], modules["pool"]
+        if expert >= 0:
+            a, b = expert_factors(pool, expert)
+            if a.dtype != x.dtype or b.dtype != x.dtype or a.device != x.device or b.device != x.device:
+                return None
+            dropout = pool._modules["dropout"]
+            if type(dropout) is not nn.Identity and dropout.training:
+                return None
+        self._route(routing)
+        y = torch.nn.functional.linear(x, base.weight, base.bias)
+        if expert >= 0:
+            h = torch.nn.functional.linear(x, a)
+            y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=pool.scaling)
+        return y
 
     def _fusable(self, x: Tensor) -> bool:
         """Whether the fused path (:mod:`moa.experts.kernels.fused`) computes exactly what the modules would: a plain
         frozen ``nn.Linear`` base (not a subclass such as a quantized linear, no hooks), a LoRA-style pool with the
         stock forward and ``impl="auto"``, one dtype and device, no autocast."""
-        base, pool = self.base_layer, self.pool
+        modules = self._modules
+        base, pool = modules["base_layer"], modules["pool"]
         if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
             return False
-        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        weight, bias = base._parameters["weight"], base._parameters["bias"]
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
             return False
         if not isinstance(pool, ExpertPool) or type(pool).forward is not ExpertPool.forward or pool.impl != "auto":
             return False
         if pool._forward_hooks or pool._forward_pre_hooks:
             return False
-        if x.dtype != base.weight.dtype or x.device != base.weight.device or torch.is_autocast_enabled(x.device.type):
+        if x.dtype != weight.dtype or x.device != weight.device or torch.is_autocast_enabled(x.device.type):
             return False
         return True
 
@@ -188,24 +247,47 @@ class MoALinear(nn.Module):
         factors' dtype or device differ from ``x``'s (the general path then casts)."""
         pool, base = self.pool, self.base_layer
         n, E, r = x2.shape[0], pool.n_experts, pool.r
-        a_packed, b_packed = pool.packed_factors()
+        a_packed, b_packed = packed_factors(pool)
         if not (a_packed.dtype == b_packed.dtype == x2.dtype and a_packed.device == b_packed.device == x2.device):
             return None
         y = x2 @ base.weight.t() if base.bias is None else torch.addmm(base.bias, x2, base.weight.t())
-        h = x2 @ a_packed.t()
+        shrink_t, b_packed_t = self._transposed(a_packed, b_packed, gate_w)
+        if shrink_t is None:
+            h = x2 @ a_packed.t()
+            logits = None if routing is not None else x2 @ gate_w.t()
+        else:  # the shrink and the gate in one GEMM
+            z = x2 @ shrink_t
+            h, logits = z[:, : E * r], z[:, E * r :]
         if routing is None:
-            logits = x2 @ gate_w.t()
             routing = self._route(self.router.route_logits(logits, self._slot.current, lead, x2.dtype))
         ids, weights = routing.expert_ids, routing.weights
         if weights.dim() != 2:
             weights = weights.reshape(n, weights.shape[-1])
         if ids is None:
             gate = weights
-        else:  # top-k ids from our own gate are valid by construction
-            plan = ids if isinstance(ids, ExpertPlan) else ExpertPlan(ids.reshape(n, -1), E, validate=gate_w is None)
+        elif gate_w is not None and not isinstance(ids, ExpertPlan):  # top-k of our own gate: valid, no plan needed
+            gate = weights.new_zeros(n, E).scatter_add_(1, ids.reshape(n, -1), weights)
+        else:
+            plan = ids if isinstance(ids, ExpertPlan) else ExpertPlan(ids.reshape(n, -1), E)
             gate = plan.dense_gate(weights)
-        h.view(n, E, r).mul_(gate.unsqueeze(-1))
-        return y.addmm_(h, b_packed.t(), alpha=pool.scaling)
+        h = h.view(n, E, r).mul(gate.unsqueeze(-1)) if shrink_t is not None else h.view(n, E, r).mul_(gate.unsqueeze(-1))
+        return y.addmm_(h.view(n, E * r), b_packed.t() if b_packed_t is None else b_packed_t, alpha=pool.scaling)
+
+    def _transposed(self, a_packed: Tensor, b_packed: Tensor, gate_w: Tensor | None):
+        """``([A_packed; gate_w]^T, B_packed^T)`` contiguous, kept while the factors (and the gate) are the same
+        parameter tensors at the same version: small-N GEMMs on the CPU run up to 4x faster on them than on the
+        transposed views (``x @ A^T``). ``(None, None)`` for factors a pool computes per call. Like Arrow's
+        prototypes, in-place edits through ``.data`` bypass the version counter and are not seen."""
+        if not (isinstance(a_packed, nn.Parameter) and isinstance(b_packed, nn.Parameter)):
+            return None, None
+        versions = tuple(None if t is None or t.is_inference() else t._version for t in (a_packed, b_packed, gate_w))
+        kept = self.__dict__.get("_transposed_factors")
+        if kept is not None and kept[0] is a_packed and kept[1] is b_packed and kept[2] is gate_w and kept[3] == versions:
+            return kept[4], kept[5]
+        shrink = a_packed if gate_w is None else torch.cat([a_packed, gate_w.to(a_packed.dtype)])
+        shrink_t, b_packed_t = shrink.detach().t().contiguous(), b_packed.detach().t().contiguous()
+        self.__dict__["_transposed_factors"] = (a_packed, b_packed, gate_w, versions, shrink_t, b_packed_t)
+        return shrink_t, b_packed_t
 
     def _sparse_softmax(self) -> bool:
         return getattr(self.router, "sparse_softmax_weights", bool)()

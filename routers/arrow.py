@@ -31,7 +31,6 @@ from moa.experts import ExpertPool, PoolSpec
 from moa.experts.errors import UserError
 
 from .base import Router, Routing, RoutingContext, register_router
-from .topk import top_ids
 
 CACHE_SIZE = 4096  # prototypes kept process-wide (one float32 vector of d_in each)
 _cache: "OrderedDict[str, Tensor]" = OrderedDict()
@@ -105,26 +104,52 @@ class ArrowRouter(Router):
                             f"expert_kind must be 'lora', got {kind!r}")
         return super().build_pool(kind, spec, shared)
 
-    def prototypes(self, pool: nn.Module, like: Tensor) -> Tensor:
-        """``[E, d_in]`` prototypes of ``pool``'s experts, rebuilt only when its factors changed."""
-        A, B = _lora_factors(pool, self.name)
-        stamp = (A.data_ptr(), A._version, B.data_ptr(), B._version, A.dtype, like.dtype, like.device)
+    gate_reads_pool = True  # MoALinear passes the pool to fusable_gate
+
+    def prototypes(self, pool: nn.Module, like: Tensor | None = None) -> Tensor:
+        """``[E, d_in]`` prototypes of ``pool``'s experts in ``like``'s dtype and device (default: the factors'),
+        rebuilt only when its factors changed."""
+        params = pool._parameters if isinstance(pool, ExpertPool) else {}
+        packed_a, packed_b = params.get("lora_A"), params.get("lora_B")  # the factors are views of these
+        if packed_a is None or packed_b is None:
+            _lora_factors(pool, self.name)  # raises the user error for a pool without stored LoRA factors
+            packed_a, packed_b = pool.factors()
+        like = packed_a if like is None else like
+        stamp = (packed_a.data_ptr(), packed_a._version, packed_b.data_ptr(), packed_b._version, packed_a.dtype,
+                 like.dtype, like.device)
         if self._stamp != stamp or self._prototypes is None:
-            vectors = torch.stack([prototype(A[e], B[e]) for e in range(A.shape[0])])
-            self._prototypes, self._stamp = vectors.to(like.device, like.dtype), stamp
+            A, B = _lora_factors(pool, self.name)
+            with torch.inference_mode(False):  # kept across calls: usable in training after a serving call
+                vectors = torch.stack([prototype(A[e], B[e]) for e in range(A.shape[0])])
+                self._prototypes, self._stamp = vectors.to(like.device, like.dtype), stamp
         return self._prototypes
+
+    def fusable_gate(self, pool: nn.Module) -> Tensor:
+        """The prototypes ``[E, d_in]`` (in the factors' dtype): the logits ``x @ P^T`` that :meth:`route_logits`
+        turns into the routing may come out of the layer's own GEMMs (no pass of the router's)."""
+        return self._checked(self.prototypes(pool))
 
     def forward(self, x: Tensor, ctx: RoutingContext, pool: nn.Module) -> Routing:
         x2 = x.reshape(-1, x.shape[-1])
-        protos = self.prototypes(pool, x2)
+        protos = self._checked(self.prototypes(pool, x2))
+        return self.route_logits(F.linear(x2, protos), ctx, x.shape[:-1], x.dtype)
+
+    def route_logits(self, logits: Tensor, ctx: RoutingContext, lead, dtype: torch.dtype) -> Routing:
+        """The routing of tokens whose projections ``x . p_e`` ``[N, E]`` are given: ``top_k`` of ``|x . p_e|``,
+        softmax over the selected divided by the temperature."""
+        scores = logits.abs()
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        if self.top_k == self.n_experts:  # every expert: the dense path
+            return Routing(None, F.softmax(scores, dim=-1).to(dtype))
+        selected, ids = scores.topk(self.top_k, dim=-1)  # one op: several times faster than top_ids here
+        return Routing(ids, F.softmax(selected, dim=-1).to(dtype))
+
+    def _checked(self, protos: Tensor) -> Tensor:
         if protos.shape[0] != self.n_experts:
             raise UserError(f"router 'arrow' was built for {self.n_experts} experts, the pool has {protos.shape[0]}")
-        scores = F.linear(x2, protos).abs()
-        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) / self.temperature
-        if self.top_k == self.n_experts:  # every expert: the dense path
-            return Routing(None, F.softmax(scores, dim=-1).to(x.dtype))
-        ids = top_ids(scores.detach(), self.top_k)
-        return Routing(ids, F.softmax(scores.gather(-1, ids), dim=-1).to(x.dtype))
+        return protos
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {}

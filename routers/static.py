@@ -46,6 +46,21 @@ class StaticRouter(Router):
         plan, weights = ctx.cached(("static", self.key, lead), lambda: self._plan(ctx, lead))
         return Routing(plan, weights.to(x.dtype))
 
+    def one_expert(self, ctx: RoutingContext, lead, dtype: torch.dtype) -> tuple[Routing, int] | None:
+        """``(routing, e)`` when every token of this call uses expert ``e`` with weight 1 (``-1``: every token the
+        base alone), else None; decided once per forward call and shared by every layer (``MoALinear``'s
+        one-expert inference path)."""
+        if ctx.expert_weights is not None or getattr(ctx, self.key) is None:
+            return None
+        return ctx.cached(("static-one", self.key, lead, dtype), lambda: self._one_expert(ctx, lead, dtype))
+
+    def _one_expert(self, ctx: RoutingContext, lead, dtype: torch.dtype) -> tuple[Routing, int] | None:
+        plan, weights = ctx.cached(("static", self.key, lead), lambda: self._plan(ctx, lead))
+        raw = ctx.per_token(self.key, lead)
+        if not raw.numel() or int(raw.min()) != int(raw.max()):
+            return None
+        return Routing(plan, weights.to(dtype)), int(raw[0])
+
     def _mixture(self, ctx: RoutingContext, lead) -> Tensor:
         weights = ctx.per_token("expert_weights", lead, trailing=1)
         if weights.shape[-1] != self.n_experts:

@@ -183,14 +183,14 @@ def test_usage_is_computed_when_read_and_survives_a_copy():
 
 
 def test_concurrent_callers_keep_their_own_routing():
-    """Threads serving requests at once (the server's concurrent generate calls): each sees its own task's expert."""
+    """Threads serving requests at once (the server's concurrent generate calls), each a one-task batch on the
+    one-expert path: each sees its own task's expert (the decision is kept in the thread's context)."""
     layer = make_layer("static", key="task_ids")
     x = torch.randn(4, 3, D_IN)
     expected = {}
     for task in range(E):
         layer._slot.current = RoutingContext(task_ids=torch.full((4,), task))
-        with torch.no_grad():
-            expected[task] = layer(x)
+        expected[task] = general_path(layer, x)  # the autograd path, not the one-expert shortcut the threads take
     errors, barrier = [], threading.Barrier(E)
 
     def serve(task):
@@ -199,7 +199,7 @@ def test_concurrent_callers_keep_their_own_routing():
             layer._slot.current = RoutingContext(task_ids=torch.full((4,), task))
             with torch.no_grad():
                 out = layer(x)
-            if not torch.equal(out, expected[task]):
+            if not torch.allclose(out, expected[task], rtol=1e-6, atol=1e-6):
                 errors.append(task)
 
     threads = [threading.Thread(target=serve, args=(t,)) for t in range(E)]
@@ -208,3 +208,69 @@ def test_concurrent_callers_keep_their_own_routing():
     for t in threads:
         t.join()
     assert not errors
+
+
+ONE_EXPERT_CASES = {  # name: (batch shape, task ids per sample, the one expert or None for a mixed call)
+    "batch 1": ((1, 1), torch.tensor([2]), 2),
+    "one-task batch, prefill with padding rows' tokens": ((3, 5), torch.tensor([1, 1, 1]), 1),
+    "every row the base alone": ((2, 4), torch.tensor([-1, -1]), -1),
+    "mixed batch": ((4, 1), torch.tensor([0, 0, 0, 3]), None),
+    "one row without an expert": ((2, 3), torch.tensor([1, -1]), None),
+}
+
+
+@pytest.mark.parametrize("case", ONE_EXPERT_CASES)
+def test_one_expert_path_equals_the_general_path(case):
+    """A call whose every token uses the same expert skips the routing machinery (decided once per call); a mixed
+    call must not take that path. Both equal the autograd path and the fp64 loop."""
+    lead, tasks, expert = ONE_EXPERT_CASES[case]
+    layer = make_layer("static", key="task_ids")
+    x = torch.randn(*lead, D_IN)
+    layer._slot.current = RoutingContext(task_ids=tasks, token_mask=torch.ones(lead, dtype=torch.bool))
+    with torch.no_grad():
+        shortcut = layer._one_expert_forward(x)
+        fast = layer(x)
+    assert (shortcut is None) == (expert is None)
+    ids = tasks.clamp_min(0).repeat_interleave(lead[1])[:, None]
+    weights = (tasks >= 0).float().repeat_interleave(lead[1])[:, None]
+    torch.testing.assert_close(fast, general_path(layer, x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast.double(), loop_reference(layer, x, ids, weights), rtol=1e-5, atol=1e-5)
+    if expert is not None:
+        torch.testing.assert_close(shortcut, fast, rtol=0, atol=0)
+        torch.testing.assert_close(layer.last_usage, torch.zeros(E) if expert < 0 else torch.eye(E)[expert])
+
+
+def test_arrow_fused_gate_equals_the_router_and_the_loop():
+    """Arrow's logits come out of the layer's shrink GEMM (prototypes as the gate): same routing and output as the
+    router's own pass and the definition."""
+    layer = make_layer("arrow", top_k=2)
+    nn.init.normal_(layer.pool.lora_A)
+    x = torch.randn(5, 3, D_IN)
+    with torch.no_grad():
+        fast = layer(x)
+        protos = layer.router.prototypes(layer.pool)
+        scores = (x.reshape(-1, D_IN) @ protos.t()).abs()
+        top = scores.topk(2).indices
+        weights = torch.softmax(scores.gather(1, top), -1)
+        routing = layer.router(x, RoutingContext(), layer.pool)
+    torch.testing.assert_close(routing.expert_ids, top)
+    torch.testing.assert_close(layer._last_routing.expert_ids, top)
+    torch.testing.assert_close(fast, general_path(layer, x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast.double(), loop_reference(layer, x, top, weights), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("router", ["static", "topk"])
+def test_kept_transposed_factors_follow_in_place_updates(router):
+    """The inference path keeps contiguous transposes of the factors (and gate); an in-place update (an optimizer
+    step, load_state_dict) is seen by the next call."""
+    layer = make_layer(router, top_k=2)
+    x = torch.randn(6, D_IN)
+    layer._slot.current = RoutingContext(expert_ids=torch.tensor([0, 1, 2, 3, 0, 1]))
+    with torch.no_grad():
+        layer(x)
+        layer.pool.lora_A.mul_(2.0)
+        layer.pool.lora_B.add_(0.1)
+        if router == "topk":
+            layer.router.gate.weight.neg_()
+        fast = layer(x)
+    torch.testing.assert_close(fast, general_path(layer, x), rtol=1e-6, atol=1e-6)
