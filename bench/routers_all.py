@@ -14,7 +14,7 @@ method sees the same batch order), AdamW without a schedule (constant lr; ``MoAM
 Methods (pools of 4 experts per layer, every method with the same *active* rank: ``--rank`` = 8 adapter ranks
 per token; ``alpha`` = the expert rank everywhere, so every update is scaled by 1):
 
-* ``peft-lora``: ``peft.get_peft_model`` with ``LoraConfig(r=8)`` (a small LightningModule in this file).
+* ``peft-lora``: ``peft.get_peft_model`` with ``LoraConfig(r=8)`` (``PeftClassifier`` in ``bench/router_harness.py``).
 * ``topk``: 4 experts of rank 4, top-2 softmax gate, load-balancing loss.
 * ``static``: 4 experts of rank 8, one per task (``router_options={"key": "task_ids"}``).
 * ``poly``: 4 rank-8 skills, a learned mixture per task; ``mhr``: the same with 4 heads.
@@ -46,60 +46,26 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import shlex
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
-import lightning as L
-import pandas as pd
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
-warnings.filterwarnings("ignore")
-import logging  # noqa: E402
-
-logging.getLogger("lightning").setLevel(logging.ERROR)
-logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-
-from moa.pipelines.examples.ml100k_text import write_tasks  # noqa: E402
-from moa.pretrained import minilm_dir  # noqa: E402
-from moa.pipelines.kinds.classifier.module import MoAClassifier, RLOOClassifier, TaskLabelHead  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from router_harness import (HIDDEN, evaluate, fewshot_files, finish, fit, mean_sd,  # noqa: E402
+                            state_bytes, targets, trainable_params)
+import router_harness as harness  # noqa: E402
 from moa.pipelines.data.text import TextData  # noqa: E402
-from moa.pipelines.tracking.logger import MLflowLogger  # noqa: E402
+from moa.pipelines.examples.ml100k_text import write_tasks  # noqa: E402
 from moa.transfer import prepare_transfer  # noqa: E402
 
 EXPERIMENT = "moa-routers-all"
-HIDDEN = 384
 METHODS = ["peft-lora", "topk", "static", "poly", "mhr", "flylora", "remix", "hyper"]
-
-
-def targets(layers: int) -> str:
-    """query and value of MiniLM's top ``layers`` layers (of 6), as one regex (MoA and PEFT both full-match it)."""
-    ids = "|".join(str(i) for i in range(6 - layers, 6))
-    return rf"encoder\.layer\.({ids})\.attention\.self\.(query|value)"
-
-
-def method_spec(method: str, rank: int, n_tasks: int) -> dict:
-    """``MoAClassifier`` keyword arguments of a method (pool of 4 experts, active rank ``rank``)."""
-    half = rank // 2
-    specs = {
-        "topk": dict(n_experts=4, r=half, alpha=half, router="topk", top_k=2),
-        "static": dict(n_experts=4, r=rank, alpha=rank, router="static", router_options={"key": "task_ids"}),
-        "poly": dict(n_experts=4, r=rank, alpha=rank, router="poly", router_options={"n_tasks": n_tasks}),
-        "mhr": dict(n_experts=4, r=rank, alpha=rank, router="mhr", router_options={"n_tasks": n_tasks, "n_heads": 4}),
-        "flylora": dict(n_experts=4 * rank, r=4 * rank, alpha=4 * rank, router="flylora", top_k=rank,
-                        router_options={"bias_u": 0.001}),
-        "remix": dict(n_experts=4, r=half, alpha=half, router="remix", top_k=2),
-        "hyper": dict(n_experts=4, r=half, alpha=half, router="topk", top_k=2, expert_kind="hyper",
-                      expert_options={"arch": "mlp", "hidden_sizes": [64, 64]}),
-    }
-    return specs[method]
+method_spec, active_params = harness.method_spec, harness.active_params
 
 
 def learning_rates(method: str, lr: float, hyper_lr: float) -> dict:
@@ -110,163 +76,20 @@ def learning_rates(method: str, lr: float, hyper_lr: float) -> dict:
     return {"lr": lr, "router_lr": {"poly": 0.05, "mhr": 0.05, "remix": 0.01}.get(method, lr)}
 
 
-# -- the PEFT baseline --------------------------------------------------------------------------------------------
-class PeftClassifier(L.LightningModule):
-    """MiniLM with a plain PEFT LoRA and one label head per task: the baseline."""
-
-    def __init__(self, label_counts: list[int], r: int, target_modules: str, lr: float, seed: int):
-        super().__init__()
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModel
-
-        base = AutoModel.from_pretrained(str(minilm_dir()))
-        torch.manual_seed(seed)
-        self.model = get_peft_model(base, LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=target_modules))
-        torch.manual_seed(seed)
-        self.head = TaskLabelHead(HIDDEN, label_counts, "mean")
-        self.lr = lr
-
-    def on_fit_start(self) -> None:
-        self.train()  # from_pretrained returns eval mode; train like MoAModule.on_fit_start does
-
-    def forward(self, batch: dict) -> Tensor:
-        hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        return self.head(hidden, batch["attention_mask"], batch["task_ids"])
-
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        loss = F.cross_entropy(self(batch), batch["labels"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr, weight_decay=0.0)
-
-
-# -- measurement --------------------------------------------------------------------------------------------------
-class StepProbe(L.Callback):
-    """Step wall times, and the training memory of the first ``memory_steps`` steps (see the module doc)."""
-
-    def __init__(self, memory_steps: int = 8):
-        self.times: list[float] = []
-        self.memory_steps, self.saved_bytes, self._hooks, self._seen = memory_steps, 0, None, {}
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        if trainer.global_step < self.memory_steps:
-            params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-            self._seen = {}
-
-            def pack(tensor):
-                storage = tensor.untyped_storage()
-                if storage.data_ptr() not in params:
-                    self._seen[storage.data_ptr()] = storage.nbytes()
-                return tensor
-
-            self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-            self._hooks.__enter__()
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self.times.append(time.perf_counter() - self._t0)
-        if self._hooks is not None:
-            self._hooks.__exit__(None, None, None)
-            self._hooks, self.saved_bytes = None, max(self.saved_bytes, sum(self._seen.values()))
-
-    def median_step(self) -> float:
-        """The median over the steps after the memory probe and the first 10 %."""
-        return statistics.median(self.times[max(self.memory_steps, len(self.times) // 10):] or self.times)
-
-
-def adapter_module(module) -> torch.nn.Module:
-    return module.model
-
-
-def trainable_params(module) -> int:
-    """Adapter and router parameters that train (the task heads excluded)."""
-    return sum(p.numel() for p in adapter_module(module).parameters() if p.requires_grad)
-
-
-def state_bytes(module) -> int:
-    """Trainable parameters (head included), their gradients and AdamW's two moments, in bytes."""
-    return sum(4 * p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
-
-
-def active_params(method: str, module, rank: int) -> int:
-    """Adapter parameters one token's output uses, summed over the adapted layers: k experts' A and B (the active
-    rank's ``rank * (d_in + d_out)``), plus the router's gate (``d_in * E``) where it has one; FlyLoRA: A's
-    non-zeros (frozen) and the k selected columns of B; Poly / MHR: the one mixed rank-r adapter of the example's
-    task (mixing the skills is per example, not per token); hyper: the generated factors (the hypernetwork runs once
-    per forward call, not per token)."""
-    if method == "peft-lora":
-        layers = [m for m in module.model.modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})]
-        return sum(rank * (m.in_features + m.out_features) for m in layers)
-    total = 0
-    for layer in module.model.moa_layers().values():
-        d_in, d_out = layer.in_features, layer.out_features
-        if method == "flylora":
-            total += int((layer.pool.lora_A != 0).sum()) + rank * d_out
-        else:
-            total += rank * (d_in + d_out)
-            gate = getattr(layer.router, "gate", None)
-            if gate is not None:
-                total += sum(p.numel() for p in gate.parameters())
-    return total
-
-
-@torch.no_grad()
-def evaluate(module, data: TextData, split: str = "test") -> dict[str, float]:
-    """Accuracy per task on ``split`` (eval mode), by task name."""
-    module.eval()
-    names = data.task_names
-    hits: dict[str, list[int]] = {t: [0, 0] for t in names}
-    for batch in (data.test_dataloader() if split == "test" else data.val_dataloader()):
-        pred = module(batch).argmax(-1)
-        for t, ok in zip(batch["task_ids"].tolist(), (pred == batch["labels"]).tolist()):
-            hits[names[t]][0] += int(ok)
-            hits[names[t]][1] += 1
-    module.train()
-    return {t: h[0] / h[1] for t, h in hits.items() if h[1]}
-
-
 # -- runs ---------------------------------------------------------------------------------------------------------
 def build(method: str, args, data: TextData, seed: int, n_tasks: int):
     rates = learning_rates(method, args.lr, args.hyper_lr)
-    if method == "peft-lora":
-        counts = [len(data.label_names[t]) for t in data.task_names]
-        return PeftClassifier(counts, args.rank, targets(args.layers), rates["lr"], seed), rates
-    spec = dict(method_spec(method, args.rank, n_tasks), target_modules=targets(args.layers))
-    cls = RLOOClassifier if method == "remix" else MoAClassifier
-    extra = {"n_samples": args.rloo_samples} if method == "remix" else {}
-    return cls(backbone="minilm", seed=seed, **spec, **rates, **extra), rates
-
-
-def fit(module, data: TextData, steps: int, logger) -> StepProbe:
-    probe = StepProbe()
-    trainer = L.Trainer(max_steps=steps, logger=logger if logger is not None else False, callbacks=[probe],
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=10, accelerator="cpu",
-                        devices=1, default_root_dir=tempfile.gettempdir())
-    trainer.fit(module, data)
-    return probe
+    module = harness.build(method, data, seed, rank=args.rank, target=targets(args.layers), lr=rates["lr"],
+                           router_lr=rates["router_lr"], rloo_samples=args.rloo_samples)
+    return module, rates
 
 
 def make_logger(args, run_name: str):
-    return MLflowLogger(experiment_name=EXPERIMENT, run_name=run_name, tracking_uri=args.tracking_uri)
-
-
-def finish(logger, params: dict, metrics: dict) -> None:
-    """Params and final metrics on the run the logger opened (Lightning has finished it after the fit)."""
-    client, run_id = logger.experiment, logger.run_id
-    from mlflow.entities import Metric, Param
-
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, params=[Param(f"bench/{k}", str(v)[:500]) for k, v in params.items()],
-                     metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    return harness.make_logger(EXPERIMENT, run_name, args.tracking_uri)
 
 
 def text_data(args, folder: Path, seed: int, batch_size: int | None = None) -> TextData:
-    return TextData(train=str(folder / "train.jsonl"), val=str(folder / "val.jsonl"), test=str(folder / "test.jsonl"),
-                    task_column="task", max_length=args.max_length, batch_size=batch_size or args.batch_size,
-                    split_seed=seed)
+    return harness.text_data(folder, seed, args.max_length, batch_size or args.batch_size)
 
 
 def common_params(args, method: str, seed: int, rates: dict) -> dict:
@@ -303,45 +126,10 @@ def run_method(method: str, args, data: TextData, seed: int) -> dict:
 
 
 def time_interleaved(args, folder: Path, methods: list[str], steps: int) -> dict[str, float]:
-    """Median training-step time per method, interleaved step by step: each method is set up by a 1-step fit
-    (Lightning builds the per-task head and the optimizer groups), then the methods take turns on the same batches
-    (``training_step``, backward, AdamW step, as Lightning's automatic optimization does), so a change of the
-    machine's load hits every method alike. The first 3 rounds are dropped."""
+    """Median training-step time per method, the methods taking turns step by step (``harness.time_interleaved``)."""
     data = text_data(args, folder, 0)
-    modules, optimizers = {}, {}
-    for method in methods:
-        module, _ = build(method, args, data, 0, len(data.task_names))
-        fit(module, data, 1, None)
-        module._trainer = None  # self.log outside a Trainer only warns
-        module.train()
-        modules[method], optimizers[method] = module, module.configure_optimizers()
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    loader = iter(data.train_dataloader())
-    for step in range(steps + 3):
-        batch = next(loader)
-        for method, module in modules.items():
-            t0 = time.perf_counter()
-            loss = module.training_step(dict(batch), step)
-            optimizers[method].zero_grad()
-            loss.backward()
-            optimizers[method].step()
-            if step >= 3:
-                times[method].append(time.perf_counter() - t0)
-    medians = {m: statistics.median(t) for m, t in times.items()}
-    print("  interleaved step times: " + ", ".join(f"{m} {1e3 * t:.0f} ms" for m, t in medians.items()), flush=True)
-    return medians
-
-
-def fewshot_files(folder: Path, out: Path, heldout: str, shots: int, seed: int) -> None:
-    """``out/seen/`` (every task but ``heldout``) and ``out/shots/`` (``shots`` training rows per label of the
-    held-out task, seeded; its full val and test)."""
-    for split in ("train", "val", "test"):
-        frame = pd.read_json(folder / f"{split}.jsonl", lines=True, dtype=False)
-        for name, part in (("seen", frame[frame["task"] != heldout]), ("shots", frame[frame["task"] == heldout])):
-            if name == "shots" and split == "train":
-                part = part.sample(frac=1.0, random_state=seed).groupby("label").head(shots).sort_index()
-            (out / name).mkdir(parents=True, exist_ok=True)
-            part.to_json(out / name / f"{split}.jsonl", orient="records", lines=True, force_ascii=False)
+    builders = {m: (lambda m=m: build(m, args, data, 0, len(data.task_names))[0]) for m in methods}
+    return harness.time_interleaved(builders, data, steps)
 
 
 def run_transfer(args, folder: Path, seed: int, work: Path) -> dict[str, float]:
@@ -384,11 +172,6 @@ def run_transfer(args, folder: Path, seed: int, work: Path) -> dict[str, float]:
 
 
 # -- the table ----------------------------------------------------------------------------------------------------
-def mean_sd(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
-
-
 def majority_accuracy() -> dict[str, float]:
     """Test accuracy of always predicting each task's most frequent training label (the floor to read the table by)."""
     from moa.pipelines.examples.ml100k_text import build_tasks
