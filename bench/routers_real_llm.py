@@ -16,6 +16,9 @@ Settings (every method sees the same rows, steps, batches and seeds):
   (= greedy generation gives target + eos, see ``routers_real_llm_trunc``).
 * ``tweets-10pct``: the same with 10% of those training rows per domain (same steps: more epochs); the learning
   rates selected on ``tweets`` (no grid of its own: the budget).
+* ``tweets-domain`` (only with ``--settings``: a control): ``tweets`` with ``Domain: <domain>\n`` before each tweet,
+  for every method, so PEFT sees what static's ``task_ids`` tell it; peft-r8 and static (``--methods`` adds no
+  other), the lrs selected on ``tweets``. Its prompts are other token ids, so other cache keys and adapter folders.
 * ``headlines``: BBC article lead -> headline, task = the article's topic (5); ROUGE-L of greedy generations of the
   full model (at most 20 new tokens) on 6 test rows per topic (64 training, 12 validation); lr selected on the
   teacher-forced validation loss (generation is too slow for the grid).
@@ -26,8 +29,9 @@ model at the start of each setting and recorded). Methods (pools of 4 experts, a
 alpha = the expert rank: scale 1): ``peft-r8`` (PEFT ``LoraConfig(r=8)``: the same active rank), ``peft-r32`` (r =
 4 x 8: the trainable-parameter count of the 4 x r8 pools), ``topk`` (4 x r4, top-2, load balancing), ``static``
 (one r8 expert per task on ``task_ids``), ``poly``, ``mhr`` (4 r8 skills, per-task mixtures; MHR 4 heads),
-``flylora`` (rank 32 = 32 rank-1 experts, top 8; only with ``--methods``: the budget). Headlines: peft-r8, topk,
-static.
+``flylora`` (rank 32 = 32 rank-1 experts, top 8; only with ``--methods``: the budget), ``lora`` (moa's one-expert
+LoRA, router ``lora``: PEFT r8's parameters and outputs through moa's code and optimiser groups, no routing; only with
+``--methods``: the control separating moa's parameterisation from routing). Headlines: peft-r8, topk, static.
 
 Fairness: lr from {1e-3, 3e-3, 1e-2} chosen on validation with seed 0 (router-lr multiplier {1, 10} tried at the
 best lr for methods with router parameters); then every seed at the selected lr; the test split is read once per
@@ -65,7 +69,8 @@ from routers_real_llm_trunc import cached_batch, frozen_states, pad_right, targe
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "moa-routers-real-llm"
-METHODS = ("peft-r8", "peft-r32", "topk", "static", "poly", "mhr", "flylora")
+METHODS = ("peft-r8", "peft-r32", "topk", "static", "poly", "mhr", "flylora", "lora")
+ON_REQUEST = ("flylora", "lora")  # only with --methods: the budget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +87,7 @@ class Setting:
     target_max_length: int = 4
     methods: tuple[str, ...] = METHODS
     select_from: str | None = None  # reuse that setting's selected learning rates
+    domain_in_prompt: bool = False  # "Domain: <task>\n" before each row's text, for every method (a control)
 
 
 @dataclasses.dataclass
@@ -109,15 +115,47 @@ class Config:
         return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(self).items() if k not in skip}, default=str))
 
 
+def setting_key(setting: dict) -> dict:
+    """What a setting's cells depend on (not its method list; no flag: as before the flag existed)."""
+    return {k: v for k, v in setting.items() if k != "methods" and not (k == "domain_in_prompt" and not v)}
+
+
+def merged_key(stored: dict | None, current: dict) -> dict | None:
+    """The results' configuration after adding ``current``'s settings and methods to ``stored``'s, or None when they
+    disagree (another --steps, or a setting of the same name defined otherwise): cells keep their meaning."""
+    if not stored:
+        return current
+    rest = lambda key: {k: v for k, v in key.items() if k != "settings"}  # noqa: E731
+    if rest(stored) != rest(current) or "settings" not in stored:
+        return None
+    settings = {s["name"]: s for s in stored["settings"]}
+    for s in current["settings"]:
+        old = settings.get(s["name"])
+        if old is not None and setting_key(old) != setting_key(s):
+            return None
+        methods = list(dict.fromkeys([*(old or {}).get("methods", []), *s["methods"]]))
+        settings[s["name"]] = {**s, "methods": methods}
+    return {**rest(current), "settings": list(settings.values())}
+
+
 def default_settings(train_per_task: int = 80, val: int = 20, test: int = 80, headline_train: int = 64,
-                     headline_val: int = 12, headline_test: int = 6, methods: Sequence[str] = METHODS[:-1],
+                     headline_val: int = 12, headline_test: int = 6,
+                     methods: Sequence[str] = tuple(m for m in METHODS if m not in ON_REQUEST),
                      headline_methods: Sequence[str] = ("peft-r8", "topk", "static")) -> tuple[Setting, ...]:
-    """tweets, tweets-10pct (its lrs from tweets) and headlines; FlyLoRA only on request (``--methods``: budget)."""
+    """tweets, tweets-10pct (its lrs from tweets) and headlines; FlyLoRA and moa's LoRA only on request
+    (``--methods``: budget)."""
     tweets = Setting("tweets", "tweets", "task", "exact", train_per_task, val_per_task=val, test_per_task=test,
                      methods=tuple(methods))
     return (tweets, dataclasses.replace(tweets, name="tweets-10pct", fraction=0.1, select_from="tweets"),
             Setting("headlines", "bbc-headline", "label", "rougeL", headline_train, val_per_task=headline_val,
                     test_per_task=headline_test, max_length=192, target_max_length=24, methods=tuple(headline_methods)))
+
+
+def domain_control(tweets: Setting) -> Setting:
+    """``tweets-domain`` (only on request): the domain written in every prompt, so PEFT sees what static's
+    ``task_ids`` tell it; peft-r8 and static only, the lrs selected on tweets."""
+    return dataclasses.replace(tweets, name="tweets-domain", domain_in_prompt=True, select_from=tweets.name,
+                               methods=("peft-r8", "static"))
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
@@ -165,7 +203,8 @@ def prepare(cfg: Config, setting: Setting, encoder) -> dict:
     tasks = sorted({r[setting.task_column] for r in train})
     out: dict = {"tasks": tasks}
     for split, rows in chosen.items():
-        prompts = [encoder.prompt(r["text"], r[setting.task_column], r.get("domain", "")) for r in rows]
+        texts = [f"Domain: {r[setting.task_column]}\n{r['text']}" if setting.domain_in_prompt else r["text"] for r in rows]
+        prompts = [encoder.prompt(t, r[setting.task_column], r.get("domain", "")) for t, r in zip(texts, rows)]
         prompt_ids, target_ids, _, _ = encoder.pair_ids(prompts, [r["target"] for r in rows], setting.target_max_length)
         out[split] = [Row(p, y, tasks.index(r[setting.task_column]), r["target"])
                       for p, y, r in zip(prompt_ids, target_ids, rows)]
@@ -215,6 +254,7 @@ def method_spec(method: str, rank: int, n_tasks: int) -> dict:
         "static": dict(n_experts=n_tasks, r=rank, alpha=rank, router="static", router_options={"key": "task_ids"}),
         "poly": dict(n_experts=4, r=rank, alpha=rank, router="poly", router_options={"n_tasks": n_tasks}),
         "mhr": dict(n_experts=4, r=rank, alpha=rank, router="mhr", router_options={"n_tasks": n_tasks, "n_heads": 4}),
+        "lora": dict(n_experts=1, r=rank, alpha=rank, router="lora"),  # PEFT LoRA's parameters, moa's code path
         "flylora": dict(n_experts=4 * rank, r=4 * rank, alpha=4 * rank, router="flylora", top_k=rank,
                         router_options={"bias_u": 0.001}),
     }[method]
@@ -380,9 +420,10 @@ class Bench:
         self.cache: dict[tuple, Tensor] = {}
         self.path = cfg.out.with_suffix(".json")
         self.results = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        if self.results and self.results.get("config") != cfg.key():
+        config = merged_key(self.results.get("config"), cfg.key())
+        if config is None:
             raise SystemExit(f"{self.path} holds results of other settings: move it away or pass --out")
-        self.results = {"config": cfg.key(), "cells": {}, "selected": {}, "timing": {}, "check": {}, **self.results}
+        self.results = {"cells": {}, "selected": {}, "timing": {}, "check": {}, **self.results, "config": config}
         self.earlier_wall = self.results.get("wall_s", 0.0)  # of the invocations before this one
         self.results["threads"] = torch.get_num_threads()
 
@@ -491,8 +532,8 @@ class Bench:
             done = self.run_cell(setting, data, method, lr, mult, seed, test, state)
             kept = done.pop("_state")
             if kept is not None:  # a grid cell's adapters: its test is read from them if it is selected
-                self.state_path(key).parent.mkdir(parents=True, exist_ok=True)
-                save_file(kept, str(self.state_path(key)))
+                self.state_path(setting, key).parent.mkdir(parents=True, exist_ok=True)
+                save_file(kept, str(self.state_path(setting, key)))
             cells[key] = {**cells.get(key, {}), **done} if state is not None else done
             self.save()
             print(f"{key}: val {val_score(setting, cells[key]):.4f}"
@@ -532,17 +573,19 @@ class Bench:
             chosen = self.select(setting, data, method)
             for seed in self.cfg.seeds:
                 key = cell_key(setting.name, method, chosen["lr"], chosen["router_mult"], seed)
-                saved = self.state_path(key)
+                saved = self.state_path(setting, key)
                 state = load_file(str(saved)) if seed == self.cfg.seeds[0] and saved.is_file() else None
                 self.cell(setting, data, method, chosen["lr"], chosen["router_mult"], seed, True, state)
             self.save()
-        if setting.name not in self.results["timing"]:
+        if set(setting.methods) - set(self.results["timing"].get(setting.name, {})):  # all methods side by side
             self.results["timing"][setting.name] = self.timing(setting, data)
             self.save()
 
-    def state_path(self, key: str) -> Path:
-        """Where a grid cell's adapters are kept: one folder per configuration (another --steps: other adapters)."""
-        run = hashlib.sha256(json.dumps(self.cfg.key(), sort_keys=True).encode()).hexdigest()[:12]
+    def state_path(self, setting: Setting, key: str) -> Path:
+        """Where a grid cell's adapters are kept: one folder per configuration and setting definition (another
+        --steps or prompt: other adapters)."""
+        config = {**self.cfg.key(), "settings": setting_key(json.loads(json.dumps(dataclasses.asdict(setting))))}
+        run = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
         return self.cfg.work / "states" / run / (key.replace("/", "__") + ".safetensors")
 
     def timing(self, setting: Setting, data: dict) -> dict:
@@ -709,8 +752,9 @@ def notes(cfg: Config, results: dict) -> str:
             f"AdamW, constant lr, no weight decay; seeds {list(cfg.seeds)}; {rows}. lr grid {list(cfg.lrs)} chosen on "
             f"validation with seed {cfg.seeds[0]} (tweets: mean exact match; headlines: teacher-forced loss), router-lr "
             f"multipliers {list(cfg.router_mults)} tried at the best lr where a router has parameters; tweets-10pct "
-            "takes the lrs selected on tweets. Exact match is teacher-forced: greedy generation equals the target and "
-            "eos iff every target position's argmax is right (token level: a generation that decodes to the same "
+            "and tweets-domain take the lrs selected on tweets; tweets-domain writes 'Domain: <domain>' on a line "
+            "before each tweet for every method. lora: moa's single LoRA (n_experts=1, router 'lora'), PEFT r8's "
+            "parameters. Exact match is teacher-forced: greedy generation equals the target and eos iff every target position's argmax is right (token level: a generation that decodes to the same "
             f"word through other tokens counts as a miss). Headlines: ROUGE-L of greedy generations, at most "
             f"{cfg.max_new_tokens} new tokens, full model. Δ: per seed, the method's mean minus peft-r8's, mean ± sd; "
             "'≥ 2 pts beyond 2 sd': mean Δ - 2 sd ≥ 2 points. Usage entropy: mean over tasks of the entropy of the "
@@ -724,7 +768,7 @@ def notes(cfg: Config, results: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few rows and steps, seed 0, two lrs")
-    parser.add_argument("--settings", nargs="+", help="tweets, tweets-10pct, headlines (default: all)")
+    parser.add_argument("--settings", nargs="+", help="tweets, tweets-10pct, headlines (default: these), tweets-domain")
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="restrict every setting to these")
     parser.add_argument("--mlp", action="store_true", help="adapt gate/up/down_proj of the top layers too")
     parser.add_argument("--steps", type=int)
@@ -740,21 +784,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = default_settings()
+    settings += (domain_control(settings[0]),)
     cfg = Config(settings, backbone=args.backbone, corpora=args.corpora, prompt_template=args.prompt_template,
                  tracking_uri=args.tracking_uri, mlp=args.mlp)
     if args.quick:
         quick = default_settings(6, 2, 3, 6, 2, 1, ("peft-r8", "topk", "static"), ("peft-r8", "topk"))
+        quick += (domain_control(quick[0]),)
         cfg = dataclasses.replace(cfg, settings=quick, steps=6, batch_size=4, seeds=(0,),
                                   lrs=(3e-3, 1e-2), max_new_tokens=8, timing_rounds=3,
                                   out=cfg.out.with_name(cfg.out.name + "_quick"), work=cfg.work / "quick")
+    known = {s.name: s for s in cfg.settings}
+    cfg.settings = tuple(s for s in cfg.settings if not s.domain_in_prompt)  # the control: only on request
     if args.settings:
-        known = {s.name: s for s in cfg.settings}
         unknown = set(args.settings) - set(known)
         if unknown:
             raise SystemExit(f"unknown settings {sorted(unknown)}; known: {sorted(known)}")
         cfg.settings = tuple(known[n] for n in args.settings)
-    if args.methods:  # peft-r8, the reference, always runs
-        cfg.settings = tuple(dataclasses.replace(s, methods=tuple(dict.fromkeys(["peft-r8", *args.methods])))
+    if args.methods:  # peft-r8, the reference, always runs; the domain control keeps to its own methods
+        cfg.settings = tuple(dataclasses.replace(s, methods=tuple(m for m in dict.fromkeys(["peft-r8", *args.methods])
+                                                                  if not s.domain_in_prompt or m in s.methods))
                              for s in cfg.settings)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in {"steps": args.steps, "seeds": tuple(args.seeds or ()),
                                                          "out": args.out, "work": args.work}.items() if v})

@@ -234,3 +234,50 @@ def test_settings_of_another_run_are_refused(tmp_path, one_thread):
     cfg.out.with_suffix(".json").write_text(json.dumps({"config": {"steps": 1}, "cells": {}}))
     with pytest.raises(SystemExit, match="other settings"):
         bench.Bench(cfg, "x")
+
+
+def test_moa_lora_method_is_peft_lora_with_the_same_weights(one_thread):
+    """``lora`` (moa's single adapter, no routing) has PEFT r8's parameters and, given PEFT's A and B, its outputs:
+    the control that separates moa's parameterisation from routing."""
+    from moa.pipelines.kinds.causal_lm.module import build_causal_lm
+
+    base = build_causal_lm("tiny-llama", None, 0).eval().requires_grad_(False)
+    cfg = bench.Config((), backbone="tiny-llama", top_layers=1, rank=4)
+    peft, lora = (bench.build(cfg, base, m, 2, 0) for m in ("peft-r8", "lora"))
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=gen) * 0.3 for k, v in bench.adapter_state(peft).items()}
+    bench.load_adapter_state(peft, state)
+    moa_names = {k.replace("base_model.model.", "").replace(".lora_A.weight", ".pool.lora_A")
+                 .replace(".lora_B.weight", ".pool.lora_B"): v for k, v in state.items()}
+    assert set(moa_names) == set(bench.adapter_state(lora))
+    bench.load_adapter_state(lora, moa_names)
+    assert bench.n_params(lora) == bench.n_params(peft) and bench.n_params(lora, "router") == 0
+    rows, _ = _rows([6, 9])
+    ids, mask = trunc.pad_right(rows, 0), trunc.pad_right([[1] * len(r) for r in rows], 0)
+    with torch.no_grad():
+        plain, got, want = (m(input_ids=ids, attention_mask=mask).logits for m in (base, lora, peft))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (want - plain).abs().max() > 1e-2  # not vacuous: the adapters change the logits
+
+
+def test_domain_in_prompt_prefixes_every_row_and_keys_the_cache(tmp_path, one_thread):
+    """``tweets-domain`` writes "Domain: <task>" before each text (the same words for every method), keeps the rows,
+    and no row's token ids (the frozen-state cache key) are another setting's."""
+    from moa.pipelines.data.text import TextEncoder, load_tokenizer, tokenizer_source
+
+    cfg = _config(tmp_path)
+    tokenizer = load_tokenizer(tokenizer_source(cfg.backbone))
+    encoder = TextEncoder(tokenizer, cfg.prompt_template, 64)
+    control = bench.domain_control(cfg.settings[0])
+    assert control.methods == ("peft-r8", "static") and control.select_from == "tweets"
+    plain, domain = (bench.prepare(cfg, s, encoder) for s in (cfg.settings[0], control))
+    for split in ("train", "val", "test"):
+        assert [(r.target, r.task) for r in plain[split]] == [(r.target, r.task) for r in domain[split]]
+        for p, d in zip(plain[split], domain[split]):
+            prefix = tokenizer(f"Domain: {domain['tasks'][d.task]}\n", add_special_tokens=False)["input_ids"]
+            assert d.prompt == prefix + p.prompt  # (the tiny tokenizer splits at spaces: the tokens add up)
+        assert not {tuple(r.ids) for r in plain[split]} & {tuple(r.ids) for r in domain[split]}
+    # the adapters kept for a grid cell are the prompt's own too
+    harness = object.__new__(bench.Bench)  # state_path reads only cfg
+    harness.cfg = cfg
+    assert harness.state_path(cfg.settings[0], "k") != harness.state_path(control, "k")
