@@ -50,6 +50,7 @@ BASELINES = ["peft-lora", "static"]  # always in the variation settings (peft-lo
 SETTINGS = {
     "tweets": ([("tweets", 1.0, None)], False),
     "tweets-10pct": ([("tweets", 0.1, None)], False),
+    "tweets-1pct": ([("tweets", 0.01, None)], False),  # few rows per task, several epochs within the step budget
     "tweets-2dom": ([("tweets", 1.0, "conflicting")], False),
     "tweets-ffn": ([("tweets", 1.0, None)], True),
     "bbc-topic": ([("bbc-topic", 1.0, None)], False),
@@ -90,7 +91,11 @@ def write_setting(args, setting: str) -> Path:
             cap = {"train": args.train_rows, "val": args.val_rows, "test": args.test_rows}[split]
             for _, rows in part.groupby("task", sort=True):
                 n = round(len(rows) * fraction) if split == "train" else len(rows)
-                frames[split].append(rows.head(min(n, cap or n)))
+                kept = rows.head(min(n, cap or n))
+                if split == "train":  # every label of the task at least once (a 1% slice can miss one)
+                    missing = rows[~rows["label"].isin(kept["label"])].drop_duplicates("label")
+                    kept = pd.concat([kept, missing])
+                frames[split].append(kept)
     folder.mkdir(parents=True, exist_ok=True)
     for split, parts in frames.items():
         pd.concat(parts).to_json(folder / f"{split}.jsonl", orient="records", lines=True, force_ascii=False)
