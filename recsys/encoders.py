@@ -255,10 +255,22 @@ class ItemEncoder(nn.Module):
         width = max(m.shape[1] for m in masks)
         hidden = torch.cat([F.pad(h, (0, 0, 0, width - h.shape[1])) for h in hidden])
         masks = torch.cat([F.pad(m, (0, width - m.shape[1])) for m in masks])
-        used = int(masks.sum(1).max()) if len(masks) else 1  # trim the padding columns no row uses
-        hidden, masks = hidden[:, :used], masks[:, :used]
-        vectors = self.run_top(hidden, masks, torch.cat(experts))
+        vectors = self.run_top_by_length(hidden, masks, torch.cat(experts))
         return list(vectors.split(sizes))
+
+    def run_top_by_length(self, hidden: Tensor, mask: Tensor, expert_ids: Tensor, buckets: int = 4) -> Tensor:
+        """:meth:`run_top` on rows sorted by length in ``buckets`` groups, each cut to its own longest row: short
+        item texts do not pay for the padding of long ones (a catalogue's texts vary from 5 to ``max_tokens``)."""
+        lengths = mask.sum(1)
+        if len(lengths) < 64 * buckets:
+            used = int(lengths.max()) if len(lengths) else 1
+            return self.run_top(hidden[:, :used], mask[:, :used], expert_ids)
+        order = lengths.argsort()
+        parts = []
+        for rows in order.chunk(buckets):
+            used = int(lengths[rows].max())
+            parts.append(self.run_top(hidden[rows, :used], mask[rows, :used], expert_ids[rows]))
+        return torch.cat(parts)[order.argsort()]
 
     def run_top(self, hidden: Tensor, mask: Tensor, expert_ids: Tensor) -> Tensor:
         """Top layers (with their experts) and mean pooling: ``[M, T, d] -> [M, d]``."""

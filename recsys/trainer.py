@@ -20,11 +20,11 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .data import PAD, LeaveOneOut, training_windows
+from .layers import linear_cross_entropy
 from .evaluate import evaluate
 from moa.experts.errors import UserError
 
@@ -197,9 +197,10 @@ def batch_loss(model: TextSeqRecommender, batch: dict[str, list[int]], windows, 
         vectors = model.head(domain).item_vectors(rep, candidates)
         states = model.user_states(domain, x, vectors, lookup)
         target = y != PAD
-        logits = states[target] @ vectors.T
-        losses.append(F.cross_entropy(logits, lookup[y[target]], reduction="sum"))
-        count += int(target.sum())
+        n = int(target.sum())
+        # the full [positions, items] logits never exist whole (chunked, fused with the gradient)
+        losses.append(linear_cross_entropy(states[target], vectors, lookup[y[target]]) * n if n else states.sum() * 0)
+        count += n
     return torch.stack(losses).sum() / max(count, 1), count
 
 

@@ -114,6 +114,24 @@ def test_one_call_routes_rows_of_several_domains_to_their_own_experts():
     assert not torch.allclose(mixed_a, model.item_encoder.encode("a", items_a, 1), atol=1e-4)
 
 
+def test_a_large_catalogue_runs_in_length_buckets_with_the_same_vectors_and_gradients():
+    model = model_for(sizes=(300, 9))  # 301 rows >= 4 buckets of 64: encoded shortest-first, in four groups
+    randomize_experts(model)
+    encoder, items = model.item_encoder, torch.arange(301)
+    got = encoder.encode("a", items, 0)
+    assert torch.allclose(got, expert_delta_reference(model, "a"), atol=1e-5)
+    hidden, mask = encoder.prefix("a")
+    whole = encoder.run_top(hidden, mask, torch.zeros(301, dtype=torch.long))  # one padded batch: no buckets
+    weights = torch.randn(whole.shape, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for vectors in (got, whole):
+        encoder.zero_grad()
+        (vectors * weights).sum().backward(retain_graph=True)
+        grads.append([p.grad.clone() for p in encoder.trainable_parameters()])
+    for bucketed, padded in zip(*grads):
+        assert bucketed.abs().sum() > 0 and torch.allclose(bucketed, padded, rtol=1e-4, atol=1e-4)
+
+
 def test_frozen_encoder_caches_mean_pooled_vectors_and_has_nothing_to_train():
     model = model_for(experts=False)
     encoder = model.item_encoder
