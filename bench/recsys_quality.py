@@ -9,6 +9,7 @@ SASRec, 3 seeds.
                                                    # its domains (--domain-field, else ml-100k-style categories) + all
     python bench/recsys_quality.py --dataset ml-1m --xcross children   # MovieLens-1M (hours: a stopped run
                                                    # resumes from --out, finished runs are read back)
+    python bench/recsys_quality.py --dataset ml-1m --profile   # a +LoRA training step's parts, before/after
 
 Protocol (the same for every model): time-ordered leave-one-out, full ranking over the catalogue's items, test
 metrics of the epoch with the best validation NDCG@10 (patience ``--patience``); reported with the user's seen
@@ -60,6 +61,8 @@ SEEN = "seen@10"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="first domain, 1 seed, few epochs (smoke run)")
+    p.add_argument("--profile", action="store_true",
+                   help="time a +LoRA training step's parts on the largest domain (before/after the speed-ups)")
     p.add_argument("--dataset", help="ml-100k (default), ml-1m, or the folder of a RecBole atomic dataset")
     p.add_argument("--domain-field", help="the .item field naming each item's domain (default: from categories)")
     p.add_argument("--catalogues", nargs="+", help="domains and/or 'all' (default: every domain and all)")
@@ -395,8 +398,62 @@ def save(out: Path, command: str, settings: dict, finished: dict, run_seconds: d
     os.replace(tmp, out)
 
 
+def profile(args, repeats: int = 5) -> None:
+    """Seconds of one ID+text+LoRA training step's parts on the dataset's largest domain, one thread, the old and
+    the new way side by side (interleaved, median of ``repeats``): re-encoding the catalogue through the adapted
+    layer (forward + backward; one padded batch vs length buckets) and the full-softmax loss over the catalogue
+    (the whole logits table vs :func:`moa.recsys.layers.linear_cross_entropy`)."""
+    import torch
+    import torch.nn.functional as F
+
+    from moa.recsys.layers import linear_cross_entropy
+    from moa.recsys.recommender import RecommenderConfig, TextSeqRecommender
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    data = dataset_of(args.dataset, args.domain_field)
+    domain = max(data.domains, key=lambda d: data.domain(d).n_items)
+    dataset = data.domain(domain)
+    config = RecommenderConfig(adapted_layers=args.adapted_layers, hidden=args.hidden, max_len=args.max_len,
+                               target_modules=args.adapter_targets, item_ids=True)
+    model = TextSeqRecommender.build([domain], {domain: dataset.texts}, config=config)
+    encoder, n = model.item_encoder, dataset.n_items
+    hidden, mask = encoder.prefix(domain)
+    experts = torch.zeros(n + 1, dtype=torch.long)
+    states = torch.randn(args.batch_size * args.max_len, args.hidden, requires_grad=True)
+    vectors = torch.randn(n, args.hidden, requires_grad=True)
+    targets = torch.randint(0, n, (len(states),))
+
+    def padded():
+        used = int(mask.sum(1).max())
+        encoder.run_top(hidden[:, :used], mask[:, :used], experts).sum().backward()
+
+    def plain_loss():
+        F.cross_entropy(states @ vectors.T, targets).backward()
+
+    steps = {"encode, one padded batch": padded,
+             "encode, length buckets": lambda: encoder.run_top_by_length(hidden, mask, experts).sum().backward(),
+             "loss, whole logits": plain_loss,
+             "loss, linear_cross_entropy": lambda: linear_cross_entropy(states, vectors, targets).backward()}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    print(f"{data.name}/{domain}: {n} items, {args.batch_size} windows x {args.max_len} positions, 1 thread, median "
+          f"of {repeats}")
+    for name, seconds in median.items():
+        print(f"  {name:28s} {seconds:7.3f} s")
+    print(f"  encode: buckets {median['encode, one padded batch'] / median['encode, length buckets']:.2f}x faster; "
+          f"loss: fused {median['loss, whole logits'] / median['loss, linear_cross_entropy']:.2f}x faster")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.profile:
+        return profile(args)
     start = time.perf_counter()
     out = Path(args.out)
     settings = {k: getattr(args, k) for k in SETTINGS}

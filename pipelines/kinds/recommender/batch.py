@@ -46,6 +46,11 @@ def score_all(model, params: Mapping[str, Any] | None = None, *, data: str | Pat
     dataset = dataset if dataset is not None else load_dataset(data, data_name)
     items = pd.DataFrame([(str(i), d) for d, ids in service.index_of.items() for i in ids], columns=["item_id", "domain"])
     frame = user_histories(dataset, items, service.max_history)
+    if frame.empty:
+        from moa.experts.errors import UserError
+
+        raise UserError(f"no user of {dataset.name} has an item of the model's catalogues ({', '.join(service.domains)}): "
+                        f"is --data the dataset the model was trained on?")
     if service.integer_ids:
         frame["history"] = frame["history"].map(lambda h: [int(i) for i in h])
     params = {"k": 10, **dict(params or {})}
