@@ -61,6 +61,8 @@ SEEN = "seen@10"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="first domain, 1 seed, few epochs (smoke run)")
+    p.add_argument("--report", action="store_true",
+                   help="write the table of the runs --out already holds (a partial run too) without running any")
     p.add_argument("--profile", action="store_true",
                    help="time a +LoRA training step's parts on the largest domain (before/after the speed-ups)")
     p.add_argument("--dataset", help="ml-100k (default), ml-1m, or the folder of a RecBole atomic dataset")
@@ -458,8 +460,9 @@ def main(argv=None):
     out = Path(args.out)
     settings = {k: getattr(args, k) for k in SETTINGS}
     finished, run_seconds = load_finished(out, settings)
-    jobs = [j for j in jobs_of(args) if job_key(j) not in finished]
-    command = f"python bench/recsys_quality.py {shlex.join(argv if argv is not None else sys.argv[1:])}".strip()
+    jobs = [] if args.report else [j for j in jobs_of(args) if job_key(j) not in finished]
+    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report"]  # the run's own command
+    command = f"python bench/recsys_quality.py {shlex.join(given)}".strip()
     print(f"$ {command}\n{len(jobs)} runs to do ({len(finished)} read back from {out}) in {args.jobs} process(es), "
           f"1 thread each (load average {os.getloadavg()[0]:.1f})", flush=True)
 
