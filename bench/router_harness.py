@@ -108,33 +108,48 @@ def build(method: str, data: TextData, seed: int, *, rank: int, target: str, lr:
 
 
 # -- measurement --------------------------------------------------------------------------------------------------
+class SavedBytes:
+    """Context manager: the bytes autograd saves for backward inside it (each storage once, ``module``'s
+    parameters excluded) are ``.bytes`` after it exits."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        self.seen: dict[int, int] = {}
+        self.bytes = 0
+
+    def _pack(self, tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.params:
+            self.seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def __enter__(self) -> "SavedBytes":
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+        self.bytes = sum(self.seen.values())
+
+
 class StepProbe(L.Callback):
     """Step wall times, and the training memory of the first ``memory_steps`` steps (see the module doc)."""
 
     def __init__(self, memory_steps: int = 8):
         self.times: list[float] = []
-        self.memory_steps, self.saved_bytes, self._hooks, self._seen = memory_steps, 0, None, {}
+        self.memory_steps, self.saved_bytes, self._probe = memory_steps, 0, None
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if trainer.global_step < self.memory_steps:
-            params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-            self._seen = {}
-
-            def pack(tensor):
-                storage = tensor.untyped_storage()
-                if storage.data_ptr() not in params:
-                    self._seen[storage.data_ptr()] = storage.nbytes()
-                return tensor
-
-            self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-            self._hooks.__enter__()
+            self._probe = SavedBytes(module).__enter__()
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.times.append(time.perf_counter() - self._t0)
-        if self._hooks is not None:
-            self._hooks.__exit__(None, None, None)
-            self._hooks, self.saved_bytes = None, max(self.saved_bytes, sum(self._seen.values()))
+        if self._probe is not None:
+            self._probe.__exit__(None, None, None)
+            self._probe, self.saved_bytes = None, max(self.saved_bytes, self._probe.bytes)
 
     def median_step(self) -> float:
         """The median over the steps after the memory probe and the first 10 %."""

@@ -65,6 +65,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from router_harness import SavedBytes  # noqa: E402
 from routers_real_llm_trunc import cached_batch, frozen_states, pad_right, target_scores, truncated  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -618,21 +619,12 @@ class Bench:
 
 
 def step_memory(run: Run, rows: Sequence[Row], opt: torch.optim.Optimizer) -> dict:
-    """One training step under ``saved_tensors_hooks``: the bytes autograd saves (each storage once, parameters
-    excluded), plus 4 x the trainable parameters' bytes (weights, gradients, AdamW's two moments)."""
-    params = {p.untyped_storage().data_ptr() for p in run.model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    """One training step under :class:`router_harness.SavedBytes`: the bytes autograd saves (each storage once,
+    parameters excluded), plus 4 x the trainable parameters' bytes (weights, gradients, AdamW's two moments)."""
+    with SavedBytes(run.model) as saved:
         run.step(rows, opt)
     state = sum(4 * p.numel() * p.element_size() for p in run.model.parameters() if p.requires_grad)
-    return {"saved_bytes": sum(seen.values()), "memory_bytes": sum(seen.values()) + state}
+    return {"saved_bytes": saved.bytes, "memory_bytes": saved.bytes + state}
 
 
 def majority(data: dict) -> dict:

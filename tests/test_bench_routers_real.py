@@ -84,3 +84,20 @@ def test_routers_real_selects_on_validation_and_resumes(tmp_path, monkeypatch):
     assert json.loads(out.with_suffix(".json").read_text())["cells"] == cells
     with pytest.raises(SystemExit, match="other settings"):
         bench.main([*argv, "--steps", "3"])
+
+
+def test_saved_bytes_counts_what_backward_keeps_once_and_no_parameter():
+    _bench()  # puts bench/ on the path
+    from router_harness import SavedBytes
+
+    layer = torch.nn.Linear(8, 16, bias=False)
+    x = torch.randn(4, 8, requires_grad=True)
+    with SavedBytes(layer) as saved:
+        hidden = layer(x).relu()
+        (hidden * hidden).sum()   # mul saves `hidden` (already counted by relu: its output) twice, one storage
+    # linear saves its input x (its weight is a parameter: not counted); relu saves its output [4, 16]
+    assert saved.bytes == x.numel() * 4 + hidden.numel() * 4
+    with SavedBytes(layer) as nothing:
+        with torch.no_grad():
+            layer(x).relu()
+    assert nothing.bytes == 0
