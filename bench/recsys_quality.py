@@ -379,8 +379,11 @@ def load_finished(out: Path, settings: dict) -> tuple[dict[str, list[dict]], dic
     if not out.is_file():
         return {}, {}
     saved = json.loads(out.read_text())
-    if saved.get("settings") != settings:
-        changed = sorted(k for k in settings if (saved.get("settings") or {}).get(k) != settings[k])
+    if "settings" not in saved:  # written before runs resumed: nothing to read back, the new run replaces it
+        print(f"{out} holds no settings (an older format): its runs are not read back, this run replaces it")
+        return {}, {}
+    if saved["settings"] != settings:
+        changed = sorted(k for k in settings if saved["settings"].get(k) != settings[k])
         raise SystemExit(f"{out} was written with other settings ({', '.join(changed)}): pass another --out, or "
                          f"delete it to start over")
     finished: dict[str, list[dict]] = {}
@@ -486,8 +489,8 @@ def main(argv=None):
     wall = sum(run_seconds[k] for k in wanted if k in run_seconds)
     lines = [f"$ {command}",
              f"{data.name}: {sum(k in finished for k in wanted)} of {len(wanted)} runs finished, {args.seeds} seed(s), "
-             f"epochs <= {args.epochs}{budget}, patience {args.patience}, lr {args.lr:g} ({lora}), hidden {args.hidden}, "
-             f"max length {args.max_len}, batch {args.batch_size}, full softmax; cold start: {args.cold:.0%} of the "
+             f"epochs <= {args.epochs}{budget}, patience {args.patience}, lr {args.lr:g} ({lora}), "
+             f"hidden {args.hidden}, max length {args.max_len}, batch {args.batch_size}, full softmax; cold start: {args.cold:.0%} of the "
              f"items held out of training; the runs' summed wall time {wall:.0f}s (this sitting "
              f"{time.perf_counter() - start:.0f}s, {args.jobs} process(es))", ""]
     lines += table(records, args.order)

@@ -92,7 +92,8 @@ def test_the_recommender_config_trains_on_any_dataset_and_serves_its_item_tokens
     from moa.experts.errors import UserError
 
     with pytest.raises(UserError, match="no user of ml-100k has an item of the model's catalogues"):  # wrong --data
-        batch_main(["--model-uri", "models:/toy-rec@champion", "--data", "ml-100k", "--out", str(tmp_path / "x.parquet")])
+        batch_main(["--model-uri", "models:/toy-rec@champion", "--data", "ml-100k",
+                    "--out", str(tmp_path / "x.parquet")])
     assert not (tmp_path / "x.parquet").exists()
     assert len(recs) == 60 and set(recs["domain"]) == {"books", "games"}  # 30 users x 2 domains
     for domain, items in zip(recs["domain"], recs["items"]):

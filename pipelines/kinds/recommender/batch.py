@@ -49,8 +49,8 @@ def score_all(model, params: Mapping[str, Any] | None = None, *, data: str | Pat
     if frame.empty:
         from moa.experts.errors import UserError
 
-        raise UserError(f"no user of {dataset.name} has an item of the model's catalogues ({', '.join(service.domains)}): "
-                        f"is --data the dataset the model was trained on?")
+        raise UserError(f"no user of {dataset.name} has an item of the model's catalogues "
+                        f"({', '.join(service.domains)}): is --data the dataset the model was trained on?")
     if service.integer_ids:
         frame["history"] = frame["history"].map(lambda h: [int(i) for i in h])
     params = {"k": 10, **dict(params or {})}

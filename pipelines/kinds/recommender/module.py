@@ -1,8 +1,8 @@
 """Lightning wrappers of the recommenders of :mod:`moa.recsys`, for ``moa fit`` and the main job.
 
 * :class:`RecBoleDomains`: any RecBole atomic dataset (``.inter`` + ``.item`` with text and a domain column or a
-  category -> domain map) in domains; :class:`MovieLensDomains`: MovieLens-100K or -1M in genre domains. Each domain is
-  its own catalogue, time-ordered leave-one-out per domain, training windows of ``max_len + 1`` items,
+  category -> domain map) in domains; :class:`MovieLensDomains`: MovieLens-100K or -1M in genre domains. Each
+  domain is its own catalogue, time-ordered leave-one-out per domain, training windows of ``max_len + 1`` items,
   validation/test per domain.
 * :class:`DomainExpertRecommender`: the text-based sequential recommender with one LoRA expert per domain in the
   item encoder (static routing on the domain) and one user encoder per domain.

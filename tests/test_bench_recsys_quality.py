@@ -1,0 +1,49 @@
+"""bench/recsys_quality.py resumes: every finished run is in ``--out`` at once, a rerun reads them back and trains
+nothing, a file written with other settings is refused by name, ``--report`` tables a partial run."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("recbole") is None, reason="ml-100k (recbole wheel) missing")
+
+
+def _bench():
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("recsys_quality_bench", ROOT / "bench" / "recsys_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_rerun_reads_finished_runs_back_and_other_settings_are_refused(tmp_path, monkeypatch, capsys):
+    bench = _bench()
+    out = tmp_path / "q.json"
+    args = ["--quick", "--epochs", "1", "--models", "popularity", "SASRec", "--cold", "0", "--jobs", "1",
+            "--out", str(out)]
+    out.write_text(json.dumps({"command": "older", "records": [{"model": "SASRec"}]}))  # the format before resume
+    bench.main(args)
+    assert "holds no settings (an older format)" in capsys.readouterr().out
+    first = json.loads(out.read_text())
+    assert sorted(first["run_seconds"]) == ["SASRec|children|0|warm", "popularity|children|0|warm"]
+    assert {r["job"] for r in first["records"]} == set(first["run_seconds"])
+    table = out.with_suffix(".txt").read_text()
+
+    monkeypatch.setattr(bench, "run_job", lambda job: pytest.fail(f"ran {job[:3]} again"))
+    bench.main(args)  # nothing left to run: the same records and table
+    assert "0 runs to do (2 read back" in capsys.readouterr().out
+    assert json.loads(out.read_text())["records"] == first["records"]
+    assert out.with_suffix(".txt").read_text().splitlines()[2:] == table.splitlines()[2:]
+
+    with pytest.raises(SystemExit, match=r"written with other settings \(lr\)"):
+        bench.main([*args, "--lr", "1e-2"])
+    assert json.loads(out.read_text())["records"] == first["records"]  # untouched
+
+    out.with_suffix(".txt").unlink()
+    bench.main([*args[:-2], "--models", "popularity", "SASRec", "ID+text (frozen)", "--out", str(out), "--report"])
+    lines = out.with_suffix(".txt").read_text().splitlines()
+    assert "2 of 3 runs finished" in lines[1] and "--report" not in lines[0]
