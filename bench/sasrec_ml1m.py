@@ -159,6 +159,27 @@ def report(command: str, config: dict, cells: list[dict], seconds: float) -> lis
     return lines
 
 
+def read_back(out: Path, config: dict) -> list[dict]:
+    """The cells ``out`` already holds (resume); a file written with other settings is refused by name, never
+    overwritten."""
+    if not out.is_file():
+        return []
+    saved = json.loads(out.read_text())
+    if saved.get("config") != config:
+        changed = sorted(k for k in config if saved.get("config", {}).get(k) != config[k])
+        raise SystemExit(f"{out} was written with other settings ({', '.join(changed)}): pass another --out, or "
+                         f"delete it to start over")
+    return saved["cells"]
+
+
+def write_replacing(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file renamed over ``path``: a stop never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -168,8 +189,7 @@ def main(argv=None):
     start = time.perf_counter()
     split = load_split(args)
     config = config_of(args, split)
-    saved = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    cells = saved.get("cells", []) if saved.get("config") == config else []   # other settings: start afresh
+    cells = read_back(args.out, config)
     print(f"$ {command}\n{describe(split)}; {len(cells)} cell(s) read back from {args.out}", flush=True)
     for seed, block, windows in [(s, b, w) for s in range(args.seeds) for b in args.block for w in args.windows]:
         if any((c["seed"], block_of(c), c["windows"]) == (seed, block, windows) for c in cells):
@@ -177,9 +197,8 @@ def main(argv=None):
         cells.append(run_seed(split, seed, windows, block, args))
         cells.sort(key=lambda c: (BLOCKS.index(block_of(c)), list(WINDOWS).index(c["windows"]), c["seed"]))
         lines = report(command, config, cells, time.perf_counter() - start)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"command": command, "config": config, "published": PUBLISHED,
-                                        "cells": cells}, indent=1))
+        write_replacing(args.out, json.dumps({"command": command, "config": config, "published": PUBLISHED,
+                                              "cells": cells}, indent=1))
         args.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
         print("\n".join(lines[2:]), flush=True)
     print(f"wrote {args.out} and {args.out.with_suffix('.txt')}")

@@ -172,6 +172,10 @@ def test_bench_quick_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch, 
     assert cells == saved["cells"]
     again = bench.main(["--quick", "--users", "120", "--out", str(out)])     # the cells are read back, not retrained
     assert again == cells and "2 cell(s) read back" in capsys.readouterr().out
+    before = out.read_text()
+    with pytest.raises(SystemExit, match=r"other settings \(lr\)"):    # never overwritten by a run of other settings
+        bench.main(["--quick", "--users", "120", "--lr", "0.01", "--out", str(out)])
+    assert out.read_text() == before and not list(tmp_path.glob("*.tmp"))
 
 
 def _paper_sasrec_forward(model: SASRec, histories: list[list[int]]) -> list[torch.Tensor]:
