@@ -1,5 +1,6 @@
 """Fixtures shared by the test modules."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -93,6 +94,27 @@ def moa_cli():
         return output
 
     return run
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench_script(name: str):
+    """A fresh module of ``bench/<name>.py``, registered under its own name (the scripts import their helpers,
+    e.g. ``router_harness``, by name from bench/, and dataclasses resolve their annotations in ``sys.modules``)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def bench_script():
+    """``bench_script(name)``: :func:`load_bench_script`, for test modules (they cannot import conftest)."""
+    return load_bench_script
 
 
 @pytest.fixture(scope="session")

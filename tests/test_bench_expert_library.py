@@ -2,24 +2,13 @@
 composed and scored; the oracle's score equals PEFT generating with each registered adapter alone; a second run
 resumes from the results file."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 WORDS = {"alpha": "positive", "beta": "negative"}  # each domain's rows all carry one sentiment word
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("expert_library_bench", ROOT / "bench" / "expert_library.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass resolves its annotations there
-    spec.loader.exec_module(module)
-    return module
 
 
 def _corpus(folder: Path) -> Path:
@@ -44,9 +33,9 @@ def _peft_accuracy(bench, settings, expert, domain: str) -> float:
 
 
 @pytest.mark.slow
-def test_expert_library_bench_composes_registered_experts_and_resumes(tmp_path, monkeypatch):
+def test_expert_library_bench_composes_registered_experts_and_resumes(tmp_path, monkeypatch, bench_script):
     torch.set_num_threads(1)
-    bench = _bench()
+    bench = bench_script("expert_library")
     settings = bench.Settings(
         corpus=_corpus(tmp_path / "tweets"), work=tmp_path / "work", out=tmp_path / "results" / "lib",
         domains=tuple(WORDS), seeds=(0,), steps=12, router_steps=2, test_rows=6, lr=0.05, backbone="tiny-llama",

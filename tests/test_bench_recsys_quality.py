@@ -3,25 +3,14 @@ nothing, a file written with other settings is refused by name, ``--report`` tab
 
 import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("recbole") is None, reason="ml-100k (recbole wheel) missing")
 
 
-def _bench():
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("recsys_quality_bench", ROOT / "bench" / "recsys_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_a_rerun_reads_finished_runs_back_and_other_settings_are_refused(tmp_path, monkeypatch, capsys):
-    bench = _bench()
+def test_a_rerun_reads_finished_runs_back_and_other_settings_are_refused(tmp_path, monkeypatch, capsys, bench_script):
+    bench = bench_script("recsys_quality")
     out = tmp_path / "q.json"
     args = ["--quick", "--epochs", "1", "--models", "popularity", "SASRec", "--cold", "0", "--jobs", "1",
             "--out", str(out)]

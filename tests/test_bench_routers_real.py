@@ -2,25 +2,14 @@
 recorded validation accuracies, the table's mean ± sd and delta are recomputed from the JSON, and a second run
 resumes without fitting anything."""
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 LABELS = ("negative", "neutral", "positive")
-
-
-def _bench():
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("routers_real_bench", ROOT / "bench" / "routers_real.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _corpora(folder: Path) -> Path:
@@ -39,9 +28,9 @@ def _row(table: str, method: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_routers_real_selects_on_validation_and_resumes(tmp_path, monkeypatch):
+def test_routers_real_selects_on_validation_and_resumes(tmp_path, monkeypatch, bench_script):
     torch.set_num_threads(1)
-    bench = _bench()
+    bench = bench_script("routers_real")
     out = tmp_path / "results" / "real.md"
     argv = ["--corpora", str(_corpora(tmp_path / "corpora")), "--work", str(tmp_path / "work"), "--out", str(out),
             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--settings", "tweets", "--methods", "peft-lora",
@@ -86,9 +75,8 @@ def test_routers_real_selects_on_validation_and_resumes(tmp_path, monkeypatch):
         bench.main([*argv, "--steps", "3"])
 
 
-def test_saved_bytes_counts_what_backward_keeps_once_and_no_parameter():
-    _bench()  # puts bench/ on the path
-    from router_harness import SavedBytes
+def test_saved_bytes_counts_what_backward_keeps_once_and_no_parameter(bench_script):
+    SavedBytes = bench_script("router_harness").SavedBytes
 
     layer = torch.nn.Linear(8, 16, bias=False)
     x = torch.randn(4, 8, requires_grad=True)

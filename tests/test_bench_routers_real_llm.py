@@ -2,30 +2,25 @@
 teacher-forced exact match is greedy generation's, and the harness runs end to end, reports what its JSON holds and
 resumes without running a finished cell again."""
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
 WORDS = {"alpha": "positive", "beta": "negative"}  # each task's rows carry one word: adapters learn it fast
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve their annotations there
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def trunc(bench_script):
+    return bench_script("routers_real_llm_trunc")
 
 
-trunc = _load("routers_real_llm_trunc")
-bench = _load("routers_real_llm")
+@pytest.fixture(scope="module")
+def bench(bench_script, trunc):
+    return bench_script("routers_real_llm")
 
 
 def _tiny(router: str = "poly", seed: int = 0):
@@ -51,7 +46,7 @@ def _rows(lengths, targets=3, seed=0):
     return rows, [[-100] * (len(r) - targets) + r[-targets:] for r in rows]
 
 
-def test_truncated_model_gives_the_full_models_logits_and_loss(one_thread):
+def test_truncated_model_gives_the_full_models_logits_and_loss(one_thread, trunc):
     model = _tiny()
     rows, labels = _rows([5, 13, 9, 17])
     tasks = torch.tensor([0, 1, 1, 0])
@@ -75,7 +70,7 @@ def test_truncated_model_gives_the_full_models_logits_and_loss(one_thread):
     assert (wrong["logits"] - full[at]).abs().max() > 1e-2
 
 
-def test_truncated_peft_model_gives_the_full_models_logits(one_thread):
+def test_truncated_peft_model_gives_the_full_models_logits(one_thread, trunc):
     from peft import LoraConfig, get_peft_model
 
     from moa.pipelines.kinds.causal_lm.module import build_causal_lm
@@ -95,7 +90,7 @@ def test_truncated_peft_model_gives_the_full_models_logits(one_thread):
     torch.testing.assert_close(cut["logits"], full[at], atol=1e-4, rtol=0)
 
 
-def test_teacher_forced_exact_match_is_greedy_generation(one_thread):
+def test_teacher_forced_exact_match_is_greedy_generation(one_thread, trunc):
     """Per row the last label plays eos: greedy ``generate`` (full model, KV cache, left padding) stops there and
     returns target + eos exactly for the rows the teacher-forced argmax says, and for no other."""
     model = _tiny("topk", seed=1)
@@ -136,7 +131,7 @@ def _corpus(folder: Path) -> Path:
     return folder
 
 
-def _config(tmp_path: Path):
+def _config(bench, tmp_path: Path):
     tweets = bench.Setting("tweets", "tweets", "task", "exact", 8, val_per_task=3, test_per_task=4, max_length=16)
     settings = (tweets,
                 bench.dataclasses.replace(tweets, name="tweets-10pct", fraction=0.25, select_from="tweets",
@@ -150,10 +145,10 @@ def _config(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_harness_end_to_end_reports_its_json_and_resumes(tmp_path, one_thread, monkeypatch):
+def test_harness_end_to_end_reports_its_json_and_resumes(tmp_path, one_thread, monkeypatch, bench):
     from mlflow.tracking import MlflowClient
 
-    cfg = _config(tmp_path)
+    cfg = _config(bench, tmp_path)
     cfg.settings = (bench.dataclasses.replace(cfg.settings[0], methods=("peft-r8", "topk", "static", "poly")),
                     *cfg.settings[1:])
     results = bench.Bench(cfg, "the command").run()
@@ -228,15 +223,15 @@ def _section(table: str, line: str) -> str:
     return before[before.rindex("### "):].splitlines()[0]
 
 
-def test_settings_of_another_run_are_refused(tmp_path, one_thread):
-    cfg = _config(tmp_path)
+def test_settings_of_another_run_are_refused(tmp_path, one_thread, bench):
+    cfg = _config(bench, tmp_path)
     cfg.out.parent.mkdir(parents=True)
     cfg.out.with_suffix(".json").write_text(json.dumps({"config": {"steps": 1}, "cells": {}}))
     with pytest.raises(SystemExit, match="other settings"):
         bench.Bench(cfg, "x")
 
 
-def test_moa_lora_method_is_peft_lora_with_the_same_weights(one_thread):
+def test_moa_lora_method_is_peft_lora_with_the_same_weights(one_thread, bench, trunc):
     """``lora`` (moa's single adapter, no routing) has PEFT r8's parameters and, given PEFT's A and B, its outputs:
     the control that separates moa's parameterisation from routing."""
     from moa.pipelines.kinds.causal_lm.module import build_causal_lm
@@ -260,12 +255,12 @@ def test_moa_lora_method_is_peft_lora_with_the_same_weights(one_thread):
     assert (want - plain).abs().max() > 1e-2  # not vacuous: the adapters change the logits
 
 
-def test_domain_in_prompt_prefixes_every_row_and_keys_the_cache(tmp_path, one_thread):
+def test_domain_in_prompt_prefixes_every_row_and_keys_the_cache(tmp_path, one_thread, bench):
     """``tweets-domain`` writes "Domain: <task>" before each text (the same words for every method), keeps the rows,
     and no row's token ids (the frozen-state cache key) are another setting's."""
     from moa.pipelines.data.text import TextEncoder, load_tokenizer, tokenizer_source
 
-    cfg = _config(tmp_path)
+    cfg = _config(bench, tmp_path)
     tokenizer = load_tokenizer(tokenizer_source(cfg.backbone))
     encoder = TextEncoder(tokenizer, cfg.prompt_template, 64)
     control = bench.domain_control(cfg.settings[0])

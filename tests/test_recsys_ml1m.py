@@ -144,19 +144,12 @@ def test_batch_order_by_length_is_a_partition_with_less_padding():
     assert padded(grouped) < 0.8 * padded(plain)
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("sasrec_ml1m_bench", ROOT / "bench" / "sasrec_ml1m.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @needs_ml1m
-def test_bench_quick_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch, movielens):
+def test_bench_quick_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch, movielens, bench_script):
     import moa.recsys.data
 
     monkeypatch.setattr(moa.recsys.data, "ml1m", lambda path=None: movielens)   # parsed once per module
-    bench = _bench()
+    bench = bench_script("sasrec_ml1m")
     out = tmp_path / "sasrec_ml1m.json"
     cells = bench.main(["--quick", "--users", "120", "--out", str(out)])
     saved = json.loads(out.read_text())
