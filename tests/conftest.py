@@ -77,23 +77,38 @@ def fit_config():
     return run
 
 
-@pytest.fixture
+def moa_command() -> list[str]:
+    """The installed ``moa`` console script (or its module, where the script is missing)."""
+    script = Path(sys.executable).with_name("moa")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "moa.pipelines.cli.command"]
+
+
+def moa_environment(env=None) -> dict[str, str]:
+    """This process's environment without ``MLFLOW_TRACKING_URI`` (each test's store is its working folder's), plus
+    ``env``."""
+    return {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **(env or {})}
+
+
+@pytest.fixture(scope="session")
 def moa_cli():
-    """``moa_cli(args, cwd, env=None, timeout=300)``: run the installed ``moa`` console script as a subprocess (no
-    inherited ``MLFLOW_TRACKING_URI``; ``env`` adds variables), assert it succeeded, return its output."""
+    """``moa_cli(args, cwd, env=None, timeout=300)``: run ``moa`` as a subprocess (:func:`moa_command` in
+    :func:`moa_environment`), assert it succeeded, return its output."""
 
     def run(args, cwd, env=None, timeout=300) -> str:
-        script = Path(sys.executable).with_name("moa")
-        command = [str(script)] if script.exists() else [sys.executable, "-m", "moa.pipelines.cli.command"]
-        environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-        environment.update(env or {})
-        done = subprocess.run([*command, *args], cwd=cwd, env=environment, capture_output=True, text=True,
-                              timeout=timeout)
+        done = subprocess.run([*moa_command(), *args], cwd=cwd, env=moa_environment(env), capture_output=True,
+                              text=True, timeout=timeout)
         output = done.stdout + done.stderr
         assert done.returncode == 0, f"moa {' '.join(args)} failed:\n{output[-4000:]}"
         return output
 
     return run
+
+
+@pytest.fixture(scope="session")
+def moa_start():
+    """``moa_start(args, cwd, **popen)``: start ``moa`` as :func:`moa_cli` runs it, without waiting for it."""
+    return lambda args, cwd, **popen: subprocess.Popen([*moa_command(), *args], cwd=cwd, env=moa_environment(),
+                                                       **popen)
 
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"

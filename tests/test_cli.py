@@ -6,8 +6,6 @@ default ``./mlflow.db`` and ``./mlruns`` land there); the per-config checks run 
 
 import contextlib
 import io
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,21 +18,6 @@ ROUTER_CONFIGS = ["topk", "static", "poly", "mhr", "flylora", "remix", "hypelora
 SMALL = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
          "--data.init_args.n_train", "128", "--data.init_args.n_val", "64", "--data.init_args.n_test", "64",
          "--trainer.log_every_n_steps", "1"]
-
-
-def moa_command() -> list[str]:
-    script = Path(sys.executable).with_name("moa")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "moa.pipelines.cli.command"]
-
-
-def run_moa(args, cwd, env=None, timeout=300) -> str:
-    environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    environment.update(env or {})
-    done = subprocess.run([*moa_command(), *args], cwd=cwd, env=environment, capture_output=True, text=True,
-                          timeout=timeout)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"moa {' '.join(args)} failed:\n{output[-4000:]}"
-    return output
 
 
 def runs_of(db: Path, experiment: str):
@@ -58,9 +41,9 @@ def test_router_config_prints_and_trains_one_step(name, tmp_path, monkeypatch, f
     fit_config(["-c", str(CONFIGS / f"{name}.yaml"), "--trainer.fast_dev_run", "2", "--trainer.logger", "false", *SMALL])
 
 
-def test_fit_logs_to_mlflow_then_test_resume_validate_and_predict(tmp_path, monkeypatch):
+def test_fit_logs_to_mlflow_then_test_resume_validate_and_predict(tmp_path, monkeypatch, moa_cli):
     config = str(CONFIGS / "topk.yaml")
-    output = run_moa(["fit", "-c", config, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4",
+    output = moa_cli(["fit", "-c", config, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4",
                       "--trainer.logger.init_args.run_name", "null", *SMALL], cwd=tmp_path)
 
     # embedded store in the working directory: sqlite database + ./mlruns artifacts

@@ -1,10 +1,8 @@
 """Resume: a ``moa fit`` killed with SIGKILL mid-epoch and resumed from ``last.ckpt`` ends bit-identical to the
 uninterrupted fit, in the same MLflow run, and no run is left RUNNING (the real CLI in subprocesses, a real store)."""
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,22 +15,6 @@ BATCHES, EPOCHS, EVERY = 4, 3, 3  # last.ckpt at steps 3, 6, 9 (all mid-epoch) a
 ARGS = ["fit", "-c", str(CONFIGS / "topk.yaml"), "--trainer.max_epochs", str(EPOCHS),
         "--trainer.limit_train_batches", str(BATCHES), "--trainer.callbacks.every_n_train_steps", str(EVERY),
         "--trainer.logger.init_args.run_name", "null", *SMALL]  # the last callback of the config: last.ckpt
-
-
-def environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-
-
-def moa_command() -> list[str]:
-    script = Path(sys.executable).with_name("moa")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "moa.pipelines.cli.command"]
-
-
-def run_moa(args, cwd) -> str:
-    done = subprocess.run([*moa_command(), *args], cwd=cwd, env=environment(), capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, f"moa {' '.join(args)} failed:\n{(done.stdout + done.stderr)[-4000:]}"
-    return done.stdout + done.stderr
 
 
 def runs_of(db: Path, experiment: str):
@@ -52,14 +34,12 @@ def trainable(checkpoint: Path) -> dict[str, torch.Tensor]:
     return torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
 
 
-def test_killed_mid_epoch_fit_resumes_bit_identical_in_the_same_run(tmp_path):
+def test_killed_mid_epoch_fit_resumes_bit_identical_in_the_same_run(tmp_path, moa_cli, moa_start):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     whole.mkdir(), killed.mkdir()
     log = (tmp_path / "whole.log").open("w")
-    reference = subprocess.Popen([*moa_command(), *ARGS], cwd=whole, env=environment(), stdout=log,
-                                 stderr=subprocess.STDOUT)
-    victim = subprocess.Popen([*moa_command(), *ARGS], cwd=killed, env=environment(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reference = moa_start(ARGS, whole, stdout=log, stderr=subprocess.STDOUT)
+    victim = moa_start(ARGS, killed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:  # kill it as soon as its first checkpoint (step 3 of epoch 0) is written
         deadline = time.monotonic() + 300
         while not list((killed / "runs").glob("*/*/checkpoints/last.ckpt")):
@@ -78,7 +58,7 @@ def test_killed_mid_epoch_fit_resumes_bit_identical_in_the_same_run(tmp_path):
     assert [r.info.status for r in runs] == ["RUNNING"]  # SIGKILL: nobody ended it
     killed_run = runs[0].info.run_id
 
-    run_moa([*ARGS, "--ckpt_path", str(checkpoint)], cwd=killed)
+    moa_cli([*ARGS, "--ckpt_path", str(checkpoint)], cwd=killed, timeout=600)
     assert reference.wait(timeout=600) == 0, (tmp_path / "whole.log").read_text()[-4000:]
 
     # the same MLflow run, ended FINISHED, and no other run
