@@ -161,7 +161,7 @@ def test_ray_serve_replicas_answer_like_the_module(registered, cluster, capfd):
 
 def test_a_batch_while_serve_replicas_hold_every_cpu_says_so_instead_of_hanging(registered, cluster):
     """After the test above, its two replicas hold both CPUs of the cluster: Ray Data would wait for a free one
-    (forever: its first step is a task); the batch ends at once with one line saying so."""
+    (forever: its first step is a task); the batch ends within seconds with one line saying so."""
     import ray
 
     from moa.experts.errors import UserError
@@ -171,3 +171,21 @@ def test_a_batch_while_serve_replicas_hold_every_cpu_says_so_instead_of_hanging(
     frame = pd.DataFrame({"text": registered["texts"][:4], "task": registered["tasks"][:4]})
     with pytest.raises(UserError, match=r"^no CPU of the Ray cluster is free \(all 2 are held, e\.g\. by the replicas"):
         score_rows_on_ray("models:/clf@champion", frame, workers=2, batch_size=2, tracking_uri=registered["uri"])
+
+
+def test_cpus_held_by_a_job_that_just_ended_are_waited_for_not_called_full():
+    """A finished Ray Data job's actors give their CPUs back a moment after it returns: a batch right after it waits
+    for them (briefly) instead of refusing; a cluster that stays full is refused after the wait."""
+    from moa.pipelines.serving.ray_engine import _a_cpu_frees_up
+
+    class Cluster:  # free CPUs as Ray reports them, poll by poll
+        def __init__(self, free):
+            self.free, self.polls = list(free), 0
+
+        def available_resources(self):
+            self.polls += 1
+            return {"CPU": self.free.pop(0)} if len(self.free) > 1 else {"CPU": self.free[0]}
+
+    releasing = Cluster([0, 0, 2])
+    assert _a_cpu_frees_up(releasing, seconds=5) and releasing.polls == 3
+    assert not _a_cpu_frees_up(Cluster([0]), seconds=0.5)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -98,6 +99,17 @@ def _user_error(error: BaseException) -> UserError | None:
     return None
 
 
+def _a_cpu_frees_up(ray, seconds: float = 10.0) -> bool:
+    """Whether a CPU of the cluster is free within ``seconds``: the actors of a job that just ended release theirs a
+    moment after it returns, so a busy cluster is polled briefly before it is called full."""
+    deadline = time.monotonic() + seconds
+    while ray.available_resources().get("CPU", 0) < 1:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def score_rows_on_ray(model_uri: str, frame: pd.DataFrame, params: dict[str, Any] | None = None, *,
                       workers: int = 2, batch_size: int = 256, address: str | None = None,
                       tracking_uri: str | None = None) -> pd.DataFrame:
@@ -111,7 +123,7 @@ def score_rows_on_ray(model_uri: str, frame: pd.DataFrame, params: dict[str, Any
     if ROW in frame.columns:
         raise UserError(f"the input has a column named {ROW!r}, which moa's Ray engine uses itself; rename it")
     init_ray(address, tracking_uri)
-    if ray.available_resources().get("CPU", 0) < 1:  # Ray Data would wait for one (forever, on a fixed cluster)
+    if not _a_cpu_frees_up(ray):  # Ray Data would wait for one (forever, on a fixed cluster)
         raise UserError(f"no CPU of the Ray cluster is free (all {ray.cluster_resources().get('CPU', 0):g} are held, "
                         "e.g. by the replicas of moa serve --engine ray); stop them or join a larger cluster")
     ignored = unread_by(_model_info(model_uri, tracking_uri), frame.columns)  # the scorers drop the same ones
