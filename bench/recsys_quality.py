@@ -394,13 +394,13 @@ def load_finished(out: Path, settings: dict) -> tuple[dict[str, list[dict]], dic
 
 def save(out: Path, command: str, settings: dict, finished: dict, run_seconds: dict) -> None:
     """Write every finished run to ``out`` (a temporary file renamed over it: a stop never leaves half a file)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from moa.atomic import atomic_file
+
     records = [r for rs in finished.values() for r in rs]
     data = {"command": command, "settings": settings, "seconds": round(sum(run_seconds.values())),
             "run_seconds": run_seconds, "records": records}
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, out)
+    with atomic_file(out) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
 
 
 def profile(args, repeats: int = 5) -> None:
@@ -490,8 +490,8 @@ def main(argv=None):
     lines = [f"$ {command}",
              f"{data.name}: {sum(k in finished for k in wanted)} of {len(wanted)} runs finished, {args.seeds} seed(s), "
              f"epochs <= {args.epochs}{budget}, patience {args.patience}, lr {args.lr:g} ({lora}), "
-             f"hidden {args.hidden}, max length {args.max_len}, batch {args.batch_size}, full softmax; cold start: {args.cold:.0%} of the "
-             f"items held out of training; the runs' summed wall time {wall:.0f}s (this sitting "
+             f"hidden {args.hidden}, max length {args.max_len}, batch {args.batch_size}, full softmax; cold start: "
+             f"{args.cold:.0%} of the items held out of training; the runs' summed wall time {wall:.0f}s (this sitting "
              f"{time.perf_counter() - start:.0f}s, {args.jobs} process(es))", ""]
     lines += table(records, args.order)
     lines += xcross_summary(records, args.xcross_fraction)

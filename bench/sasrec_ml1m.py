@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from moa.atomic import atomic_file
+
 PUBLISHED = {"HR@10": 0.3152, "NDCG@10": 0.1821}   # SASRec+ on ML-1M, README of antklen/sasrec-bert4rec-recsys23
 RECIPE = {"hidden": 64, "n_layers": 2, "n_heads": 1, "inner": 64, "dropout": 0.1, "max_len": 200}
 
@@ -172,14 +174,6 @@ def read_back(out: Path, config: dict) -> list[dict]:
     return saved["cells"]
 
 
-def write_replacing(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file renamed over ``path``: a stop never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -197,8 +191,9 @@ def main(argv=None):
         cells.append(run_seed(split, seed, windows, block, args))
         cells.sort(key=lambda c: (BLOCKS.index(block_of(c)), list(WINDOWS).index(c["windows"]), c["seed"]))
         lines = report(command, config, cells, time.perf_counter() - start)
-        write_replacing(args.out, json.dumps({"command": command, "config": config, "published": PUBLISHED,
-                                              "cells": cells}, indent=1))
+        with atomic_file(args.out) as tmp:  # a stop never leaves half a file
+            tmp.write_text(json.dumps({"command": command, "config": config, "published": PUBLISHED, "cells": cells},
+                                      indent=1))
         args.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
         print("\n".join(lines[2:]), flush=True)
     print(f"wrote {args.out} and {args.out.with_suffix('.txt')}")
