@@ -38,6 +38,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from moa.atomic import write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "smollm2-lora.yaml"
 DOMAINS = ("airline", "coachella", "self_driving")  # mostly negative / positive / neutral: the expert matters
@@ -235,13 +237,6 @@ def load_results(s: Settings) -> dict:
     return results
 
 
-def save(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def table(s: Settings, results: dict) -> str:
     cells = results["cells"]
     header = ["method", *s.domains, "mean", "seeds"]
@@ -301,7 +296,7 @@ def run(s: Settings, command: str) -> dict:
             began = time.time()
             scores = run_method(s, method, seed, experts, multitask, files)
             results["cells"][f"{method}/seed{seed}"] = {**scores, "seconds": round(time.time() - began, 1)}
-            save(s.out.with_suffix(".json"), json.dumps(results, indent=1))
+            write_text(s.out.with_suffix(".json"), json.dumps(results, indent=1))
             print(f"seed {seed} {method}: {scores}", flush=True)
             report(s, results, command, start)  # a stop keeps the table of the cells done
     return report(s, results, command, start, echo=True)
@@ -314,7 +309,7 @@ def report(s: Settings, results: dict, command: str, start: float, echo: bool = 
             f"learned router {s.router_steps} (lr {s.router_lr}); {s.test_rows} held-out test rows per domain; "
             f"accuracy of the generated sentiment word, mean +- sd over seeds\n"
             f"# this invocation's wall time: {time.time() - start:.0f} s\n\n{table(s, results)}\n")
-    save(s.out.with_suffix(".txt"), text)
+    write_text(s.out.with_suffix(".txt"), text)
     if echo:
         print(text)
     return results

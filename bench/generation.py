@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import sys
 import tempfile
@@ -240,7 +239,7 @@ def main() -> None:
         with torch.inference_mode():
             results = measure(runs, ids, mask, new_tokens, rounds)
         lengths = sorted(len(r) for r in chosen)
-        section = [f"", f"## batch {batch} (prompt tokens {lengths[0]}-{lengths[-1]}; tasks {sorted(set(tasks))})",
+        section = ["", f"## batch {batch} (prompt tokens {lengths[0]}-{lengths[-1]}; tasks {sorted(set(tasks))})",
                    *table(results, batch)]
         moa_rows = LAST_TOKENS.get((id(models["static"]), ("task_ids",)))
         peft_rows = LAST_TOKENS.get((id(models["peft"]), ("adapter_names",)))

@@ -394,13 +394,12 @@ def load_finished(out: Path, settings: dict) -> tuple[dict[str, list[dict]], dic
 
 def save(out: Path, command: str, settings: dict, finished: dict, run_seconds: dict) -> None:
     """Write every finished run to ``out`` (a temporary file renamed over it: a stop never leaves half a file)."""
-    from moa.atomic import atomic_file
+    from moa.atomic import write_text
 
     records = [r for rs in finished.values() for r in rs]
     data = {"command": command, "settings": settings, "seconds": round(sum(run_seconds.values())),
             "run_seconds": run_seconds, "records": records}
-    with atomic_file(out) as tmp:
-        tmp.write_text(json.dumps(data, indent=1))
+    write_text(out, json.dumps(data, indent=1))
 
 
 def profile(args, repeats: int = 5) -> None:
@@ -496,7 +495,9 @@ def main(argv=None):
     lines += table(records, args.order)
     lines += xcross_summary(records, args.xcross_fraction)
     print("\n".join(lines[2:]), flush=True)
-    out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    from moa.atomic import write_text
+
+    write_text(out.with_suffix(".txt"), "\n".join(lines) + "\n")
     print(f"wrote {out} and {out.with_suffix('.txt')}")
 
 

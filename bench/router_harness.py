@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import statistics
 import tempfile
 import time
@@ -30,6 +29,7 @@ warnings.filterwarnings("ignore")
 logging.getLogger("lightning").setLevel(logging.ERROR)
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
+from moa.atomic import write_text  # noqa: E402
 from moa.pipelines.data.text import TextData  # noqa: E402
 from moa.pipelines.kinds.classifier.module import MoAClassifier, RLOOClassifier, TaskLabelHead  # noqa: E402
 from moa.pipelines.tracking.logger import MLflowLogger  # noqa: E402
@@ -310,10 +310,7 @@ def finish(logger, params: dict, metrics: dict) -> None:
 
 def save_json(path: Path, value) -> None:
     """Write ``value`` as JSON atomically (a stop mid-write keeps the previous file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(value, indent=1))
 
 
 def mean_sd(values: list[float]) -> str:

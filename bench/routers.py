@@ -321,7 +321,7 @@ def main() -> None:
 
     timing = time_rloo(train_data, args.batch_size, args.lr, args.timing_reps)
     print(f"\nRLOO step cost (M={M_SAMPLES}, interleaved medians over {args.timing_reps} steps):")
-    print(f"| step | ms | / plain top-k step |\n|---|---|---|")
+    print("| step | ms | / plain top-k step |\n|---|---|---|")
     for name, label in (("plain", f"top-k, {args.batch_size} examples"),
                         ("rloo_same_examples", f"ReMix RLOO, {args.batch_size} examples x {M_SAMPLES} draws"),
                         ("rloo_same_rows", f"ReMix RLOO, {args.batch_size // M_SAMPLES} examples x {M_SAMPLES} draws")):

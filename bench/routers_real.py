@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import router_harness as harness  # noqa: E402
+from moa.atomic import write_text  # noqa: E402
 from moa.transfer import prepare_transfer  # noqa: E402
 
 EXPERIMENT = "moa-routers-real"
@@ -432,10 +433,7 @@ def report(args, store: dict, echo: bool = True) -> None:
                      *tuning_table(args, store, main), ""]
             body += transfer_table(args, store)
     text = "\n".join(body) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(args.out)
+    write_text(args.out, text)
     if echo:
         print(text + f"written to {args.out}")
 

@@ -50,7 +50,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shlex
 import statistics
 import sys
@@ -63,6 +62,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from moa.atomic import write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from router_harness import SavedBytes  # noqa: E402
@@ -434,11 +435,8 @@ class Bench:
         return TextEncoder(self.tokenizer, self.cfg.prompt_template, setting.max_length)
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**self.results, "wall_s": self.earlier_wall + time.time() - self.began},
-                                  indent=1))
-        os.replace(tmp, self.path)
+        write_text(self.path, json.dumps({**self.results, "wall_s": self.earlier_wall + time.time() - self.began},
+                                         indent=1))
         write_report(self.cfg, self.results, self.command)  # a stop keeps the table of the cells done
 
     def ready(self, data: dict) -> dict:

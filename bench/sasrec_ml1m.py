@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from moa.atomic import atomic_file
+from moa.atomic import write_text
 
 PUBLISHED = {"HR@10": 0.3152, "NDCG@10": 0.1821}   # SASRec+ on ML-1M, README of antklen/sasrec-bert4rec-recsys23
 RECIPE = {"hidden": 64, "n_layers": 2, "n_heads": 1, "inner": 64, "dropout": 0.1, "max_len": 200}
@@ -191,10 +191,9 @@ def main(argv=None):
         cells.append(run_seed(split, seed, windows, block, args))
         cells.sort(key=lambda c: (BLOCKS.index(block_of(c)), list(WINDOWS).index(c["windows"]), c["seed"]))
         lines = report(command, config, cells, time.perf_counter() - start)
-        with atomic_file(args.out) as tmp:  # a stop never leaves half a file
-            tmp.write_text(json.dumps({"command": command, "config": config, "published": PUBLISHED, "cells": cells},
-                                      indent=1))
-        args.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+        write_text(args.out, json.dumps({"command": command, "config": config, "published": PUBLISHED, "cells": cells},
+                                        indent=1))  # a stop never leaves half a file
+        write_text(args.out.with_suffix(".txt"), "\n".join(lines) + "\n")
         print("\n".join(lines[2:]), flush=True)
     print(f"wrote {args.out} and {args.out.with_suffix('.txt')}")
     return cells
@@ -254,7 +253,7 @@ def profile(args, command: str, batches: int = 16):
             lines.append(f"{threads} thread(s)  {name:45s} {per_epoch:7.1f} s/epoch")
             print(lines[-1], flush=True)
     out = args.out.with_name("sasrec_ml1m.profile.txt")
-    out.write_text("\n".join(lines) + "\n")
+    write_text(out, "\n".join(lines) + "\n")
     print(f"wrote {out}")
 
 

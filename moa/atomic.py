@@ -14,7 +14,7 @@ that overlaps a swap may see files of both versions, which :func:`verify` report
 names the file that is missing, truncated or corrupted. :func:`read_json` / :func:`read_safetensors` raise errors
 that name the file. Files in the target that the save did not write (a tokenizer saved into the same folder) are
 kept with ``keep_others=True`` (hard-linked into the new folder, outside the manifest). One file: :func:`atomic_file`
-(written beside the target, fsynced, renamed over it).
+(written beside the target, fsynced, renamed over it); one text file: :func:`write_text`.
 """
 
 from __future__ import annotations
@@ -196,6 +196,12 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through :func:`atomic_file`: a stop mid-write keeps the previous file."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def _named(path: Path, what: str, read: Callable[[], Any]) -> Any:

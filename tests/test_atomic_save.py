@@ -293,3 +293,29 @@ def test_atomic_folder_fsyncs_each_file_before_the_swap_and_the_parent_after(tmp
                          default=-1)
         assert synced and synced[-1] > last_entry, f"folder {folder} not fsynced after its last entry, before the swap"
     assert any(e[:2] == ("fsync", tmp_path) for e in events[swap + 1:]), "the parent was not fsynced after the swap"
+
+
+def test_atomic_text_file_is_fsynced_then_renamed_and_a_failed_write_keeps_the_old_one(tmp_path, monkeypatch):
+    """``write_text`` (the results files of bench/): the new text reaches the disk (fsynced at its full size) before
+    the rename over the target, the parent folder is fsynced after it; a write that raises leaves the old file and
+    nothing beside it."""
+    import moa.atomic as atomic
+
+    target = tmp_path / "results" / "table.txt"
+    atomic.write_text(target, "old\n")
+    recorder = _RecordingOs()
+    monkeypatch.setattr(atomic, "os", recorder)
+    atomic.write_text(target, "new " * 1000)
+    assert target.read_text() == "new " * 1000
+    swap = next(i for i, e in enumerate(recorder.events) if e[0] == "rename" and e[2] == target)
+    written = recorder.events[swap][1]
+    assert written.parent == target.parent and written != target
+    assert ("fsync", written, 4000) in recorder.events[:swap], "the new text was not fsynced before the rename"
+    assert any(e[:2] == ("fsync", target.parent) for e in recorder.events[swap + 1:]), "parent not fsynced after"
+
+    with pytest.raises(ZeroDivisionError):
+        with atomic.atomic_file(target) as tmp:
+            tmp.write_text("half")
+            1 / 0
+    assert target.read_text() == "new " * 1000
+    assert sorted(p.name for p in target.parent.iterdir()) == ["table.txt"]

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import moa
-from moa.pipelines.kinds.causal_lm.module import MoACausalLM, build_causal_lm, rouge_l, save_preset
+from moa.pipelines.kinds.causal_lm.module import MoACausalLM, build_causal_lm, rouge_l
 from moa.pretrained import minilm_dir
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,6 @@ default ``./mlflow.db`` and ``./mlruns`` land there); the per-config checks run 
 
 import contextlib
 import io
-import sys
 from pathlib import Path
 
 import pytest

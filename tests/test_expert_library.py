@@ -4,7 +4,6 @@ adapter alone."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -84,7 +83,6 @@ def greedy_texts(model, prompts, service, max_new_tokens: int):
 
 
 def test_a_pool_from_registry_uris_serves_each_expert_like_peft_and_adding_one_retrains_none(library, tmp_path):
-    root = library["root"]
     versions = {name: register_expert(folder, name) for name, folder in library["adapters"].items()}
     from mlflow import MlflowClient
 
@@ -133,7 +131,7 @@ def test_a_new_version_and_an_alias_resolve_and_bad_uris_are_refused(library, tm
 
     register_expert(library["adapters"]["echo"], "echo-lib")
     assert str(MlflowClient().get_model_version_by_alias("echo-lib", "champion").version) == "1"
-    v2 = register_expert(library["adapters"]["shout"], "echo-lib")  # a retrained expert: version 2, the champion
+    register_expert(library["adapters"]["shout"], "echo-lib")  # a retrained expert: version 2, the champion
     assert {k: str(v) for k, v in MlflowClient().get_registered_model("echo-lib").aliases.items()} == {"champion": "2"}
     experts = resolve_experts(["models:/echo-lib@champion", "models:/echo-lib/1"], directory=tmp_path)
     assert [(e["name"], e["version"]) for e in experts] == [("echo-lib-v2", "2"), ("echo-lib-v1", "1")]

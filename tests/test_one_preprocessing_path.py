@@ -13,7 +13,6 @@ import json
 
 import lightning as L
 import pandas as pd
-import pytest
 import torch
 
 from transformers import AutoTokenizer

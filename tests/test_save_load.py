@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 import moa
 from moa.pretrained import minilm_dir

@@ -158,8 +158,6 @@ def test_a_causal_lm_without_domains_ignores_and_names_a_domain_column_every_way
     them in one stderr line, the server in ``ignored_columns``. Expected texts: the same model with the rows without those columns."""
     import logging
 
-    import mlflow
-
     from moa.pipelines.cli.command import main
     from moa.pipelines.kinds.causal_lm.module import MoACausalLM
     from moa.pipelines.kinds.text_bundle import write_text_bundle

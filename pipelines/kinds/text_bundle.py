@@ -48,7 +48,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import moa
-from moa.atomic import atomic_folder, read_json, read_safetensors, readable, sha256, verify
+from moa.atomic import atomic_folder, read_json, readable, sha256, verify
 from moa.experts.errors import UserError, UserTypeError
 from moa.pipelines.bundle import RequestError
 from moa.pretrained import is_pretrained_name, minilm_dir, resolve_pretrained, smollm2_gguf
