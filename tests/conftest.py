@@ -111,6 +111,21 @@ def moa_start():
                                                        **popen)
 
 
+def runs_of(db: Path, experiment: str):
+    """``(client, runs)`` of ``experiment`` in the MLflow sqlite store ``db`` (no runs when it has no such experiment)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    found = client.get_experiment_by_name(experiment)
+    return client, ([] if found is None else client.search_runs([found.experiment_id]))
+
+
+@pytest.fixture(scope="session")
+def mlflow_runs():
+    """``mlflow_runs(db, experiment)``: :func:`runs_of`, for test modules (they cannot import conftest)."""
+    return runs_of
+
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 

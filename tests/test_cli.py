@@ -19,14 +19,6 @@ SMALL = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
          "--trainer.log_every_n_steps", "1"]
 
 
-def runs_of(db: Path, experiment: str):
-    from mlflow import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{db}")
-    found = client.get_experiment_by_name(experiment)
-    return client, ([] if found is None else client.search_runs([found.experiment_id]))
-
-
 @pytest.mark.parametrize("name", ROUTER_CONFIGS)
 def test_router_config_prints_and_trains_one_step(name, tmp_path, monkeypatch, fit_config):
     from moa.pipelines.cli.command import main
@@ -40,14 +32,14 @@ def test_router_config_prints_and_trains_one_step(name, tmp_path, monkeypatch, f
     fit_config(["-c", str(CONFIGS / f"{name}.yaml"), "--trainer.fast_dev_run", "2", "--trainer.logger", "false", *SMALL])
 
 
-def test_fit_logs_to_mlflow_then_test_resume_validate_and_predict(tmp_path, monkeypatch, moa_cli):
+def test_fit_logs_to_mlflow_then_test_resume_validate_and_predict(tmp_path, monkeypatch, moa_cli, mlflow_runs):
     config = str(CONFIGS / "topk.yaml")
     output = moa_cli(["fit", "-c", config, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4",
                       "--trainer.logger.init_args.run_name", "null", *SMALL], cwd=tmp_path)
 
     # embedded store in the working directory: sqlite database + ./mlruns artifacts
     assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "mlruns").is_dir()
-    client, runs = runs_of(tmp_path / "mlflow.db", "moa-routers")
+    client, runs = mlflow_runs(tmp_path / "mlflow.db", "moa-routers")
     assert len(runs) == 1
     run = runs[0]
     assert run.info.run_name == "topk-E4-k2-s0" and run.info.status == "FINISHED"  # the adapters and the seed
@@ -93,7 +85,7 @@ def test_fit_logs_to_mlflow_then_test_resume_validate_and_predict(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert main(["test", "-c", config, "--ckpt_path", str(last), "--trainer.limit_test_batches", "2", *SMALL]) == 0
-    runs = runs_of(tmp_path / "mlflow.db", "moa-routers")[1]
+    runs = mlflow_runs(tmp_path / "mlflow.db", "moa-routers")[1]
     tested = next(r for r in runs if r.info.run_id != run.info.run_id)
     assert len(runs) == 2 and tested.info.run_name == "topk-E4-k2-s0-test" and tested.info.status == "FINISHED"
     assert tested.data.tags["mlflow.parentRunId"] == run.info.run_id
@@ -106,8 +98,8 @@ def test_fit_logs_to_mlflow_then_test_resume_validate_and_predict(tmp_path, monk
     assert main(["fit", "-c", config, "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "4",
                  "--ckpt_path", str(last), *SMALL]) == 0
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert len(runs_of(tmp_path / "mlflow.db", "moa-routers")[1]) == 2
-    team_client, team_runs = runs_of(team, "moa-routers")
+    assert len(mlflow_runs(tmp_path / "mlflow.db", "moa-routers")[1]) == 2
+    team_client, team_runs = mlflow_runs(team, "moa-routers")
     assert [(r.info.run_name, r.info.status) for r in team_runs] == [("topk-E4-k2-s0", "FINISHED")]
     resumed = team_runs[0]
     assert [m.value for m in team_client.get_metric_history(resumed.info.run_id, "epoch")][-1] == 2
@@ -124,7 +116,7 @@ def test_fit_logs_to_mlflow_then_test_resume_validate_and_predict(tmp_path, monk
     predictions = tmp_path / "predictions.parquet"
     main(["predict", "-c", config, "--ckpt_path", str(last), "--trainer.callbacks+=moa.pipelines.cli.lightning_cli.ParquetPredictionWriter",
           f"--trainer.callbacks.output={predictions}", *SMALL])
-    assert len(runs_of(tmp_path / "mlflow.db", "moa-routers")[1]) == 2
+    assert len(mlflow_runs(tmp_path / "mlflow.db", "moa-routers")[1]) == 2
     import pandas as pd
 
     frame = pd.read_parquet(predictions)
@@ -132,14 +124,14 @@ def test_fit_logs_to_mlflow_then_test_resume_validate_and_predict(tmp_path, monk
     assert frame["prediction"].isin([0, 1]).all() and (frame["probability"] >= 0.5 - 1e-6).all()
 
 
-def test_poly_fit_logs_the_task_skill_matrix(tmp_path, monkeypatch):
+def test_poly_fit_logs_the_task_skill_matrix(tmp_path, monkeypatch, mlflow_runs):
     from moa.pipelines.cli.command import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert main(["fit", "-c", str(CONFIGS / "poly.yaml"), "--trainer.max_epochs", "1", "--trainer.limit_train_batches",
                  "2", "--trainer.limit_val_batches", "1", "--trainer.logger.init_args.run_name", "null", *SMALL]) == 0
-    client, runs = runs_of(tmp_path / "mlflow.db", "moa-routers")
+    client, runs = mlflow_runs(tmp_path / "mlflow.db", "moa-routers")
     assert [(r.info.run_name, r.info.status) for r in runs] == [("poly-E4-s0", "FINISHED")]
     artifacts = [a.path for a in client.list_artifacts(runs[0].info.run_id, "routing")]
     assert "routing/task_skill_matrix.png" in artifacts

@@ -61,6 +61,20 @@ def test_ml1m_missing_is_a_clear_error(tmp_path, monkeypatch):
         ml1m()
 
 
+def test_an_unknown_movielens_name_is_refused_when_the_config_is_read():
+    """The data module refuses ``ml-2m`` at construction (a config error before any training), naming the known
+    datasets; the library loader gives the same error."""
+    from moa.pipelines.kinds.recommender.module import MovieLensDomains
+    from moa.recsys.data import movielens
+
+    for make in (lambda: MovieLensDomains(dataset="ml-2m"), lambda: movielens("ml-2m")):
+        with pytest.raises(UserError, match=r"unknown MovieLens dataset 'ml-2m'; choose one of \['ml-100k', 'ml-1m'\]"):
+            make()
+    with pytest.raises(UserError, match=r"unknown ml-1m domains \['horror'\]"):
+        MovieLensDomains(domains=["horror"], dataset="ml-1m")
+    assert MovieLensDomains(dataset="ml-1m").dataset_name == "ml-1m"  # no loading at construction
+
+
 def test_drop_rare_items_reindexes_and_keeps_the_rest():
     items = pd.DataFrame({"item_id": list("abcd"), "title": list("ABCD"), "categories": [()] * 4,
                           "text": list("ABCD"), "domain": ["x", "y", "x", "x"]})

@@ -17,13 +17,6 @@ ARGS = ["fit", "-c", str(CONFIGS / "topk.yaml"), "--trainer.max_epochs", str(EPO
         "--trainer.logger.init_args.run_name", "null", *SMALL]  # the last callback of the config: last.ckpt
 
 
-def runs_of(db: Path, experiment: str):
-    from mlflow import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{db}")
-    return client, client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-
-
 def last_checkpoint(cwd: Path) -> Path:
     found = list((cwd / "runs").glob("*/*/checkpoints/last.ckpt"))
     assert len(found) == 1, found
@@ -34,7 +27,7 @@ def trainable(checkpoint: Path) -> dict[str, torch.Tensor]:
     return torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
 
 
-def test_killed_mid_epoch_fit_resumes_bit_identical_in_the_same_run(tmp_path, moa_cli, moa_start):
+def test_killed_mid_epoch_fit_resumes_bit_identical_in_the_same_run(tmp_path, moa_cli, moa_start, mlflow_runs):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     whole.mkdir(), killed.mkdir()
     log = (tmp_path / "whole.log").open("w")
@@ -54,7 +47,7 @@ def test_killed_mid_epoch_fit_resumes_bit_identical_in_the_same_run(tmp_path, mo
     checkpoint = last_checkpoint(killed)
     step = torch.load(checkpoint, weights_only=False)["global_step"]
     assert step in (3, 6, 9), f"killed at step {step}: not mid-epoch"
-    client, runs = runs_of(killed / "mlflow.db", "moa-routers")
+    client, runs = mlflow_runs(killed / "mlflow.db", "moa-routers")
     assert [r.info.status for r in runs] == ["RUNNING"]  # SIGKILL: nobody ended it
     killed_run = runs[0].info.run_id
 
@@ -62,7 +55,7 @@ def test_killed_mid_epoch_fit_resumes_bit_identical_in_the_same_run(tmp_path, mo
     assert reference.wait(timeout=600) == 0, (tmp_path / "whole.log").read_text()[-4000:]
 
     # the same MLflow run, ended FINISHED, and no other run
-    client, runs = runs_of(killed / "mlflow.db", "moa-routers")
+    client, runs = mlflow_runs(killed / "mlflow.db", "moa-routers")
     assert [(r.info.run_id, r.info.status) for r in runs] == [(killed_run, "FINISHED")]
     assert runs[0].info.run_name == "topk-E4-k2-s0"
     steps = [m.step for m in client.get_metric_history(killed_run, "train/loss")]

@@ -29,7 +29,8 @@ from lightning.pytorch.cli import SaveConfigCallback
 from torch.utils.data import DataLoader, Dataset
 
 from moa.experts.errors import UserError, UserTypeError
-from moa.recsys.data import ML100K_DOMAINS, MOVIELENS, LeaveOneOut, RecDataset, left_pad, movielens, training_windows
+from moa.recsys.data import (ML100K_DOMAINS, LeaveOneOut, RecDataset, left_pad, movielens, movielens_loader,
+                             training_windows)
 from moa.atomic import read_json
 from moa.recsys.evaluate import evaluate
 
@@ -37,10 +38,6 @@ from moa.pipelines.kinds.recommender.service import item_table, write_bundle
 
 
 @functools.lru_cache(maxsize=2)
-def _load_movielens(name: str, path: str | None) -> RecDataset:
-    return movielens(name, path)
-
-
 def tiny_encoder(directory: str | Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
     """Write a small random BERT with all-MiniLM-L6-v2's tokenizer to ``directory`` (for smoke runs and tests:
     ``--model.init_args.encoder <directory>``); returns the folder."""
@@ -147,8 +144,7 @@ class MovieLensDomains(SequenceDomains):
 
     def __init__(self, domains: list[str] | None = None, dataset: str = "ml-100k", path: str | None = None,
                  max_len: int = 50, batch_size: int = 128, train_fraction: float = 1.0, data_seed: int = 0):
-        if dataset not in MOVIELENS:
-            raise UserError(f"unknown MovieLens dataset {dataset!r}; choose one of {list(MOVIELENS)}")
+        movielens_loader(dataset)  # an unknown name fails here, when the config is read, not at setup
         unknown = sorted(set(domains or []) - set(ML100K_DOMAINS))
         if unknown:
             raise UserError(f"unknown {dataset} domains {unknown}; available: {list(ML100K_DOMAINS)}")
@@ -157,7 +153,7 @@ class MovieLensDomains(SequenceDomains):
         self.dataset_name, self.path = dataset, path
 
     def load_dataset(self) -> RecDataset:
-        return _load_movielens(self.dataset_name, self.path)
+        return movielens(self.dataset_name, self.path)
 
 
 class RecBoleDomains(SequenceDomains):
