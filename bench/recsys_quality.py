@@ -315,8 +315,8 @@ def jobs_of(args) -> list:
 
 
 def table(records: list[dict], catalogues) -> list[str]:
-    """Mean +- sd over seeds: one row per (setting, catalogue, model), columns = protocol x metric (rows in the
-    order of ``catalogues``)."""
+    """Mean +- sd over seeds: one row per (setting, catalogue, model) with its number of seeds, columns = protocol x
+    metric (rows in the order of ``catalogues``)."""
     groups: dict[tuple, list[float]] = {}
     users: dict[tuple, int] = {}
     for r in records:
@@ -324,7 +324,7 @@ def table(records: list[dict], catalogues) -> list[str]:
         groups.setdefault(key, []).append(r["value"])
         users[key[:3]] = r["users"]
     columns = [*((p, m) for p in ("masked", "unmasked") for m in METRICS), ("unmasked", SEEN)]
-    head = (f"{'setting':10s} {'catalogue':9s} {'model':17s} {'users':>5s} "
+    head = (f"{'setting':10s} {'catalogue':9s} {'model':17s} {'users':>5s} {'seeds':>5s} "
             + " ".join(f"{(p + ' ' + m if m != SEEN else m):>22s}" for p, m in columns))
     lines = [head, "-" * len(head)]
     order = {m: i for i, m in enumerate((*MODELS, "single LoRA", "X-Cross"))}
@@ -337,7 +337,9 @@ def table(records: list[dict], catalogues) -> list[str]:
             values = groups[(setting, catalogue, model, protocol, metric)]
             sd = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.4f} +- {sd:.4f}".rjust(22))
-        lines.append(f"{setting:10s} {catalogue:9s} {model:17s} {users[(setting, catalogue, model)]:5d} " + " ".join(cells))
+        seeds = len(groups[(setting, catalogue, model, "masked", "NDCG@10")])  # fewer than --seeds in a partial run
+        lines.append(f"{setting:10s} {catalogue:9s} {model:17s} {users[(setting, catalogue, model)]:5d} {seeds:5d} "
+                     + " ".join(cells))
     return lines
 
 

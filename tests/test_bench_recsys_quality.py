@@ -36,3 +36,22 @@ def test_a_rerun_reads_finished_runs_back_and_other_settings_are_refused(tmp_pat
     bench.main([*args[:-2], "--models", "popularity", "SASRec", "ID+text (frozen)", "--out", str(out), "--report"])
     lines = out.with_suffix(".txt").read_text().splitlines()
     assert "2 of 3 runs finished" in lines[1] and "--report" not in lines[0]
+    assert lines[3].split()[:5] == ["setting", "catalogue", "model", "users", "seeds"]
+    rows = [row.split()[:5] for row in lines[5:] if row.strip()]
+    users = str(first["records"][0]["users"])
+    assert rows == [["warm", "children", "popularity", users, "1"], ["warm", "children", "SASRec", users, "1"]]
+
+
+def test_the_table_counts_each_rows_seeds_and_averages_them(bench_script):
+    """A partial run's table: a row averages the seeds it has and says how many (SASRec 2, popularity 1)."""
+    bench = bench_script("recsys_quality")
+    values = {("SASRec", 0): 0.20, ("SASRec", 1): 0.30, ("popularity", 0): 0.10}
+    records = [{"setting": "warm", "catalogue": "comedy", "model": model, "users": 50, "protocol": protocol,
+                "metric": metric, "value": value}
+               for (model, _seed), value in values.items()
+               for protocol, metric in [*((p, m) for p in ("masked", "unmasked") for m in bench.METRICS),
+                                        ("unmasked", bench.SEEN)]]
+    rows = [line.split() for line in bench.table(records, ["comedy"])[2:]]
+    assert [row[:5] for row in rows] == [["warm", "comedy", "popularity", "50", "1"],
+                                         ["warm", "comedy", "SASRec", "50", "2"]]
+    assert rows[1][5:8] == ["0.2500", "+-", "0.0707"]  # mean and sd of 0.20 and 0.30
