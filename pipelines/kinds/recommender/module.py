@@ -38,6 +38,11 @@ from moa.pipelines.kinds.recommender.service import item_table, write_bundle
 
 
 @functools.lru_cache(maxsize=2)
+def _load_movielens(name: str, path: str | None) -> RecDataset:
+    """MovieLens ``name``, loaded once per process (every data module's setup asks for it)."""
+    return movielens(name, path)
+
+
 def tiny_encoder(directory: str | Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
     """Write a small random BERT with all-MiniLM-L6-v2's tokenizer to ``directory`` (for smoke runs and tests:
     ``--model.init_args.encoder <directory>``); returns the folder."""
@@ -153,7 +158,7 @@ class MovieLensDomains(SequenceDomains):
         self.dataset_name, self.path = dataset, path
 
     def load_dataset(self) -> RecDataset:
-        return movielens(self.dataset_name, self.path)
+        return _load_movielens(self.dataset_name, self.path)
 
 
 class RecBoleDomains(SequenceDomains):
